@@ -1,0 +1,44 @@
+"""jaxopt2: curvature-aware optimizers and Hessian diagnostics for JAX.
+
+Every optimizer is a drop-in ``optax.GradientTransformationExtraArgs``; curvature estimators
+are pure functions of matrix-free products. Importing jaxopt2 initializes no jax backend.
+
+(Unrelated to the deprecated ``google/jaxopt`` package.)
+"""
+
+from jaxopt2 import curvature, linalg, optimizers
+from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround
+from jaxopt2.optimizers import (
+    adafactor,
+    adagrad,
+    adam,
+    adamw,
+    lamb,
+    lion,
+    nadam,
+    registry,
+    rmsprop,
+    sgd,
+    value_and_update,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "adafactor",
+    "adagrad",
+    "adam",
+    "adamw",
+    "apply_cpu_deadlock_workaround",
+    "curvature",
+    "lamb",
+    "linalg",
+    "lion",
+    "nadam",
+    "optimizers",
+    "registry",
+    "rmsprop",
+    "sgd",
+    "value_and_update",
+]

@@ -1,0 +1,11 @@
+"""Matrix-free curvature: products and the estimators built on them.
+
+Notation: ``H`` Hessian of a loss that is a mean over the batch, ``G`` generalized
+Gauss-Newton, ``F`` Fisher, ``v`` a vector shaped like the parameters (a pytree), ``λ`` an
+eigenvalue. Eigenvalues come sorted descending; eigenvectors come as a pytree shaped like
+the parameters with a leading ``k`` axis; every stochastic function takes ``key`` explicitly.
+"""
+
+from jaxopt2.curvature.products import fisher_vp, ggn_vp, hessian_operator, hvp, output_loss
+
+__all__ = ["fisher_vp", "ggn_vp", "hessian_operator", "hvp", "output_loss"]

@@ -1,0 +1,199 @@
+"""Matrix-free curvature products ``v -> M v`` over pytrees.
+
+Notation (used across :mod:`jaxopt2.curvature`): ``L(θ)`` is a loss that is a mean over the
+batch, ``H = ∇²L`` its Hessian, ``J`` the Jacobian of the model outputs ``f(θ)`` with respect
+to the parameters, ``H_f`` the Hessian of the loss with respect to the outputs, ``G = Jᵀ H_f J``
+the generalized Gauss-Newton matrix, and ``F`` the Fisher information of the model's
+predictive distribution. Vectors ``v`` are pytrees shaped like the parameters.
+
+Losses on outputs (``loss=`` of :func:`fisher_vp`), each a mean over the leading batch axis:
+
+* ``"softmax_cross_entropy"``: outputs are logits ``[N, C]``; targets integer labels ``[N]``
+  or class probabilities ``[N, C]``; ``-Σ_c y_c log softmax(f)_c``.
+* ``"sigmoid_cross_entropy"``: outputs are logits ``[N, ...]``; targets in [0, 1] of the same
+  shape; the binary cross-entropy is summed over the non-batch axes.
+* ``"squared_error"``: ``½‖f - y‖²`` summed over the non-batch axes (a unit-variance
+  Gaussian likelihood).
+
+For these three, the exact Fisher equals the GGN of the same loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxopt2._tree import check_choice, check_inexact, check_like
+
+PyTree = Any
+
+__all__ = ["LOSSES", "fisher_vp", "ggn_vp", "hessian_operator", "hvp", "output_loss"]
+
+LOSSES = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
+FISHER_KINDS = ("exact", "mc", "empirical")
+
+
+def hvp(fn: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree) -> PyTree:
+    """Hessian-vector product ``H v`` of a scalar function, forward-over-reverse.
+
+    Args:
+      fn: ``params -> scalar``.
+      params: the point at which the Hessian is taken.
+      v: a pytree with the structure and shapes of `params`.
+
+    Returns:
+      ``H v``, shaped like `params`.
+    """
+    check_inexact(params, "params")
+    check_like(v, params, "v")
+    return jax.jvp(jax.grad(fn), (params,), (v,))[1]
+
+
+def hessian_operator(fn: Callable[[PyTree], jax.Array], params: PyTree) -> Callable[[PyTree], PyTree]:
+    """The linear map ``v -> H v``, linearized once and reused for many `v`.
+
+    ``jax.linearize`` runs the gradient's forward pass once; every call then costs only the
+    tangent computation, which is what Lanczos and Hutchinson loops want.
+    """
+    check_inexact(params, "params")
+    _, lin = jax.linearize(jax.grad(fn), params)
+
+    def matvec(v: PyTree) -> PyTree:
+        check_like(v, params, "v")
+        return lin(v)
+
+    return matvec
+
+
+def ggn_vp(
+    model_fn: Callable[[PyTree], PyTree],
+    loss_fn: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    v: PyTree,
+) -> PyTree:
+    """Generalized Gauss-Newton product ``G v = Jᵀ H_f J v``.
+
+    Args:
+      model_fn: ``params -> outputs`` (any pytree of arrays).
+      loss_fn: ``outputs -> scalar`` (the loss as a function of the outputs only).
+      params: the linearization point.
+      v: a pytree shaped like `params`.
+    """
+    check_inexact(params, "params")
+    check_like(v, params, "v")
+    outputs, jv = jax.jvp(model_fn, (params,), (v,))
+    hjv = jax.jvp(jax.grad(loss_fn), (outputs,), (jv,))[1]
+    _, vjp = jax.vjp(model_fn, params)
+    return vjp(hjv)[0]
+
+
+def output_loss(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """The named loss of `outputs` against `targets`, a mean over the batch axis."""
+    check_choice(loss, "loss", LOSSES)
+    n = outputs.shape[0]
+    if loss == "softmax_cross_entropy":
+        logp = jax.nn.log_softmax(outputs, axis=-1)
+        if jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+            nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)
+            return jnp.sum(nll) / n
+        return -jnp.sum(targets * logp) / n
+    if loss == "sigmoid_cross_entropy":
+        # log σ(f) = -softplus(-f), log(1-σ(f)) = -softplus(f): stable for large |f|.
+        per = targets * jax.nn.softplus(-outputs) + (1 - targets) * jax.nn.softplus(outputs)
+        return jnp.sum(per) / n
+    return 0.5 * jnp.sum((outputs - targets) ** 2) / n
+
+
+def _output_hessian_vp(loss: str, outputs: jax.Array, u: jax.Array) -> jax.Array:
+    """``F_f u`` per example: the Fisher of the predictive distribution in output space."""
+    if loss == "softmax_cross_entropy":
+        p = jax.nn.softmax(outputs, axis=-1)
+        return p * u - p * jnp.sum(p * u, axis=-1, keepdims=True)
+    if loss == "sigmoid_cross_entropy":
+        p = jax.nn.sigmoid(outputs)
+        return p * (1 - p) * u
+    return u
+
+
+def _output_residual(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-example gradient of the (un-averaged) loss with respect to the outputs."""
+    if loss == "softmax_cross_entropy":
+        p = jax.nn.softmax(outputs, axis=-1)
+        if jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+            targets = jax.nn.one_hot(targets, outputs.shape[-1], dtype=outputs.dtype)
+        return p - targets
+    if loss == "sigmoid_cross_entropy":
+        return jax.nn.sigmoid(outputs) - targets
+    return outputs - targets
+
+
+def _sample_targets(loss: str, outputs: jax.Array, key: jax.Array) -> jax.Array:
+    """Targets drawn from the model's predictive distribution at `outputs`."""
+    if loss == "softmax_cross_entropy":
+        return jax.random.categorical(key, outputs, axis=-1)
+    if loss == "sigmoid_cross_entropy":
+        p = jax.nn.sigmoid(outputs)
+        return jax.random.bernoulli(key, p).astype(outputs.dtype)
+    return outputs + jax.random.normal(key, outputs.shape, outputs.dtype)
+
+
+def fisher_vp(
+    model_fn: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    v: PyTree,
+    *,
+    loss: str,
+    kind: str,
+    targets: jax.Array | None = None,
+    key: jax.Array | None = None,
+) -> PyTree:
+    """Fisher-vector product ``F v`` for a model with a standard likelihood.
+
+    Args:
+      model_fn: ``params -> outputs`` with a leading batch axis of size N.
+      params: the linearization point.
+      v: a pytree shaped like `params`.
+      loss: one of ``"softmax_cross_entropy"``, ``"sigmoid_cross_entropy"``,
+        ``"squared_error"`` (see the module docstring for shapes and conventions).
+      kind: ``"exact"``: ``(1/N) Σ_n J_nᵀ F_f J_n v`` with the analytic output-space Fisher
+        (equal to the GGN of the loss); ``"mc"``: one target per example sampled from the
+        model's predictive distribution with `key`, ``(1/N) Σ_n g_n g_nᵀ v`` with
+        ``g_n = ∇ℓ(f_n, ŷ_n)``, an unbiased estimate of the exact Fisher;
+        ``"empirical"``: the same with the true `targets`, i.e. the uncentered covariance of
+        the per-example gradients. Per-example gradients are never materialized: both use
+        ``Jᵀ (r ⊙ (r·J v))`` with one JVP and one VJP.
+      targets: required for ``"empirical"``.
+      key: required for ``"mc"``.
+
+    Returns:
+      ``F v``, shaped like `params`.
+    """
+    check_choice(loss, "loss", LOSSES)
+    check_choice(kind, "kind", FISHER_KINDS)
+    check_inexact(params, "params")
+    check_like(v, params, "v")
+    if kind == "empirical" and targets is None:
+        raise ValueError("fisher_vp(kind='empirical') needs the true targets (targets=...).")
+    if kind == "mc" and key is None:
+        raise ValueError("fisher_vp(kind='mc') needs a PRNG key (key=...) to sample targets.")
+    outputs, jv = jax.jvp(model_fn, (params,), (v,))
+    if not isinstance(outputs, jax.Array) or outputs.ndim < 1:
+        raise ValueError("fisher_vp: model_fn must return one array with a leading batch axis.")
+    n = outputs.shape[0]
+    if kind == "exact":
+        u = _output_hessian_vp(loss, outputs, jv) / n
+    else:
+        if kind == "mc":
+            targets = _sample_targets(loss, jax.lax.stop_gradient(outputs), key)
+        elif targets.shape[0] != n:
+            raise ValueError(
+                f"fisher_vp: targets have batch size {targets.shape[0]} but outputs {n}."
+            )
+        r = _output_residual(loss, outputs, targets)
+        axes = tuple(range(1, r.ndim))
+        u = r * jnp.sum(r * jv, axis=axes, keepdims=True) / n
+    _, vjp = jax.vjp(model_fn, params)
+    return vjp(u)[0]
