@@ -11,6 +11,7 @@ from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround
 from jaxopt2.optimizers import (
     adafactor,
     adagrad,
+    adahessian,
     adam,
     adamw,
     lamb,
@@ -18,6 +19,7 @@ from jaxopt2.optimizers import (
     nadam,
     registry,
     rmsprop,
+    scale_by_adahessian,
     sgd,
     value_and_update,
 )
@@ -28,6 +30,7 @@ __all__ = [
     "__version__",
     "adafactor",
     "adagrad",
+    "adahessian",
     "adam",
     "adamw",
     "apply_cpu_deadlock_workaround",
@@ -39,6 +42,7 @@ __all__ = [
     "optimizers",
     "registry",
     "rmsprop",
+    "scale_by_adahessian",
     "sgd",
     "value_and_update",
 ]

@@ -79,8 +79,15 @@ def is_concrete_number(value: Any) -> bool:
     return isinstance(value, numbers.Number) and not isinstance(value, bool)
 
 
-def check_hyperparameter(value: Any, name: str, *, low: float, high: float = float("inf"),
-                         low_inclusive: bool = True, high_inclusive: bool = True) -> None:
+def check_hyperparameter(
+    value: Any,
+    name: str,
+    *,
+    low: float,
+    high: float = float("inf"),
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
     """Range-check a numeric hyperparameter when it is a concrete number.
 
     Tracers and arrays (``optax.inject_hyperparams``, ``jax.vmap`` over a grid, schedules)

@@ -71,7 +71,10 @@ def test_multi_shape_eigh_refresh_does_not_hang():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     try:
         out = subprocess.run(
-            [sys.executable, "-c", _REFRESH], env=env, capture_output=True, text=True,
+            [sys.executable, "-c", _REFRESH],
+            env=env,
+            capture_output=True,
+            text=True,
             timeout=120,
         )
     except subprocess.TimeoutExpired:

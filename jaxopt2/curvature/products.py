@@ -52,7 +52,9 @@ def hvp(fn: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree) -> PyTree:
     return jax.jvp(jax.grad(fn), (params,), (v,))[1]
 
 
-def hessian_operator(fn: Callable[[PyTree], jax.Array], params: PyTree) -> Callable[[PyTree], PyTree]:
+def hessian_operator(
+    fn: Callable[[PyTree], jax.Array], params: PyTree
+) -> Callable[[PyTree], PyTree]:
     """The linear map ``v -> H v``, linearized once and reused for many `v`.
 
     ``jax.linearize`` runs the gradient's forward pass once; every call then costs only the

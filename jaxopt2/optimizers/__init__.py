@@ -1,6 +1,7 @@
 """Optimizers: every one an ``optax.GradientTransformationExtraArgs``, all in one registry."""
 
 from jaxopt2.optimizers import registry
+from jaxopt2.optimizers.adahessian import adahessian, scale_by_adahessian
 from jaxopt2.optimizers.contract import value_and_update
 from jaxopt2.optimizers.first_order import (
     adafactor,
@@ -17,6 +18,7 @@ from jaxopt2.optimizers.first_order import (
 __all__ = [
     "adafactor",
     "adagrad",
+    "adahessian",
     "adam",
     "adamw",
     "lamb",
@@ -24,6 +26,7 @@ __all__ = [
     "nadam",
     "registry",
     "rmsprop",
+    "scale_by_adahessian",
     "sgd",
     "value_and_update",
 ]

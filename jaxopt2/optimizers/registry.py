@@ -80,8 +80,7 @@ def register(
         raise ValueError(f"optimizer name must be a non-empty string, got {name!r}.")
     if name in _REGISTRY:
         raise ValueError(f"an optimizer named {name!r} is already registered.")
-    entry = OptimizerEntry(name, factory, bool(needs_value_fn), bool(needs_key),
-                           tuple(static_args))
+    entry = OptimizerEntry(name, factory, bool(needs_value_fn), bool(needs_key), tuple(static_args))
     unknown = [a for a in entry.static_args if a not in entry.arguments()]
     if unknown:
         raise ValueError(f"static_args {unknown} are not arguments of {name!r}'s factory.")
