@@ -190,6 +190,7 @@ def adahessian(
     update_every: int = 1,
     spatial_averaging: str | None = "channels_first",
     seed: int = 0,
+    stats_dtype: Any = jnp.float32,
 ) -> optax.GradientTransformationExtraArgs:
     """AdaHessian (Yao et al., 2021): Adam whose second moment tracks ``diag(H)²``.
 
@@ -226,6 +227,7 @@ def adahessian(
             update_every=update_every,
             spatial_averaging=spatial_averaging,
             seed=seed,
+            stats_dtype=stats_dtype,
         ),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
@@ -237,5 +239,5 @@ registry.register(
     adahessian,
     needs_value_fn=True,
     needs_key=True,
-    static_args=("num_probes", "update_every", "spatial_averaging", "seed"),
+    static_args=("num_probes", "update_every", "spatial_averaging", "seed", "stats_dtype"),
 )
