@@ -1,0 +1,231 @@
+"""Per-optimizer test settings (one row per registry name) and the one step function.
+
+Every name in :func:`jaxopt2.optimizers.registry.names` must have a row in :data:`CASES`;
+``test_shared_checks.py::test_every_registered_optimizer_has_a_row`` fails loudly otherwise.
+
+A row says:
+  * ``hparams``: factory arguments for the generic contract checks (run on the float32
+    quadratic of the zoo);
+  * ``zoo``: per zoo problem, the number of steps, argument overrides and (only where stated,
+    with the reason) a tolerance other than the problem's default. The criterion is always
+    ``f(final) - f* <= rel_tol * (f0 - f*)`` on the loss at the last iterate (see ``zoo.py``);
+  * ``bf16``: argument overrides for the bfloat16 check (200 steps on the bf16 quadratic,
+    final loss <= 0.1 * initial loss). bf16 has an 8-bit mantissa: a step smaller than half
+    an ulp of a parameter (~0.2% of it) rounds away, so sign-like optimizers (lion, lamb's
+    trust ratio, adafactor's clipped RMS step, rmsprop) need a larger learning rate than in
+    float32 to move at all;
+  * ``xfail``: check name -> reason, only for behaviour inherent to optax (none needed now).
+
+Every optimizer is driven through :func:`train_step` (``jaxopt2.value_and_update`` with a key
+per step from ``jax.random.fold_in``), whatever its needs: first-order optimizers receive and
+ignore ``value``/``value_fn``/``key``, which is itself part of the contract.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jaxopt2
+from jaxopt2.optimizers import registry
+from tests.optimizers import zoo
+
+PyTree = Any
+
+BASE_KEY = jax.random.PRNGKey(1234)
+
+
+@dataclasses.dataclass(frozen=True)
+class Zoo:
+    """How one optimizer runs one zoo problem.
+
+    Attributes:
+      steps: number of optimizer steps (one jitted ``lax.scan``).
+      hparams: factory arguments overriding the row's ``hparams`` (a learning-rate schedule
+        may be given as ``("cosine", peak)``: ``optax.cosine_decay_schedule(peak, steps)``).
+      rel_tol: the relative-gap tolerance; None means the problem's default.
+      note: why this row differs from the obvious choice (shown on failure).
+    """
+
+    steps: int
+    hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rel_tol: float | None = None
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    hparams: dict[str, Any]
+    zoo: dict[str, Zoo]
+    bf16: dict[str, Any] = dataclasses.field(default_factory=dict)
+    xfail: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+_FIXED_STEP = (
+    "fixed-length steps (trust ratio / clipped RMS step) never settle at a constant learning "
+    "rate; a cosine decay to 0 is the standard use"
+)
+
+CASES: dict[str, Case] = {
+    "sgd": Case(
+        hparams={"learning_rate": 0.01},  # 1/L = 0.01 on the quadratic
+        zoo={
+            "quadratic": Zoo(1000),
+            "rosenbrock": Zoo(8000, {"learning_rate": 2e-3}, note="lr > ~4e-3 diverges"),
+            "logistic": Zoo(3000, {"learning_rate": 0.3}),
+            "mlp": Zoo(3000, {"learning_rate": 0.3}),
+        },
+    ),
+    "adam": Case(
+        hparams={"learning_rate": 0.03},
+        zoo={
+            "quadratic": Zoo(1000),
+            "rosenbrock": Zoo(3000, {"learning_rate": 0.02}),
+            "logistic": Zoo(1000),
+            "mlp": Zoo(1000),
+        },
+    ),
+    "adamw": Case(
+        # Default weight_decay=1e-4 kept: it moves the fixed point by far less than the tolerances.
+        hparams={"learning_rate": 0.03},
+        zoo={
+            "quadratic": Zoo(1000),
+            "rosenbrock": Zoo(3000, {"learning_rate": 0.02}),
+            "logistic": Zoo(1000),
+            "mlp": Zoo(1000),
+        },
+    ),
+    "nadam": Case(
+        hparams={"learning_rate": 0.03},
+        zoo={
+            "quadratic": Zoo(1000),
+            "rosenbrock": Zoo(3000, {"learning_rate": 0.02}),
+            "logistic": Zoo(1000),
+            "mlp": Zoo(1000),
+        },
+    ),
+    "lion": Case(
+        hparams={"learning_rate": 3e-3},
+        zoo={
+            "quadratic": Zoo(2000),
+            "rosenbrock": Zoo(5000, {"learning_rate": 1e-3}),
+            "logistic": Zoo(2000, {"learning_rate": 1e-3}),
+            "mlp": Zoo(1000),
+        },
+        bf16={"learning_rate": 0.03},
+    ),
+    "rmsprop": Case(
+        hparams={"learning_rate": 3e-3},
+        zoo={
+            "quadratic": Zoo(2000),
+            "rosenbrock": Zoo(5000, {"learning_rate": 1e-3}),
+            "logistic": Zoo(2000, {"learning_rate": 1e-3}),
+            "mlp": Zoo(1000, {"learning_rate": 0.01}),
+        },
+        bf16={"learning_rate": 0.03},
+    ),
+    "adagrad": Case(
+        hparams={"learning_rate": 0.3},
+        zoo={
+            "quadratic": Zoo(1000),
+            "rosenbrock": Zoo(5000),
+            "logistic": Zoo(2000),
+            "mlp": Zoo(2000),
+        },
+    ),
+    "adafactor": Case(
+        hparams={"learning_rate": 3e-3},
+        zoo={
+            "quadratic": Zoo(2000),
+            "rosenbrock": Zoo(5000, {"learning_rate": ("cosine", 0.03)}, note=_FIXED_STEP),
+            "logistic": Zoo(2000, {"learning_rate": 0.03}),
+            "mlp": Zoo(1000, {"learning_rate": 0.03}),
+        },
+        bf16={"learning_rate": 0.03},
+    ),
+    "lamb": Case(
+        hparams={"learning_rate": 1e-3},
+        zoo={
+            "quadratic": Zoo(2000),
+            "rosenbrock": Zoo(5000, {"learning_rate": ("cosine", 0.01)}, note=_FIXED_STEP),
+            "logistic": Zoo(2000, {"learning_rate": 0.01}),
+            "mlp": Zoo(1000, {"learning_rate": 0.01}),
+        },
+        bf16={"learning_rate": 0.03},
+    ),
+    "adahessian": Case(
+        hparams={"learning_rate": 0.15},
+        zoo={
+            "quadratic": Zoo(1000),
+            "rosenbrock": Zoo(
+                4000,
+                {"learning_rate": 1.0},
+                note="the valley's Hessian is far from diagonal: only a diagonal-Newton-sized "
+                "step (lr 1) gets through the bend in a few thousand steps",
+            ),
+            "logistic": Zoo(1000),
+            "mlp": Zoo(1000),
+        },
+    ),
+}
+
+
+def resolve_hparams(hparams: dict[str, Any], steps: int | None = None) -> dict[str, Any]:
+    """Turn ``("cosine", peak)`` learning rates into optax schedules over `steps`."""
+    out = dict(hparams)
+    for k, v in hparams.items():
+        if isinstance(v, tuple) and v and v[0] == "cosine":
+            if steps is None:
+                raise ValueError(f"{k}={v!r} needs the number of steps.")
+            out[k] = optax.cosine_decay_schedule(v[1], steps)
+    return out
+
+
+def make_optimizer(name: str, **overrides: Any) -> optax.GradientTransformationExtraArgs:
+    """The registry's optimizer `name` with its row's generic ``hparams`` (and overrides)."""
+    return registry.get(name).factory(**{**CASES[name].hparams, **overrides})
+
+
+def step_key(step: jax.Array | int) -> jax.Array:
+    return jax.random.fold_in(BASE_KEY, step)
+
+
+def train_step(
+    opt: optax.GradientTransformation,
+    loss_fn: Callable[..., jax.Array],
+    params: PyTree,
+    opt_state: optax.OptState,
+    step: jax.Array | int,
+    batch: tuple[Any, ...],
+) -> tuple[jax.Array, PyTree, optax.OptState, optax.Updates]:
+    """THE training step of the shared checks: ``(loss, new_params, new_state, updates)``."""
+    value, updates, opt_state = jaxopt2.value_and_update(
+        opt, loss_fn, params, opt_state, *batch, key=step_key(step)
+    )
+    return value, optax.apply_updates(params, updates), opt_state, updates
+
+
+def run_scan(
+    opt: optax.GradientTransformation, problem: zoo.Problem, steps: int
+) -> tuple[jax.Array, jax.Array, PyTree, optax.OptState]:
+    """`steps` of :func:`train_step` inside one jitted ``lax.scan``.
+
+    Returns ``(final_loss, losses_along_the_way, final_params, final_state)``.
+    """
+
+    @jax.jit
+    def go(params, batch):
+        def body(carry, i):
+            params, state = carry
+            value, params, state, _ = train_step(opt, problem.loss_fn, params, state, i, batch)
+            return (params, state), value
+
+        (params, state), values = jax.lax.scan(body, (params, opt.init(params)), jnp.arange(steps))
+        return problem.loss_fn(params, *batch), values, params, state
+
+    return go(problem.params, problem.batch)

@@ -1,0 +1,169 @@
+"""``jaxopt2.value_and_update``: what it returns and what it passes to ``update``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxopt2
+from tests.optimizers import zoo
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _problem(dtype: Any = jnp.float32) -> zoo.Problem:
+    return zoo.quadratic(dtype)
+
+
+def _close(a: Any, b: Any, **kw: Any) -> None:
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw), a, b)
+
+
+def _recorder(log: dict[str, Any]) -> optax.GradientTransformationExtraArgs:
+    """An update that records every extra argument it receives (call it outside jit)."""
+
+    def init(params):
+        return optax.EmptyState()
+
+    def update(updates, state, params=None, **extra):
+        log.clear()
+        log.update(extra, params=params, updates=updates)
+        return jax.tree.map(jnp.negative, updates), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def test_matches_update_by_hand():
+    problem = _problem()
+    opt = optax.adam(0.1)
+    params = problem.params
+    state = opt.init(params)
+    value, updates, new_state = jaxopt2.value_and_update(
+        opt, problem.loss_fn, params, state, *problem.batch
+    )
+    ref_value, grad = jax.value_and_grad(problem.loss_fn)(params, *problem.batch)
+    ref_updates, ref_state = opt.update(grad, state, params)
+    _close(value, ref_value, rtol=0, atol=0)
+    _close(updates, ref_updates, rtol=0, atol=0)
+    _close(new_state, ref_state, rtol=0, atol=0)
+    assert value.dtype == jnp.float32
+
+
+def test_passes_value_grad_value_fn_and_key():
+    problem = _problem()
+    log: dict[str, Any] = {}
+    opt = _recorder(log)
+    params = problem.params
+    key = jax.random.PRNGKey(7)
+    value, updates, _ = jaxopt2.value_and_update(
+        opt, problem.loss_fn, params, opt.init(params), *problem.batch, key=key
+    )
+    assert set(log) == {"value", "grad", "value_fn", "key", "params", "updates"}
+    ref_value, ref_grad = jax.value_and_grad(problem.loss_fn)(params, *problem.batch)
+    _close(log["value"], ref_value, rtol=0, atol=0)
+    _close(log["grad"], ref_grad, rtol=0, atol=0)
+    _close(log["updates"], ref_grad, rtol=0, atol=0)  # the gradient is the update's input
+    _close(log["params"], params, rtol=0, atol=0)
+    assert log["key"] is key
+    # value_fn is the loss on *this* batch, as a function of the parameters only.
+    shifted = params + 1.0
+    _close(log["value_fn"](shifted), problem.loss_fn(shifted, *problem.batch), rtol=1e-6)
+    _close(value, ref_value, rtol=0, atol=0)
+    _close(updates, -ref_grad, rtol=0, atol=0)
+
+    # No key given: none is passed (optimizers fall back to the key in their state).
+    jaxopt2.value_and_update(opt, problem.loss_fn, params, opt.init(params), *problem.batch)
+    assert "key" not in log and {"value", "grad", "value_fn"} <= set(log)
+
+
+def test_value_fn_closes_over_the_traced_batch_under_jit():
+    problem = _problem()
+    seen = []
+
+    def update(updates, state, params=None, *, value_fn=None, **extra):
+        seen.append(1)
+        # Return the loss value_fn computes so the test can compare it outside.
+        return jax.tree.map(lambda u: u * 0 + value_fn(params), updates), state
+
+    opt = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+
+    @jax.jit
+    def step(params, batch):
+        return jaxopt2.value_and_update(opt, problem.loss_fn, params, optax.EmptyState(), *batch)
+
+    for scale in (1.0, 2.0):
+        batch = (problem.batch[0] * scale, problem.batch[1])
+        value, updates, _ = step(problem.params, batch)
+        _close(updates[0], value, rtol=1e-6)
+        _close(value, problem.loss_fn(problem.params, *batch), rtol=1e-6)
+    assert len(seen) == 1
+
+
+def test_plain_gradient_transformation():
+    """A transformation whose update takes no extra args gets none (and still works)."""
+    problem = _problem()
+    inner = optax.sgd(0.01)
+
+    def update(updates, state, params=None):  # no **extra: extra args would be a TypeError
+        return inner.update(updates, state, params)
+
+    plain = optax.GradientTransformation(inner.init, update)
+    assert not isinstance(plain, optax.GradientTransformationExtraArgs)
+    params = problem.params
+    value, updates, _ = jaxopt2.value_and_update(
+        plain,
+        problem.loss_fn,
+        params,
+        plain.init(params),
+        *problem.batch,
+        key=jax.random.PRNGKey(0),
+    )
+    grad = jax.grad(problem.loss_fn)(params, *problem.batch)
+    _close(updates, -0.01 * grad, rtol=1e-6)
+    _close(value, problem.loss_fn(params, *problem.batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("make", "steps", "rel_tol"),
+    [
+        # L-BFGS with the zoom line search: superlinear, to float64 round-off in 60 steps.
+        pytest.param(lambda: optax.lbfgs(), 60, 1e-12, id="lbfgs-zoom"),
+        # Gradient descent with Armijo backtracking from a step of 0.05 (> 2/L = 0.02): linear
+        # convergence (relative gap ~1e-12 after 500 steps on this problem).
+        pytest.param(
+            lambda: optax.chain(
+                optax.sgd(0.05),
+                optax.scale_by_backtracking_linesearch(max_backtracking_steps=20),
+            ),
+            500,
+            1e-8,
+            id="sgd-backtracking",
+        ),
+    ],
+)
+def test_optax_linesearches(make, steps, rel_tol):
+    """optax's line searches read value, grad and value_fn from the extra args."""
+    problem = _problem(jnp.float64)
+    opt = make()
+
+    @jax.jit
+    def run(params, batch):
+        def body(carry, _):
+            params, state = carry
+            value, updates, state = jaxopt2.value_and_update(
+                opt, problem.loss_fn, params, state, *batch
+            )
+            return (optax.apply_updates(params, updates), state), value
+
+        (params, _), values = jax.lax.scan(body, (params, opt.init(params)), None, length=steps)
+        return problem.loss_fn(params, *batch), values
+
+    f_final, values = run(problem.params, problem.batch)
+    gap = problem.rel_gap(float(f_final))
+    assert np.all(np.diff(np.asarray(values)) <= 1e-12), "a line search step increased the loss"
+    assert gap <= rel_tol, f"relative gap {gap:.3g} after {steps} steps"
