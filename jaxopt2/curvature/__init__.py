@@ -6,6 +6,30 @@ eigenvalue. Eigenvalues come sorted descending; eigenvectors come as a pytree sh
 the parameters with a leading ``k`` axis; every stochastic function takes ``key`` explicitly.
 """
 
+from jaxopt2.curvature.estimators import (
+    density_on_grid,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    power_iteration,
+    spectral_density,
+    top_k_eigenpairs,
+)
 from jaxopt2.curvature.products import fisher_vp, ggn_vp, hessian_operator, hvp, output_loss
 
-__all__ = ["fisher_vp", "ggn_vp", "hessian_operator", "hvp", "output_loss"]
+__all__ = [
+    "density_on_grid",
+    "fisher_vp",
+    "ggn_vp",
+    "hessian_operator",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "hvp",
+    "lanczos",
+    "output_loss",
+    "power_iteration",
+    "spectral_density",
+    "top_k_eigenpairs",
+]

@@ -1,3 +1,6 @@
 """Linear algebra for curvature methods: CG on pytrees, tridiagonal eigensolves."""
 
-__all__: list[str] = []
+from jaxopt2.linalg.cg import CGResult, cg
+from jaxopt2.linalg.tridiagonal import eigh_tridiagonal
+
+__all__ = ["CGResult", "cg", "eigh_tridiagonal"]

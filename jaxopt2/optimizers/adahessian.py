@@ -14,6 +14,10 @@ estimate of ``diag(H)`` from Rademacher probes ``z``:
 and the parameter step is ``-learning_rate * (u_t + weight_decay * θ)`` (decoupled weight
 decay, as in the authors' implementation).
 
+In the first steps ``v̂`` rests on one or a few Hutchinson samples, so a coordinate whose
+estimate happens to be near zero can take a large step (the ``eps`` floor bounds it); a
+learning-rate warmup, as the paper uses, or ``num_probes > 1`` smooths this out.
+
 The Hessian-vector products come from the extra argument ``value_fn`` (``params -> loss`` on
 the current batch) and the probes from the extra argument ``key``, falling back to a key
 carried in the state. :func:`jaxopt2.value_and_update` passes both.
