@@ -7,6 +7,7 @@ random probe vectors shaped like a pytree.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any
 
@@ -108,24 +109,34 @@ def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
 
 
-def random_like(key: jax.Array, like: PyTree, dist: str = "rademacher") -> PyTree:
-    """One random probe shaped like `like`: Rademacher (±1) or standard Gaussian entries.
+def random_probes(key: jax.Array, like: PyTree, num: int, dist: str = "rademacher") -> PyTree:
+    """`num` independent probes stacked on a leading axis (a pytree of shape [num, ...]).
 
-    Every probe has E[z zᵀ] = I, which is all Hutchinson-type estimators need.
+    Every probe has E[z zᵀ] = I (Rademacher ±1 or standard Gaussian entries), which is all
+    Hutchinson-type estimators need. All entries come from one random draw of ``num × dim``
+    numbers, cut into the leaves of `like`: one RNG op whatever the number of leaves, which
+    keeps compile times flat for deep models.
     """
     check_choice(dist, "dist", PROBE_DISTRIBUTIONS)
     leaves, treedef = jax.tree_util.tree_flatten(like)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for k, leaf in zip(keys, leaves, strict=True):
+    sizes = [int(np.prod(np.shape(x))) for x in leaves]
+    total = sum(sizes)
+    if dist == "rademacher":
+        flat = jax.random.rademacher(key, (num, total), dtype=jnp.int8)
+    else:
+        draw = functools.reduce(
+            jnp.promote_types, [jnp.result_type(x) for x in leaves], jnp.float32
+        )
+        flat = jax.random.normal(key, (num, total), dtype=draw)
+    out, start = [], 0
+    for leaf, size in zip(leaves, sizes, strict=True):
         dtype = jnp.result_type(leaf)
-        if dist == "rademacher":
-            out.append(jax.random.rademacher(k, np.shape(leaf), dtype=dtype))
-        else:
-            out.append(jax.random.normal(k, np.shape(leaf), dtype=dtype))
+        piece = flat[:, start : start + size].astype(dtype)
+        out.append(piece.reshape((num, *np.shape(leaf))))
+        start += size
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def random_probes(key: jax.Array, like: PyTree, num: int, dist: str = "rademacher") -> PyTree:
-    """`num` independent probes stacked on a leading axis (a pytree of shape [num, ...])."""
-    return jax.vmap(lambda k: random_like(k, like, dist))(jax.random.split(key, num))
+def random_like(key: jax.Array, like: PyTree, dist: str = "rademacher") -> PyTree:
+    """One random probe shaped like `like` (see :func:`random_probes`)."""
+    return jax.tree.map(lambda x: x[0], random_probes(key, like, 1, dist))
