@@ -1,0 +1,55 @@
+"""Curvature diagnostics against dense eigendecompositions of small problems."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxopt2.experiment.diagnostics import curvature_metrics, hessian_spectrum
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _quadratic(dim=30, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    evals = np.concatenate([[50.0, 20.0, 10.0], np.linspace(-1.0, 3.0, dim - 3)])
+    a = (q * evals) @ q.T
+    b = rng.normal(size=dim)
+    f = lambda w: 0.5 * w @ (a @ w) - b @ w
+    return jnp.asarray(a), f, jnp.asarray(rng.normal(size=dim)), np.sort(evals)[::-1]
+
+
+def test_spectrum_recovers_known_eigenvalues_and_trace():
+    _a, f, w, evals = _quadratic()
+    out = jax.jit(
+        lambda w: hessian_spectrum(
+            f,
+            w,
+            jax.random.PRNGKey(0),
+            top_k=3,
+            trace_probes=200,
+            density_iters=20,
+            density_probes=4,
+        )
+    )(w)
+    np.testing.assert_allclose(out["top_eigenvalues"], evals[:3], rtol=1e-8)
+    assert abs(out["trace"] - evals.sum()) < 4 * out["trace_stderr"] + 1e-8
+    np.testing.assert_allclose(jnp.sum(out["density_weights"]), 1.0, rtol=1e-10)
+    # A quadratic's SLQ nodes lie inside its spectrum.
+    assert out["density_nodes"].max() <= evals[0] + 1e-8
+    assert out["density_nodes"].min() >= evals[-1] - 1e-8
+
+
+def test_sharpness_and_gradient_share():
+    a, f, w, evals = _quadratic(seed=1)
+    g = jax.grad(f)(w)
+    out = curvature_metrics(
+        f, w, jax.random.PRNGKey(1), top_k=2, num_iters=30, grad=g, trace_probes=8
+    )
+    np.testing.assert_allclose(out["sharpness"], evals[0], rtol=1e-8)
+    _vals, vecs = np.linalg.eigh(np.asarray(a))
+    top2 = vecs[:, -2:]
+    share = np.sum((top2.T @ np.asarray(g)) ** 2) / np.sum(np.asarray(g) ** 2)
+    np.testing.assert_allclose(out["grad_topk_share"], share, rtol=1e-8)
+    assert np.isfinite(out["trace"]) and out["trace_stderr"] > 0
