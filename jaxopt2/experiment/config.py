@@ -1,0 +1,415 @@
+"""Run configs: YAML + dotted overrides, validated into typed dataclasses (OmegaConf).
+
+A config has top-level run settings and three named sections::
+
+    steps: 1000            # optimizer steps
+    seed: 0                # model init, batch order and optimizer keys derive from it
+    batch_size: 128        # rows per step (clamped to the training set size)
+    log_every: 50          # steps fused per host call; one metrics row per chunk
+    eval_every: 500        # evaluate every N steps (0: only at the end)
+    nonfinite: stop        # stop | skip (skip non-finite updates and count them)
+    target_loss: null      # for `jaxopt2 compare`: loss to reach (default: worst final loss)
+    task: {name: digits_classifier, ...task fields}
+    model: {name: mlp, hidden: [128, 128], activation: tanh}
+    optimizer: {name: adam, learning_rate: 1e-3, schedule: constant, ...optimizer arguments}
+    checkpoint: {every: 500, keep: 2}
+
+``optimizer`` holds the runner's fields (:class:`OptimizerConfig`) and, beside them, any
+argument of the registered optimizer's factory (``b1: 0.95``); those are checked against the
+registry entry's signature, so a newly registered optimizer works from configs as is.
+
+Validation errors are :class:`~jaxopt2.experiment.errors.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from jaxopt2.experiment import models as M
+from jaxopt2.experiment import tasks as T
+from jaxopt2.experiment.errors import ConfigError
+
+__all__ = [
+    "SCHEDULES",
+    "CheckpointConfig",
+    "OptimizerConfig",
+    "ResolvedConfig",
+    "RunConfig",
+    "bundled_config_names",
+    "load_config",
+    "locate_config",
+    "resolve",
+]
+
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear")
+NONFINITE = ("stop", "skip")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every: int = 500  # save every N steps (at the first chunk boundary past each multiple)
+    keep: int = 2  # keep the K most recent checkpoints
+
+
+@dataclasses.dataclass
+class RunConfig:
+    steps: int = 1000
+    seed: int = 0
+    batch_size: int = 128
+    log_every: int = 50
+    eval_every: int = 500
+    nonfinite: str = "stop"
+    target_loss: float | None = None
+    task: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    optimizer: dict[str, Any] = dataclasses.field(default_factory=dict)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """The runner's optimizer fields; the factory's own arguments sit beside them."""
+
+    name: str = ""
+    learning_rate: float | None = None  # peak learning rate (required if the factory needs it)
+    schedule: str = "constant"  # constant | cosine | warmup_cosine | linear
+    warmup_steps: int = 0  # warmup_cosine only
+    min_lr_ratio: float = 0.0  # final lr / peak lr for cosine, warmup_cosine, linear
+    weight_decay: float | None = None  # the factory's weight_decay, else decoupled decay
+    clip_grad_norm: float | None = None  # clip gradients to this global norm first
+
+
+_RUNNER_OPT_FIELDS = tuple(f.name for f in dataclasses.fields(OptimizerConfig))
+
+
+@dataclasses.dataclass
+class ResolvedConfig:
+    """A validated config: typed sections plus the canonical dict saved as config.yaml."""
+
+    run: RunConfig
+    task_spec: T.TaskSpec
+    task: Any
+    model_name: str
+    model: Any
+    optimizer: OptimizerConfig
+    optimizer_args: dict[str, Any]  # factory arguments given in the config (converted)
+    data: dict[str, Any]  # the canonical resolved config
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create(self.data))
+
+
+# ----------------------------------------------------------------------------- locating
+
+
+def _bundled() -> dict[str, str]:
+    from jaxopt2.experiment._bundled import CONFIGS
+
+    return CONFIGS
+
+
+def bundled_config_names() -> list[str]:
+    """Names of the configs shipped inside the package (``jaxopt2 run <name>``)."""
+    return sorted(_bundled())
+
+
+def locate_config(spec: str) -> tuple[str, str, str]:
+    """``(yaml_text, stem, source)`` for a config file path or a bundled config name.
+
+    A path that exists wins; otherwise a bare name (``quickstart`` or ``quickstart.yaml``)
+    is looked up among the configs bundled in the package.
+    """
+    path = Path(os.path.expanduser(spec))
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8"), path.stem, str(path)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {spec}: {e.strerror}") from None
+    if path.is_dir():
+        raise ConfigError(f"config {spec} is a directory, not a YAML file")
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if path.parent == Path(".") and name in _bundled():
+        return _bundled()[name], name, f"<bundled {name}>"
+    raise ConfigError(
+        f"config file not found: {spec} (bundled configs: {', '.join(bundled_config_names())})"
+    )
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _first_line(e: Exception) -> str:
+    msg = getattr(e, "msg", None) or str(e)
+    return str(msg).strip().splitlines()[0] if str(msg).strip() else type(e).__name__
+
+
+def _merge_typed(schema: Any, values: Any, prefix: str, defaults: Any = None) -> Any:
+    """Merge `values` into the structured config of dataclass `schema` (after `defaults`);
+    errors name the key."""
+    base = OmegaConf.structured(schema)
+    if defaults:
+        base = OmegaConf.merge(base, defaults)  # the registry's own defaults: bugs raise
+    try:
+        merged = OmegaConf.merge(base, values)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        full = f"{prefix}{key}" if key else prefix.rstrip(".")
+        if type(e).__name__ in ("ConfigKeyError", "ConfigAttributeError"):
+            owner = getattr(e, "object_type", None)
+            owner = owner if dataclasses.is_dataclass(owner) else schema
+            valid = [f.name for f in dataclasses.fields(owner)]
+            hint = f"; valid keys: {', '.join(valid)}" if valid else " (it takes no fields)"
+            raise ConfigError(f"unknown config key '{full}'{hint}") from None
+        line = _first_line(e)
+        if "is not a ListConfig" in line:
+            line = "expected a list"
+        elif "is not a DictConfig" in line or ("Cannot assign" in line and "Dict" in line):
+            line = "expected a mapping"
+        raise ConfigError(f"config key '{full}': {line}") from None
+
+
+def _section(top: RunConfig, name: str) -> dict[str, Any]:
+    value = getattr(top, name)
+    if value is None:
+        return {}
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{name}' must be a mapping, got {value!r}")
+    return dict(value)
+
+
+def _annotation_str(param: inspect.Parameter) -> str:
+    ann = param.annotation
+    if ann is inspect.Parameter.empty:
+        return ""
+    if isinstance(ann, str):
+        return ann.replace("typing.", "").replace("Optional[", "").strip()
+    if isinstance(ann, type):
+        return ann.__name__
+    return str(ann).replace("typing.", "")
+
+
+def _convert_arg(opt: str, name: str, param: inspect.Parameter, value: Any) -> Any:
+    """Check an optimizer argument from a config against the factory's signature."""
+    key = f"optimizer.{name}"
+    ann = _annotation_str(param)
+    default = param.default
+    optional = default is None or "None" in ann
+    if isinstance(value, ListConfig | DictConfig):
+        value = OmegaConf.to_container(value)
+    if value is None:
+        if optional or default is inspect.Parameter.empty:
+            return None
+        raise ConfigError(f"config key '{key}': {opt} does not accept null here")
+    base = ann.split("|")[0].strip() if "|" in ann and "[" not in ann else ann
+
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(
+            f"config key '{key}': expected {expected} for {opt}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+
+    if isinstance(default, bool) or base == "bool":
+        if not isinstance(value, bool):
+            raise wrong("a boolean")
+        return value
+    if "dtype" in name.lower() or "dtype" in ann.lower():
+        if not isinstance(value, str):
+            raise wrong("a dtype name such as float32")
+        import numpy as np
+
+        try:
+            return np.dtype(value).type
+        except TypeError:
+            raise wrong("a dtype name such as float32") from None
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+        return value
+    if base == "float" or isinstance(default, float | int):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong("a number")
+        return value
+    if base == "str" or isinstance(default, str):
+        if not isinstance(value, str):
+            raise wrong("a string")
+        return value
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def resolve(raw: Any) -> ResolvedConfig:
+    """Validate a raw (untyped) config mapping into a :class:`ResolvedConfig`."""
+    from jaxopt2.optimizers import registry
+
+    if not isinstance(raw, DictConfig | dict):
+        raise ConfigError("a config must be a YAML mapping of keys to values")
+    top: RunConfig = _merge_typed(RunConfig, raw, "")
+    _check(top.steps >= 1, f"steps must be >= 1, got {top.steps}")
+    _check(top.batch_size >= 1, f"batch_size must be >= 1, got {top.batch_size}")
+    _check(top.log_every >= 1, f"log_every must be >= 1, got {top.log_every}")
+    _check(top.eval_every >= 0, f"eval_every must be >= 0, got {top.eval_every}")
+    _check(
+        top.nonfinite in NONFINITE,
+        f"nonfinite must be one of {', '.join(NONFINITE)}, got {top.nonfinite!r}",
+    )
+    _check(top.checkpoint.every >= 1, f"checkpoint.every must be >= 1, got {top.checkpoint.every}")
+    _check(top.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {top.checkpoint.keep}")
+
+    # task
+    task_raw = _section(top, "task")
+    task_name = task_raw.pop("name", None)
+    _check(
+        isinstance(task_name, str) and bool(task_name),
+        f"task.name is missing; tasks: {', '.join(sorted(T.TASKS))}",
+    )
+    spec = T.get_task(task_name)
+    task_cfg = _merge_typed(spec.config_cls, task_raw, "task.")
+
+    # model
+    model_raw = _section(top, "model")
+    model_name = model_raw.pop("name", None) or spec.models[0]
+    _check(isinstance(model_name, str), f"model.name must be a string, got {model_name!r}")
+    mspec = M.get_model(model_name)
+    _check(
+        model_name in spec.models,
+        f"task {task_name} does not take model {model_name!r}; it takes: {', '.join(spec.models)}",
+    )
+    defaults = spec.model_defaults.get(model_name, {})
+    model_cfg = _merge_typed(mspec.config_cls, model_raw, "model.", defaults)
+
+    # optimizer
+    opt_raw = _section(top, "optimizer")
+    opt_name = opt_raw.get("name")
+    _check(
+        isinstance(opt_name, str) and bool(opt_name),
+        f"optimizer.name is missing; optimizers: {', '.join(registry.names())}",
+    )
+    try:
+        entry = registry.get(opt_name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    known = {k: v for k, v in opt_raw.items() if k in _RUNNER_OPT_FIELDS}
+    extras = {k: v for k, v in opt_raw.items() if k not in _RUNNER_OPT_FIELDS}
+    opt_cfg: OptimizerConfig = _merge_typed(OptimizerConfig, known, "optimizer.")
+    factory_args = entry.arguments()
+    args: dict[str, Any] = {}
+    for k, v in extras.items():
+        if k not in factory_args:
+            valid = [a for a in factory_args if a not in ("learning_rate", "weight_decay")]
+            raise ConfigError(
+                f"unknown config key 'optimizer.{k}': not an argument of {opt_name} "
+                f"(its arguments: {', '.join(valid) or 'none'})"
+            )
+        args[k] = _convert_arg(opt_name, k, factory_args[k], v)
+    _check(
+        opt_cfg.schedule in SCHEDULES,
+        f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {opt_cfg.schedule!r}",
+    )
+    _check(opt_cfg.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
+    _check(
+        opt_cfg.warmup_steps == 0 or opt_cfg.schedule == "warmup_cosine",
+        "optimizer.warmup_steps is only used by schedule: warmup_cosine",
+    )
+    _check(0.0 <= opt_cfg.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio must be in [0, 1]")
+    if "learning_rate" in factory_args:
+        lr_required = factory_args["learning_rate"].default is inspect.Parameter.empty
+        _check(
+            opt_cfg.learning_rate is not None or not lr_required,
+            f"optimizer.learning_rate is required for {opt_name}",
+        )
+        _check(
+            opt_cfg.learning_rate is not None or opt_cfg.schedule == "constant",
+            f"optimizer.schedule {opt_cfg.schedule} needs optimizer.learning_rate",
+        )
+    else:
+        _check(
+            opt_cfg.learning_rate is None and opt_cfg.schedule == "constant",
+            f"optimizer {opt_name} takes no learning_rate; remove optimizer.learning_rate "
+            "and optimizer.schedule",
+        )
+    if opt_cfg.clip_grad_norm is not None:
+        _check(opt_cfg.clip_grad_norm > 0, "optimizer.clip_grad_norm must be positive")
+    missing = [a for a in entry.required_arguments() if a != "learning_rate" and a not in args]
+    _check(
+        not missing,
+        f"optimizer {opt_name} needs argument(s): " + ", ".join(f"optimizer.{a}" for a in missing),
+    )
+
+    data = {
+        "steps": top.steps,
+        "seed": top.seed,
+        "batch_size": top.batch_size,
+        "log_every": top.log_every,
+        "eval_every": top.eval_every,
+        "nonfinite": top.nonfinite,
+        "target_loss": top.target_loss,
+        "task": {"name": task_name, **dataclasses.asdict(task_cfg)},
+        "model": {"name": model_name, **dataclasses.asdict(model_cfg)},
+        "optimizer": {
+            **dataclasses.asdict(opt_cfg),
+            **{
+                k: OmegaConf.to_container(v) if isinstance(v, ListConfig | DictConfig) else v
+                for k, v in extras.items()
+            },
+        },
+        "checkpoint": dataclasses.asdict(top.checkpoint),
+    }
+    return ResolvedConfig(top, spec, task_cfg, model_name, model_cfg, opt_cfg, args, data)
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """``["a.b=1", "c=[1,2]"]`` -> a DictConfig; bad syntax is a ConfigError."""
+    merged = OmegaConf.create({})
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip() or any(c.isspace() for c in key):
+            raise ConfigError(
+                f"bad override {item!r}: expected dotted.key=value "
+                "(e.g. optimizer.learning_rate=0.01)"
+            )
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"bad override {item!r}: {_first_line(e)}") from None
+    return merged
+
+
+def load_config(
+    spec: str, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[ResolvedConfig, str]:
+    """Read a config file (or bundled name), apply overrides and validate.
+
+    Returns:
+      ``(resolved, stem)`` where stem names the default run directory.
+    """
+    text, stem, source = locate_config(spec)
+    try:
+        raw = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+    except Exception as e:  # yaml.YAMLError and OmegaConf's own errors
+        line = _first_line(e)
+        raise ConfigError(f"cannot parse {source}: {line}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{source}: a config must be a YAML mapping of keys to values")
+    raw = OmegaConf.merge(raw, parse_overrides(list(overrides)))
+    return resolve(raw), stem
+
+
+def from_dict(data: dict[str, Any]) -> ResolvedConfig:
+    """Validate a plain dict (e.g. a saved config.yaml, or one built by compare)."""
+    return resolve(OmegaConf.create(data))

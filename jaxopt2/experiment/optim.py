@@ -1,0 +1,136 @@
+"""Optimizers built from a resolved config, through the registry.
+
+The built transformation is ``chain(observe_grad_norm, [clip], optimizer, [weight decay])``:
+
+* ``observe_grad_norm`` stores the incoming gradient's global norm in its state (so the
+  training step can log it although :func:`jaxopt2.value_and_update` keeps the gradient);
+* ``clip_by_global_norm`` when ``optimizer.clip_grad_norm`` is set;
+* the registry factory called with the config's arguments and the learning rate (a float, or
+  an optax schedule when ``optimizer.schedule`` is not constant);
+* decoupled weight decay ``-lr(t) * weight_decay * params`` when ``optimizer.weight_decay`` is
+  set and the factory has no ``weight_decay`` argument of its own (if it has one, the value is
+  passed to it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxopt2.experiment.config import OptimizerConfig, ResolvedConfig
+from jaxopt2.experiment.errors import ConfigError
+
+__all__ = ["BuiltOptimizer", "build_optimizer", "make_schedule"]
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """The l2 norm of all leaves of `tree` together, in float32."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+class GradNormState(NamedTuple):
+    grad_norm: jax.Array
+
+
+class DecayState(NamedTuple):
+    count: jax.Array
+
+
+def observe_grad_norm() -> optax.GradientTransformationExtraArgs:
+    """Identity on the updates; keeps their global norm (the raw gradient's) in the state."""
+
+    def init(params):
+        del params
+        return GradNormState(jnp.zeros((), jnp.float32))
+
+    def update(updates, state, params=None, **extra):
+        del state, params, extra
+        return updates, GradNormState(global_norm(updates))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def decoupled_weight_decay(
+    weight_decay: float, lr: Callable[[jax.Array], jax.Array]
+) -> optax.GradientTransformationExtraArgs:
+    """``updates - lr(count) * weight_decay * params`` (AdamW-style, after the optimizer)."""
+
+    def init(params):
+        del params
+        return DecayState(jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None, **extra):
+        del extra
+        if params is None:
+            raise ValueError("decoupled weight decay needs params")
+        rate = lr(state.count) * weight_decay
+        updates = jax.tree.map(lambda u, p: u - (rate * p).astype(u.dtype), updates, params)
+        return updates, DecayState(state.count + 1)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_schedule(cfg: OptimizerConfig, steps: int) -> Callable[[jax.Array], jax.Array] | None:
+    """The learning-rate schedule of a config (``None`` if it has no learning rate)."""
+    if cfg.learning_rate is None:
+        return None
+    lr = float(cfg.learning_rate)
+    end = lr * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return optax.constant_schedule(lr)
+    if cfg.schedule == "cosine":
+        return optax.cosine_decay_schedule(lr, max(steps, 1), alpha=cfg.min_lr_ratio)
+    if cfg.schedule == "linear":
+        return optax.linear_schedule(lr, end, max(steps, 1))
+    if cfg.schedule == "warmup_cosine":
+        warm = min(cfg.warmup_steps, steps)
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(steps, warm + 1), end)
+    raise ConfigError(f"unknown optimizer.schedule {cfg.schedule!r}")
+
+
+@dataclasses.dataclass
+class BuiltOptimizer:
+    tx: optax.GradientTransformationExtraArgs
+    lr: Callable[[jax.Array], jax.Array] | None  # step -> learning rate (for logging)
+    name: str
+    needs_value_fn: bool
+    needs_key: bool
+
+
+def build_optimizer(rc: ResolvedConfig) -> BuiltOptimizer:
+    """Build the chained optimizer of a resolved config."""
+    from jaxopt2.optimizers import registry
+
+    cfg = rc.optimizer
+    entry = registry.get(cfg.name)
+    factory_args = entry.arguments()
+    args: dict[str, Any] = dict(rc.optimizer_args)
+    sched = make_schedule(cfg, rc.run.steps)
+    if cfg.learning_rate is not None:
+        args["learning_rate"] = float(cfg.learning_rate) if cfg.schedule == "constant" else sched
+    own_decay = cfg.weight_decay is not None and "weight_decay" in factory_args
+    if own_decay:
+        args["weight_decay"] = float(cfg.weight_decay)
+    try:
+        inner = entry.factory(**args)
+    except (TypeError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"optimizer {cfg.name} rejected its config arguments: {msg}") from None
+    parts: list[optax.GradientTransformation] = [observe_grad_norm()]
+    if cfg.clip_grad_norm is not None:
+        parts.append(optax.clip_by_global_norm(float(cfg.clip_grad_norm)))
+    parts.append(inner)
+    if cfg.weight_decay is not None and not own_decay and cfg.weight_decay != 0:
+        lr_fn = sched if sched is not None else optax.constant_schedule(1.0)
+        parts.append(decoupled_weight_decay(float(cfg.weight_decay), lr_fn))
+    return BuiltOptimizer(
+        optax.chain(*parts), sched, cfg.name, entry.needs_value_fn, entry.needs_key
+    )

@@ -1,0 +1,100 @@
+"""PNG plots of runs and comparisons (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_compare", "plot_run"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(rows: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list, list]:
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if v is not None and isinstance(v, int | float) and math.isfinite(v):
+            xs.append(r[x])
+            ys.append(v)
+    return xs, ys
+
+
+def _positive(ys: list[float]) -> bool:
+    return bool(ys) and min(ys) > 0
+
+
+def plot_run(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """loss.png-style figure: losses, accuracy (if any), norms and learning rate vs step."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    for key, label in (("loss_mean", "train loss (window mean)"), ("eval_loss", "eval loss")):
+        xs, ys = _series(rows, key)
+        if xs:
+            ax.plot(xs, ys, label=label, marker="o" if key == "eval_loss" else None, ms=3)
+            if _positive(ys):
+                ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.set_title(title or "loss")
+    ax = axes[1]
+    for key in ("grad_norm", "update_norm", "param_norm"):
+        xs, ys = _series(rows, key)
+        if xs:
+            ax.plot(xs, ys, label=key)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.set_title("norms")
+    ax = axes[2]
+    xs, ys = _series(rows, "eval_accuracy")
+    if xs:
+        ax.plot(xs, ys, marker="o", ms=3, label="eval accuracy")
+        ax.set_ylabel("accuracy")
+        ax.set_title("eval accuracy")
+    else:
+        xs, ys = _series(rows, "lr")
+        ax.plot(xs, ys, label="learning rate")
+        ax.set_title("learning rate")
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_compare(
+    runs: dict[str, list[dict[str, Any]]], path: Path, title: str = "", target: float | None = None
+) -> None:
+    """Overlay of several runs: train loss vs step and vs training wall time."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    all_pos = True
+    for name, rows in runs.items():
+        for ax, x in zip(axes, ("step", "time"), strict=True):
+            xs, ys = _series(rows, "loss_mean", x)
+            all_pos = all_pos and _positive(ys)
+            ax.plot(xs, ys, label=name)
+    for ax, xlabel in zip(axes, ("step", "training time [s]"), strict=True):
+        if target is not None:
+            ax.axhline(target, color="gray", ls="--", lw=1, label="target")
+        if all_pos:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("train loss (window mean)")
+        ax.legend()
+    axes[0].set_title(title or "loss vs step")
+    axes[1].set_title("loss vs wall time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,361 @@
+"""Offline training tasks, in a small registry: ``name -> (config dataclass, builder)``.
+
+Every task is a mean loss over a batch of rows of its training arrays (tasks without data,
+such as Rosenbrock, are deterministic objectives of the parameters alone). Data are float32
+numpy arrays (labels int32) made here once; the trainer passes them to its jitted step as
+arguments and samples batches inside it.
+
+Tasks:
+
+* ``quadratic`` — noisy quadratic 0.5 (x - x* - xi)^T A (x - x* - xi), A = Q diag(lambda) Q^T
+  with eigenvalues from 1 down to 1/condition_number (log- or linearly spaced); xi are rows of
+  Gaussian noise (``noise_std``; 0 gives the exact quadratic).
+* ``rosenbrock`` — sum_i b (x_{i+1} - x_i^2)^2 + (a - x_i)^2 from (-1.2, 1, -1.2, ...).
+* ``least_squares`` — 0.5 mean (x^T w - y)^2 on Gaussian features, held-out eval rows.
+* ``digits_classifier`` — scikit-learn digits, pixels/16, rows permuted with
+  ``np.random.default_rng(0)``; first 1437 rows train, last 360 eval; softmax cross-entropy.
+  Models: ``mlp`` (64-128-128-10 tanh) or ``cnn``.
+* ``digits_autoencoder`` — same split; MLP 64-512-256-32-256-512-64 tanh with linear output,
+  sigmoid cross-entropy summed over the 64 pixels, mean over the batch.
+* ``breast_cancer`` — logistic regression on scikit-learn's breast cancer data
+  (permuted with ``default_rng(0)``, 455 train / 114 eval rows, standardized with training
+  statistics, plus an intercept column): mean logistic loss + ||w||^2 / (2 n_train) on the
+  weights (not the intercept), i.e. scikit-learn's ``LogisticRegression(C=1)`` objective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxopt2.experiment import models as M
+
+__all__ = ["TASKS", "Task", "TaskSpec", "get_task"]
+
+F32 = np.float32
+
+
+@dataclasses.dataclass
+class Task:
+    """A built task.
+
+    Attributes:
+      model: the initial equinox model (float32 parameters).
+      train: training arrays, rows along axis 0 (``()`` for data-free objectives).
+      eval: evaluation arrays or ``None`` (no evaluation); ``()`` evaluates without data.
+      loss: ``loss(model, *batch) -> scalar``, a mean over the batch.
+      eval_metrics: ``eval_metrics(model, *eval) -> dict of scalars`` (``loss`` at least).
+    """
+
+    model: eqx.Module
+    train: tuple[np.ndarray, ...]
+    eval: tuple[np.ndarray, ...] | None
+    loss: Callable[..., jax.Array]
+    eval_metrics: Callable[..., dict[str, jax.Array]]
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train[0].shape[0]) if self.train else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """A registered task: config dataclass, the models it accepts (first = default), the task's
+    own defaults for those models' fields, and ``build(cfg, model_name, model_cfg, key)``."""
+
+    name: str
+    config_cls: type
+    models: tuple[str, ...]
+    build: Callable[[Any, str, Any, jax.Array], Task]
+    description: str
+    model_defaults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclasses.dataclass
+class QuadraticConfig:
+    dim: int = 100
+    condition_number: float = 1000.0
+    spectrum: str = "log"  # log | linear
+    noise_std: float = 0.0
+    num_samples: int = 1024
+    data_seed: int = 0
+
+
+@dataclasses.dataclass
+class RosenbrockConfig:
+    dim: int = 2
+    a: float = 1.0
+    b: float = 100.0
+
+
+@dataclasses.dataclass
+class LeastSquaresConfig:
+    dim: int = 20
+    num_train: int = 1000
+    num_eval: int = 200
+    noise_std: float = 0.1
+    data_seed: int = 0
+
+
+@dataclasses.dataclass
+class DigitsConfig:
+    """The digits split is fixed (see the module docstring); nothing to choose."""
+
+
+@dataclasses.dataclass
+class BreastCancerConfig:
+    """The split is fixed (see the module docstring); ``l2`` scales the 1/(2n) penalty."""
+
+    l2: float = 1.0
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _classifier_metrics(apply: Callable, model: eqx.Module, x: jax.Array, y: jax.Array):
+    logits = jax.vmap(apply(model))(x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    acc = jnp.mean((jnp.argmax(logits, axis=-1) == y).astype(jnp.float32))
+    return {"loss": loss, "accuracy": acc}
+
+
+def _call(model: eqx.Module) -> Callable:
+    return model
+
+
+def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data / 16.0).astype(F32)
+    y = d.target.astype(np.int32)
+    perm = np.random.default_rng(0).permutation(len(x))
+    tr, ev = perm[:1437], perm[1437:]
+    return x[tr], y[tr], x[ev], y[ev]
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    from jaxopt2.experiment.errors import ConfigError
+
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(key: str, value: float) -> None:
+    from jaxopt2.experiment.errors import ConfigError
+
+    if not value > 0:
+        raise ConfigError(f"{key} must be positive, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def _build_quadratic(cfg: QuadraticConfig, model_name: str, model_cfg: Any, key: jax.Array):
+    _check_positive("task.dim", cfg.dim)
+    _check_positive("task.num_samples", cfg.num_samples)
+    _check_choice("task.spectrum", cfg.spectrum, ("log", "linear"))
+    if not cfg.condition_number >= 1:
+        from jaxopt2.experiment.errors import ConfigError
+
+        raise ConfigError(f"task.condition_number must be >= 1, got {cfg.condition_number}")
+    rng = np.random.default_rng(cfg.data_seed)
+    if cfg.spectrum == "log":
+        lam = np.logspace(0.0, -np.log10(cfg.condition_number), cfg.dim)
+    else:
+        lam = np.linspace(1.0, 1.0 / cfg.condition_number, cfg.dim)
+    q, _ = np.linalg.qr(rng.standard_normal((cfg.dim, cfg.dim)))
+    a = ((q * lam) @ q.T).astype(F32)
+    a = (a + a.T) / 2
+    x_star = rng.standard_normal(cfg.dim).astype(F32)
+    noise = (cfg.noise_std * rng.standard_normal((cfg.num_samples, cfg.dim))).astype(F32)
+    a_j, xs_j = jnp.asarray(a), jnp.asarray(x_star)
+
+    def row_loss(x, xi):
+        d = x - xs_j - xi
+        return 0.5 * d @ (a_j @ d)
+
+    def loss(model, xi):
+        return jnp.mean(jax.vmap(row_loss, in_axes=(None, 0))(model.x, xi))
+
+    def eval_metrics(model):
+        exact = row_loss(model.x, jnp.zeros_like(model.x))
+        return {"loss": exact, "dist_to_opt": jnp.linalg.norm(model.x - xs_j)}
+
+    model = M.Vector(np.zeros(cfg.dim, F32))
+    return Task(model, (noise,), (), loss, eval_metrics)
+
+
+def _build_rosenbrock(cfg: RosenbrockConfig, model_name: str, model_cfg: Any, key: jax.Array):
+    if cfg.dim < 2:
+        from jaxopt2.experiment.errors import ConfigError
+
+        raise ConfigError(f"task.dim must be >= 2 for rosenbrock, got {cfg.dim}")
+    a, b = cfg.a, cfg.b
+
+    def loss(model):
+        x = model.x
+        return jnp.sum(b * (x[1:] - x[:-1] ** 2) ** 2 + (a - x[:-1]) ** 2)
+
+    def eval_metrics(model):
+        return {"loss": loss(model), "dist_to_opt": jnp.linalg.norm(model.x - a)}
+
+    x0 = np.array([-1.2 if i % 2 == 0 else 1.0 for i in range(cfg.dim)], F32)
+    return Task(M.Vector(x0), (), (), loss, eval_metrics)
+
+
+def _build_least_squares(cfg: LeastSquaresConfig, model_name: str, model_cfg: Any, key: jax.Array):
+    for k in ("dim", "num_train", "num_eval"):
+        _check_positive(f"task.{k}", getattr(cfg, k))
+    rng = np.random.default_rng(cfg.data_seed)
+    w_star = rng.standard_normal(cfg.dim)
+    n = cfg.num_train + cfg.num_eval
+    x = rng.standard_normal((n, cfg.dim))
+    y = x @ w_star + cfg.noise_std * rng.standard_normal(n)
+    x, y = x.astype(F32), y.astype(F32)
+
+    def loss(model, xb, yb):
+        return 0.5 * jnp.mean((jax.vmap(model)(xb) - yb) ** 2)
+
+    def eval_metrics(model, xb, yb):
+        return {"loss": loss(model, xb, yb)}
+
+    model = M.build_linear(model_cfg, cfg.dim, None, key)
+    tr, ev = slice(0, cfg.num_train), slice(cfg.num_train, n)
+    return Task(model, (x[tr], y[tr]), (x[ev], y[ev]), loss, eval_metrics)
+
+
+def _digits_model(model_name: str, model_cfg: Any, n_out: int, key: jax.Array) -> eqx.Module:
+    if model_name == "cnn":
+        return M.build_cnn(model_cfg, 8, n_out, key)
+    return M.build_mlp(model_cfg, 64, n_out, key)
+
+
+def _build_digits_classifier(cfg: DigitsConfig, model_name: str, model_cfg: Any, key: jax.Array):
+    xtr, ytr, xev, yev = _digits_split()
+
+    def loss(model, xb, yb):
+        logits = jax.vmap(model)(xb)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    def eval_metrics(model, xb, yb):
+        return _classifier_metrics(_call, model, xb, yb)
+
+    model = _digits_model(model_name, model_cfg, 10, key)
+    return Task(model, (xtr, ytr), (xev, yev), loss, eval_metrics)
+
+
+def _build_digits_autoencoder(cfg: DigitsConfig, model_name: str, model_cfg: Any, key: jax.Array):
+    xtr, _, xev, _ = _digits_split()
+
+    def loss(model, xb):
+        logits = jax.vmap(model)(xb)
+        return optax.sigmoid_binary_cross_entropy(logits, xb).sum(axis=-1).mean()
+
+    def eval_metrics(model, xb):
+        return {"loss": loss(model, xb)}
+
+    model = M.build_mlp(model_cfg, 64, 64, key)
+    return Task(model, (xtr,), (xev,), loss, eval_metrics)
+
+
+def _build_breast_cancer(cfg: BreastCancerConfig, model_name: str, model_cfg: Any, key: jax.Array):
+    from sklearn.datasets import load_breast_cancer
+
+    d = load_breast_cancer()
+    perm = np.random.default_rng(0).permutation(len(d.data))
+    n_train = int(0.8 * len(perm))
+    tr, ev = perm[:n_train], perm[n_train:]
+    mean, std = d.data[tr].mean(0), d.data[tr].std(0)
+
+    def design(rows):
+        z = (d.data[rows] - mean) / std
+        return np.concatenate([z, np.ones((len(rows), 1))], axis=1).astype(F32)
+
+    xtr, xev = design(tr), design(ev)
+    ytr, yev = d.target[tr].astype(F32), d.target[ev].astype(F32)
+    reg = cfg.l2 / (2.0 * n_train)
+
+    def data_loss(model, xb, yb):
+        return optax.sigmoid_binary_cross_entropy(jax.vmap(model)(xb), yb).mean()
+
+    def loss(model, xb, yb):
+        w = model.weight[:-1]  # the last column is the intercept: not penalized
+        return data_loss(model, xb, yb) + reg * jnp.sum(w * w)
+
+    def eval_metrics(model, xb, yb):
+        z = jax.vmap(model)(xb)
+        acc = jnp.mean(((z > 0).astype(jnp.float32) == yb).astype(jnp.float32))
+        return {"loss": data_loss(model, xb, yb), "accuracy": acc}
+
+    model = M.build_linear(model_cfg, xtr.shape[1], None, key)
+    return Task(model, (xtr, ytr), (xev, yev), loss, eval_metrics)
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in [
+        TaskSpec(
+            "quadratic",
+            QuadraticConfig,
+            ("vector",),
+            _build_quadratic,
+            "noisy quadratic with a chosen eigen-spectrum (dim, condition_number)",
+        ),
+        TaskSpec(
+            "rosenbrock",
+            RosenbrockConfig,
+            ("vector",),
+            _build_rosenbrock,
+            "Rosenbrock function from (-1.2, 1, ...)",
+        ),
+        TaskSpec(
+            "least_squares",
+            LeastSquaresConfig,
+            ("linear",),
+            _build_least_squares,
+            "linear least squares on Gaussian features",
+        ),
+        TaskSpec(
+            "digits_classifier",
+            DigitsConfig,
+            ("mlp", "cnn"),
+            _build_digits_classifier,
+            "scikit-learn digits, 10-way softmax classifier (1437 train / 360 eval)",
+        ),
+        TaskSpec(
+            "digits_autoencoder",
+            DigitsConfig,
+            ("mlp",),
+            _build_digits_autoencoder,
+            "scikit-learn digits, deep MLP autoencoder, sigmoid cross-entropy",
+            model_defaults={"mlp": {"hidden": [512, 256, 32, 256, 512]}},
+        ),
+        TaskSpec(
+            "breast_cancer",
+            BreastCancerConfig,
+            ("linear",),
+            _build_breast_cancer,
+            "L2 logistic regression on breast cancer (= scikit-learn C=1)",
+        ),
+    ]
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    from jaxopt2.experiment.errors import ConfigError
+
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ConfigError(f"unknown task {name!r}; tasks: {', '.join(sorted(TASKS))}") from None

@@ -1,0 +1,576 @@
+"""The training loop: one compiled function per run, fused steps, exact resume.
+
+* The train step runs inside ``lax.scan`` over ``log_every`` steps (one host call per chunk,
+  per-step metrics stacked). It is compiled ahead of time ONCE per run; a shorter last chunk
+  runs the same program with the surplus steps masked off.
+* The full training arrays are arguments of that program (never constants); each step picks
+  its batch inside it: epoch ``e`` is a permutation drawn from ``fold_in(data_key, e)``, so
+  the batch of a step depends only on (seed, step) and a resumed run sees the same batches.
+* The optimizer gets ``key=fold_in(opt_key, step)`` through :func:`jaxopt2.value_and_update`,
+  so optimizers that need ``value_fn`` or ``key`` work unchanged.
+* Non-finite loss or updates: ``nonfinite: stop`` freezes the state at the last good step and
+  stops the run (the last good checkpoint stays); ``skip`` drops the update and counts it.
+* Checkpoints (orbax) at chunk boundaries; on resume, metric rows after the restored step are
+  dropped. SIGTERM / SIGINT: finish the current chunk, save a checkpoint, exit with 128 + signum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from omegaconf import OmegaConf
+
+from jaxopt2.experiment.config import ResolvedConfig
+from jaxopt2.experiment.errors import ConfigError, NonFiniteError, UserError
+from jaxopt2.experiment.optim import build_optimizer, global_norm
+from jaxopt2.optimizers.contract import value_and_update
+
+__all__ = ["RunResult", "Trainer", "prepare_run_dir", "read_metrics"]
+
+F32 = jnp.float32
+I32 = jnp.int32
+
+
+# ----------------------------------------------------------------------------- run dirs
+
+
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in list(new) + [k for k in old if k not in new]:
+            d = _first_difference(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    if old != new:
+        return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
+    return None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(run_dir: Path, rc: ResolvedConfig, overwrite: bool = False) -> bool:
+    """Create or check a run directory; True if it holds this same config (resume).
+
+    Raises:
+      UserError: the directory holds a different config (without `overwrite`) or is not a
+        run directory.
+    """
+    cfg_path = run_dir / "config.yaml"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run dir {run_dir} exists and is not a directory")
+    if run_dir.is_dir() and cfg_path.is_file():
+        try:
+            saved = OmegaConf.to_container(OmegaConf.load(cfg_path))
+        except Exception:
+            saved = None
+        if saved == rc.data:
+            return True
+        if not overwrite:
+            diff = _first_difference(saved, rc.data) if isinstance(saved, dict) else None
+            raise UserError(
+                f"run dir {run_dir} holds a run with a different config"
+                + (f" ({diff})" if diff else "")
+                + ".\nPass --overwrite to replace it, or --run-dir to choose another directory."
+            )
+        shutil.rmtree(run_dir)
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        raise UserError(
+            f"run dir {run_dir} exists, is not empty and has no config.yaml (not a jaxopt2 "
+            "run);\nchoose another --run-dir."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(cfg_path, rc.to_yaml())
+    return False
+
+
+def read_metrics(path: Path, max_step: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl (a torn last line is ignored), optionally up to `max_step`."""
+    rows: list[dict[str, Any]] = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            if max_step is None or row["step"] <= max_step:
+                rows.append(row)
+    return rows
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float | np.floating):
+        v = float(v)
+        return v if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What :meth:`Trainer.train` ended with."""
+
+    status: str  # complete | interrupted | nonfinite
+    exit_code: int
+    step: int
+    summary: dict[str, Any]
+
+
+class Trainer:
+    """One run of a resolved config in a run directory.
+
+    Args:
+      rc: the validated config.
+      run_dir: where config.yaml, metrics.jsonl, summary.json, plots and checkpoints go
+        (see :func:`prepare_run_dir`).
+      progress: show a tqdm bar (None: only on a terminal).
+      stream: where the final summary is printed (None: nowhere; "stdout": sys.stdout at the
+        time of the call).
+      plots: write PNG plots at the end.
+    """
+
+    def __init__(
+        self,
+        rc: ResolvedConfig,
+        run_dir: Path | str,
+        *,
+        progress: bool | None = None,
+        stream: TextIO | str | None = "stdout",
+        plots: bool = True,
+        label: str = "",
+    ):
+        self.rc = rc
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.stream = sys.stdout if stream == "stdout" else stream
+        self.plots = plots
+        self.label = label
+        self.trace_count = 0
+        self.eval_trace_count = 0
+        self._signal: int | None = None
+        cfg = rc.run
+        self.chunk_len = cfg.log_every
+
+        key = jax.random.PRNGKey(cfg.seed)
+        k_model, self._k_data, self._k_opt = (jax.random.fold_in(key, i) for i in range(3))
+        task = rc.task_spec.build(rc.task, rc.model_name, rc.model, k_model)
+        self.task = task
+        params, self._static = eqx.partition(task.model, eqx.is_inexact_array)
+        self.opt = build_optimizer(rc)
+        self.train_data = tuple(jnp.asarray(a) for a in task.train)
+        self.eval_data = None if task.eval is None else tuple(jnp.asarray(a) for a in task.eval)
+        n = task.n_train
+        self.batch_size = min(cfg.batch_size, n) if n else 0
+        self.steps_per_epoch = n // self.batch_size if n else 1
+        self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+        def loss_fn(p, *batch):
+            return task.loss(eqx.combine(p, self._static), *batch)
+
+        self.loss_fn = loss_fn
+        opt_state = self.opt.tx.init(params)
+        self.init_carry = {
+            "params": params,
+            "opt_state": opt_state,
+            "step": jnp.zeros((), I32),
+            "nonfinite": jnp.zeros((), I32),
+            "halted": jnp.zeros((), jnp.bool_),
+        }
+        self._compiled = None
+        self._compiled_eval = None
+        self.compile_time = 0.0
+
+    # ------------------------------------------------------------------ the jitted program
+
+    def _sampled(self) -> bool:
+        return bool(self.train_data) and self.batch_size < self.task.n_train
+
+    def _perm(self, step: jax.Array) -> jax.Array:
+        """The row order of the epoch that `step` is in (a function of seed and epoch only)."""
+        epoch = step // self.steps_per_epoch
+        return jax.random.permutation(
+            jax.random.fold_in(self._k_data, epoch), self.task.n_train
+        ).astype(I32)
+
+    def _batch(
+        self, data: tuple[jax.Array, ...], step: jax.Array, perm: jax.Array | None = None
+    ) -> tuple[jax.Array, ...]:
+        """The batch of `step` (`perm`: that epoch's order, if already computed)."""
+        if not self._sampled():
+            return data
+        if perm is None:
+            perm = self._perm(step)
+        bs = self.batch_size
+        pos = step % self.steps_per_epoch
+        idx = jax.lax.dynamic_slice_in_dim(perm, pos * bs, bs)
+        return tuple(jnp.take(a, idx, axis=0) for a in data)
+
+    def _chunk(self, carry: dict[str, Any], data: tuple[jax.Array, ...], n_active: jax.Array):
+        self.trace_count += 1
+        tx, lr_fn = self.opt.tx, self.opt.lr
+        skip_mode = self.rc.run.nonfinite == "skip"
+
+        sampled = self._sampled()
+
+        def body(c_perm, i):
+            c, perm = c_perm
+            step = c["step"]
+            active = (i < n_active) & ~c["halted"]
+            if sampled:  # a new epoch starts: draw its order (once per epoch, not per step)
+                perm = jax.lax.cond(
+                    step % self.steps_per_epoch == 0, self._perm, lambda s: perm, step
+                )
+            batch = self._batch(data, step, perm)
+            key = jax.random.fold_in(self._k_opt, step)
+            loss, updates, new_opt = value_and_update(
+                tx, self.loss_fn, c["params"], c["opt_state"], *batch, key=key
+            )
+            new_params = optax.apply_updates(c["params"], updates)
+            finite = jnp.isfinite(loss) & jnp.all(
+                jnp.array([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)])
+            )
+            ok = active & finite
+            bad = active & ~finite
+
+            def pick(new, old):
+                return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+            params = pick(new_params, c["params"])
+            advance = active & (finite | skip_mode)
+            out = {
+                "params": params,
+                "opt_state": pick(new_opt, c["opt_state"]),
+                "step": step + advance.astype(I32),
+                "nonfinite": c["nonfinite"] + bad.astype(I32),
+                "halted": c["halted"] | (bad & (not skip_mode)),
+            }
+            lr = lr_fn(step) if lr_fn is not None else jnp.nan
+            metrics = {
+                "loss": loss.astype(F32),
+                "grad_norm": new_opt[0].grad_norm.astype(F32),
+                "update_norm": global_norm(updates),
+                "param_norm": global_norm(params),
+                "lr": jnp.asarray(lr, F32),
+                "active": active,
+                "bad": bad,
+            }
+            return (out, perm), metrics
+
+        perm0 = self._perm(carry["step"]) if sampled else jnp.zeros((0,), I32)
+        (carry, _), metrics = jax.lax.scan(
+            body, (carry, perm0), jnp.arange(self.chunk_len, dtype=I32)
+        )
+        return carry, metrics
+
+    def _eval(self, params: Any, data: tuple[jax.Array, ...]) -> dict[str, jax.Array]:
+        self.eval_trace_count += 1
+        model = eqx.combine(params, self._static)
+        return {k: jnp.asarray(v, F32) for k, v in self.task.eval_metrics(model, *data).items()}
+
+    def compile(self) -> None:
+        """Compile the fused train step (and the evaluation) once; idempotent."""
+        if self._compiled is not None:
+            return
+        t0 = time.perf_counter()
+        jitted = jax.jit(self._chunk, donate_argnums=(0,))
+        self._compiled = jitted.lower(
+            self.init_carry, self.train_data, jnp.asarray(self.chunk_len, I32)
+        ).compile()
+        if self.eval_data is not None:
+            self._compiled_eval = (
+                jax.jit(self._eval).lower(self.init_carry["params"], self.eval_data).compile()
+            )
+        self.compile_time = time.perf_counter() - t0
+
+    def evaluate(self, params: Any) -> dict[str, float]:
+        if self._compiled_eval is None:
+            return {}
+        out = jax.device_get(self._compiled_eval(params, self.eval_data))
+        return {f"eval_{k}": float(v) for k, v in out.items()}
+
+    # ------------------------------------------------------------------ host loop
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        del frame
+        self._signal = signum
+
+    def train(self, handle_signals: bool = False) -> RunResult:
+        """Train (or resume) to ``steps``; returns how it ended.
+
+        Raises:
+          NonFiniteError: a non-finite loss/update under ``nonfinite: stop``.
+        """
+        from jaxopt2.experiment.checkpoint import Checkpointer
+
+        old_handlers = {}
+        if handle_signals:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                old_handlers[s] = signal.signal(s, self._on_signal)
+        ckpt = Checkpointer(self.run_dir / "checkpoints", self.rc.run.checkpoint.keep)
+        try:
+            return self._train(ckpt)
+        finally:
+            ckpt.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+
+    def _train(self, ckpt: Any) -> RunResult:
+        cfg = self.rc.run
+        metrics_path = self.run_dir / "metrics.jsonl"
+        restored = ckpt.restore(self.init_carry)
+        if restored is not None:
+            carry, meta = restored
+            start, train_time = int(meta["step"]), float(meta["train_time"])
+        else:
+            carry, start, train_time = self.init_carry, 0, 0.0
+        # The program donates its carry: give it fresh buffers (an initial state may hold the
+        # same buffer twice, and init_carry must stay valid).
+        carry = jax.tree.map(lambda x: jnp.array(x, copy=True), carry)
+        # Metric rows after the restored step belong to lost work: drop them.
+        rows = read_metrics(metrics_path, max_step=start)
+        _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        self.resumed_from = start if restored is not None else None
+        saved_step = start if restored is not None else None
+
+        step = start
+        status, exit_code = "complete", 0
+        bar = None
+        if step < cfg.steps:
+            self.compile()
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=cfg.steps,
+                initial=step,
+                unit="step",
+                file=sys.stderr,
+                disable=None if self.progress is None else not self.progress,
+                desc=self.label or self.rc.optimizer.name,
+                dynamic_ncols=True,
+                leave=False,
+            )
+        mf = open(metrics_path, "a", encoding="utf-8")
+        try:
+            while step < cfg.steps:
+                if self._signal is not None:
+                    break
+                n = min(self.chunk_len, cfg.steps - step)
+                t0 = time.perf_counter()
+                carry, m = self._compiled(carry, self.train_data, jnp.asarray(n, I32))
+                m = jax.device_get(m)
+                dt = time.perf_counter() - t0
+                train_time += dt
+                bad = np.flatnonzero(m["bad"][:n])
+                halted = bool(len(bad)) and cfg.nonfinite == "stop"
+                last = int(bad[0]) if halted else n - 1
+                new_step = step + last + 1
+                window = m["loss"][: last + 1]
+                row = {
+                    "step": new_step,
+                    "loss": _clean(m["loss"][last]),
+                    "loss_mean": _clean(np.mean(window)) if not halted else None,
+                    "grad_norm": _clean(m["grad_norm"][last]),
+                    "update_norm": _clean(m["update_norm"][last]),
+                    "param_norm": _clean(m["param_norm"][last]),
+                    "lr": _clean(m["lr"][last]),
+                    "step_time": dt / n,
+                    "time": train_time,
+                    "nonfinite": int(self._count(carry, "nonfinite")),
+                }
+                if halted:
+                    mf.write(json.dumps(row) + "\n")
+                    mf.flush()
+                    status, exit_code = "nonfinite", NonFiniteError.exit_code
+                    step = new_step - 1
+                    break
+                step = new_step
+                at_end = step >= cfg.steps
+                if self.eval_data is not None and (
+                    at_end
+                    or (cfg.eval_every and step // cfg.eval_every > (step - n) // cfg.eval_every)
+                ):
+                    row.update(self.evaluate(carry["params"]))
+                mf.write(json.dumps(row) + "\n")
+                mf.flush()
+                if bar is not None:
+                    bar.update(n)
+                    bar.set_postfix(
+                        loss=f"{row['loss_mean']:.4g}" if row["loss_mean"] is not None else "nan",
+                        refresh=False,
+                    )
+                every = cfg.checkpoint.every
+                if at_end or step // every > (step - n) // every:
+                    ckpt.save(step, carry, {"step": step, "train_time": train_time})
+                    saved_step = step
+            if self._signal is not None and step < cfg.steps:
+                status = "interrupted"
+                exit_code = 128 + int(self._signal)
+                if saved_step != step:
+                    ckpt.save(step, carry, {"step": step, "train_time": train_time})
+                    saved_step = step
+        finally:
+            mf.close()
+            if bar is not None:
+                bar.close()
+
+        if status == "complete":
+            self._save_params(carry["params"])
+        summary = self.write_summary(status, step, saved_step)
+        if status == "nonfinite":
+            where = (
+                f"last good checkpoint: step {saved_step}"
+                if saved_step is not None
+                else "no checkpoint was saved"
+            )
+            raise NonFiniteError(
+                f"non-finite loss or update at step {step + 1} (nonfinite: stop); training "
+                f"stopped, {where} in {self.run_dir}.\nLower the learning rate, set "
+                "optimizer.clip_grad_norm, or set nonfinite=skip."
+            )
+        if status == "interrupted":
+            print(
+                f"interrupted by signal {self._signal}: checkpoint saved at step {step} in "
+                f"{self.run_dir}; run the same command again to resume.",
+                file=sys.stderr,
+            )
+        self.final_carry = carry
+        return RunResult(status, exit_code, step, summary)
+
+    @staticmethod
+    def _count(carry: dict[str, Any], name: str) -> int:
+        return int(jax.device_get(carry[name]))
+
+    def _save_params(self, params: Any) -> None:
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        arrays = {jax.tree_util.keystr(p).lstrip("."): np.asarray(v) for p, v in flat}
+        tmp = self.run_dir / ".params.tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.run_dir / "params.npz")
+
+    # ------------------------------------------------------------------ summary
+
+    def write_summary(self, status: str, step: int, saved_step: int | None) -> dict[str, Any]:
+        rc = self.rc
+        rows = read_metrics(self.run_dir / "metrics.jsonl")
+        last = rows[-1] if rows else {}
+        evals = [r for r in rows if "eval_loss" in r]
+        train_time = float(last.get("time", 0.0))
+        summary: dict[str, Any] = {
+            "status": status,
+            "task": rc.task_spec.name,
+            "model": rc.model_name,
+            "optimizer": rc.optimizer.name,
+            "learning_rate": rc.optimizer.learning_rate,
+            "schedule": rc.optimizer.schedule,
+            "steps": step,
+            "steps_requested": rc.run.steps,
+            "batch_size": self.batch_size,
+            "num_params": self.n_params,
+            "final_loss": last.get("loss"),
+            "final_loss_mean": last.get("loss_mean"),
+            "train_time_s": train_time,
+            "compile_time_s": self.compile_time,
+            "mean_step_time_s": train_time / step if step else None,
+            "nonfinite_steps": last.get("nonfinite", 0),
+            "last_checkpoint_step": saved_step,
+            "resumed_from_step": getattr(self, "resumed_from", None),
+        }
+        if evals:
+            for k, v in evals[-1].items():
+                if k.startswith("eval_"):
+                    summary[f"final_{k}"] = v
+            losses = [r["eval_loss"] for r in evals if r["eval_loss"] is not None]
+            if losses:
+                summary["best_eval_loss"] = min(losses)
+        _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.plots and rows:
+            from jaxopt2.experiment.plots import plot_run
+
+            title = f"{rc.task_spec.name} / {rc.model_name} / {rc.optimizer.name}"
+            plot_run(rows, self.run_dir / "loss.png", title)
+        if self.stream is not None and status != "nonfinite":
+            print(format_summary(summary, self.run_dir), file=self.stream)
+        return summary
+
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def format_summary(s: dict[str, Any], run_dir: Path) -> str:
+    lr = s.get("learning_rate")
+    head = f"{s['task']} / {s['model']} / {s['optimizer']}"
+    if lr is not None:
+        head += f" (lr {lr:g}, {s['schedule']})"
+    lines = [f"jaxopt2 run: {head} — {s['status']}"]
+    steps = f"{s['steps']}/{s['steps_requested']}"
+    if s.get("resumed_from_step"):
+        steps += f" (resumed from step {s['resumed_from_step']})"
+    lines.append(f"  steps       {steps}, batch {s['batch_size']}, {s['num_params']} params")
+    lines.append(
+        f"  train loss  {_fmt(s['final_loss'])} (last-window mean {_fmt(s['final_loss_mean'])})"
+    )
+    ev = [
+        f"{k[len('final_eval_') :]} {_fmt(v)}" for k, v in s.items() if k.startswith("final_eval_")
+    ]
+    if ev:
+        lines.append("  eval        " + ", ".join(ev))
+    if s.get("nonfinite_steps"):
+        lines.append(f"  non-finite  {s['nonfinite_steps']} steps skipped")
+    mst = s.get("mean_step_time_s")
+    timing = f"{s['train_time_s']:.2f} s training"
+    if s.get("compile_time_s"):
+        timing += f" + {s['compile_time_s']:.2f} s compile"
+    if mst:
+        timing += f"; {mst * 1e3:.3f} ms/step ({1 / mst:.0f} steps/s)"
+    lines.append(f"  time        {timing}")
+    lines.append(f"  run dir     {run_dir}  (summary.json, metrics.jsonl, loss.png, checkpoints/)")
+    return "\n".join(lines)
+
+
+def run_config(
+    rc: ResolvedConfig,
+    run_dir: Path,
+    *,
+    overwrite: bool = False,
+    handle_signals: bool = False,
+    progress: bool | None = None,
+    stream: TextIO | str | None = "stdout",
+    label: str = "",
+    on_trainer: Callable[[Trainer], None] | None = None,
+) -> RunResult:
+    """Prepare the run directory and train (resuming when it holds the same config)."""
+    prepare_run_dir(run_dir, rc, overwrite=overwrite)
+    trainer = Trainer(rc, run_dir, progress=progress, stream=stream, label=label)
+    if on_trainer is not None:
+        on_trainer(trainer)
+    return trainer.train(handle_signals=handle_signals)
+
+
+__all__ += ["ConfigError", "format_summary", "run_config"]

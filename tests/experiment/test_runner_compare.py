@@ -1,0 +1,65 @@
+"""`jaxopt2 compare`: same task under several optimizers -> overlay plot and tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxopt2.cli import main
+from jaxopt2.experiment.compare import parse_optimizers
+from jaxopt2.experiment.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_parse_optimizers():
+    assert parse_optimizers("adam, sgd:0.1") == [("adam", None), ("sgd", 0.1)]
+    with pytest.raises(ConfigError):
+        parse_optimizers("sgd:fast")
+
+
+def test_compare_writes_plot_and_tables(tmp_path, capsys):
+    out_dir = tmp_path / "cmp"
+    rc = main(
+        [
+            "compare",
+            "quickstart",
+            "--optimizers",
+            "adam,sgd:0.1",
+            "steps=20",
+            "log_every=5",
+            "model.hidden=[16]",
+            "--run-dir",
+            str(out_dir),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "| optimizer |" in stdout
+    assert (out_dir / "compare.png").stat().st_size > 0
+    assert "| adam |" in (out_dir / "compare.md").read_text()
+    data = json.loads((out_dir / "compare.json").read_text())
+    rows = {r["optimizer"]: r for r in data["results"]}
+    assert set(rows) == {"adam", "sgd:0.1"}
+    # the default target is the worst final loss: everyone reaches it, the worst at the end
+    assert data["target_loss"] == max(r["final_loss"] for r in rows.values())
+    for r in rows.values():
+        assert r["status"] == "complete" and r["steps"] == 20
+        assert r["steps_to_target"] is not None and r["seconds_to_target"] is not None
+        assert r["mean_step_time_ms"] > 0
+    assert rows["sgd:0.1"]["learning_rate"] == 0.1
+    # same initialization and batches: the sub-runs differ only in the optimizer section
+    a = (out_dir / "adam" / "config.yaml").read_text().split("optimizer:")[0]
+    b = (out_dir / "sgd_lr0.1" / "config.yaml").read_text().split("optimizer:")[0]
+    assert a == b
+
+
+def test_compare_rejects_unknown_optimizer(tmp_path, capsys):
+    rc = main(
+        ["compare", "quickstart", "--optimizers", "adam,nope", "--run-dir", str(tmp_path / "c")]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3

@@ -1,0 +1,167 @@
+"""Exact resume of real processes: SIGKILL mid-run, then rerun -> bitwise the same parameters
+as an uninterrupted run; SIGTERM -> checkpoint, exit 143, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+CONFIG = """\
+steps: 6000
+seed: 3
+batch_size: 64
+log_every: 10
+eval_every: 2000
+task: {name: digits_classifier}
+model: {name: mlp, hidden: [32, 32]}
+optimizer: {name: adam, learning_rate: 3.0e-3, schedule: cosine}
+checkpoint: {every: 200, keep: 2}
+"""
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _start(cfg: Path, run_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jaxopt2",
+            "run",
+            str(cfg),
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+        ],
+        cwd=cfg.parent,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _last_step(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError):
+            continue
+    return 0
+
+
+def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120):
+    t0 = time.monotonic()
+    while _last_step(run_dir) < step:
+        assert proc.poll() is None, f"run ended early: {proc.communicate()}"
+        assert time.monotonic() - t0 < timeout, "run made no progress"
+        time.sleep(0.01)
+
+
+def _params(run_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(run_dir / "params.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def _assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype == np.float32
+        assert np.array_equal(a[k].view(np.uint32), b[k].view(np.uint32)), k
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("resume")
+    cfg = base / "resume.yaml"
+    cfg.write_text(CONFIG)
+    ref_dir = base / "reference"
+    ref = _start(cfg, ref_dir)  # the uninterrupted run, alongside the interrupted ones
+    yield cfg, base, ref, ref_dir
+    if ref.poll() is None:
+        ref.kill()
+
+
+def _reference(setup) -> dict[str, np.ndarray]:
+    _, _, ref, ref_dir = setup
+    _, err = ref.communicate(timeout=240)
+    assert ref.returncode == 0, err
+    return _params(ref_dir)
+
+
+def _check_metrics(run_dir: Path) -> None:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(10, 6001, 10))  # no gaps, no duplicates
+
+
+def test_sigkill_then_rerun_is_bitwise_identical(setup):
+    cfg, base, _, _ = setup
+    run_dir = base / "killed"
+    proc = _start(cfg, run_dir)
+    _wait_for_step(proc, run_dir, 450)  # past the checkpoints at 200 and 400
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = _last_step(run_dir)
+    assert 450 <= killed_at < 6000
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] >= 400
+    # a half-written checkpoint (what orbax leaves when killed mid-write) is never picked up
+    (run_dir / "checkpoints" / "6000.orbax-checkpoint-tmp-1234").mkdir()
+    rerun = _start(cfg, run_dir)
+    out, err = rerun.communicate(timeout=240)
+    assert rerun.returncode == 0, err
+    assert "resumed from step" in out
+    _check_metrics(run_dir)
+    _assert_bitwise_equal(_params(run_dir), _reference(setup))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(setup):
+    from jaxopt2.experiment.checkpoint import Checkpointer
+    from jaxopt2.experiment.config import load_config
+    from jaxopt2.experiment.trainer import Trainer
+
+    cfg, base, _, _ = setup
+    run_dir = base / "terminated"
+    proc = _start(cfg, run_dir)
+    _wait_for_step(proc, run_dir, 250)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "resume" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    stopped = summary["steps"]
+    assert 250 <= stopped < 6000 and summary["last_checkpoint_step"] == stopped
+    assert _last_step(run_dir) == stopped
+    # the checkpoint loads into a fresh state of the same config
+    rc, _ = load_config(str(cfg))
+    like = Trainer(rc, run_dir, progress=False, stream=None).init_carry
+    ck = Checkpointer(run_dir / "checkpoints", keep=2)
+    state, meta = ck.restore(like)
+    ck.close()
+    assert meta["step"] == stopped and int(state["step"]) == stopped
+    # and the same command finishes the run, bitwise equal to the uninterrupted one
+    rerun = _start(cfg, run_dir)
+    _, err = rerun.communicate(timeout=240)
+    assert rerun.returncode == 0, err
+    _check_metrics(run_dir)
+    _assert_bitwise_equal(_params(run_dir), _reference(setup))
