@@ -1,4 +1,4 @@
-"""The ``jaxopt2`` command line: ``run``, ``compare`` and ``list``.
+"""The ``jaxopt2`` command line: ``run``, ``compare``, ``spectrum`` and ``list``.
 
 Exit codes: 0 success; 2 a user error (bad config, arguments, missing file, run-dir
 conflict), reported in at most three lines on stderr without a traceback; 3 training stopped
@@ -29,6 +29,32 @@ each optimizer runs with its registry defaults plus the config's learning rate a
   jaxopt2 compare quickstart --optimizers adam,sgd:0.1,lion:3e-4 steps=1000"""
 
 
+_EPILOG_SPECTRUM = """\
+  jaxopt2 spectrum runs/quickstart                  # the run's latest checkpoint
+  jaxopt2 spectrum task_quadratic task.dim=50       # a config's initial parameters
+  jaxopt2 spectrum runs/quickstart --batches 4 --top-k 10 --out spectra/q"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _batches(text: str) -> str | int:
+    return "full" if text.strip().lower() == "full" else _positive_int(text)
+
+
+_EPILOG_SWEEP = """\
+KEY=V1,V2,... is a grid axis (numeric optimizer hyperparameters, or seed); KEY=VALUE an override.
+  jaxopt2 sweep quickstart optimizer.learning_rate=1e-4,1e-3,1e-2 seed=0,1,2 steps=500
+  jaxopt2 sweep opt_adam optimizer.learning_rate=1e-3,1e-2 optimizer.b1=0.8,0.9,0.95"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports errors in one line (plus a hint) instead of the usage block."""
 
@@ -41,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="jaxopt2",
         description="Train and compare jaxopt2 optimizers on small offline tasks.",
     )
-    sub = p.add_subparsers(dest="command", metavar="{run,compare,list}", parser_class=_Parser)
+    sub = p.add_subparsers(
+        dest="command", metavar="{run,compare,sweep,spectrum,list}", parser_class=_Parser
+    )
     sub.required = True
 
     r = sub.add_parser(
@@ -101,6 +129,64 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    s = sub.add_parser(
+        "spectrum",
+        help="Hessian spectrum (top-k, trace, density) of a run's checkpoint or a config",
+        epilog=_EPILOG_SPECTRUM,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Top-k Hessian eigenvalues, Hutchinson trace and SLQ spectral density of "
+        "the training loss at a run's latest checkpoint (RUN_DIR) or at a config's initial "
+        "parameters (CONFIG); writes spectrum.json and spectrum.png.",
+    )
+    s.add_argument("source", metavar="RUN_DIR|CONFIG", help="run directory, YAML file or name")
+    s.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", default=[], help="overrides (CONFIG only)"
+    )
+    s.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="default 5")
+    s.add_argument(
+        "--trace-probes", type=_positive_int, default=100, metavar="N", help="default 100"
+    )
+    s.add_argument(
+        "--density-iters", type=_positive_int, default=60, metavar="N", help="Lanczos steps (60)"
+    )
+    s.add_argument(
+        "--density-probes", type=_positive_int, default=8, metavar="N", help="SLQ probes (8)"
+    )
+    s.add_argument(
+        "--batches",
+        default="full",
+        metavar="full|N",
+        type=_batches,
+        help="loss on the whole training set (default) or on the run's first N batches",
+    )
+    s.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="output dir (default: the run dir; for a config runs/<stem>-spectrum)",
+    )
+
+    w = sub.add_parser(
+        "sweep",
+        help="train a grid of numeric hyperparameters x seeds in one compiled program",
+        epilog=_EPILOG_SWEEP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train every member of a grid over numeric hyperparameters and seeds "
+        "(key=v1,v2,...) in one vmapped program; write results.md/json, metrics.jsonl and "
+        "sweep.png.",
+    )
+    w.add_argument("config", metavar="CONFIG", help="YAML file or bundled config name")
+    w.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=V1,V2,...|KEY=VALUE",
+        default=[],
+        help="grid axes and dotted config overrides",
+    )
+    w.add_argument("--run-dir", metavar="DIR", type=Path, help="default: runs/<config stem>-sweep")
+    w.add_argument("--overwrite", action="store_true", help="replace a different sweep's dir")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     sub.add_parser(
         "list",
         help="list tasks, models, optimizers and bundled configs",
@@ -145,6 +231,35 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _cmd_spectrum(args: argparse.Namespace) -> int:
+    from jaxopt2.experiment.spectrum import run_spectrum
+
+    run_spectrum(
+        args.source,
+        args.overrides,
+        out=args.out,
+        top_k=args.top_k,
+        trace_probes=args.trace_probes,
+        density_iters=args.density_iters,
+        density_probes=args.density_probes,
+        batches=args.batches,
+    )
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from jaxopt2.experiment.sweep import sweep
+
+    result = sweep(
+        args.config,
+        args.overrides,
+        args.run_dir,
+        overwrite=args.overwrite,
+        progress=False if args.no_progress else None,
+    )
+    return result.exit_code
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from jaxopt2.experiment.listing import listing
 
@@ -168,7 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + [a for a in extra if a not in unknown]
     from jaxopt2.experiment.errors import UserError
 
-    handler = {"run": _cmd_run, "compare": _cmd_compare, "list": _cmd_list}[args.command]
+    handler = {
+        "run": _cmd_run,
+        "compare": _cmd_compare,
+        "list": _cmd_list,
+        "spectrum": _cmd_spectrum,
+        "sweep": _cmd_sweep,
+    }[args.command]
     try:
         return handler(args)
     except UserError as e:

@@ -34,16 +34,18 @@ def _to_saveable(x: Any) -> Any:
 class Checkpointer:
     """Save / restore a training-state pytree under ``directory`` (one subdirectory per step)."""
 
-    def __init__(self, directory: Path | str, keep: int):
+    def __init__(self, directory: Path | str, keep: int, *, read_only: bool = False):
+        """`read_only`: only list and restore (creates, cleans and deletes nothing)."""
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self._read_only = read_only
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            create=True,
+            create=not read_only,
             enable_async_checkpointing=False,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -51,6 +53,8 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        if self._read_only:
+            raise RuntimeError("this Checkpointer was opened read-only")
         ocp = self._ocp
         leaves = jax.tree.leaves(state)
         item = {"leaves": {f"{i:05d}": _to_saveable(x) for i, x in enumerate(leaves)}}

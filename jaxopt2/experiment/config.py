@@ -13,6 +13,8 @@ A config has top-level run settings and three named sections::
     model: {name: mlp, hidden: [128, 128], activation: tanh}
     optimizer: {name: adam, learning_rate: 1e-3, schedule: constant, ...optimizer arguments}
     checkpoint: {every: 500, keep: 2}
+    diagnostics: {every: 0, top_k: 1, num_iters: 20, trace_probes: 0, grad_share: false,
+                  batch: train_batch}   # curvature logged during training; every: 0 = off
 
 ``optimizer`` holds the runner's fields (:class:`OptimizerConfig`) and, beside them, any
 argument of the registered optimizer's factory (``b1: 0.95``); those are checked against the
@@ -39,6 +41,7 @@ from jaxopt2.experiment.errors import ConfigError
 __all__ = [
     "SCHEDULES",
     "CheckpointConfig",
+    "DiagnosticsConfig",
     "OptimizerConfig",
     "ResolvedConfig",
     "RunConfig",
@@ -50,12 +53,33 @@ __all__ = [
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear")
 NONFINITE = ("stop", "skip")
+DIAGNOSTIC_BATCHES = ("train_batch", "full")
 
 
 @dataclasses.dataclass
 class CheckpointConfig:
     every: int = 500  # save every N steps (at the first chunk boundary past each multiple)
     keep: int = 2  # keep the K most recent checkpoints
+
+
+@dataclasses.dataclass
+class DiagnosticsConfig:
+    """Curvature diagnostics logged into metrics.jsonl during training (off by default).
+
+    At the first chunk boundary at or past every multiple of ``every`` steps (and at the end),
+    the run logs ``sharpness`` (the top Hessian eigenvalue, by Lanczos), optionally ``trace``
+    and ``trace_stderr`` (Hutchinson) and ``grad_topk_share`` (the fraction of the gradient's
+    squared norm in the top-k eigenspace), on the batch the next step trains on
+    (``train_batch``) or on the whole training set (``full``). A disabled section is left out
+    of the resolved config, so configs without it resolve (and resume) as before.
+    """
+
+    every: int = 0  # 0: off
+    top_k: int = 1  # eigenvalues computed; sharpness is the largest
+    num_iters: int = 20  # Lanczos steps (clamped to the number of parameters)
+    trace_probes: int = 0  # Hutchinson probes for the trace; 0: no trace
+    grad_share: bool = False  # log grad_topk_share
+    batch: str = "train_batch"  # train_batch | full
 
 
 @dataclasses.dataclass
@@ -71,6 +95,7 @@ class RunConfig:
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     optimizer: dict[str, Any] = dataclasses.field(default_factory=dict)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
 
 
 @dataclasses.dataclass
@@ -253,6 +278,23 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_diagnostics(d: DiagnosticsConfig) -> None:
+    _check(d.every >= 0, f"diagnostics.every must be >= 0 (0: off), got {d.every}")
+    _check(d.top_k >= 1, f"diagnostics.top_k must be >= 1, got {d.top_k}")
+    _check(
+        d.num_iters >= d.top_k,
+        f"diagnostics.num_iters ({d.num_iters}) must be >= diagnostics.top_k ({d.top_k})",
+    )
+    _check(
+        d.trace_probes == 0 or d.trace_probes >= 2,
+        f"diagnostics.trace_probes must be 0 (no trace) or >= 2, got {d.trace_probes}",
+    )
+    _check(
+        d.batch in DIAGNOSTIC_BATCHES,
+        f"diagnostics.batch must be one of {', '.join(DIAGNOSTIC_BATCHES)}, got {d.batch!r}",
+    )
+
+
 def resolve(raw: Any) -> ResolvedConfig:
     """Validate a raw (untyped) config mapping into a :class:`ResolvedConfig`."""
     from jaxopt2.optimizers import registry
@@ -270,6 +312,7 @@ def resolve(raw: Any) -> ResolvedConfig:
     )
     _check(top.checkpoint.every >= 1, f"checkpoint.every must be >= 1, got {top.checkpoint.every}")
     _check(top.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {top.checkpoint.keep}")
+    _check_diagnostics(top.diagnostics)
 
     # task
     task_raw = _section(top, "task")
@@ -370,6 +413,8 @@ def resolve(raw: Any) -> ResolvedConfig:
         },
         "checkpoint": dataclasses.asdict(top.checkpoint),
     }
+    if top.diagnostics.every > 0:  # disabled: left out, so older run dirs still resume
+        data["diagnostics"] = dataclasses.asdict(top.diagnostics)
     return ResolvedConfig(top, spec, task_cfg, model_name, model_cfg, opt_cfg, args, data)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "NonFiniteError", "UserError"]
+__all__ = ["ConfigError", "DataFileError", "NonFiniteError", "UserError"]
 
 
 class UserError(Exception):
@@ -16,6 +16,10 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """An invalid config: unknown key, wrong type, unknown name, bad override."""
+
+
+class DataFileError(UserError):
+    """A task's data file is missing or malformed (the message names the file)."""
 
 
 class NonFiniteError(UserError):

@@ -69,6 +69,14 @@ def listing() -> str:
         + _fields(C.OptimizerConfig).replace("name='', ", "")
     )
     lines.append("schedules: " + ", ".join(C.SCHEDULES))
+    lines.append(
+        "diagnostics fields (curvature in metrics.jsonl every N steps; every=0 is off): "
+        + _fields(C.DiagnosticsConfig)
+    )
+    lines.append(
+        "data-file tasks (mnist, fashion_mnist, cifar10: task.data_dir; npz: task.path) read "
+        "files you already have; nothing is downloaded"
+    )
     lines.append("")
     lines.append("bundled configs (jaxopt2 run <name>): " + ", ".join(C.bundled_config_names()))
     return "\n".join(lines)

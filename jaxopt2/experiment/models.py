@@ -56,11 +56,22 @@ class MLPConfig:
 
 @dataclasses.dataclass
 class CNNConfig:
-    """Small convnet on 8x8 images: convs (same padding), 2x2 average pool, linear head."""
+    """Small convnet on square images (8x8 digits, 28x28, 32x32): convs (same padding),
+    2x2 average pool, linear head."""
 
     channels: list[int] = dataclasses.field(default_factory=lambda: [16, 32])
     kernel_size: int = 3
     activation: str = "tanh"
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    """Small pre-LayerNorm transformer on token sequences (modular arithmetic)."""
+
+    d_model: int = 128
+    num_heads: int = 4
+    d_mlp: int = 512
+    num_layers: int = 1
 
 
 @dataclasses.dataclass
@@ -145,9 +156,10 @@ class CNN(eqx.Module):
         out: int,
         *,
         key: jax.Array,
+        in_channels: int = 1,
     ):
         keys = jax.random.split(key, len(channels) + 1)
-        chans = [1, *channels]
+        chans = [in_channels, *channels]
         self.convs = [
             PatchConv(a, b, kernel_size, key=k)
             for a, b, k in zip(chans[:-1], chans[1:], keys[:-1], strict=True)
@@ -159,7 +171,7 @@ class CNN(eqx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         act = _ACTIVATIONS[self.act_name]
-        h = x.reshape(1, self.side, self.side)
+        h = x.reshape(-1, self.side, self.side)  # flat channel-major input
         for conv in self.convs:
             h = act(conv(h))
         c, s, _ = h.shape
@@ -209,9 +221,12 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec("mlp", MLPConfig, "fully connected network (hidden widths, activation)"),
-    "cnn": ModelSpec("cnn", CNNConfig, "small convnet for 8x8 images"),
+    "cnn": ModelSpec("cnn", CNNConfig, "small convnet for square images (channel-major input)"),
     "linear": ModelSpec("linear", LinearConfig, "linear model (regression / logistic)"),
     "vector": ModelSpec("vector", VectorConfig, "a single parameter vector (synthetic)"),
+    "transformer": ModelSpec(
+        "transformer", TransformerConfig, "small transformer on token sequences (modular tasks)"
+    ),
 }
 
 
@@ -229,9 +244,17 @@ def build_mlp(cfg: MLPConfig, n_in: int, n_out: int, key: jax.Array) -> MLP:
     return MLP([n_in, *cfg.hidden, n_out], cfg.activation, key=key)
 
 
-def build_cnn(cfg: CNNConfig, side: int, n_out: int, key: jax.Array) -> CNN:
+def build_cnn(cfg: CNNConfig, side: int, n_out: int, key: jax.Array, in_channels: int = 1) -> CNN:
     activation(cfg.activation)
-    return CNN(side, list(cfg.channels), cfg.kernel_size, cfg.activation, n_out, key=key)
+    return CNN(
+        side,
+        list(cfg.channels),
+        cfg.kernel_size,
+        cfg.activation,
+        n_out,
+        key=key,
+        in_channels=in_channels,
+    )
 
 
 def build_linear(cfg: LinearConfig, n_in: int, n_out: int | None, key: jax.Array) -> Linear:

@@ -78,11 +78,19 @@ def decoupled_weight_decay(
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+def _number(value: Any) -> Any:
+    """``float(value)``; a jax value (a traced sweep hyperparameter) passes through as is."""
+    return value if isinstance(value, jax.Array) else float(value)
+
+
 def make_schedule(cfg: OptimizerConfig, steps: int) -> Callable[[jax.Array], jax.Array] | None:
-    """The learning-rate schedule of a config (``None`` if it has no learning rate)."""
+    """The learning-rate schedule of a config (``None`` if it has no learning rate).
+
+    The peak learning rate may be a traced value (``jaxopt2 sweep``).
+    """
     if cfg.learning_rate is None:
         return None
-    lr = float(cfg.learning_rate)
+    lr = _number(cfg.learning_rate)
     end = lr * cfg.min_lr_ratio
     if cfg.schedule == "constant":
         return optax.constant_schedule(lr)
@@ -92,7 +100,17 @@ def make_schedule(cfg: OptimizerConfig, steps: int) -> Callable[[jax.Array], jax
         return optax.linear_schedule(lr, end, max(steps, 1))
     if cfg.schedule == "warmup_cosine":
         warm = min(cfg.warmup_steps, steps)
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(steps, warm + 1), end)
+        total = max(steps, warm + 1)
+        if isinstance(lr, jax.Array):  # traced: optax's factory branches on `lr == 0`
+            alpha = jnp.where(lr == 0.0, 0.0, end / jnp.where(lr == 0.0, 1.0, lr))
+            return optax.join_schedules(
+                [
+                    optax.linear_schedule(0.0, lr, warm),
+                    optax.cosine_decay_schedule(lr, total - warm, alpha=alpha),
+                ],
+                [warm],
+            )
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warm, total, end)
     raise ConfigError(f"unknown optimizer.schedule {cfg.schedule!r}")
 
 
@@ -115,10 +133,10 @@ def build_optimizer(rc: ResolvedConfig) -> BuiltOptimizer:
     args: dict[str, Any] = dict(rc.optimizer_args)
     sched = make_schedule(cfg, rc.run.steps)
     if cfg.learning_rate is not None:
-        args["learning_rate"] = float(cfg.learning_rate) if cfg.schedule == "constant" else sched
+        args["learning_rate"] = _number(cfg.learning_rate) if cfg.schedule == "constant" else sched
     own_decay = cfg.weight_decay is not None and "weight_decay" in factory_args
     if own_decay:
-        args["weight_decay"] = float(cfg.weight_decay)
+        args["weight_decay"] = _number(cfg.weight_decay)
     try:
         inner = entry.factory(**args)
     except (TypeError, ValueError) as e:
@@ -126,11 +144,12 @@ def build_optimizer(rc: ResolvedConfig) -> BuiltOptimizer:
         raise ConfigError(f"optimizer {cfg.name} rejected its config arguments: {msg}") from None
     parts: list[optax.GradientTransformation] = [observe_grad_norm()]
     if cfg.clip_grad_norm is not None:
-        parts.append(optax.clip_by_global_norm(float(cfg.clip_grad_norm)))
+        parts.append(optax.clip_by_global_norm(_number(cfg.clip_grad_norm)))
     parts.append(inner)
-    if cfg.weight_decay is not None and not own_decay and cfg.weight_decay != 0:
+    wd = cfg.weight_decay
+    if wd is not None and not own_decay and (isinstance(wd, jax.Array) or wd != 0):
         lr_fn = sched if sched is not None else optax.constant_schedule(1.0)
-        parts.append(decoupled_weight_decay(float(cfg.weight_decay), lr_fn))
+        parts.append(decoupled_weight_decay(_number(wd), lr_fn))
     return BuiltOptimizer(
         optax.chain(*parts), sched, cfg.name, entry.needs_value_fn, entry.needs_key
     )

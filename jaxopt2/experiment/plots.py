@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_compare", "plot_run"]
+__all__ = ["plot_compare", "plot_run", "plot_sharpness"]
 
 
 def _pyplot():
@@ -68,6 +68,55 @@ def plot_run(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
         ax.set_title("learning rate")
     ax.set_xlabel("step")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_sharpness(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """sharpness.png: the top Hessian eigenvalue vs step with the stability line 2/lr(t).
+
+    Full-batch gradient descent with step size lr is stable on a quadratic only while the
+    sharpness stays below 2/lr; in practice it rises to that line and hovers there (the edge
+    of stability, Cohen et al. 2021). The line uses each row's learning rate, so it follows a
+    schedule. Panels for the trace and the gradient's top-k share are added when logged.
+    """
+    plt = _pyplot()
+    extra = [k for k in ("trace", "grad_topk_share") if _series(rows, k)[0]]
+    fig, axes = plt.subplots(1, 1 + len(extra), figsize=(6.5 * (1 + len(extra)), 4.2))
+    axes = list(axes) if extra else [axes]
+    ax = axes[0]
+    xs, ys = _series(rows, "sharpness")
+    ax.plot(xs, ys, marker="o", ms=2.5, lw=1, label="sharpness (top Hessian eigenvalue)")
+    lr_rows = [r for r in rows if r.get("sharpness") is not None and r.get("lr")]
+    if lr_rows:
+        ax.plot(
+            [r["step"] for r in lr_rows],
+            [2.0 / r["lr"] for r in lr_rows],
+            color="gray",
+            ls="--",
+            lw=1.2,
+            label="2 / learning rate",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("sharpness")
+    ax.set_title(title or "sharpness")
+    ax.legend()
+    for ax, key in zip(axes[1:], extra, strict=True):
+        xs, ys = _series(rows, key)
+        ax.plot(xs, ys, marker="o", ms=2.5, lw=1, label=key)
+        if key == "trace":
+            _, errs = _series(rows, "trace_stderr")
+            if len(errs) == len(ys):
+                lo = [y - 2 * e for y, e in zip(ys, errs, strict=True)]
+                hi = [y + 2 * e for y, e in zip(ys, errs, strict=True)]
+                ax.fill_between(xs, lo, hi, alpha=0.25, label="± 2 stderr")
+            ax.set_title("Hessian trace (Hutchinson)")
+        else:
+            ax.set_ylim(0, 1.02)
+            ax.set_title("gradient share in the top-k eigenspace")
+        ax.set_xlabel("step")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -15,17 +15,31 @@ Tasks:
 * ``digits_classifier`` — scikit-learn digits, pixels/16, rows permuted with
   ``np.random.default_rng(0)``; first 1437 rows train, last 360 eval; softmax cross-entropy.
   Models: ``mlp`` (64-128-128-10 tanh) or ``cnn``.
+* ``digits_regression`` — the edge-of-stability setup of Cohen et al. (2021): the first
+  ``num_train`` rows of the same training split (default 200), squared loss
+  0.5 mean_batch sum_outputs (f(x) - onehot(y))^2; MLP 64-64-64-10 tanh with weights
+  N(0, 1/fan_in) and zero biases (``init: normal``; ``default`` keeps equinox's init).
+  Evaluation: the 360 evaluation rows (squared loss, accuracy).
 * ``digits_autoencoder`` — same split; MLP 64-512-256-32-256-512-64 tanh with linear output,
   sigmoid cross-entropy summed over the 64 pixels, mean over the batch.
 * ``breast_cancer`` — logistic regression on scikit-learn's breast cancer data
   (permuted with ``default_rng(0)``, 455 train / 114 eval rows, standardized with training
   statistics, plus an intercept column): mean logistic loss + ||w||^2 / (2 n_train) on the
   weights (not the intercept), i.e. scikit-learn's ``LogisticRegression(C=1)`` objective.
+* ``modular_arithmetic`` — grokking (Power et al., 2022): all ``p²`` equations
+  ``a op b = c (mod p)`` as tokens ``[a, b, =]``, a seeded ``train_fraction`` split;
+  softmax cross-entropy over the ``p`` answers; model ``transformer``.
+* Files the user already has (nothing is downloaded; see :mod:`.loaders`): ``mnist`` and
+  ``fashion_mnist`` (the four idx files in ``data_dir``), ``cifar10`` (the python batches in
+  ``data_dir``), ``npz`` (``x_train``, ``y_train``, ``x_test``, ``y_test`` in ``path``; x of
+  any shape, flattened; integer labels). Softmax classifiers on flattened inputs (``mlp``)
+  or, for images, the ``cnn``. A missing or malformed file is a user error naming the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +82,8 @@ class Task:
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     """A registered task: config dataclass, the models it accepts (first = default), the task's
-    own defaults for those models' fields, and ``build(cfg, model_name, model_cfg, key)``."""
+    own defaults for those models' fields, and ``build(cfg, model_name, model_cfg, key)``.
+    ``needs_files``: the task reads data files the user supplies (no config ships for it)."""
 
     name: str
     config_cls: type
@@ -76,6 +91,7 @@ class TaskSpec:
     build: Callable[[Any, str, Any, jax.Array], Task]
     description: str
     model_defaults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    needs_files: bool = False
 
 
 # ----------------------------------------------------------------------------- configs
@@ -110,6 +126,35 @@ class LeastSquaresConfig:
 @dataclasses.dataclass
 class DigitsConfig:
     """The digits split is fixed (see the module docstring); nothing to choose."""
+
+
+@dataclasses.dataclass
+class DigitsRegressionConfig:
+    num_train: int = 200  # the first rows of the fixed training split (0: all 1437)
+    init: str = "normal"  # normal: weights N(0, 1/fan_in), zero biases | default: equinox's
+
+
+@dataclasses.dataclass
+class ModularConfig:
+    p: int = 97  # the modulus (prime for the classic runs)
+    operation: str = "add"  # add | sub | mul
+    train_fraction: float = 0.3  # share of the p² equations used for training
+    data_seed: int = 0  # the train/eval split
+
+
+@dataclasses.dataclass
+class ImageDirConfig:
+    data_dir: str = ""  # the directory holding the dataset's files (required)
+    num_train: int = 0  # use the first N training rows (0: all)
+    num_eval: int = 0  # use the first N evaluation rows (0: all)
+
+
+@dataclasses.dataclass
+class NpzConfig:
+    path: str = ""  # the .npz file with x_train, y_train, x_test, y_test (required)
+    scale: float = 1.0  # multiply x by this (e.g. 0.00392156862745098 = 1/255 for pixels)
+    num_train: int = 0  # use the first N training rows (0: all)
+    num_eval: int = 0  # use the first N evaluation rows (0: all)
 
 
 @dataclasses.dataclass
@@ -255,6 +300,58 @@ def _build_digits_classifier(cfg: DigitsConfig, model_name: str, model_cfg: Any,
     return Task(model, (xtr, ytr), (xev, yev), loss, eval_metrics)
 
 
+def _normal_init(model: eqx.Module, key: jax.Array) -> eqx.Module:
+    """Every ``eqx.nn.Linear`` of `model`: weights N(0, 1/fan_in), biases zero (float32)."""
+
+    def is_linear(m: Any) -> bool:
+        return isinstance(m, eqx.nn.Linear)
+
+    linears = [m for m in jax.tree.leaves(model, is_leaf=is_linear) if is_linear(m)]
+    keys = iter(jax.random.split(key, len(linears)))
+
+    def fresh(m: Any) -> Any:
+        if not is_linear(m):
+            return m
+        fan_in = m.weight.shape[1]
+        w = jax.random.normal(next(keys), m.weight.shape, jnp.float32) / np.sqrt(fan_in)
+        m = eqx.tree_at(lambda lin: lin.weight, m, w.astype(jnp.float32))
+        if m.bias is not None:
+            m = eqx.tree_at(lambda lin: lin.bias, m, jnp.zeros(m.bias.shape, jnp.float32))
+        return m
+
+    return jax.tree.map(fresh, model, is_leaf=is_linear)
+
+
+def _build_digits_regression(
+    cfg: DigitsRegressionConfig, model_name: str, model_cfg: Any, key: jax.Array
+):
+    from jaxopt2.experiment.errors import ConfigError
+
+    _check_choice("task.init", cfg.init, ("normal", "default"))
+    xtr, ytr, xev, yev = _digits_split()
+    if not 0 <= cfg.num_train <= len(xtr):
+        raise ConfigError(
+            f"task.num_train must be in [0, {len(xtr)}] (0: all), got {cfg.num_train}"
+        )
+    n = cfg.num_train or len(xtr)
+    eye = np.eye(10, dtype=F32)
+    ttr, tev = eye[ytr[:n]], eye[yev]
+
+    def loss(model, xb, tb):
+        return 0.5 * jnp.mean(jnp.sum((jax.vmap(model)(xb) - tb) ** 2, axis=-1))
+
+    def eval_metrics(model, xb, tb):
+        out = jax.vmap(model)(xb)
+        acc = jnp.mean((jnp.argmax(out, -1) == jnp.argmax(tb, -1)).astype(jnp.float32))
+        return {"loss": 0.5 * jnp.mean(jnp.sum((out - tb) ** 2, axis=-1)), "accuracy": acc}
+
+    k_model, k_init = jax.random.split(key)
+    model = M.build_mlp(model_cfg, 64, 10, k_model)
+    if cfg.init == "normal":
+        model = _normal_init(model, k_init)
+    return Task(model, (xtr[:n], ttr), (xev, tev), loss, eval_metrics)
+
+
 def _build_digits_autoencoder(cfg: DigitsConfig, model_name: str, model_cfg: Any, key: jax.Array):
     xtr, _, xev, _ = _digits_split()
 
@@ -302,6 +399,165 @@ def _build_breast_cancer(cfg: BreastCancerConfig, model_name: str, model_cfg: An
     return Task(model, (xtr, ytr), (xev, yev), loss, eval_metrics)
 
 
+def _softmax_classifier(
+    model: eqx.Module, data: tuple[np.ndarray, ...], eval_data: tuple[np.ndarray, ...]
+) -> Task:
+    def loss(model, xb, yb):
+        logits = jax.vmap(model)(xb)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    def eval_metrics(model, xb, yb):
+        return _classifier_metrics(_call, model, xb, yb)
+
+    return Task(model, data, eval_data, loss, eval_metrics)
+
+
+def _float32_model(model: eqx.Module) -> eqx.Module:
+    """Floating parameters in float32 (equinox layers follow jax_enable_x64 otherwise)."""
+    return jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, model)
+
+
+def _build_modular(cfg: ModularConfig, model_name: str, model_cfg: Any, key: jax.Array):
+    from jaxopt2.experiment.errors import ConfigError
+    from jaxopt2.experiment.modular import OPERATIONS, ModularTransformer, modular_arithmetic_data
+
+    _check_choice("task.operation", cfg.operation, OPERATIONS)
+    if cfg.p < 2:
+        raise ConfigError(f"task.p must be an integer >= 2, got {cfg.p}")
+    if not 0.0 < cfg.train_fraction < 1.0:
+        raise ConfigError(f"task.train_fraction must lie in (0, 1), got {cfg.train_fraction}")
+    for k in ("d_model", "num_heads", "d_mlp", "num_layers"):
+        _check_positive(f"model.{k}", getattr(model_cfg, k))
+    if model_cfg.d_model % model_cfg.num_heads:
+        raise ConfigError(
+            f"model.d_model ({model_cfg.d_model}) must be a multiple of model.num_heads "
+            f"({model_cfg.num_heads})"
+        )
+    xtr, ytr, xev, yev = modular_arithmetic_data(
+        cfg.p, cfg.operation, cfg.train_fraction, cfg.data_seed
+    )
+    model = ModularTransformer(
+        cfg.p,
+        d_model=model_cfg.d_model,
+        num_heads=model_cfg.num_heads,
+        d_mlp=model_cfg.d_mlp,
+        num_layers=model_cfg.num_layers,
+        key=key,
+    )
+    return _softmax_classifier(_float32_model(model), (xtr, ytr), (xev, yev))
+
+
+def _load(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a loader; its DataError (missing/malformed file) becomes the runner's UserError."""
+    from jaxopt2.experiment.errors import DataFileError
+    from jaxopt2.experiment.loaders import DataError
+
+    try:
+        return fn(*args)
+    except DataError as e:
+        raise DataFileError(f"task {what}: {e}") from None
+
+
+def _required_path(key: str, value: str, what: str) -> str:
+    from jaxopt2.experiment.errors import ConfigError
+
+    if not value:
+        raise ConfigError(f"{key} is required for task {what}: {_DATA_HELP[what]}")
+    return os.path.expanduser(value)
+
+
+_DATA_HELP = {
+    "mnist": "the directory holding train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+    "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (or .gz)",
+    "fashion_mnist": "the directory holding the four Fashion-MNIST idx files (as for mnist)",
+    "cifar10": "the directory holding data_batch_1..5 and test_batch (CIFAR-10 python version)",
+    "npz": "a .npz file with arrays x_train, y_train, x_test, y_test",
+}
+
+
+def _subset(key: str, n: int, total: int) -> int:
+    from jaxopt2.experiment.errors import ConfigError
+
+    if n < 0:
+        raise ConfigError(f"{key} must be >= 0 (0: all), got {n}")
+    return min(n, total) if n else total
+
+
+def _image_classifier(
+    cfg: ImageDirConfig, ds: Any, side: int, channels: int, model_name, model_cfg, key
+) -> Task:
+    """Flattened channel-major images (HWC -> CHW), a softmax classifier over 10 classes."""
+    n_tr = _subset("task.num_train", cfg.num_train, len(ds.x_train))
+    n_ev = _subset("task.num_eval", cfg.num_eval, len(ds.x_eval))
+
+    def flat(x: np.ndarray) -> np.ndarray:
+        if x.ndim == 4:  # [N, H, W, C] -> [N, C*H*W]
+            x = x.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x.reshape(len(x), -1), dtype=F32)
+
+    xtr, ytr = flat(ds.x_train[:n_tr]), ds.y_train[:n_tr].astype(np.int32)
+    xev, yev = flat(ds.x_eval[:n_ev]), ds.y_eval[:n_ev].astype(np.int32)
+    if model_name == "cnn":
+        model = M.build_cnn(model_cfg, side, 10, key, in_channels=channels)
+    else:
+        model = M.build_mlp(model_cfg, xtr.shape[1], 10, key)
+    return _softmax_classifier(model, (xtr, ytr), (xev, yev))
+
+
+def _build_idx(what: str):
+    def build(cfg: ImageDirConfig, model_name: str, model_cfg: Any, key: jax.Array):
+        from jaxopt2.experiment.loaders import load_idx_dataset
+
+        data_dir = _required_path("task.data_dir", cfg.data_dir, what)
+        ds = _load(what, load_idx_dataset, data_dir)
+        return _image_classifier(cfg, ds, 28, 1, model_name, model_cfg, key)
+
+    return build
+
+
+def _build_cifar10(cfg: ImageDirConfig, model_name: str, model_cfg: Any, key: jax.Array):
+    from jaxopt2.experiment.loaders import load_cifar10
+
+    data_dir = _required_path("task.data_dir", cfg.data_dir, "cifar10")
+    ds = _load("cifar10", load_cifar10, data_dir)
+    return _image_classifier(cfg, ds, 32, 3, model_name, model_cfg, key)
+
+
+def _build_npz(cfg: NpzConfig, model_name: str, model_cfg: Any, key: jax.Array):
+    from jaxopt2.experiment.errors import DataFileError
+    from jaxopt2.experiment.loaders import load_npz
+
+    path = _required_path("task.path", cfg.path, "npz")
+    ds = _load("npz", load_npz, path)
+    arrays = {}
+    for name, x, y, n in (
+        ("train", ds.x_train, ds.y_train, cfg.num_train),
+        ("test", ds.x_eval, ds.y_eval, cfg.num_eval),
+    ):
+        if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+            raise DataFileError(
+                f"task npz: {path}: y_{name} must be a 1-D array of integer class labels, got "
+                f"dtype {y.dtype} shape {y.shape}"
+            )
+        if len(y) == 0 or x.ndim < 1:
+            raise DataFileError(f"task npz: {path}: x_{name} / y_{name} are empty")
+        if y.min() < 0:
+            raise DataFileError(f"task npz: {path}: y_{name} has negative labels")
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+            raise DataFileError(f"task npz: {path}: x_{name} has non-numeric dtype {x.dtype}")
+        k = _subset(f"task.num_{'train' if name == 'train' else 'eval'}", n, len(y))
+        xf = (x[:k].reshape(k, -1).astype(np.float64) * cfg.scale).astype(F32)
+        arrays[name] = (xf, y[:k].astype(np.int32))
+    if arrays["train"][0].shape[1] != arrays["test"][0].shape[1]:
+        raise DataFileError(
+            f"task npz: {path}: x_train and x_test rows differ in size "
+            f"({arrays['train'][0].shape[1]} vs {arrays['test'][0].shape[1]} values)"
+        )
+    n_classes = int(max(arrays["train"][1].max(), arrays["test"][1].max())) + 1
+    model = M.build_mlp(model_cfg, arrays["train"][0].shape[1], max(n_classes, 2), key)
+    return _softmax_classifier(model, arrays["train"], arrays["test"])
+
+
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in [
@@ -334,12 +590,60 @@ TASKS: dict[str, TaskSpec] = {
             "scikit-learn digits, 10-way softmax classifier (1437 train / 360 eval)",
         ),
         TaskSpec(
+            "digits_regression",
+            DigitsRegressionConfig,
+            ("mlp",),
+            _build_digits_regression,
+            "digits, squared loss on one-hot targets, small subset: edge of stability demo",
+            model_defaults={"mlp": {"hidden": [64, 64]}},
+        ),
+        TaskSpec(
             "digits_autoencoder",
             DigitsConfig,
             ("mlp",),
             _build_digits_autoencoder,
             "scikit-learn digits, deep MLP autoencoder, sigmoid cross-entropy",
             model_defaults={"mlp": {"hidden": [512, 256, 32, 256, 512]}},
+        ),
+        TaskSpec(
+            "modular_arithmetic",
+            ModularConfig,
+            ("transformer",),
+            _build_modular,
+            "grokking: (a op b) mod p with a small transformer, train on a fraction of pairs",
+        ),
+        TaskSpec(
+            "mnist",
+            ImageDirConfig,
+            ("mlp", "cnn"),
+            _build_idx("mnist"),
+            "MNIST from your idx files in data_dir ({train,t10k}-{images-idx3,labels-idx1}"
+            "-ubyte[.gz])",
+            needs_files=True,
+        ),
+        TaskSpec(
+            "fashion_mnist",
+            ImageDirConfig,
+            ("mlp", "cnn"),
+            _build_idx("fashion_mnist"),
+            "Fashion-MNIST from your idx files in data_dir (same names as MNIST)",
+            needs_files=True,
+        ),
+        TaskSpec(
+            "cifar10",
+            ImageDirConfig,
+            ("mlp", "cnn"),
+            _build_cifar10,
+            "CIFAR-10 from your python batches in data_dir (data_batch_1..5, test_batch)",
+            needs_files=True,
+        ),
+        TaskSpec(
+            "npz",
+            NpzConfig,
+            ("mlp",),
+            _build_npz,
+            "your .npz file (path): x_train, y_train, x_test, y_test; x flattened, integer y",
+            needs_files=True,
         ),
         TaskSpec(
             "breast_cancer",

@@ -40,7 +40,15 @@ from jaxopt2.experiment.errors import ConfigError, NonFiniteError, UserError
 from jaxopt2.experiment.optim import build_optimizer, global_norm
 from jaxopt2.optimizers.contract import value_and_update
 
-__all__ = ["RunResult", "Trainer", "prepare_run_dir", "read_metrics"]
+__all__ = [
+    "RunResult",
+    "Trainer",
+    "batch_at",
+    "epoch_order",
+    "prepare_run_dir",
+    "read_metrics",
+    "train_step",
+]
 
 F32 = jnp.float32
 I32 = jnp.int32
@@ -129,6 +137,51 @@ def _clean(v: Any) -> Any:
     return v
 
 
+# ----------------------------------------------------------------------------- step pieces
+# Pure functions of the training step, shared with `jaxopt2 sweep` (which vmaps them over
+# grid members), so a sweep member computes exactly what a run computes.
+
+
+def epoch_order(data_key: jax.Array, step: jax.Array, steps_per_epoch: int, n_rows: int):
+    """The row order of the epoch that `step` is in: a function of the data key and epoch."""
+    epoch = step // steps_per_epoch
+    return jax.random.permutation(jax.random.fold_in(data_key, epoch), n_rows).astype(I32)
+
+
+def batch_at(
+    data: tuple[jax.Array, ...],
+    perm: jax.Array,
+    step: jax.Array,
+    batch_size: int,
+    steps_per_epoch: int,
+) -> tuple[jax.Array, ...]:
+    """The rows of `data` that `step` trains on, given its epoch's order `perm`."""
+    pos = step % steps_per_epoch
+    idx = jax.lax.dynamic_slice_in_dim(perm, pos * batch_size, batch_size)
+    return tuple(jnp.take(a, idx, axis=0) for a in data)
+
+
+def train_step(
+    tx: optax.GradientTransformation,
+    loss_fn: Callable[..., jax.Array],
+    params: Any,
+    opt_state: Any,
+    batch: tuple[jax.Array, ...],
+    key: jax.Array,
+) -> tuple[jax.Array, Any, Any, Any, jax.Array]:
+    """One optimizer step: ``(loss, updates, new_params, new_opt_state, finite)``.
+
+    ``finite`` says whether the loss and every update are finite (the caller decides what
+    to keep).
+    """
+    loss, updates, new_opt = value_and_update(tx, loss_fn, params, opt_state, *batch, key=key)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.all(
+        jnp.array([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)])
+    )
+    return loss, updates, new_params, new_opt, finite
+
+
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -179,6 +232,7 @@ class Trainer:
 
         key = jax.random.PRNGKey(cfg.seed)
         k_model, self._k_data, self._k_opt = (jax.random.fold_in(key, i) for i in range(3))
+        self._k_diag = jax.random.fold_in(key, 3)  # curvature diagnostics (own stream)
         task = rc.task_spec.build(rc.task, rc.model_name, rc.model, k_model)
         self.task = task
         params, self._static = eqx.partition(task.model, eqx.is_inexact_array)
@@ -204,6 +258,8 @@ class Trainer:
         }
         self._compiled = None
         self._compiled_eval = None
+        self._compiled_diag = None
+        self.diag_trace_count = 0
         self.compile_time = 0.0
 
     # ------------------------------------------------------------------ the jitted program
@@ -213,10 +269,7 @@ class Trainer:
 
     def _perm(self, step: jax.Array) -> jax.Array:
         """The row order of the epoch that `step` is in (a function of seed and epoch only)."""
-        epoch = step // self.steps_per_epoch
-        return jax.random.permutation(
-            jax.random.fold_in(self._k_data, epoch), self.task.n_train
-        ).astype(I32)
+        return epoch_order(self._k_data, step, self.steps_per_epoch, self.task.n_train)
 
     def _batch(
         self, data: tuple[jax.Array, ...], step: jax.Array, perm: jax.Array | None = None
@@ -226,10 +279,7 @@ class Trainer:
             return data
         if perm is None:
             perm = self._perm(step)
-        bs = self.batch_size
-        pos = step % self.steps_per_epoch
-        idx = jax.lax.dynamic_slice_in_dim(perm, pos * bs, bs)
-        return tuple(jnp.take(a, idx, axis=0) for a in data)
+        return batch_at(data, perm, step, self.batch_size, self.steps_per_epoch)
 
     def _chunk(self, carry: dict[str, Any], data: tuple[jax.Array, ...], n_active: jax.Array):
         self.trace_count += 1
@@ -248,12 +298,8 @@ class Trainer:
                 )
             batch = self._batch(data, step, perm)
             key = jax.random.fold_in(self._k_opt, step)
-            loss, updates, new_opt = value_and_update(
-                tx, self.loss_fn, c["params"], c["opt_state"], *batch, key=key
-            )
-            new_params = optax.apply_updates(c["params"], updates)
-            finite = jnp.isfinite(loss) & jnp.all(
-                jnp.array([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)])
+            loss, updates, new_params, new_opt, finite = train_step(
+                tx, self.loss_fn, c["params"], c["opt_state"], batch, key
             )
             ok = active & finite
             bad = active & ~finite
@@ -293,6 +339,51 @@ class Trainer:
         model = eqx.combine(params, self._static)
         return {k: jnp.asarray(v, F32) for k, v in self.task.eval_metrics(model, *data).items()}
 
+    def _diagnostics(
+        self, params: Any, data: tuple[jax.Array, ...], step: jax.Array
+    ) -> dict[str, jax.Array]:
+        """Curvature diagnostics at `params` (config section ``diagnostics``), one program.
+
+        It runs on the host's schedule, outside the fused train step, so that step stays the
+        same program (and as fast) whether diagnostics are on or off.
+        """
+        from jaxopt2.experiment.diagnostics import curvature_metrics
+
+        self.diag_trace_count += 1
+        d = self.rc.run.diagnostics
+        batch = data if d.batch == "full" else self._batch(data, step)
+
+        def value_fn(p):
+            return self.loss_fn(p, *batch)
+
+        grad = jax.grad(value_fn)(params) if d.grad_share else None
+        out = curvature_metrics(
+            value_fn,
+            params,
+            jax.random.fold_in(self._k_diag, step),
+            top_k=d.top_k,
+            num_iters=min(d.num_iters, self.n_params),
+            trace_probes=d.trace_probes,
+            grad=grad,
+        )
+        return {k: jnp.asarray(v, F32) for k, v in out.items()}
+
+    def diagnose(self, params: Any, step: int) -> dict[str, Any]:
+        """The diagnostics row fields at `params` (the state after `step` steps)."""
+        if self._compiled_diag is None:
+            return {}
+        t0 = time.perf_counter()
+        out = jax.device_get(self._compiled_diag(params, self.train_data, jnp.asarray(step, I32)))
+        row: dict[str, Any] = {}
+        for k, v in out.items():
+            if k == "top_eigenvalues":
+                if self.rc.run.diagnostics.top_k > 1:
+                    row[k] = [_clean(float(x)) for x in np.asarray(v)]
+            else:
+                row[k] = _clean(float(v))
+        row["diag_time"] = time.perf_counter() - t0
+        return row
+
     def compile(self) -> None:
         """Compile the fused train step (and the evaluation) once; idempotent."""
         if self._compiled is not None:
@@ -305,6 +396,18 @@ class Trainer:
         if self.eval_data is not None:
             self._compiled_eval = (
                 jax.jit(self._eval).lower(self.init_carry["params"], self.eval_data).compile()
+            )
+        d = self.rc.run.diagnostics
+        if d.every > 0:
+            if d.top_k > self.n_params:
+                raise ConfigError(
+                    f"diagnostics.top_k ({d.top_k}) exceeds the number of parameters "
+                    f"({self.n_params})"
+                )
+            self._compiled_diag = (
+                jax.jit(self._diagnostics)
+                .lower(self.init_carry["params"], self.train_data, jnp.asarray(0, I32))
+                .compile()
             )
         self.compile_time = time.perf_counter() - t0
 
@@ -416,6 +519,9 @@ class Trainer:
                     or (cfg.eval_every and step // cfg.eval_every > (step - n) // cfg.eval_every)
                 ):
                     row.update(self.evaluate(carry["params"]))
+                d_every = cfg.diagnostics.every
+                if d_every and (at_end or step // d_every > (step - n) // d_every):
+                    row.update(self.diagnose(carry["params"], step))
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
                 if bar is not None:
@@ -508,12 +614,23 @@ class Trainer:
             losses = [r["eval_loss"] for r in evals if r["eval_loss"] is not None]
             if losses:
                 summary["best_eval_loss"] = min(losses)
+        sharp = [r for r in rows if r.get("sharpness") is not None]
+        if sharp:
+            summary["final_sharpness"] = sharp[-1]["sharpness"]
+            lr = sharp[-1].get("lr")
+            if rc.optimizer.schedule == "constant":
+                lr = rc.optimizer.learning_rate
+            summary["final_stability_threshold"] = 2.0 / lr if lr else None
         _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         if self.plots and rows:
             from jaxopt2.experiment.plots import plot_run
 
             title = f"{rc.task_spec.name} / {rc.model_name} / {rc.optimizer.name}"
             plot_run(rows, self.run_dir / "loss.png", title)
+            if any(r.get("sharpness") is not None for r in rows):
+                from jaxopt2.experiment.plots import plot_sharpness
+
+                plot_sharpness(rows, self.run_dir / "sharpness.png", title)
         if self.stream is not None and status != "nonfinite":
             print(format_summary(summary, self.run_dir), file=self.stream)
         return summary
@@ -541,6 +658,12 @@ def format_summary(s: dict[str, Any], run_dir: Path) -> str:
     ]
     if ev:
         lines.append("  eval        " + ", ".join(ev))
+    if s.get("final_sharpness") is not None:
+        thr = s.get("final_stability_threshold")
+        lines.append(
+            f"  sharpness   {_fmt(s['final_sharpness'])}"
+            + (f" (2/lr = {_fmt(thr)})" if thr is not None else "")
+        )
     if s.get("nonfinite_steps"):
         lines.append(f"  non-finite  {s['nonfinite_steps']} steps skipped")
     mst = s.get("mean_step_time_s")
@@ -566,8 +689,10 @@ def run_config(
     on_trainer: Callable[[Trainer], None] | None = None,
 ) -> RunResult:
     """Prepare the run directory and train (resuming when it holds the same config)."""
-    prepare_run_dir(run_dir, rc, overwrite=overwrite)
+    # Build the task first: a missing or malformed data file is reported before the run dir
+    # (and its config.yaml) exists, so fixing the path does not make it a "different config".
     trainer = Trainer(rc, run_dir, progress=progress, stream=stream, label=label)
+    prepare_run_dir(run_dir, rc, overwrite=overwrite)
     if on_trainer is not None:
         on_trainer(trainer)
     return trainer.train(handle_signals=handle_signals)

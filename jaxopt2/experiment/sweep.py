@@ -1,0 +1,942 @@
+"""``jaxopt2 sweep``: a grid over numeric hyperparameters and seeds, in ONE compiled program.
+
+Command line::
+
+    jaxopt2 sweep CONFIG optimizer.learning_rate=1e-4,1e-3,1e-2 [optimizer.b1=0.9,0.95]
+                  [seed=0,1,2] [other.key=value ...] [--run-dir DIR] [--overwrite]
+
+An argument ``key=v1,v2,...`` (a comma in a value that is not a YAML list or mapping) is a
+grid axis; ``key=value`` is an ordinary config override. The members are the product of the
+hyperparameter axes (the *points*) times the seeds.
+
+How it runs: every member is an ordinary run config, validated like ``jaxopt2 run`` would.
+Their parameters are initialized on the host exactly as the runner does (one
+:class:`~jaxopt2.experiment.trainer.Trainer` per distinct seed), stacked along a leading
+member axis, and trained by one program: a ``lax.scan`` over ``log_every`` steps of a
+``jax.vmap`` over members of the runner's own step (:func:`~.trainer.epoch_order`,
+:func:`~.trainer.batch_at`, :func:`~.trainer.train_step`), with the optimizer built by
+:func:`~.optim.build_optimizer` from the member's hyperparameters as traced values (learning
+rate schedules take a traced peak). The data key, the optimizer key and the hyperparameters
+are explicit per-member arguments; the step counter is shared. So a member computes what
+``jaxopt2 run`` computes for its config (same initialization, batches and keys).
+
+Only numeric hyperparameters can vary inside one program: ``optimizer.learning_rate``,
+``optimizer.weight_decay``, ``optimizer.clip_grad_norm``, ``optimizer.min_lr_ratio`` and any
+optimizer argument that is not in its registry entry's ``static_args``; plus ``seed``.
+Anything else (steps, batch size, model sizes, schedules, static optimizer arguments) changes
+the program's structure and is refused with a message.
+
+A member whose loss or update turns non-finite is *diverged* (under ``nonfinite: stop``, the
+default): its parameters freeze at the last good step and the step it diverged at is
+reported; the others go on. Under ``nonfinite: skip`` such updates are dropped and counted.
+
+Outputs in the run directory: ``config.yaml`` (the resolved config of the first member),
+``grid.yaml`` (the axes and seeds), ``results.json`` and ``results.md`` (per member and per
+point: mean/std over seeds), ``metrics.jsonl`` (one row per ``log_every`` steps with every
+member's loss), ``sweep.png`` (final loss against the learning rate, one line per value of
+the other axes with error bars over seeds; and the loss curves).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from jaxopt2.experiment import config as C
+from jaxopt2.experiment.config import ResolvedConfig
+from jaxopt2.experiment.errors import ConfigError, UserError
+
+__all__ = [
+    "SWEEPABLE_RUNNER_FIELDS",
+    "Grid",
+    "SweepResult",
+    "parse_sweep_args",
+    "prepare_sweep",
+    "run_sweep",
+    "sweep",
+]
+
+F32 = jnp.float32
+I32 = jnp.int32
+
+# Runner fields of the optimizer section that are numbers used inside the step.
+SWEEPABLE_RUNNER_FIELDS = ("learning_rate", "weight_decay", "clip_grad_norm", "min_lr_ratio")
+_RUN_FIELDS = tuple(f.name for f in dataclasses.fields(C.RunConfig))
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+@dataclasses.dataclass
+class Grid:
+    """A parsed sweep: the axes (dotted key -> values), the seeds, and plain overrides."""
+
+    axes: dict[str, list[float]]
+    seeds: list[int] | None  # None: the config's own seed
+    overrides: list[str]
+
+    def points(self) -> list[dict[str, float]]:
+        keys = list(self.axes)
+        return [
+            dict(zip(keys, vals, strict=True))
+            for vals in itertools.product(*(self.axes[k] for k in keys))
+        ]
+
+
+def _is_grid_item(item: str) -> bool:
+    _, sep, value = item.partition("=")
+    value = value.strip()
+    return bool(sep) and "," in value and not value.startswith(("[", "{", "'", '"'))
+
+
+def _parse_number(key: str, text: str, integer: bool = False) -> float | int:
+    t = text.strip()
+    if not t:
+        raise ConfigError(f"bad grid {key}=...: an empty value (write {key}=v1,v2,...)")
+    try:
+        v: float | int = int(t)
+    except ValueError:
+        if integer:
+            raise ConfigError(f"grid values of {key} must be integers, got {t!r}") from None
+        try:
+            v = float(t)
+        except ValueError:
+            raise ConfigError(
+                f"grid values of {key} must be numbers, got {t!r} (non-numeric values need "
+                "separate runs)"
+            ) from None
+    if not math.isfinite(v):
+        raise ConfigError(f"grid values of {key} must be finite numbers, got {t!r}")
+    return v
+
+
+def parse_sweep_args(
+    items: list[str] | tuple[str, ...], check_key: Callable[[str], None] | None = None
+) -> Grid:
+    """Split ``key=v1,v2`` grid axes from ``key=value`` overrides and parse the values
+    (`check_key(key)` runs on each axis key first; see :func:`prepare_sweep`)."""
+    axes: dict[str, list[float]] = {}
+    seeds: list[int] | None = None
+    overrides: list[str] = []
+    for item in items:
+        if not _is_grid_item(item):
+            overrides.append(item)
+            continue
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if not key or any(c.isspace() for c in key) or key.startswith(".") or ".." in key:
+            raise ConfigError(
+                f"bad grid {item!r}: expected dotted.key=v1,v2,... "
+                "(e.g. optimizer.learning_rate=1e-3,1e-2)"
+            )
+        if key in axes or (key == "seed" and seeds is not None):
+            raise ConfigError(f"grid key {key} is given twice")
+        if check_key is not None and key != "seed":
+            check_key(key)
+        parts = value.split(",")
+        if key == "seed":
+            vals = [int(_parse_number(key, p, integer=True)) for p in parts]
+        else:
+            vals = [float(_parse_number(key, p)) for p in parts]
+        if len(set(vals)) != len(vals):
+            raise ConfigError(f"grid {key} repeats a value: {value}")
+        if key == "seed":
+            seeds = vals
+        else:
+            axes[key] = vals
+    for item in overrides:  # a plain override of a grid key would be silently lost
+        key = item.partition("=")[0].strip()
+        if key in axes or (key == "seed" and seeds is not None):
+            raise ConfigError(f"{key} is both a grid axis and a plain override")
+    return Grid(axes, seeds, overrides)
+
+
+def _raw_config(spec: str, overrides: list[str]) -> DictConfig:
+    text, _, source = C.locate_config(spec)
+    try:
+        raw = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+    except Exception as e:  # yaml.YAMLError and OmegaConf's own errors
+        raise ConfigError(f"cannot parse {source}: {C._first_line(e)}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{source}: a config must be a YAML mapping of keys to values")
+    return OmegaConf.merge(raw, C.parse_overrides(list(overrides)))
+
+
+def _static(key: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"cannot sweep {key}: {why}; it would need separate programs (run separate sweeps, "
+        "or sweep it with a shell loop)"
+    )
+
+
+def _check_axis(key: str, opt_name: str) -> None:
+    """Refuse grid keys that are not numeric in-program hyperparameters."""
+    from jaxopt2.optimizers import registry
+
+    head, _, rest = key.partition(".")
+    if head in _RUN_FIELDS and head != "optimizer":
+        if rest:
+            raise _static(key, f"the {head} section is static (it shapes the program)")
+        raise _static(key, "it is a static run setting (not a traced hyperparameter)")
+    if head != "optimizer" or not rest or "." in rest:
+        sweepable = ", ".join(f"optimizer.{k}" for k in SWEEPABLE_RUNNER_FIELDS)
+        raise ConfigError(
+            f"unknown or unsweepable config key '{key}'; sweep seed, {sweepable} or a numeric "
+            "optimizer argument (see `jaxopt2 list`)"
+        )
+    if rest in SWEEPABLE_RUNNER_FIELDS:
+        return
+    if rest in C._RUNNER_OPT_FIELDS:
+        raise _static(key, "it is not a number used inside the step")
+    try:
+        entry = registry.get(opt_name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    args = entry.arguments()
+    if rest not in args:
+        valid = [a for a in args if a not in entry.static_args]
+        raise ConfigError(
+            f"unknown config key '{key}': not an argument of {opt_name} (its numeric "
+            f"arguments: {', '.join(valid) or 'none'})"
+        )
+    if rest in entry.static_args:
+        raise _static(key, f"it is a static argument of {opt_name} (registry static_args)")
+
+
+@dataclasses.dataclass
+class Member:
+    index: int
+    point: int  # index into the grid's points
+    values: dict[str, float]  # the swept hyperparameters
+    seed: int
+    rc: ResolvedConfig
+
+
+@dataclasses.dataclass
+class SweepPlan:
+    base: ResolvedConfig  # the first member's config (all non-swept fields are shared)
+    grid: Grid
+    seeds: list[int]
+    points: list[dict[str, float]]
+    members: list[Member]
+    stem: str
+
+
+def _fmt_values(values: dict[str, float], seed: int | None = None) -> str:
+    parts = [f"{k.rpartition('.')[2]}={v:g}" for k, v in values.items()]
+    if seed is not None:
+        parts.append(f"seed={seed}")
+    return " ".join(parts) or "(base)"
+
+
+def prepare_sweep(spec: str, items: list[str] | tuple[str, ...]) -> SweepPlan:
+    """Parse and validate a sweep: every member's config is checked like ``jaxopt2 run``
+    would check it, and its optimizer is built once with concrete values (so the
+    optimizer's own hyperparameter checks apply)."""
+    from jaxopt2.experiment.optim import build_optimizer
+
+    raw = _raw_config(spec, [item for item in items if not _is_grid_item(item)])
+    opt_name = OmegaConf.select(raw, "optimizer.name", default=None)
+    opt_name = opt_name if isinstance(opt_name, str) else ""
+    grid = parse_sweep_args(items, lambda key: _check_axis(key, opt_name))
+    _, stem, _ = C.locate_config(spec)
+
+    seeds = grid.seeds
+    if seeds is None:
+        seed = OmegaConf.select(raw, "seed", default=None)
+        seeds = [seed if isinstance(seed, int) and not isinstance(seed, bool) else 0]
+    points = grid.points()
+    members: list[Member] = []
+    for p_idx, values in enumerate(points):
+        for seed in seeds:
+            m_raw = copy.deepcopy(raw)
+            for key, v in values.items():
+                OmegaConf.update(m_raw, key, v, force_add=True)
+            OmegaConf.update(m_raw, "seed", seed, force_add=True)
+            label = _fmt_values(values, seed)
+            try:
+                rc = C.resolve(m_raw)
+                build_optimizer(rc)
+            except ConfigError as e:
+                if not values:
+                    raise
+                raise ConfigError(f"grid member {label}: {e}") from None
+            members.append(Member(len(members), p_idx, values, seed, rc))
+    return SweepPlan(members[0].rc, grid, list(seeds), points, members, stem)
+
+
+# ----------------------------------------------------------------------------- the program
+
+
+def _member_config(base: ResolvedConfig, hyper: dict[str, Any]) -> ResolvedConfig:
+    """`base` with the swept optimizer values replaced (by traced values, in the program)."""
+    runner: dict[str, Any] = {}
+    args = dict(base.optimizer_args)
+    for key, v in hyper.items():
+        name = key.partition(".")[2]
+        if name in SWEEPABLE_RUNNER_FIELDS:
+            runner[name] = v
+        else:
+            args[name] = v
+    return dataclasses.replace(
+        base, optimizer=dataclasses.replace(base.optimizer, **runner), optimizer_args=args
+    )
+
+
+def _weak(values: list[float]) -> jax.Array:
+    """A vector of hyperparameter values that promotes like Python floats do (weakly typed),
+    so a traced value mixes with float32 arrays exactly as the run's Python number does."""
+    return jnp.stack([jnp.asarray(float(v)) for v in values])
+
+
+class SweepProgram:
+    """The compiled sweep: init (vmapped) and a fused chunk of steps (scan over a vmap)."""
+
+    def __init__(self, plan: SweepPlan):
+        from jaxopt2.experiment.trainer import Trainer
+
+        self.plan = plan
+        base = plan.base
+        # One runner Trainer per seed gives the runner's own initial parameters and keys.
+        trainers: dict[int, Trainer] = {}
+        for m in plan.members:
+            if m.seed not in trainers:
+                trainers[m.seed] = Trainer(m.rc, Path("."), progress=False, stream=None)
+        t0 = trainers[plan.members[0].seed]
+        self.t0 = t0
+        self.loss_fn = t0.loss_fn
+        self.train_data = t0.train_data
+        self.eval_data = t0.eval_data
+        self.batch_size = t0.batch_size
+        self.steps_per_epoch = t0.steps_per_epoch
+        self.n_train = t0.task.n_train
+        self.sampled = t0._sampled()
+        self.n_params = t0.n_params
+        self.chunk_len = base.run.log_every
+        self.skip_mode = base.run.nonfinite == "skip"
+        for t in trainers.values():  # the data must not depend on the seed
+            for a, b in zip(t.train_data, t0.train_data, strict=True):
+                if a.shape != b.shape or not bool(jnp.array_equal(a, b)):
+                    raise UserError("the task's training data depend on the seed; cannot sweep")
+
+        members = plan.members
+        stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
+        self.params0 = stack([trainers[m.seed].init_carry["params"] for m in members])
+        self.k_data = jnp.stack([trainers[m.seed]._k_data for m in members])
+        self.k_opt = jnp.stack([trainers[m.seed]._k_opt for m in members])
+        self.hyper = {k: _weak([m.values[k] for m in members]) for k in plan.grid.axes}
+        self.n_members = len(members)
+        self.trace_count = 0
+        self.compile_time = 0.0
+        self._compiled = None
+        self._compiled_init = None
+        self._compiled_eval = None
+
+    def _tx(self, hyper: dict[str, jax.Array]):
+        from jaxopt2.experiment.optim import build_optimizer
+
+        return build_optimizer(_member_config(self.plan.base, hyper)).tx
+
+    def _init(self, params: Any, hyper: dict[str, jax.Array]) -> dict[str, Any]:
+        opt_state = jax.vmap(lambda p, h: self._tx(h).init(p))(params, hyper)
+        m = self.n_members
+        return {
+            "params": params,
+            "opt_state": opt_state,
+            "step": jnp.zeros((), I32),
+            "halted": jnp.zeros((m,), jnp.bool_),
+            "diverged_at": jnp.zeros((m,), I32),  # 1-based step of divergence, 0: never
+            "nonfinite": jnp.zeros((m,), I32),
+        }
+
+    def _chunk(self, carry, hyper, k_data, k_opt, data, n_active):
+        from jaxopt2.experiment.trainer import batch_at, epoch_order, train_step
+
+        self.trace_count += 1
+        spe, n, bs = self.steps_per_epoch, self.n_train, self.batch_size
+        sampled, skip_mode = self.sampled, self.skip_mode
+        orders = jax.vmap(epoch_order, in_axes=(0, None, None, None))
+
+        def member(params, opt_state, halted, h, k_o, perm, step, active):
+            tx = self._tx(h)
+            batch = batch_at(data, perm, step, bs, spe) if sampled else data
+            key = jax.random.fold_in(k_o, step)
+            loss, _, new_params, new_opt, finite = train_step(
+                tx, self.loss_fn, params, opt_state, batch, key
+            )
+            live = active & ~halted
+            ok = live & finite
+
+            def pick(new, old):
+                return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+            return pick(new_params, params), pick(new_opt, opt_state), loss, live & ~finite
+
+        def body(c_perm, i):
+            c, perm = c_perm
+            step = c["step"]
+            active = i < n_active
+            if sampled:  # a new epoch starts: draw every member's order (shared step)
+                perm = jax.lax.cond(
+                    step % spe == 0, lambda s: orders(k_data, s, spe, n), lambda s: perm, step
+                )
+            params, opt_state, loss, bad = jax.vmap(
+                member, in_axes=(0, 0, 0, 0, 0, 0 if sampled else None, None, None)
+            )(c["params"], c["opt_state"], c["halted"], hyper, k_opt, perm, step, active)
+            first_bad = bad & ~c["halted"] & (c["diverged_at"] == 0)
+            out = {
+                "params": params,
+                "opt_state": opt_state,
+                "step": step + active.astype(I32),
+                "halted": c["halted"] | (bad & (not skip_mode)),
+                "diverged_at": jnp.where(first_bad, step + 1, c["diverged_at"]),
+                "nonfinite": c["nonfinite"] + bad.astype(I32),
+            }
+            return (out, perm), {"loss": loss.astype(F32), "bad": bad}
+
+        if sampled:
+            perm0 = orders(k_data, carry["step"], spe, n)
+        else:
+            perm0 = jnp.zeros((0,), I32)
+        (carry, _), metrics = jax.lax.scan(
+            body, (carry, perm0), jnp.arange(self.chunk_len, dtype=I32)
+        )
+        return carry, metrics
+
+    def _eval(self, params: Any, data: tuple[jax.Array, ...]) -> dict[str, jax.Array]:
+        return jax.vmap(self.t0._eval, in_axes=(0, None))(params, data)
+
+    def compile(self) -> None:
+        if self._compiled is not None:
+            return
+        t0 = time.perf_counter()
+        self._compiled_init = jax.jit(self._init).lower(self.params0, self.hyper).compile()
+        carry = jax.eval_shape(self._init, self.params0, self.hyper)
+        self._compiled = (
+            jax.jit(self._chunk, donate_argnums=(0,))
+            .lower(
+                carry,
+                self.hyper,
+                self.k_data,
+                self.k_opt,
+                self.train_data,
+                jnp.asarray(self.chunk_len, I32),
+            )
+            .compile()
+        )
+        if self.eval_data is not None:
+            self._compiled_eval = jax.jit(self._eval).lower(self.params0, self.eval_data).compile()
+        self.compile_time = time.perf_counter() - t0
+
+    def init(self) -> dict[str, Any]:
+        self.compile()
+        params = jax.tree.map(lambda x: jnp.array(x, copy=True), self.params0)
+        return self._compiled_init(params, self.hyper)
+
+    def chunk(self, carry: dict[str, Any], n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self._compiled(
+            carry, self.hyper, self.k_data, self.k_opt, self.train_data, jnp.asarray(n, I32)
+        )
+
+    def evaluate(self, params: Any) -> list[dict[str, float]]:
+        if self._compiled_eval is None:
+            return [{} for _ in range(self.n_members)]
+        out = jax.device_get(self._compiled_eval(params, self.eval_data))
+        return [{f"eval_{k}": _clean(v[i]) for k, v in out.items()} for i in range(self.n_members)]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _clean(v: Any) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+@dataclasses.dataclass
+class SweepResult:
+    exit_code: int
+    members: list[dict[str, Any]]
+    points: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    train_time_s: float
+    compile_time_s: float
+    wall_time_s: float
+    traces: int  # how often the training program was traced (1: one program)
+
+
+def run_sweep(
+    plan: SweepPlan,
+    run_dir: Path | None,
+    *,
+    progress: bool | None = None,
+    stream: TextIO | str | None = "stdout",
+    plots: bool = True,
+) -> SweepResult:
+    """Train every member of `plan` in one program; write the outputs into `run_dir`
+    (None: write nothing) and print a summary to `stream`."""
+    from tqdm.auto import tqdm
+
+    if stream == "stdout":
+        stream = sys.stdout
+    t_start = time.perf_counter()
+    prog = SweepProgram(plan)
+    base = plan.base
+    steps, m_count = base.run.steps, prog.n_members
+    carry = prog.init()
+
+    rows: list[dict[str, Any]] = []
+    best = np.full(m_count, np.inf)
+    bar = tqdm(
+        total=steps,
+        unit="step",
+        file=sys.stderr,
+        disable=None if progress is None else not progress,
+        desc=f"sweep ({m_count} members)",
+        dynamic_ncols=True,
+        leave=False,
+    )
+    step, train_time = 0, 0.0
+    diverged_at = np.zeros(m_count, np.int64)
+    try:
+        while step < steps:
+            n = min(prog.chunk_len, steps - step)
+            t0 = time.perf_counter()
+            carry, m = prog.chunk(carry, n)
+            m = jax.device_get(m)
+            diverged_at = np.asarray(jax.device_get(carry["diverged_at"]))
+            dt = time.perf_counter() - t0
+            train_time += dt
+            step += n
+            loss = np.asarray(m["loss"][:n], np.float32)  # (n, members), as the runner's
+            losses, means = [], []
+            for j in range(m_count):
+                d = int(diverged_at[j])
+                column = np.ascontiguousarray(loss[:, j])
+                if d > 0 and not prog.skip_mode:  # only the steps before divergence count
+                    window = column[: max(0, d - 1 - (step - n))]
+                    last = None
+                else:  # the runner's window mean (float32, like its metrics rows)
+                    window = column
+                    last = _clean(column[-1])
+                mean = _clean(np.mean(window)) if len(window) else None
+                if mean is not None:
+                    best[j] = min(best[j], mean)
+                losses.append(last)
+                means.append(mean)
+            rows.append(
+                {
+                    "step": step,
+                    "time": train_time,
+                    "step_time": dt / n,
+                    "loss": losses,
+                    "loss_mean": means,
+                    "diverged": int(np.sum(diverged_at > 0)),
+                }
+            )
+            finite_means = [v for v in means if v is not None]
+            bar.update(n)
+            bar.set_postfix(
+                best=f"{min(finite_means):.4g}" if finite_means else "nan",
+                diverged=rows[-1]["diverged"],
+                refresh=False,
+            )
+    finally:
+        bar.close()
+    evals = prog.evaluate(carry["params"])
+    nonfinite = np.asarray(jax.device_get(carry["nonfinite"]))
+
+    members = []
+    last_row = rows[-1]
+    for j, mem in enumerate(plan.members):
+        d = int(diverged_at[j])
+        diverged = d > 0 and not prog.skip_mode
+        rec: dict[str, Any] = {
+            "member": j,
+            **{k: v for k, v in mem.values.items()},
+            "seed": mem.seed,
+            "status": "diverged" if diverged else "complete",
+            "diverged": diverged,
+            "diverged_step": d if diverged else None,
+            "final_loss": None if diverged else last_row["loss"][j],
+            "final_loss_mean": None if diverged else last_row["loss_mean"][j],
+            "best_loss": _clean(best[j]) if np.isfinite(best[j]) else None,
+        }
+        if prog.skip_mode:
+            rec["nonfinite_steps"] = int(nonfinite[j])
+        if not diverged:
+            rec.update(evals[j])
+        members.append(rec)
+    points = _aggregate(plan, members)
+    best_point = _best_point(points)
+    wall = time.perf_counter() - t_start
+    result = SweepResult(
+        0, members, points, best_point, train_time, prog.compile_time, wall, prog.trace_count
+    )
+    if run_dir is not None:
+        _write_outputs(plan, prog, result, rows, run_dir, plots)
+    if stream is not None:
+        print(format_sweep_summary(plan, prog, result, run_dir), file=stream)
+    return result
+
+
+def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    a = np.asarray(xs, np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def _aggregate(plan: SweepPlan, members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    points = []
+    for p_idx, values in enumerate(plan.points):
+        recs = [r for r, m in zip(members, plan.members, strict=True) if m.point == p_idx]
+        ok = [r for r in recs if not r["diverged"]]
+        agg: dict[str, Any] = {"point": p_idx, **values, "seeds": len(recs)}
+        agg["diverged"] = len(recs) - len(ok)
+        for key in ("final_loss", "final_loss_mean"):
+            mean, std = _mean_std([r[key] for r in ok if r[key] is not None])
+            agg[f"{key}_seed_mean"], agg[f"{key}_seed_std"] = mean, std
+        eval_keys = sorted({k for r in ok for k in r if k.startswith("eval_")})
+        for k in eval_keys:
+            agg[f"{k}_seed_mean"] = _mean_std([r[k] for r in ok if r.get(k) is not None])[0]
+        points.append(agg)
+    return points
+
+
+def _best_point(points: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ranked = [p for p in points if p["final_loss_mean_seed_mean"] is not None]
+    if not ranked:
+        return None
+    return min(ranked, key=lambda p: (p["diverged"] > 0, p["final_loss_mean_seed_mean"]))
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _grid_data(plan: SweepPlan) -> dict[str, Any]:
+    return {"axes": {k: list(v) for k, v in plan.grid.axes.items()}, "seeds": plan.seeds}
+
+
+def prepare_sweep_dir(run_dir: Path, plan: SweepPlan, overwrite: bool = False) -> None:
+    """Create `run_dir`, or reuse it if it holds the same sweep (results are recomputed);
+    a different sweep or a non-sweep directory is refused unless `overwrite`."""
+    cfg_path, grid_path = run_dir / "config.yaml", run_dir / "grid.yaml"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run dir {run_dir} exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        same = False
+        if cfg_path.is_file() and grid_path.is_file():
+            try:
+                same = OmegaConf.to_container(
+                    OmegaConf.load(cfg_path)
+                ) == plan.base.data and OmegaConf.to_container(
+                    OmegaConf.load(grid_path)
+                ) == _grid_data(plan)
+            except Exception:
+                same = False
+        if not same and not overwrite:
+            what = "holds a different sweep" if grid_path.is_file() else "is not empty and no sweep"
+            raise UserError(
+                f"run dir {run_dir} {what}.\nPass --overwrite to replace it, or "
+                "--run-dir to choose another directory."
+            )
+        if not same:
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _md_table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> str:
+    cols = [(h, k) for h, k in cols if any(r.get(k) is not None for r in rows)]
+    lines = [
+        "| " + " | ".join(h for h, _ in cols) + " |",
+        "|" + "|".join("---" for _ in cols) + "|",
+    ]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for _, k in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _title(plan: SweepPlan) -> str:
+    b = plan.base
+    return f"{b.task_spec.name} / {b.model_name} / {b.optimizer.name}"
+
+
+def results_markdown(plan: SweepPlan, result: SweepResult) -> str:
+    keys = [(k.rpartition(".")[2], k) for k in plan.grid.axes]
+    evals = sorted({k for r in result.members for k in r if k.startswith("eval_")})
+    point_cols = [
+        *keys,
+        ("seeds", "seeds"),
+        ("diverged", "diverged"),
+        ("final loss mean", "final_loss_mean_seed_mean"),
+        ("final loss std", "final_loss_mean_seed_std"),
+        ("last-step loss mean", "final_loss_seed_mean"),
+        ("last-step loss std", "final_loss_seed_std"),
+        *[(f"eval {k[5:]} mean", f"{k}_seed_mean") for k in evals],
+    ]
+    member_cols = [
+        ("member", "member"),
+        *keys,
+        ("seed", "seed"),
+        ("status", "status"),
+        ("diverged at step", "diverged_step"),
+        ("final loss", "final_loss_mean"),
+        ("last-step loss", "final_loss"),
+        ("best loss", "best_loss"),
+        *[(f"eval {k[5:]}", k) for k in evals],
+        ("non-finite steps", "nonfinite_steps"),
+    ]
+    b = plan.base
+    head = (
+        f"# sweep: {_title(plan)}\n\n"
+        f"{len(plan.members)} members ({_shape(plan)}), {b.run.steps} steps, batch "
+        f"{b.run.batch_size}, schedule {b.optimizer.schedule}. Losses are train losses: "
+        f"*final loss* is the mean over the last {b.run.log_every} steps, *last-step loss* the "
+        "loss of the last step's batch (what `jaxopt2 run` reports as final_loss).\n\n"
+    )
+    best = result.best
+    if best is not None:
+        head += (
+            f"Best point: {_fmt_values({k: best[k] for k in plan.grid.axes})} — final loss "
+            f"{_fmt(best['final_loss_mean_seed_mean'])} "
+            f"± {_fmt(best['final_loss_mean_seed_std'])}.\n\n"
+        )
+    return (
+        head
+        + "## Points (mean/std over seeds; diverged seeds left out)\n\n"
+        + _md_table(result.points, point_cols)
+        + "\n## Members\n\n"
+        + _md_table(result.members, member_cols)
+    )
+
+
+def _shape(plan: SweepPlan) -> str:
+    parts = [f"{len(v)} {k.rpartition('.')[2]}" for k, v in plan.grid.axes.items()]
+    parts.append(f"{len(plan.seeds)} seed{'s' if len(plan.seeds) != 1 else ''}")
+    return " x ".join(parts)
+
+
+def _write_outputs(
+    plan: SweepPlan,
+    prog: SweepProgram,
+    result: SweepResult,
+    rows: list[dict[str, Any]],
+    run_dir: Path,
+    plots: bool,
+) -> None:
+    header = (
+        "# jaxopt2 sweep: the resolved config of the first member; the keys in grid.yaml\n"
+        "# are swept (`jaxopt2 run` of this file trains that first member).\n"
+    )
+    _write(run_dir / "config.yaml", header + plan.base.to_yaml())
+    _write(run_dir / "grid.yaml", OmegaConf.to_yaml(OmegaConf.create(_grid_data(plan))))
+    data = {
+        "task": plan.base.task_spec.name,
+        "model": plan.base.model_name,
+        "optimizer": plan.base.optimizer.name,
+        "steps": plan.base.run.steps,
+        "grid": _grid_data(plan),
+        "num_members": len(plan.members),
+        "num_params": prog.n_params,
+        "compile_time_s": result.compile_time_s,
+        "train_time_s": result.train_time_s,
+        "wall_time_s": result.wall_time_s,
+        "best": result.best,
+        "points": result.points,
+        "members": result.members,
+    }
+    _write(run_dir / "results.json", json.dumps(data, indent=2) + "\n")
+    _write(run_dir / "results.md", results_markdown(plan, result))
+    _write(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    if plots:
+        plot_sweep(plan, result, rows, run_dir / "sweep.png")
+
+
+def plot_sweep(
+    plan: SweepPlan, result: SweepResult, rows: list[dict[str, Any]], path: Path
+) -> None:
+    """Final loss vs the learning rate (or the first axis), one line per value of the other
+    axes, error bars over seeds; and every member's loss curve."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    axes_keys = list(plan.grid.axes)
+    lr_key = "optimizer.learning_rate"
+    x_key = lr_key if lr_key in axes_keys else (axes_keys[0] if axes_keys else None)
+    others = [k for k in axes_keys if k != x_key]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 4.8))
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for p in result.points:
+        groups.setdefault(tuple(p[k] for k in others), []).append(p)
+    cmap = plt.get_cmap("viridis")
+    for g_idx, (gkey, pts) in enumerate(groups.items()):
+        label = _fmt_values(dict(zip(others, gkey, strict=True))) if others else "mean ± std"
+        color = f"C{g_idx}" if len(groups) <= 10 else cmap(g_idx / (len(groups) - 1))
+        ok = [p for p in pts if p["final_loss_mean_seed_mean"] is not None]
+        if x_key is None:
+            xs = [float(s) for s in plan.seeds]
+            ys = [r["final_loss_mean"] for r in result.members]
+            ax0.plot(xs, ys, "o", color=color, label="per seed")
+            continue
+        xs = [p[x_key] for p in ok]
+        ys = [p["final_loss_mean_seed_mean"] for p in ok]
+        es = [p["final_loss_mean_seed_std"] or 0.0 for p in ok]
+        ax0.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=3, color=color, label=label)
+        bad = [p[x_key] for p in pts if p["diverged"]]
+        if bad:
+            ax0.plot(bad, [max(ys) if ys else 1.0] * len(bad), "x", color=color, ms=8)
+    xs_all = [p[x_key] for p in result.points] if x_key else [1.0]
+    if x_key and min(xs_all) > 0:
+        ax0.set_xscale("log")
+    finals = [p["final_loss_mean_seed_mean"] for p in result.points]
+    finals = [v for v in finals if v is not None]
+    if finals and min(finals) > 0:
+        ax0.set_yscale("log")
+    ax0.set_xlabel(x_key or "seed")
+    ax0.set_ylabel(f"final train loss (mean of last {plan.base.run.log_every} steps)")
+    diverged = any(p["diverged"] for p in result.points)
+    ax0.set_title(_title(plan) + ("  (x: diverged)" if diverged else ""))
+    ax0.legend(fontsize=8)
+    n_pts = max(1, len(plan.points) - 1)
+    all_pos = True
+    for j, mem in enumerate(plan.members):
+        xs, ys = [], []
+        for r in rows:
+            v = r["loss_mean"][j]
+            if v is not None:
+                xs.append(r["step"])
+                ys.append(v)
+        all_pos = all_pos and (not ys or min(ys) > 0)
+        first_seed = mem.seed == plan.seeds[0]
+        ax1.plot(
+            xs,
+            ys,
+            color=cmap(mem.point / n_pts) if len(plan.points) > 1 else "C0",
+            lw=1,
+            alpha=0.8,
+            label=_fmt_values(mem.values) if first_seed and len(plan.points) <= 12 else None,
+        )
+    if all_pos:
+        ax1.set_yscale("log")
+    first = [v for v in rows[0]["loss_mean"] if v is not None] if rows else []
+    if first and all_pos:  # keep blow-ups from flattening the other curves
+        ax1.set_ylim(top=min(ax1.get_ylim()[1], 10 * max(first)))
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("train loss (window mean)")
+    ax1.set_title(f"loss curves ({len(plan.members)} members)")
+    if len(plan.points) <= 12 and plan.points[0]:
+        ax1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def format_sweep_summary(
+    plan: SweepPlan, prog: SweepProgram, result: SweepResult, run_dir: Path | None
+) -> str:
+    b = plan.base
+    lines = [
+        f"jaxopt2 sweep: {_title(plan)} — {len(plan.members)} members ({_shape(plan)}), "
+        f"{b.run.steps} steps, one program"
+    ]
+    best = result.best
+    if best is None:
+        lines.append("  best        none: every member diverged")
+    else:
+        vals = _fmt_values({k: best[k] for k in plan.grid.axes})
+        ev = [
+            f"{k[5 : -len('_seed_mean')]} {_fmt(v)}"
+            for k, v in best.items()
+            if k.startswith("eval_") and k.endswith("_seed_mean")
+        ]
+        lines.append(
+            f"  best        {vals}: final loss {_fmt(best['final_loss_mean_seed_mean'])} ± "
+            f"{_fmt(best['final_loss_mean_seed_std'])} over {best['seeds'] - best['diverged']} "
+            f"seed(s)" + (f"; eval {', '.join(ev)}" if ev else "")
+        )
+    div = [r for r in result.members if r["diverged"]]
+    if div:
+        where = ", ".join(
+            f"{_fmt_values({k: r[k] for k in plan.grid.axes}, r['seed'])} @ {r['diverged_step']}"
+            for r in div[:3]
+        )
+        more = f" (+{len(div) - 3} more)" if len(div) > 3 else ""
+        lines.append(f"  diverged    {len(div)}/{len(plan.members)}: {where}{more}")
+    per = result.train_time_s / max(1, b.run.steps)
+    lines.append(
+        f"  time        {result.train_time_s:.2f} s training + {result.compile_time_s:.2f} s "
+        f"compile; {per * 1e3:.2f} ms per step for all members"
+    )
+    lines.append("")
+    lines.append(_points_text(plan, result))
+    if run_dir is not None:
+        lines.append(
+            f"  run dir     {run_dir}  (results.md, results.json, metrics.jsonl, sweep.png)"
+        )
+    return "\n".join(lines)
+
+
+def _points_text(plan: SweepPlan, result: SweepResult) -> str:
+    keys = list(plan.grid.axes)
+    head = [k.rpartition(".")[2] for k in keys] + ["final loss", "± std", "diverged"]
+    rows = []
+    for p in result.points:
+        mark = " *" if result.best is not None and p["point"] == result.best["point"] else ""
+        rows.append(
+            [f"{p[k]:g}" for k in keys]
+            + [_fmt(p["final_loss_mean_seed_mean"]) + mark, _fmt(p["final_loss_mean_seed_std"])]
+            + [f"{p['diverged']}/{p['seeds']}"]
+        )
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  " + "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
+    return "\n".join([fmt(head), *(fmt(r) for r in rows)])
+
+
+def sweep(
+    spec: str,
+    items: list[str] | tuple[str, ...],
+    run_dir: Path | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    stream: TextIO | str | None = "stdout",
+    plots: bool = True,
+) -> SweepResult:
+    """``jaxopt2 sweep`` in-process: validate, prepare the run dir, train, write outputs."""
+    plan = prepare_sweep(spec, items)
+    if run_dir is None:
+        run_dir = Path("runs") / f"{plan.stem}-sweep"
+    prepare_sweep_dir(run_dir, plan, overwrite=overwrite)
+    return run_sweep(plan, run_dir, progress=progress, stream=stream, plots=plots)

@@ -1,0 +1,118 @@
+"""`jaxopt2 spectrum`: known eigenvalues of the quadratic task, files written, short errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxopt2.cli import main
+from jaxopt2.experiment.config import load_config
+from jaxopt2.experiment.spectrum import run_spectrum
+from jaxopt2.experiment.trainer import prepare_run_dir
+
+pytestmark = pytest.mark.timeout(180)
+
+# The quadratic task's Hessian is A = Q diag(lambda) Q^T with lambda log-spaced from 1 down to
+# 1/condition_number; with noise_std=0 the loss is exactly 0.5 (x - x*)^T A (x - x*).
+DIM, COND = 24, 100.0
+QUAD = [
+    "task_quadratic",
+    f"task.dim={DIM}",
+    f"task.condition_number={COND}",
+    "task.noise_std=0.0",
+    "task.num_samples=64",
+    "batch_size=16",
+]
+EXPECTED = np.logspace(0.0, -np.log10(COND), DIM)
+
+
+def _check_user_error(capsys, rc, *needles):
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, err
+    assert 1 <= len(lines) <= 3, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_spectrum_of_initial_params_recovers_the_quadratic_eigenvalues(tmp_path, capsys):
+    out = tmp_path / "spec"
+    res = run_spectrum(
+        QUAD[0],
+        QUAD[1:],
+        out=out,
+        top_k=4,
+        trace_probes=64,
+        density_iters=DIM,
+        density_probes=3,
+    )
+    assert res.trace_count == 1  # one jitted program
+    data = json.loads((out / "spectrum.json").read_text())
+    np.testing.assert_allclose(data["top_eigenvalues"], EXPECTED[:4], rtol=1e-4)
+    assert data["params"] == "initial" and data["step"] == 0 and data["dtype"] == "float32"
+    assert abs(data["trace"] - EXPECTED.sum()) < 5 * data["trace_stderr"] + 1e-4
+    w = np.asarray(data["density_weights"])
+    assert w.shape == (3, DIM)
+    np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-4)  # a probability measure
+    nodes = np.asarray(data["density_nodes"])
+    assert nodes.max() <= 1.0 + 1e-4 and nodes.min() >= EXPECTED[-1] - 1e-4
+    assert len(data["density"]) == len(data["density_grid"]) and max(data["density"]) > 0
+    assert (out / "spectrum.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "top-4 eigvals" in printed and "trace" in printed
+
+
+def test_spectrum_of_a_run_checkpoint_via_the_cli(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["run", *QUAD, "steps=3", "log_every=3", "--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    rc = main(
+        [
+            "spectrum",
+            str(run_dir),
+            "--top-k",
+            "3",
+            "--trace-probes",
+            "8",
+            "--density-iters",
+            "10",
+            "--density-probes",
+            "2",
+            "--batches",
+            "2",
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "step 3" in printed and "2 batches of 16 rows" in printed
+    data = json.loads((run_dir / "spectrum.json").read_text())
+    assert data["params"] == "checkpoint" and data["step"] == 3 and data["rows"] == 32
+    np.testing.assert_allclose(data["top_eigenvalues"], EXPECTED[:3], rtol=1e-4)
+    assert (run_dir / "spectrum.png").stat().st_size > 0
+
+
+def test_spectrum_user_errors_are_short(tmp_path, capsys):
+    rc = main(["spectrum", str(tmp_path / "missing_run")])
+    _check_user_error(capsys, rc, "missing_run", "not found")
+    # a run dir (config.yaml) without any checkpoint
+    rcfg, _ = load_config(QUAD[0], QUAD[1:])
+    prepare_run_dir(tmp_path / "fresh", rcfg)
+    rc = main(["spectrum", str(tmp_path / "fresh")])
+    _check_user_error(capsys, rc, "fresh", "no (loadable) checkpoint")
+    assert not (tmp_path / "fresh" / "checkpoints").exists()  # nothing created
+    # a directory that is not a run
+    (tmp_path / "plain").mkdir()
+    rc = main(["spectrum", str(tmp_path / "plain")])
+    _check_user_error(capsys, rc, "plain", "config.yaml")
+    # overrides only apply to configs
+    rc = main(["spectrum", str(tmp_path / "fresh"), "steps=3"])
+    _check_user_error(capsys, rc, "steps=3")
+    # bad option values (argparse)
+    with pytest.raises(SystemExit) as e:
+        main(["spectrum", QUAD[0], "--batches", "zero"])
+    _check_user_error(capsys, e.value.code, "--batches")
+    rc = main(["spectrum", *QUAD, "task.dim=2", "--out", str(tmp_path / "o")])
+    _check_user_error(capsys, rc, "--top-k 5", "2")
