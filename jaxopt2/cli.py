@@ -160,6 +160,13 @@ def _parser() -> argparse.ArgumentParser:
         help="loss on the whole training set (default) or on the run's first N batches",
     )
     s.add_argument(
+        "--probe-batch",
+        type=_positive_int,
+        default=None,
+        metavar="B",
+        help="run trace/density probes in groups of B (less memory; default: all at once)",
+    )
+    s.add_argument(
         "--out",
         type=Path,
         metavar="DIR",
@@ -243,6 +250,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
         density_iters=args.density_iters,
         density_probes=args.density_probes,
         batches=args.batches,
+        probe_batch=args.probe_batch,
     )
     return 0
 

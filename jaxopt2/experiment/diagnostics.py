@@ -85,14 +85,26 @@ def hessian_spectrum(
     trace_probes: int = 100,
     density_iters: int = 60,
     density_probes: int = 8,
+    probe_batch_size: int | None = None,
 ) -> dict[str, jax.Array]:
-    """Top-k eigenvalues, trace (with standard error) and SLQ density nodes/weights."""
+    """Top-k eigenvalues, trace (with standard error) and SLQ density nodes/weights.
+
+    ``probe_batch_size`` runs the trace and density probes in groups of that size (bounded
+    memory for large models or batches); None runs each set of probes in one ``vmap``.
+    """
     k_eig, k_tr, k_den = jax.random.split(key, 3)
     matvec = curvature.hessian_operator(value_fn, params)
     evals, _ = curvature.top_k_eigenpairs(matvec, params, k_eig, top_k, num_iters=num_iters)
-    trace, stderr = curvature.hutchinson_trace(matvec, params, k_tr, trace_probes)
+    trace, stderr = curvature.hutchinson_trace(
+        matvec, params, k_tr, trace_probes, batch_size=probe_batch_size
+    )
     nodes, weights = curvature.spectral_density(
-        matvec, params, k_den, num_iters=density_iters, num_probes=density_probes
+        matvec,
+        params,
+        k_den,
+        num_iters=density_iters,
+        num_probes=density_probes,
+        batch_size=probe_batch_size,
     )
     return {
         "top_eigenvalues": evals,

@@ -118,6 +118,7 @@ def spectrum_of(
     density_probes: int = 8,
     batches: str | int = "full",
     seed: int | None = None,
+    probe_batch: int | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Compute the spectrum of `source`; returns ``(json-able dict, trace count)``."""
     from jaxopt2.experiment.checkpoint import Checkpointer
@@ -128,6 +129,8 @@ def spectrum_of(
     _check_count("--trace-probes", trace_probes, 2)
     _check_count("--density-iters", density_iters)
     _check_count("--density-probes", density_probes)
+    if probe_batch is not None:
+        _check_count("--probe-batch", probe_batch)
     n_batches = _parse_batches(batches)
     rc = source.rc
     trainer = Trainer(rc, source.run_dir or Path("."), progress=False, stream=None, plots=False)
@@ -195,6 +198,7 @@ def spectrum_of(
             trace_probes=trace_probes,
             density_iters=density_iters,
             density_probes=density_probes,
+            probe_batch_size=probe_batch,
         )
 
     key = jax.random.fold_in(jax.random.PRNGKey(rc.run.seed if seed is None else seed), 7)
@@ -316,7 +320,7 @@ def run_spectrum(
       out: output directory (default: the run dir, or ``runs/<stem>-spectrum`` for a config).
       stream: where the summary is printed (``"stdout"``: sys.stdout at call time; None).
       kwargs: ``top_k``, ``trace_probes``, ``density_iters``, ``density_probes``, ``batches``,
-        ``seed`` (see :func:`spectrum_of`).
+        ``seed``, ``probe_batch`` (see :func:`spectrum_of`).
     """
     source = load_source(spec, overrides)
     if out is None:

@@ -116,3 +116,33 @@ def test_spectrum_user_errors_are_short(tmp_path, capsys):
     _check_user_error(capsys, e.value.code, "--batches")
     rc = main(["spectrum", *QUAD, "task.dim=2", "--out", str(tmp_path / "o")])
     _check_user_error(capsys, rc, "--top-k 5", "2")
+
+
+def test_probe_groups_give_the_same_spectrum(tmp_path, capsys):
+    """`--probe-batch` bounds memory without changing the numbers."""
+    kw = dict(top_k=2, trace_probes=12, density_iters=8, density_probes=3, plot=False)
+    run_spectrum(QUAD[0], QUAD[1:], out=tmp_path / "a", **kw)
+    rc = main(
+        [
+            "spectrum",
+            *QUAD,
+            "--top-k",
+            "2",
+            "--trace-probes",
+            "12",
+            "--density-iters",
+            "8",
+            "--density-probes",
+            "3",
+            "--probe-batch",
+            "5",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
+    assert rc == 0
+    a = json.loads((tmp_path / "a" / "spectrum.json").read_text())
+    b = json.loads((tmp_path / "b" / "spectrum.json").read_text())
+    np.testing.assert_allclose(b["trace"], a["trace"], rtol=1e-5)
+    np.testing.assert_allclose(b["density_weights"], a["density_weights"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(b["top_eigenvalues"], a["top_eigenvalues"], rtol=1e-6)
