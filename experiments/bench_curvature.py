@@ -473,7 +473,7 @@ def entry_iters(entry) -> int:
     from jaxopt2.curvature import estimators
 
     dim = dm.num_params(entry["p"])
-    return estimators._default_num_iters(TOP_K, dim)
+    return estimators._default_num_iters(TOP_K, dim, "largest")
 
 
 # --------------------------------------------------------------------------- 3. trace
