@@ -17,6 +17,7 @@ from jaxopt2.cli import main
 from jaxopt2.experiment.config import load_config
 from jaxopt2.experiment.errors import ConfigError
 from jaxopt2.experiment.trainer import Trainer
+from tests.experiment.helpers import assert_user_error
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -59,15 +60,6 @@ def _config(tmp_path, task: dict, model: dict) -> str:
     path = tmp_path / f"{task['name']}.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return str(path)
-
-
-def _short_error(capsys, rc, *needles):
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2, err
-    assert 1 <= len(lines) <= 3 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
 
 
 def _trained(run_dir, n_train, n_eval):
@@ -129,28 +121,28 @@ def test_missing_and_malformed_files_are_short_errors(tmp_path, capsys):
     run_dir = tmp_path / "run"
     missing = tmp_path / "nowhere"
     cfg = _config(tmp_path, {"name": "mnist", "data_dir": str(missing)}, {"name": "mlp"})
-    _short_error(capsys, main(["run", cfg, "--run-dir", str(run_dir)]), str(missing))
+    assert_user_error(capsys, main(["run", cfg, "--run-dir", str(run_dir)]), str(missing))
     assert not run_dir.exists()  # reported before the run dir is made
 
     data = _mnist_dir(tmp_path / "data")
     bad = data / "t10k-labels-idx1-ubyte"
     bad.write_bytes(bad.read_bytes()[:-2])
     cfg = _config(tmp_path, {"name": "fashion_mnist", "data_dir": str(data)}, {"name": "mlp"})
-    _short_error(capsys, main(["run", cfg, "--run-dir", str(run_dir)]), str(bad), "truncated")
+    assert_user_error(capsys, main(["run", cfg, "--run-dir", str(run_dir)]), str(bad), "truncated")
 
     cfg = _config(tmp_path, {"name": "cifar10", "data_dir": str(data)}, {"name": "mlp"})
-    _short_error(capsys, main(["run", cfg, "--run-dir", str(run_dir)]), "data_batch")
+    assert_user_error(capsys, main(["run", cfg, "--run-dir", str(run_dir)]), "data_batch")
 
     npz = tmp_path / "float_labels.npz"
     x = np.zeros((3, 2), np.float32)
     np.savez(npz, x_train=x, y_train=np.ones(3) / 2, x_test=x, y_test=np.ones(3))
     cfg = _config(tmp_path, {"name": "npz", "path": str(npz)}, {"name": "mlp"})
-    _short_error(capsys, main(["run", cfg, "--run-dir", str(run_dir)]), str(npz), "y_train")
+    assert_user_error(capsys, main(["run", cfg, "--run-dir", str(run_dir)]), str(npz), "y_train")
     cfg = _config(tmp_path, {"name": "npz", "path": str(tmp_path / "no.npz")}, {"name": "mlp"})
-    _short_error(capsys, main(["run", cfg, "--run-dir", str(run_dir)]), "no.npz", "not found")
+    assert_user_error(capsys, main(["run", cfg, "--run-dir", str(run_dir)]), "no.npz", "not found")
 
     cfg = _config(tmp_path, {"name": "mnist"}, {"name": "mlp"})  # data_dir not given
-    _short_error(capsys, main(["run", cfg, "--run-dir", str(run_dir)]), "task.data_dir")
+    assert_user_error(capsys, main(["run", cfg, "--run-dir", str(run_dir)]), "task.data_dir")
     assert not run_dir.exists()
 
 

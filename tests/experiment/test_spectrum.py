@@ -11,6 +11,7 @@ from jaxopt2.cli import main
 from jaxopt2.experiment.config import load_config
 from jaxopt2.experiment.spectrum import run_spectrum
 from jaxopt2.experiment.trainer import prepare_run_dir
+from tests.experiment.helpers import assert_user_error
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -26,16 +27,6 @@ QUAD = [
     "batch_size=16",
 ]
 EXPECTED = np.logspace(0.0, -np.log10(COND), DIM)
-
-
-def _check_user_error(capsys, rc, *needles):
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2, err
-    assert 1 <= len(lines) <= 3, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, (needle, err)
 
 
 def test_spectrum_of_initial_params_recovers_the_quadratic_eigenvalues(tmp_path, capsys):
@@ -96,26 +87,26 @@ def test_spectrum_of_a_run_checkpoint_via_the_cli(tmp_path, capsys):
 
 def test_spectrum_user_errors_are_short(tmp_path, capsys):
     rc = main(["spectrum", str(tmp_path / "missing_run")])
-    _check_user_error(capsys, rc, "missing_run", "not found")
+    assert_user_error(capsys, rc, "missing_run", "not found")
     # a run dir (config.yaml) without any checkpoint
     rcfg, _ = load_config(QUAD[0], QUAD[1:])
     prepare_run_dir(tmp_path / "fresh", rcfg)
     rc = main(["spectrum", str(tmp_path / "fresh")])
-    _check_user_error(capsys, rc, "fresh", "no (loadable) checkpoint")
+    assert_user_error(capsys, rc, "fresh", "no (loadable) checkpoint")
     assert not (tmp_path / "fresh" / "checkpoints").exists()  # nothing created
     # a directory that is not a run
     (tmp_path / "plain").mkdir()
     rc = main(["spectrum", str(tmp_path / "plain")])
-    _check_user_error(capsys, rc, "plain", "config.yaml")
+    assert_user_error(capsys, rc, "plain", "config.yaml")
     # overrides only apply to configs
     rc = main(["spectrum", str(tmp_path / "fresh"), "steps=3"])
-    _check_user_error(capsys, rc, "steps=3")
+    assert_user_error(capsys, rc, "steps=3")
     # bad option values (argparse)
     with pytest.raises(SystemExit) as e:
         main(["spectrum", QUAD[0], "--batches", "zero"])
-    _check_user_error(capsys, e.value.code, "--batches")
+    assert_user_error(capsys, e.value.code, "--batches")
     rc = main(["spectrum", *QUAD, "task.dim=2", "--out", str(tmp_path / "o")])
-    _check_user_error(capsys, rc, "--top-k 5", "2")
+    assert_user_error(capsys, rc, "--top-k 5", "2")
 
 
 def test_probe_groups_give_the_same_spectrum(tmp_path, capsys):

@@ -15,6 +15,7 @@ from jaxopt2.experiment.config import load_config
 from jaxopt2.experiment.errors import NonFiniteError
 from jaxopt2.experiment.sweep import parse_sweep_args, sweep
 from jaxopt2.experiment.trainer import run_config
+from tests.experiment.helpers import assert_user_error
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -127,16 +128,6 @@ def test_adahessian_sweep_matches_runs(tmp_path):
         assert _rel(s["final_loss"], m["final_loss"]) < 1e-5, (m, s)
 
 
-def _user_error(capsys, rc: int, *needles: str) -> None:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2, err
-    assert 1 <= len(lines) <= 3, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, (needle, err)
-
-
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
@@ -165,7 +156,7 @@ def _user_error(capsys, rc: int, *needles: str) -> None:
 )
 def test_bad_grids_are_short_user_errors(args, needles, capsys, tmp_path):
     rc = main(["sweep", DIGITS, *args, "--run-dir", str(tmp_path / "s"), "--no-progress"])
-    _user_error(capsys, rc, *needles)
+    assert_user_error(capsys, rc, *needles)
     assert not (tmp_path / "s").exists()
 
 
@@ -176,14 +167,14 @@ def test_run_dir_rules(tmp_path, capsys):
     assert main(["sweep", *base, "optimizer.learning_rate=0.1,0.2", *d]) == 0  # same: redone
     capsys.readouterr()
     rc = main(["sweep", *base, "optimizer.learning_rate=0.1,0.3", *d])
-    _user_error(capsys, rc, "different sweep", "--overwrite")
+    assert_user_error(capsys, rc, "different sweep", "--overwrite")
     assert main(["sweep", *base, "optimizer.learning_rate=0.1,0.3", *d, "--overwrite"]) == 0
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("x")
     rc = main(
         ["sweep", *base, "optimizer.learning_rate=0.1,0.3", "--run-dir", str(tmp_path / "other")]
     )
-    _user_error(capsys, rc, "no sweep")
+    assert_user_error(capsys, rc, "no sweep")
 
 
 def test_grid_parsing():
