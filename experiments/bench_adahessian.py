@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import timing
+from timing import rounded
 
 import jaxopt2
 
@@ -55,16 +56,6 @@ _lines: list[dict[str, Any]] = []
 def emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj), flush=True)
     _lines.append(obj)
-
-
-def rounded(x, digits=6):
-    if isinstance(x, dict):
-        return {k: rounded(v, digits) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [rounded(v, digits) for v in x]
-    if isinstance(x, float | np.floating):
-        return float(f"{float(x):.{digits}g}")
-    return x
 
 
 def batch_indices(num_steps: int, n: int, seed: int) -> np.ndarray:

@@ -82,6 +82,7 @@ import numpy as np
 import scipy.sparse.linalg as sla
 import timing
 from jax.flatten_util import ravel_pytree
+from timing import rounded
 
 from jaxopt2._tree import random_probes
 from jaxopt2.curvature import (
@@ -110,16 +111,6 @@ def emit(obj: dict[str, Any]) -> dict[str, Any]:
     print(json.dumps(obj), flush=True)
     _lines.append(obj)
     return obj
-
-
-def rounded(x, digits=6):
-    if isinstance(x, dict):
-        return {k: rounded(v, digits) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [rounded(v, digits) for v in x]
-    if isinstance(x, float | np.floating):
-        return float(f"{float(x):.{digits}g}")
-    return x
 
 
 def batch(dtype):

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 
 def first_call(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -57,3 +58,14 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def rounded(x, digits=6):
+    """`x` with every float rounded to `digits` significant digits (for readable JSON)."""
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [rounded(v, digits) for v in x]
+    if isinstance(x, float | np.floating):
+        return float(f"{float(x):.{digits}g}")
+    return x
