@@ -57,8 +57,8 @@ def runner_time(steps: int, log_every: int) -> dict[str, float]:
 
 def bare_time(trainer: Trainer, steps: int) -> dict[str, float]:
     tx, loss_fn = trainer.opt.tx, trainer.loss_fn
-    batches = [trainer._batch(trainer.train_data, jnp.int32(s)) for s in range(steps)]
-    keys = [jax.random.fold_in(trainer._k_opt, s) for s in range(steps)]
+    batches = [trainer.batch(trainer.train_data, jnp.int32(s)) for s in range(steps)]
+    keys = [jax.random.fold_in(trainer.opt_key, s) for s in range(steps)]
 
     @jax.jit
     def step(params, opt_state, key, *batch):

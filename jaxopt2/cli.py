@@ -179,8 +179,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG_SWEEP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train every member of a grid over numeric hyperparameters and seeds "
-        "(key=v1,v2,...) in one vmapped program; write results.md/json, metrics.jsonl and "
-        "sweep.png.",
+        "(key=v1,v2,...) in one vmapped program; write results.md/json, metrics.jsonl, "
+        "sweep.png and checkpoints (rerun the same command to resume).",
     )
     w.add_argument("config", metavar="CONFIG", help="YAML file or bundled config name")
     w.add_argument(
@@ -264,6 +264,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         args.run_dir,
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
+        handle_signals=True,
     )
     return result.exit_code
 

@@ -165,11 +165,11 @@ def spectrum_of(
     if not data:
         rows, desc = 0, "no data (deterministic objective)"
         stacked = False
-    elif n_batches is None or not trainer._sampled():
+    elif n_batches is None or not trainer.sampled:
         rows, desc = n, f"full batch ({n} rows)"
         stacked = False
     else:
-        batch_list = [trainer._batch(data, jnp.asarray(s, jnp.int32)) for s in range(n_batches)]
+        batch_list = [trainer.batch(data, jnp.asarray(s, jnp.int32)) for s in range(n_batches)]
         data = tuple(jnp.stack(parts) for parts in zip(*batch_list, strict=True))
         rows = n_batches * trainer.batch_size
         desc = f"{n_batches} batch{'es' if n_batches > 1 else ''} of {trainer.batch_size} rows"

@@ -34,7 +34,13 @@ Outputs in the run directory: ``config.yaml`` (the resolved config of the first 
 ``grid.yaml`` (the axes and seeds), ``results.json`` and ``results.md`` (per member and per
 point: mean/std over seeds), ``metrics.jsonl`` (one row per ``log_every`` steps with every
 member's loss), ``sweep.png`` (final loss against the learning rate, one line per value of
-the other axes with error bars over seeds; and the loss curves).
+the other axes with error bars over seeds; and the loss curves), ``checkpoints/``.
+
+Checkpoints and resume, as for ``jaxopt2 run``: the stacked state of all members is saved
+every ``checkpoint.every`` steps and at the end; the same command on the same run directory
+resumes from the newest checkpoint (after a kill, SIGTERM or Ctrl-C) and gives the numbers
+an uninterrupted sweep gives. SIGTERM / SIGINT save a checkpoint after the current chunk and
+exit with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import itertools
 import json
 import math
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -57,6 +64,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from jaxopt2.experiment import config as C
+from jaxopt2.experiment import sweep_report as R
 from jaxopt2.experiment.config import ResolvedConfig
 from jaxopt2.experiment.errors import ConfigError, UserError
 
@@ -236,13 +244,6 @@ class SweepPlan:
     stem: str
 
 
-def _fmt_values(values: dict[str, float], seed: int | None = None) -> str:
-    parts = [f"{k.rpartition('.')[2]}={v:g}" for k, v in values.items()]
-    if seed is not None:
-        parts.append(f"seed={seed}")
-    return " ".join(parts) or "(base)"
-
-
 def prepare_sweep(spec: str, items: list[str] | tuple[str, ...]) -> SweepPlan:
     """Parse and validate a sweep: every member's config is checked like ``jaxopt2 run``
     would check it, and its optimizer is built once with concrete values (so the
@@ -267,7 +268,7 @@ def prepare_sweep(spec: str, items: list[str] | tuple[str, ...]) -> SweepPlan:
             for key, v in values.items():
                 OmegaConf.update(m_raw, key, v, force_add=True)
             OmegaConf.update(m_raw, "seed", seed, force_add=True)
-            label = _fmt_values(values, seed)
+            label = R.fmt_values(values, seed)
             try:
                 rc = C.resolve(m_raw)
                 build_optimizer(rc)
@@ -324,7 +325,7 @@ class SweepProgram:
         self.batch_size = t0.batch_size
         self.steps_per_epoch = t0.steps_per_epoch
         self.n_train = t0.task.n_train
-        self.sampled = t0._sampled()
+        self.sampled = t0.sampled
         self.n_params = t0.n_params
         self.chunk_len = base.run.log_every
         self.skip_mode = base.run.nonfinite == "skip"
@@ -336,8 +337,8 @@ class SweepProgram:
         members = plan.members
         stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
         self.params0 = stack([trainers[m.seed].init_carry["params"] for m in members])
-        self.k_data = jnp.stack([trainers[m.seed]._k_data for m in members])
-        self.k_opt = jnp.stack([trainers[m.seed]._k_opt for m in members])
+        self.k_data = jnp.stack([trainers[m.seed].data_key for m in members])
+        self.k_opt = jnp.stack([trainers[m.seed].opt_key for m in members])
         self.hyper = {k: _weak([m.values[k] for m in members]) for k in plan.grid.axes}
         self.n_members = len(members)
         self.trace_count = 0
@@ -418,7 +419,7 @@ class SweepProgram:
         return carry, metrics
 
     def _eval(self, params: Any, data: tuple[jax.Array, ...]) -> dict[str, jax.Array]:
-        return jax.vmap(self.t0._eval, in_axes=(0, None))(params, data)
+        return jax.vmap(self.t0.eval_metrics, in_axes=(0, None))(params, data)
 
     def compile(self) -> None:
         if self._compiled is not None:
@@ -469,6 +470,9 @@ def _clean(v: Any) -> float | None:
 
 @dataclasses.dataclass
 class SweepResult:
+    """How a sweep ended. `exit_code` 0: complete; 128 + signum: interrupted (a checkpoint
+    holds the state; members, points and best are then empty)."""
+
     exit_code: int
     members: list[dict[str, Any]]
     points: list[dict[str, Any]]
@@ -477,6 +481,50 @@ class SweepResult:
     compile_time_s: float
     wall_time_s: float
     traces: int  # how often the training program was traced (1: one program)
+    num_params: int = 0  # of one member
+    steps: int = 0  # the steps done (the shared step counter)
+    resumed_from: int | None = None  # the checkpoint step it resumed from
+
+
+class _Signals:
+    """Record SIGTERM / SIGINT while installed; the loop stops after the current chunk."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.received, self._old = enabled, None, {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        del frame
+        self.received = signum
+
+    def __enter__(self) -> _Signals:
+        if self.enabled:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _metrics_row(
+    loss: np.ndarray, diverged_at: np.ndarray, step: int, n: int, skip_mode: bool
+) -> tuple[list[float | None], list[float | None]]:
+    """Every member's last-step loss and window mean over the chunk that ended at `step`
+    (`loss` is ``(n, members)``); a diverged member counts only its steps before divergence."""
+    losses, means = [], []
+    for j in range(loss.shape[1]):
+        d = int(diverged_at[j])
+        column = np.ascontiguousarray(loss[:, j])
+        if d > 0 and not skip_mode:
+            window = column[: max(0, d - 1 - (step - n))]
+            last = None
+        else:  # the runner's window mean (float32, like its metrics rows)
+            window = column
+            last = _clean(column[-1])
+        means.append(_clean(np.mean(window)) if len(window) else None)
+        losses.append(last)
+    return losses, means
 
 
 def run_sweep(
@@ -486,10 +534,22 @@ def run_sweep(
     progress: bool | None = None,
     stream: TextIO | str | None = "stdout",
     plots: bool = True,
+    handle_signals: bool = False,
 ) -> SweepResult:
-    """Train every member of `plan` in one program; write the outputs into `run_dir`
-    (None: write nothing) and print a summary to `stream`."""
+    """Train every member of `plan` in one program and write the outputs into `run_dir`
+    (None: no files, no checkpoints); print a summary to `stream`.
+
+    With a `run_dir`, the state of all members is checkpointed every
+    ``checkpoint.every`` steps (rounded up to a chunk of ``log_every``) and at the end, and a
+    rerun resumes from the newest checkpoint: the metrics rows after it are dropped and
+    recomputed, so a killed sweep continues as if it had not stopped. With `handle_signals`,
+    SIGTERM / SIGINT finish the current chunk, save a checkpoint and return exit code
+    128 + signum.
+    """
     from tqdm.auto import tqdm
+
+    from jaxopt2.experiment.checkpoint import Checkpointer
+    from jaxopt2.experiment.trainer import atomic_write, read_metrics
 
     if stream == "stdout":
         stream = sys.stdout
@@ -499,10 +559,29 @@ def run_sweep(
     steps, m_count = base.run.steps, prog.n_members
     carry = prog.init()
 
-    rows: list[dict[str, Any]] = []
+    step, train_time, rows, resumed_from = 0, 0.0, [], None
+    ckpt = None
+    if run_dir is not None:
+        ckpt = Checkpointer(run_dir / "checkpoints", base.run.checkpoint.keep)
+        restored = ckpt.restore(carry)
+        if restored is not None:
+            carry, meta = restored
+            step, train_time = int(meta["step"]), float(meta["train_time"])
+            resumed_from = step
+            carry = jax.tree.map(lambda x: jnp.array(x, copy=True), carry)  # donated below
+        metrics_path = run_dir / "metrics.jsonl"
+        rows = read_metrics(metrics_path, max_step=step)
+        atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+    saved_step = step if resumed_from is not None else None
     best = np.full(m_count, np.inf)
+    for r in rows:
+        for j, v in enumerate(r["loss_mean"]):
+            if v is not None:
+                best[j] = min(best[j], v)
+
     bar = tqdm(
         total=steps,
+        initial=step,
         unit="step",
         file=sys.stderr,
         disable=None if progress is None else not progress,
@@ -510,36 +589,26 @@ def run_sweep(
         dynamic_ncols=True,
         leave=False,
     )
-    step, train_time = 0, 0.0
-    diverged_at = np.zeros(m_count, np.int64)
+    diverged_at = np.asarray(jax.device_get(carry["diverged_at"]))
+    every = base.run.checkpoint.every
+    mf = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if run_dir is not None else None
     try:
-        while step < steps:
-            n = min(prog.chunk_len, steps - step)
-            t0 = time.perf_counter()
-            carry, m = prog.chunk(carry, n)
-            m = jax.device_get(m)
-            diverged_at = np.asarray(jax.device_get(carry["diverged_at"]))
-            dt = time.perf_counter() - t0
-            train_time += dt
-            step += n
-            loss = np.asarray(m["loss"][:n], np.float32)  # (n, members), as the runner's
-            losses, means = [], []
-            for j in range(m_count):
-                d = int(diverged_at[j])
-                column = np.ascontiguousarray(loss[:, j])
-                if d > 0 and not prog.skip_mode:  # only the steps before divergence count
-                    window = column[: max(0, d - 1 - (step - n))]
-                    last = None
-                else:  # the runner's window mean (float32, like its metrics rows)
-                    window = column
-                    last = _clean(column[-1])
-                mean = _clean(np.mean(window)) if len(window) else None
-                if mean is not None:
-                    best[j] = min(best[j], mean)
-                losses.append(last)
-                means.append(mean)
-            rows.append(
-                {
+        with _Signals(handle_signals) as signals:
+            while step < steps and signals.received is None:
+                n = min(prog.chunk_len, steps - step)
+                t0 = time.perf_counter()
+                carry, m = prog.chunk(carry, n)
+                m = jax.device_get(m)
+                diverged_at = np.asarray(jax.device_get(carry["diverged_at"]))
+                dt = time.perf_counter() - t0
+                train_time += dt
+                step += n
+                loss = np.asarray(m["loss"][:n], np.float32)  # (n, members), as the runner's
+                losses, means = _metrics_row(loss, diverged_at, step, n, prog.skip_mode)
+                for j, v in enumerate(means):
+                    if v is not None:
+                        best[j] = min(best[j], v)
+                row = {
                     "step": step,
                     "time": train_time,
                     "step_time": dt / n,
@@ -547,19 +616,46 @@ def run_sweep(
                     "loss_mean": means,
                     "diverged": int(np.sum(diverged_at > 0)),
                 }
-            )
-            finite_means = [v for v in means if v is not None]
-            bar.update(n)
-            bar.set_postfix(
-                best=f"{min(finite_means):.4g}" if finite_means else "nan",
-                diverged=rows[-1]["diverged"],
-                refresh=False,
-            )
+                rows.append(row)
+                if mf is not None:
+                    mf.write(json.dumps(row) + "\n")
+                    mf.flush()
+                if ckpt is not None and (step >= steps or step // every > (step - n) // every):
+                    ckpt.save(step, carry, {"step": step, "train_time": train_time})
+                    saved_step = step
+                finite_means = [v for v in means if v is not None]
+                bar.update(n)
+                bar.set_postfix(
+                    best=f"{min(finite_means):.4g}" if finite_means else "nan",
+                    diverged=row["diverged"],
+                    refresh=False,
+                )
+            interrupted = signals.received
     finally:
         bar.close()
+        if mf is not None:
+            mf.close()
+
+    if interrupted is not None and step < steps:
+        if ckpt is not None and saved_step != step:
+            ckpt.save(step, carry, {"step": step, "train_time": train_time})
+        if ckpt is not None:
+            ckpt.close()
+        where = f"checkpoint saved at step {step} in {run_dir}; run the same command again "
+        print(
+            f"sweep interrupted by signal {interrupted}: "
+            + (where + "to resume." if run_dir is not None else "nothing saved (no run dir)."),
+            file=sys.stderr,
+        )
+        return SweepResult(
+            128 + int(interrupted), [], [], None, train_time, prog.compile_time,
+            time.perf_counter() - t_start, prog.trace_count, prog.n_params, step, resumed_from,
+        )  # fmt: skip
+    if ckpt is not None:
+        ckpt.close()
+
     evals = prog.evaluate(carry["params"])
     nonfinite = np.asarray(jax.device_get(carry["nonfinite"]))
-
     members = []
     last_row = rows[-1]
     for j, mem in enumerate(plan.members):
@@ -581,72 +677,42 @@ def run_sweep(
         if not diverged:
             rec.update(evals[j])
         members.append(rec)
-    points = _aggregate(plan, members)
-    best_point = _best_point(points)
-    wall = time.perf_counter() - t_start
+    points = R.aggregate(plan, members)
     result = SweepResult(
-        0, members, points, best_point, train_time, prog.compile_time, wall, prog.trace_count
-    )
+        0, members, points, R.best_point(points), train_time, prog.compile_time,
+        time.perf_counter() - t_start, prog.trace_count, prog.n_params, step, resumed_from,
+    )  # fmt: skip
     if run_dir is not None:
-        _write_outputs(plan, prog, result, rows, run_dir, plots)
+        R.write_outputs(plan, result, rows, run_dir, plots)
     if stream is not None:
-        print(format_sweep_summary(plan, prog, result, run_dir), file=stream)
+        print(R.format_sweep_summary(plan, result, run_dir), file=stream)
     return result
 
 
-def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
-    if not xs:
-        return None, None
-    a = np.asarray(xs, np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+_CONFIG_HEADER = (
+    "# jaxopt2 sweep: the resolved config of the first member; the keys in grid.yaml\n"
+    "# are swept (`jaxopt2 run` of this file trains that first member).\n"
+)
 
 
-def _aggregate(plan: SweepPlan, members: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    points = []
-    for p_idx, values in enumerate(plan.points):
-        recs = [r for r, m in zip(members, plan.members, strict=True) if m.point == p_idx]
-        ok = [r for r in recs if not r["diverged"]]
-        agg: dict[str, Any] = {"point": p_idx, **values, "seeds": len(recs)}
-        agg["diverged"] = len(recs) - len(ok)
-        for key in ("final_loss", "final_loss_mean"):
-            mean, std = _mean_std([r[key] for r in ok if r[key] is not None])
-            agg[f"{key}_seed_mean"], agg[f"{key}_seed_std"] = mean, std
-        eval_keys = sorted({k for r in ok for k in r if k.startswith("eval_")})
-        for k in eval_keys:
-            agg[f"{k}_seed_mean"] = _mean_std([r[k] for r in ok if r.get(k) is not None])[0]
-        points.append(agg)
-    return points
+def prepare_sweep_dir(run_dir: Path, plan: SweepPlan, overwrite: bool = False) -> bool:
+    """Create `run_dir` with the sweep's ``config.yaml`` and ``grid.yaml``, or reuse it if it
+    holds the same sweep (it then resumes from its checkpoint); a different sweep or a
+    non-sweep directory is refused unless `overwrite`. Returns True when reused."""
+    from jaxopt2.experiment.trainer import atomic_write
 
-
-def _best_point(points: list[dict[str, Any]]) -> dict[str, Any] | None:
-    ranked = [p for p in points if p["final_loss_mean_seed_mean"] is not None]
-    if not ranked:
-        return None
-    return min(ranked, key=lambda p: (p["diverged"] > 0, p["final_loss_mean_seed_mean"]))
-
-
-# ----------------------------------------------------------------------------- outputs
-
-
-def _grid_data(plan: SweepPlan) -> dict[str, Any]:
-    return {"axes": {k: list(v) for k, v in plan.grid.axes.items()}, "seeds": plan.seeds}
-
-
-def prepare_sweep_dir(run_dir: Path, plan: SweepPlan, overwrite: bool = False) -> None:
-    """Create `run_dir`, or reuse it if it holds the same sweep (results are recomputed);
-    a different sweep or a non-sweep directory is refused unless `overwrite`."""
     cfg_path, grid_path = run_dir / "config.yaml", run_dir / "grid.yaml"
+    grid = R.grid_data(plan)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run dir {run_dir} exists and is not a directory")
+    same = False
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        same = False
         if cfg_path.is_file() and grid_path.is_file():
             try:
-                same = OmegaConf.to_container(
-                    OmegaConf.load(cfg_path)
-                ) == plan.base.data and OmegaConf.to_container(
-                    OmegaConf.load(grid_path)
-                ) == _grid_data(plan)
+                same = (
+                    OmegaConf.to_container(OmegaConf.load(cfg_path)) == plan.base.data
+                    and OmegaConf.to_container(OmegaConf.load(grid_path)) == grid
+                )
             except Exception:
                 same = False
         if not same and not overwrite:
@@ -658,270 +724,10 @@ def prepare_sweep_dir(run_dir: Path, plan: SweepPlan, overwrite: bool = False) -
         if not same:
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, bool):
-        return "yes" if v else ""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def _md_table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> str:
-    cols = [(h, k) for h, k in cols if any(r.get(k) is not None for r in rows)]
-    lines = [
-        "| " + " | ".join(h for h, _ in cols) + " |",
-        "|" + "|".join("---" for _ in cols) + "|",
-    ]
-    lines += ["| " + " | ".join(_fmt(r.get(k)) for _, k in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _title(plan: SweepPlan) -> str:
-    b = plan.base
-    return f"{b.task_spec.name} / {b.model_name} / {b.optimizer.name}"
-
-
-def results_markdown(plan: SweepPlan, result: SweepResult) -> str:
-    keys = [(k.rpartition(".")[2], k) for k in plan.grid.axes]
-    evals = sorted({k for r in result.members for k in r if k.startswith("eval_")})
-    point_cols = [
-        *keys,
-        ("seeds", "seeds"),
-        ("diverged", "diverged"),
-        ("final loss mean", "final_loss_mean_seed_mean"),
-        ("final loss std", "final_loss_mean_seed_std"),
-        ("last-step loss mean", "final_loss_seed_mean"),
-        ("last-step loss std", "final_loss_seed_std"),
-        *[(f"eval {k[5:]} mean", f"{k}_seed_mean") for k in evals],
-    ]
-    member_cols = [
-        ("member", "member"),
-        *keys,
-        ("seed", "seed"),
-        ("status", "status"),
-        ("diverged at step", "diverged_step"),
-        ("final loss", "final_loss_mean"),
-        ("last-step loss", "final_loss"),
-        ("best loss", "best_loss"),
-        *[(f"eval {k[5:]}", k) for k in evals],
-        ("non-finite steps", "nonfinite_steps"),
-    ]
-    b = plan.base
-    head = (
-        f"# sweep: {_title(plan)}\n\n"
-        f"{len(plan.members)} members ({_shape(plan)}), {b.run.steps} steps, batch "
-        f"{b.run.batch_size}, schedule {b.optimizer.schedule}. Losses are train losses: "
-        f"*final loss* is the mean over the last {b.run.log_every} steps, *last-step loss* the "
-        "loss of the last step's batch (what `jaxopt2 run` reports as final_loss).\n\n"
-    )
-    best = result.best
-    if best is not None:
-        head += (
-            f"Best point: {_fmt_values({k: best[k] for k in plan.grid.axes})} — final loss "
-            f"{_fmt(best['final_loss_mean_seed_mean'])} "
-            f"± {_fmt(best['final_loss_mean_seed_std'])}.\n\n"
-        )
-    return (
-        head
-        + "## Points (mean/std over seeds; diverged seeds left out)\n\n"
-        + _md_table(result.points, point_cols)
-        + "\n## Members\n\n"
-        + _md_table(result.members, member_cols)
-    )
-
-
-def _shape(plan: SweepPlan) -> str:
-    parts = [f"{len(v)} {k.rpartition('.')[2]}" for k, v in plan.grid.axes.items()]
-    parts.append(f"{len(plan.seeds)} seed{'s' if len(plan.seeds) != 1 else ''}")
-    return " x ".join(parts)
-
-
-def _write_outputs(
-    plan: SweepPlan,
-    prog: SweepProgram,
-    result: SweepResult,
-    rows: list[dict[str, Any]],
-    run_dir: Path,
-    plots: bool,
-) -> None:
-    header = (
-        "# jaxopt2 sweep: the resolved config of the first member; the keys in grid.yaml\n"
-        "# are swept (`jaxopt2 run` of this file trains that first member).\n"
-    )
-    _write(run_dir / "config.yaml", header + plan.base.to_yaml())
-    _write(run_dir / "grid.yaml", OmegaConf.to_yaml(OmegaConf.create(_grid_data(plan))))
-    data = {
-        "task": plan.base.task_spec.name,
-        "model": plan.base.model_name,
-        "optimizer": plan.base.optimizer.name,
-        "steps": plan.base.run.steps,
-        "grid": _grid_data(plan),
-        "num_members": len(plan.members),
-        "num_params": prog.n_params,
-        "compile_time_s": result.compile_time_s,
-        "train_time_s": result.train_time_s,
-        "wall_time_s": result.wall_time_s,
-        "best": result.best,
-        "points": result.points,
-        "members": result.members,
-    }
-    _write(run_dir / "results.json", json.dumps(data, indent=2) + "\n")
-    _write(run_dir / "results.md", results_markdown(plan, result))
-    _write(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    if plots:
-        plot_sweep(plan, result, rows, run_dir / "sweep.png")
-
-
-def plot_sweep(
-    plan: SweepPlan, result: SweepResult, rows: list[dict[str, Any]], path: Path
-) -> None:
-    """Final loss vs the learning rate (or the first axis), one line per value of the other
-    axes, error bars over seeds; and every member's loss curve."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    axes_keys = list(plan.grid.axes)
-    lr_key = "optimizer.learning_rate"
-    x_key = lr_key if lr_key in axes_keys else (axes_keys[0] if axes_keys else None)
-    others = [k for k in axes_keys if k != x_key]
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 4.8))
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for p in result.points:
-        groups.setdefault(tuple(p[k] for k in others), []).append(p)
-    cmap = plt.get_cmap("viridis")
-    for g_idx, (gkey, pts) in enumerate(groups.items()):
-        label = _fmt_values(dict(zip(others, gkey, strict=True))) if others else "mean ± std"
-        color = f"C{g_idx}" if len(groups) <= 10 else cmap(g_idx / (len(groups) - 1))
-        ok = [p for p in pts if p["final_loss_mean_seed_mean"] is not None]
-        if x_key is None:
-            xs = [float(s) for s in plan.seeds]
-            ys = [r["final_loss_mean"] for r in result.members]
-            ax0.plot(xs, ys, "o", color=color, label="per seed")
-            continue
-        xs = [p[x_key] for p in ok]
-        ys = [p["final_loss_mean_seed_mean"] for p in ok]
-        es = [p["final_loss_mean_seed_std"] or 0.0 for p in ok]
-        ax0.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=3, color=color, label=label)
-        bad = [p[x_key] for p in pts if p["diverged"]]
-        if bad:
-            ax0.plot(bad, [max(ys) if ys else 1.0] * len(bad), "x", color=color, ms=8)
-    xs_all = [p[x_key] for p in result.points] if x_key else [1.0]
-    if x_key and min(xs_all) > 0:
-        ax0.set_xscale("log")
-    finals = [p["final_loss_mean_seed_mean"] for p in result.points]
-    finals = [v for v in finals if v is not None]
-    if finals and min(finals) > 0:
-        ax0.set_yscale("log")
-    ax0.set_xlabel(x_key or "seed")
-    ax0.set_ylabel(f"final train loss (mean of last {plan.base.run.log_every} steps)")
-    diverged = any(p["diverged"] for p in result.points)
-    ax0.set_title(_title(plan) + ("  (x: diverged)" if diverged else ""))
-    ax0.legend(fontsize=8)
-    n_pts = max(1, len(plan.points) - 1)
-    all_pos = True
-    for j, mem in enumerate(plan.members):
-        xs, ys = [], []
-        for r in rows:
-            v = r["loss_mean"][j]
-            if v is not None:
-                xs.append(r["step"])
-                ys.append(v)
-        all_pos = all_pos and (not ys or min(ys) > 0)
-        first_seed = mem.seed == plan.seeds[0]
-        ax1.plot(
-            xs,
-            ys,
-            color=cmap(mem.point / n_pts) if len(plan.points) > 1 else "C0",
-            lw=1,
-            alpha=0.8,
-            label=_fmt_values(mem.values) if first_seed and len(plan.points) <= 12 else None,
-        )
-    if all_pos:
-        ax1.set_yscale("log")
-    first = [v for v in rows[0]["loss_mean"] if v is not None] if rows else []
-    if first and all_pos:  # keep blow-ups from flattening the other curves
-        ax1.set_ylim(top=min(ax1.get_ylim()[1], 10 * max(first)))
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("train loss (window mean)")
-    ax1.set_title(f"loss curves ({len(plan.members)} members)")
-    if len(plan.points) <= 12 and plan.points[0]:
-        ax1.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def format_sweep_summary(
-    plan: SweepPlan, prog: SweepProgram, result: SweepResult, run_dir: Path | None
-) -> str:
-    b = plan.base
-    lines = [
-        f"jaxopt2 sweep: {_title(plan)} — {len(plan.members)} members ({_shape(plan)}), "
-        f"{b.run.steps} steps, one program"
-    ]
-    best = result.best
-    if best is None:
-        lines.append("  best        none: every member diverged")
-    else:
-        vals = _fmt_values({k: best[k] for k in plan.grid.axes})
-        ev = [
-            f"{k[5 : -len('_seed_mean')]} {_fmt(v)}"
-            for k, v in best.items()
-            if k.startswith("eval_") and k.endswith("_seed_mean")
-        ]
-        lines.append(
-            f"  best        {vals}: final loss {_fmt(best['final_loss_mean_seed_mean'])} ± "
-            f"{_fmt(best['final_loss_mean_seed_std'])} over {best['seeds'] - best['diverged']} "
-            f"seed(s)" + (f"; eval {', '.join(ev)}" if ev else "")
-        )
-    div = [r for r in result.members if r["diverged"]]
-    if div:
-        where = ", ".join(
-            f"{_fmt_values({k: r[k] for k in plan.grid.axes}, r['seed'])} @ {r['diverged_step']}"
-            for r in div[:3]
-        )
-        more = f" (+{len(div) - 3} more)" if len(div) > 3 else ""
-        lines.append(f"  diverged    {len(div)}/{len(plan.members)}: {where}{more}")
-    per = result.train_time_s / max(1, b.run.steps)
-    lines.append(
-        f"  time        {result.train_time_s:.2f} s training + {result.compile_time_s:.2f} s "
-        f"compile; {per * 1e3:.2f} ms per step for all members"
-    )
-    lines.append("")
-    lines.append(_points_text(plan, result))
-    if run_dir is not None:
-        lines.append(
-            f"  run dir     {run_dir}  (results.md, results.json, metrics.jsonl, sweep.png)"
-        )
-    return "\n".join(lines)
-
-
-def _points_text(plan: SweepPlan, result: SweepResult) -> str:
-    keys = list(plan.grid.axes)
-    head = [k.rpartition(".")[2] for k in keys] + ["final loss", "± std", "diverged"]
-    rows = []
-    for p in result.points:
-        mark = " *" if result.best is not None and p["point"] == result.best["point"] else ""
-        rows.append(
-            [f"{p[k]:g}" for k in keys]
-            + [_fmt(p["final_loss_mean_seed_mean"]) + mark, _fmt(p["final_loss_mean_seed_std"])]
-            + [f"{p['diverged']}/{p['seeds']}"]
-        )
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    fmt = lambda cells: "  " + "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
-    return "\n".join([fmt(head), *(fmt(r) for r in rows)])
+    if not same:
+        atomic_write(cfg_path, _CONFIG_HEADER + plan.base.to_yaml())
+        atomic_write(grid_path, OmegaConf.to_yaml(OmegaConf.create(grid)))
+    return same
 
 
 def sweep(
@@ -933,10 +739,14 @@ def sweep(
     progress: bool | None = None,
     stream: TextIO | str | None = "stdout",
     plots: bool = True,
+    handle_signals: bool = False,
 ) -> SweepResult:
-    """``jaxopt2 sweep`` in-process: validate, prepare the run dir, train, write outputs."""
+    """``jaxopt2 sweep`` in-process: validate, prepare (or resume) the run dir, train, write
+    outputs."""
     plan = prepare_sweep(spec, items)
     if run_dir is None:
         run_dir = Path("runs") / f"{plan.stem}-sweep"
     prepare_sweep_dir(run_dir, plan, overwrite=overwrite)
-    return run_sweep(plan, run_dir, progress=progress, stream=stream, plots=plots)
+    return run_sweep(
+        plan, run_dir, progress=progress, stream=stream, plots=plots, handle_signals=handle_signals
+    )

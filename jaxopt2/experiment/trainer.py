@@ -69,7 +69,8 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
     return None
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Replace `path` by `text` so that a kill leaves the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -106,7 +107,7 @@ def prepare_run_dir(run_dir: Path, rc: ResolvedConfig, overwrite: bool = False) 
             "run);\nchoose another --run-dir."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(cfg_path, rc.to_yaml())
+    atomic_write(cfg_path, rc.to_yaml())
     return False
 
 
@@ -231,8 +232,10 @@ class Trainer:
         self.chunk_len = cfg.log_every
 
         key = jax.random.PRNGKey(cfg.seed)
-        k_model, self._k_data, self._k_opt = (jax.random.fold_in(key, i) for i in range(3))
-        self._k_diag = jax.random.fold_in(key, 3)  # curvature diagnostics (own stream)
+        # Independent streams: model init, the data order, the optimizer's per-step keys and the
+        # curvature diagnostics. data_key and opt_key are public: the sweep stacks them.
+        k_model, self.data_key, self.opt_key = (jax.random.fold_in(key, i) for i in range(3))
+        self.diag_key = jax.random.fold_in(key, 3)
         task = rc.task_spec.build(rc.task, rc.model_name, rc.model, k_model)
         self.task = task
         params, self._static = eqx.partition(task.model, eqx.is_inexact_array)
@@ -264,18 +267,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ the jitted program
 
-    def _sampled(self) -> bool:
+    @property
+    def sampled(self) -> bool:
+        """True when steps see minibatches (False: every step sees the whole training set)."""
         return bool(self.train_data) and self.batch_size < self.task.n_train
 
     def _perm(self, step: jax.Array) -> jax.Array:
         """The row order of the epoch that `step` is in (a function of seed and epoch only)."""
-        return epoch_order(self._k_data, step, self.steps_per_epoch, self.task.n_train)
+        return epoch_order(self.data_key, step, self.steps_per_epoch, self.task.n_train)
 
-    def _batch(
+    def batch(
         self, data: tuple[jax.Array, ...], step: jax.Array, perm: jax.Array | None = None
     ) -> tuple[jax.Array, ...]:
         """The batch of `step` (`perm`: that epoch's order, if already computed)."""
-        if not self._sampled():
+        if not self.sampled:
             return data
         if perm is None:
             perm = self._perm(step)
@@ -286,7 +291,7 @@ class Trainer:
         tx, lr_fn = self.opt.tx, self.opt.lr
         skip_mode = self.rc.run.nonfinite == "skip"
 
-        sampled = self._sampled()
+        sampled = self.sampled
 
         def body(c_perm, i):
             c, perm = c_perm
@@ -296,8 +301,8 @@ class Trainer:
                 perm = jax.lax.cond(
                     step % self.steps_per_epoch == 0, self._perm, lambda s: perm, step
                 )
-            batch = self._batch(data, step, perm)
-            key = jax.random.fold_in(self._k_opt, step)
+            batch = self.batch(data, step, perm)
+            key = jax.random.fold_in(self.opt_key, step)
             loss, updates, new_params, new_opt, finite = train_step(
                 tx, self.loss_fn, c["params"], c["opt_state"], batch, key
             )
@@ -334,7 +339,7 @@ class Trainer:
         )
         return carry, metrics
 
-    def _eval(self, params: Any, data: tuple[jax.Array, ...]) -> dict[str, jax.Array]:
+    def eval_metrics(self, params: Any, data: tuple[jax.Array, ...]) -> dict[str, jax.Array]:
         self.eval_trace_count += 1
         model = eqx.combine(params, self._static)
         return {k: jnp.asarray(v, F32) for k, v in self.task.eval_metrics(model, *data).items()}
@@ -351,7 +356,7 @@ class Trainer:
 
         self.diag_trace_count += 1
         d = self.rc.run.diagnostics
-        batch = data if d.batch == "full" else self._batch(data, step)
+        batch = data if d.batch == "full" else self.batch(data, step)
 
         def value_fn(p):
             return self.loss_fn(p, *batch)
@@ -360,7 +365,7 @@ class Trainer:
         out = curvature_metrics(
             value_fn,
             params,
-            jax.random.fold_in(self._k_diag, step),
+            jax.random.fold_in(self.diag_key, step),
             top_k=d.top_k,
             num_iters=min(d.num_iters, self.n_params),
             trace_probes=d.trace_probes,
@@ -395,7 +400,9 @@ class Trainer:
         ).compile()
         if self.eval_data is not None:
             self._compiled_eval = (
-                jax.jit(self._eval).lower(self.init_carry["params"], self.eval_data).compile()
+                jax.jit(self.eval_metrics)
+                .lower(self.init_carry["params"], self.eval_data)
+                .compile()
             )
         d = self.rc.run.diagnostics
         if d.every > 0:
@@ -457,7 +464,7 @@ class Trainer:
         carry = jax.tree.map(lambda x: jnp.array(x, copy=True), carry)
         # Metric rows after the restored step belong to lost work: drop them.
         rows = read_metrics(metrics_path, max_step=start)
-        _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         self.resumed_from = start if restored is not None else None
         saved_step = start if restored is not None else None
 
@@ -621,7 +628,7 @@ class Trainer:
             if rc.optimizer.schedule == "constant":
                 lr = rc.optimizer.learning_rate
             summary["final_stability_threshold"] = 2.0 / lr if lr else None
-        _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         if self.plots and rows:
             from jaxopt2.experiment.plots import plot_run
 

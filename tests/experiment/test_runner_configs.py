@@ -100,9 +100,9 @@ def test_train_step_compiles_once_and_takes_the_data_as_arguments(tmp_path):
 def test_batches_are_deterministic_per_step(tmp_path):
     rc, _ = load_config("quickstart", ["model.hidden=[8]"])
     t = Trainer(rc, tmp_path, progress=False, stream=None)
-    b1 = t._batch(t.train_data, np.int32(13))
-    b2 = t._batch(t.train_data, np.int32(13))
-    b3 = t._batch(t.train_data, np.int32(14))
+    b1 = t.batch(t.train_data, np.int32(13))
+    b2 = t.batch(t.train_data, np.int32(13))
+    b3 = t.batch(t.train_data, np.int32(14))
     np.testing.assert_array_equal(b1[0], b2[0])
     assert not np.array_equal(b1[0], b3[0])
     assert b1[0].dtype == np.float32 and b1[0].shape == (128, 64)

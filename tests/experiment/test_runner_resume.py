@@ -4,15 +4,13 @@ as an uninterrupted run; SIGTERM -> checkpoint, exit 143, resumable."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.experiment.helpers import last_step, start_cli, wait_for_step
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,52 +27,8 @@ checkpoint: {every: 200, keep: 2}
 """
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _start(cfg: Path, run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jaxopt2",
-            "run",
-            str(cfg),
-            "--run-dir",
-            str(run_dir),
-            "--no-progress",
-        ],
-        cwd=cfg.parent,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _last_step(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    for line in reversed(lines):
-        try:
-            return json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError):
-            continue
-    return 0
-
-
-def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120):
-    t0 = time.monotonic()
-    while _last_step(run_dir) < step:
-        assert proc.poll() is None, f"run ended early: {proc.communicate()}"
-        assert time.monotonic() - t0 < timeout, "run made no progress"
-        time.sleep(0.01)
+def _start(cfg: Path, run_dir: Path):
+    return start_cli("run", str(cfg), "--run-dir", str(run_dir), "--no-progress", cwd=cfg.parent)
 
 
 def _params(run_dir: Path) -> dict[str, np.ndarray]:
@@ -117,10 +71,10 @@ def test_sigkill_then_rerun_is_bitwise_identical(setup):
     cfg, base, _, _ = setup
     run_dir = base / "killed"
     proc = _start(cfg, run_dir)
-    _wait_for_step(proc, run_dir, 450)  # past the checkpoints at 200 and 400
+    wait_for_step(proc, run_dir, 450)  # past the checkpoints at 200 and 400
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    killed_at = _last_step(run_dir)
+    killed_at = last_step(run_dir)
     assert 450 <= killed_at < 6000
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] >= 400
@@ -142,7 +96,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(setup):
     cfg, base, _, _ = setup
     run_dir = base / "terminated"
     proc = _start(cfg, run_dir)
-    _wait_for_step(proc, run_dir, 250)
+    wait_for_step(proc, run_dir, 250)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
@@ -151,7 +105,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(setup):
     assert summary["status"] == "interrupted"
     stopped = summary["steps"]
     assert 250 <= stopped < 6000 and summary["last_checkpoint_step"] == stopped
-    assert _last_step(run_dir) == stopped
+    assert last_step(run_dir) == stopped
     # the checkpoint loads into a fresh state of the same config
     rc, _ = load_config(str(cfg))
     like = Trainer(rc, run_dir, progress=False, stream=None).init_carry
