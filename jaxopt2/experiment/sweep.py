@@ -339,6 +339,10 @@ class SweepProgram:
         self.params0 = stack([trainers[m.seed].init_carry["params"] for m in members])
         self.k_data = jnp.stack([trainers[m.seed].data_key for m in members])
         self.k_opt = jnp.stack([trainers[m.seed].opt_key for m in members])
+        self.k_diag = jnp.stack([trainers[m.seed].diag_key for m in members])
+        self.diag_every = base.run.diagnostics.every
+        if self.diag_every:
+            t0.check_diagnostics()
         self.hyper = {k: _weak([m.values[k] for m in members]) for k in plan.grid.axes}
         self.n_members = len(members)
         self.trace_count = 0
@@ -346,6 +350,8 @@ class SweepProgram:
         self._compiled = None
         self._compiled_init = None
         self._compiled_eval = None
+        self._compiled_diag = None
+        self.diag_trace_count = 0
 
     def _tx(self, hyper: dict[str, jax.Array]):
         from jaxopt2.experiment.optim import build_optimizer
@@ -421,6 +427,16 @@ class SweepProgram:
     def _eval(self, params: Any, data: tuple[jax.Array, ...]) -> dict[str, jax.Array]:
         return jax.vmap(self.t0.eval_metrics, in_axes=(0, None))(params, data)
 
+    def _diagnostics(self, params, data, step, k_data, k_diag) -> dict[str, jax.Array]:
+        """Every member's curvature diagnostics (the runner's, with the member's own data and
+        diagnostics keys), one vmapped program."""
+        self.diag_trace_count += 1
+
+        def member(p, kd, kg):
+            return self.t0.diagnostics_metrics(p, data, step, data_key=kd, diag_key=kg)
+
+        return jax.vmap(member)(params, k_data, k_diag)
+
     def compile(self) -> None:
         if self._compiled is not None:
             return
@@ -441,6 +457,12 @@ class SweepProgram:
         )
         if self.eval_data is not None:
             self._compiled_eval = jax.jit(self._eval).lower(self.params0, self.eval_data).compile()
+        if self.diag_every:
+            self._compiled_diag = (
+                jax.jit(self._diagnostics)
+                .lower(self.params0, self.train_data, jnp.asarray(0, I32), self.k_data, self.k_diag)
+                .compile()
+            )
         self.compile_time = time.perf_counter() - t0
 
     def init(self) -> dict[str, Any]:
@@ -458,6 +480,22 @@ class SweepProgram:
             return [{} for _ in range(self.n_members)]
         out = jax.device_get(self._compiled_eval(params, self.eval_data))
         return [{f"eval_{k}": _clean(v[i]) for k, v in out.items()} for i in range(self.n_members)]
+
+    def diagnose(self, params: Any, step: int) -> list[dict[str, Any]]:
+        """Every member's diagnostics row fields at `params` (after `step` steps)."""
+        from jaxopt2.experiment.trainer import diagnostics_row
+
+        if self._compiled_diag is None:
+            return [{} for _ in range(self.n_members)]
+        out = jax.device_get(
+            self._compiled_diag(
+                params, self.train_data, jnp.asarray(step, I32), self.k_data, self.k_diag
+            )
+        )
+        top_k = self.plan.base.run.diagnostics.top_k
+        return [
+            diagnostics_row({k: v[i] for k, v in out.items()}, top_k) for i in range(self.n_members)
+        ]
 
 
 # ----------------------------------------------------------------------------- running
@@ -525,6 +563,21 @@ def _metrics_row(
         means.append(_clean(np.mean(window)) if len(window) else None)
         losses.append(last)
     return losses, means
+
+
+_DIAG_FINALS = ("sharpness", "trace", "grad_topk_share")
+
+
+def _due(step: int, n: int, steps: int, every: int) -> bool:
+    """A chunk of `n` steps that ended at `step` reached a multiple of `every` (0: never), or
+    the run ended (the runner's rule for evaluations and diagnostics)."""
+    return bool(every) and (step >= steps or step // every > (step - n) // every)
+
+
+def _per_member(records: list[dict[str, Any]], alive: np.ndarray) -> dict[str, list[Any]]:
+    """``[{k: v}, ...]`` per member -> ``{k: [v, ...]}``; None for diverged members."""
+    keys = [k for k in records[0]] if records else []
+    return {k: [r[k] if ok else None for r, ok in zip(records, alive, strict=True)] for k in keys}
 
 
 def run_sweep(
@@ -616,6 +669,11 @@ def run_sweep(
                     "loss_mean": means,
                     "diverged": int(np.sum(diverged_at > 0)),
                 }
+                alive = (diverged_at == 0) | prog.skip_mode
+                if step >= steps or _due(step, n, steps, base.run.eval_every):
+                    row.update(_per_member(prog.evaluate(carry["params"]), alive))
+                if _due(step, n, steps, prog.diag_every):
+                    row.update(_per_member(prog.diagnose(carry["params"], step), alive))
                 rows.append(row)
                 if mf is not None:
                     mf.write(json.dumps(row) + "\n")
@@ -676,6 +734,10 @@ def run_sweep(
             rec["nonfinite_steps"] = int(nonfinite[j])
         if not diverged:
             rec.update(evals[j])
+            for key in _DIAG_FINALS:
+                logged = [r[key][j] for r in rows if r.get(key) is not None]
+                if logged:
+                    rec[f"final_{key}"] = logged[-1]
         members.append(rec)
     points = R.aggregate(plan, members)
     result = SweepResult(

@@ -19,6 +19,7 @@ __all__ = [
     "format_sweep_summary",
     "grid_data",
     "plot_sweep",
+    "plot_sweep_sharpness",
     "results_markdown",
     "write_outputs",
 ]
@@ -48,7 +49,7 @@ def aggregate(plan: SweepPlan, members: list[dict[str, Any]]) -> list[dict[str, 
         for key in ("final_loss", "final_loss_mean"):
             mean, std = _mean_std([r[key] for r in ok if r[key] is not None])
             agg[f"{key}_seed_mean"], agg[f"{key}_seed_std"] = mean, std
-        eval_keys = sorted({k for r in ok for k in r if k.startswith("eval_")})
+        eval_keys = sorted({k for r in ok for k in r if k.startswith(("eval_", "final_sh"))})
         for k in eval_keys:
             agg[f"{k}_seed_mean"] = _mean_std([r[k] for r in ok if r.get(k) is not None])[0]
         points.append(agg)
@@ -99,6 +100,7 @@ def results_markdown(plan: SweepPlan, result: SweepResult) -> str:
         ("last-step loss mean", "final_loss_seed_mean"),
         ("last-step loss std", "final_loss_seed_std"),
         *[(f"eval {k[5:]} mean", f"{k}_seed_mean") for k in evals],
+        ("final sharpness mean", "final_sharpness_seed_mean"),
     ]
     member_cols = [
         ("member", "member"),
@@ -110,6 +112,8 @@ def results_markdown(plan: SweepPlan, result: SweepResult) -> str:
         ("last-step loss", "final_loss"),
         ("best loss", "best_loss"),
         *[(f"eval {k[5:]}", k) for k in evals],
+        ("final sharpness", "final_sharpness"),
+        ("final trace", "final_trace"),
         ("non-finite steps", "nonfinite_steps"),
     ]
     b = plan.base
@@ -168,6 +172,46 @@ def write_outputs(
     atomic_write(run_dir / "results.md", results_markdown(plan, result))
     if plots:
         plot_sweep(plan, result, rows, run_dir / "sweep.png")
+        if any(r.get("sharpness") is not None for r in rows):
+            plot_sweep_sharpness(plan, rows, run_dir / "sharpness.png")
+
+
+def plot_sweep_sharpness(plan: SweepPlan, rows: list[dict[str, Any]], path: Path) -> None:
+    """Every member's sharpness (top Hessian eigenvalue) against the step, with the
+    stability line 2/lr of each learning rate (dashed, same colour) under a constant schedule:
+    the edge-of-stability picture across a learning-rate sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    base = plan.base
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    cmap = plt.get_cmap("viridis")
+    n_pts = max(1, len(plan.points) - 1)
+    lines_drawn: set[float] = set()
+    for j, mem in enumerate(plan.members):
+        pts = [(r["step"], r["sharpness"][j]) for r in rows if r.get("sharpness") is not None]
+        pts = [(x, y) for x, y in pts if y is not None]
+        if not pts:
+            continue
+        color = cmap(mem.point / n_pts) if len(plan.points) > 1 else "C0"
+        first_seed = mem.seed == plan.seeds[0]
+        label = fmt_values(mem.values) if first_seed and len(plan.points) <= 12 else None
+        ax.plot(*zip(*pts, strict=True), marker="o", ms=2, lw=1, color=color, label=label)
+        lr = float(mem.values.get("optimizer.learning_rate", base.optimizer.learning_rate))
+        if base.optimizer.schedule == "constant" and lr > 0 and lr not in lines_drawn:
+            lines_drawn.add(lr)
+            ax.axhline(2.0 / lr, color=color, ls="--", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("sharpness (top Hessian eigenvalue)")
+    note = "; dashed: 2 / learning rate" if lines_drawn else ""
+    ax.set_title(f"{_title(plan)}{note}", fontsize=9)
+    if len(plan.points) <= 12 and plan.points[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def plot_sweep(

@@ -162,6 +162,19 @@ def batch_at(
     return tuple(jnp.take(a, idx, axis=0) for a in data)
 
 
+def diagnostics_row(out: dict[str, Any], top_k: int) -> dict[str, Any]:
+    """Metrics-row fields from one run's diagnostics output (host arrays): scalars as floats
+    (None if not finite), ``top_eigenvalues`` as a list when more than one was computed."""
+    row: dict[str, Any] = {}
+    for k, v in out.items():
+        if k == "top_eigenvalues":
+            if top_k > 1:
+                row[k] = [_clean(float(x)) for x in np.asarray(v)]
+        else:
+            row[k] = _clean(float(v))
+    return row
+
+
 def train_step(
     tx: optax.GradientTransformation,
     loss_fn: Callable[..., jax.Array],
@@ -272,18 +285,25 @@ class Trainer:
         """True when steps see minibatches (False: every step sees the whole training set)."""
         return bool(self.train_data) and self.batch_size < self.task.n_train
 
-    def _perm(self, step: jax.Array) -> jax.Array:
+    def _perm(self, step: jax.Array, data_key: jax.Array | None = None) -> jax.Array:
         """The row order of the epoch that `step` is in (a function of seed and epoch only)."""
-        return epoch_order(self.data_key, step, self.steps_per_epoch, self.task.n_train)
+        key = self.data_key if data_key is None else data_key
+        return epoch_order(key, step, self.steps_per_epoch, self.task.n_train)
 
     def batch(
-        self, data: tuple[jax.Array, ...], step: jax.Array, perm: jax.Array | None = None
+        self,
+        data: tuple[jax.Array, ...],
+        step: jax.Array,
+        perm: jax.Array | None = None,
+        *,
+        data_key: jax.Array | None = None,
     ) -> tuple[jax.Array, ...]:
-        """The batch of `step` (`perm`: that epoch's order, if already computed)."""
+        """The batch of `step` (`perm`: that epoch's order, if already computed; `data_key`:
+        another seed's data stream instead of this run's)."""
         if not self.sampled:
             return data
         if perm is None:
-            perm = self._perm(step)
+            perm = self._perm(step, data_key)
         return batch_at(data, perm, step, self.batch_size, self.steps_per_epoch)
 
     def _chunk(self, carry: dict[str, Any], data: tuple[jax.Array, ...], n_active: jax.Array):
@@ -344,19 +364,27 @@ class Trainer:
         model = eqx.combine(params, self._static)
         return {k: jnp.asarray(v, F32) for k, v in self.task.eval_metrics(model, *data).items()}
 
-    def _diagnostics(
-        self, params: Any, data: tuple[jax.Array, ...], step: jax.Array
+    def diagnostics_metrics(
+        self,
+        params: Any,
+        data: tuple[jax.Array, ...],
+        step: jax.Array,
+        *,
+        data_key: jax.Array | None = None,
+        diag_key: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """Curvature diagnostics at `params` (config section ``diagnostics``), one program.
 
         It runs on the host's schedule, outside the fused train step, so that step stays the
-        same program (and as fast) whether diagnostics are on or off.
+        same program (and as fast) whether diagnostics are on or off. `data_key` / `diag_key`
+        replace this run's streams (a sweep passes each member's).
         """
         from jaxopt2.experiment.diagnostics import curvature_metrics
 
         self.diag_trace_count += 1
         d = self.rc.run.diagnostics
-        batch = data if d.batch == "full" else self.batch(data, step)
+        batch = data if d.batch == "full" else self.batch(data, step, data_key=data_key)
+        diag_key = self.diag_key if diag_key is None else diag_key
 
         def value_fn(p):
             return self.loss_fn(p, *batch)
@@ -365,7 +393,7 @@ class Trainer:
         out = curvature_metrics(
             value_fn,
             params,
-            jax.random.fold_in(self.diag_key, step),
+            jax.random.fold_in(diag_key, step),
             top_k=d.top_k,
             num_iters=min(d.num_iters, self.n_params),
             trace_probes=d.trace_probes,
@@ -379,15 +407,17 @@ class Trainer:
             return {}
         t0 = time.perf_counter()
         out = jax.device_get(self._compiled_diag(params, self.train_data, jnp.asarray(step, I32)))
-        row: dict[str, Any] = {}
-        for k, v in out.items():
-            if k == "top_eigenvalues":
-                if self.rc.run.diagnostics.top_k > 1:
-                    row[k] = [_clean(float(x)) for x in np.asarray(v)]
-            else:
-                row[k] = _clean(float(v))
+        row = diagnostics_row(out, self.rc.run.diagnostics.top_k)
         row["diag_time"] = time.perf_counter() - t0
         return row
+
+    def check_diagnostics(self) -> None:
+        """Refuse a ``diagnostics`` section this model cannot satisfy."""
+        d = self.rc.run.diagnostics
+        if d.every > 0 and d.top_k > self.n_params:
+            raise ConfigError(
+                f"diagnostics.top_k ({d.top_k}) exceeds the number of parameters ({self.n_params})"
+            )
 
     def compile(self) -> None:
         """Compile the fused train step (and the evaluation) once; idempotent."""
@@ -406,13 +436,9 @@ class Trainer:
             )
         d = self.rc.run.diagnostics
         if d.every > 0:
-            if d.top_k > self.n_params:
-                raise ConfigError(
-                    f"diagnostics.top_k ({d.top_k}) exceeds the number of parameters "
-                    f"({self.n_params})"
-                )
+            self.check_diagnostics()
             self._compiled_diag = (
-                jax.jit(self._diagnostics)
+                jax.jit(self.diagnostics_metrics)
                 .lower(self.init_carry["params"], self.train_data, jnp.asarray(0, I32))
                 .compile()
             )

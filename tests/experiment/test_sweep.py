@@ -128,6 +128,43 @@ def test_adahessian_sweep_matches_runs(tmp_path):
         assert _rel(s["final_loss"], m["final_loss"]) < 1e-5, (m, s)
 
 
+def test_sweep_logs_each_members_evaluations_and_diagnostics_like_runs(tmp_path):
+    """eval_every and the diagnostics section work in a sweep as in a run: every member gets
+    the runner's numbers (its own batches and diagnostics keys), and sharpness.png is drawn."""
+    over = [
+        "steps=20",
+        "log_every=10",
+        "eval_every=10",
+        "batch_size=64",
+        "model.hidden=[8]",
+        "diagnostics.every=10",
+        "diagnostics.top_k=2",
+        "diagnostics.num_iters=12",
+        "diagnostics.trace_probes=4",
+        "diagnostics.grad_share=true",
+    ]
+    res = sweep(
+        DIGITS, [*over, "optimizer.learning_rate=1e-3,3e-2", "seed=0,1"], tmp_path / "s",
+        progress=False, stream=None,
+    )  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20]
+    assert (tmp_path / "s" / "sharpness.png").stat().st_size > 10_000
+    keys = ("sharpness", "trace", "trace_stderr", "grad_topk_share", "eval_loss", "eval_accuracy")
+    for m in res.members[1:3]:  # two runs cover both seeds and both learning rates
+        j = m["member"]
+        rc, _ = load_config(DIGITS, over + _grid_args(m))
+        run_dir = tmp_path / f"r{j}"
+        run_config(rc, run_dir, progress=False, stream=None)
+        run_rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        for row, run_row in zip(rows, run_rows, strict=True):
+            for key in keys:
+                assert _rel(run_row[key], row[key][j]) < 1e-4, (j, row["step"], key)
+            for a, b in zip(run_row["top_eigenvalues"], row["top_eigenvalues"][j], strict=True):
+                assert _rel(a, b) < 1e-4
+        assert m["final_sharpness"] == rows[-1]["sharpness"][j]
+
+
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
