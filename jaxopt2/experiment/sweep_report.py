@@ -340,7 +340,8 @@ def format_sweep_summary(plan: SweepPlan, result: SweepResult, run_dir: Path | N
     lines.append(_points_text(plan, result))
     if run_dir is not None:
         lines.append(
-            f"  run dir     {run_dir}  (results.md, results.json, metrics.jsonl, sweep.png)"
+            f"  run dir     {run_dir}  (results.md, results.json, metrics.jsonl, sweep.png"
+            + (", sharpness.png)" if b.run.diagnostics.every else ")")
         )
     return "\n".join(lines)
 
