@@ -27,7 +27,8 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from jaxopt2.experiment.config import load_config  # noqa: E402
-from jaxopt2.experiment.trainer import Trainer, prepare_run_dir  # noqa: E402
+from jaxopt2.experiment.rundir import prepare_run_dir  # noqa: E402
+from jaxopt2.experiment.trainer import Trainer  # noqa: E402
 from jaxopt2.optimizers.contract import value_and_update  # noqa: E402
 
 

@@ -135,7 +135,8 @@ def compare(
 
     if stream == "stdout":
         stream = sys.stdout
-    from jaxopt2.experiment.trainer import read_metrics, run_config
+    from jaxopt2.experiment.rundir import read_metrics
+    from jaxopt2.experiment.trainer import run_config
 
     subs = []
     seen: set[str] = set()

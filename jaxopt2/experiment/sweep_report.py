@@ -150,7 +150,7 @@ def write_outputs(
     plan: SweepPlan, result: SweepResult, rows: list[dict[str, Any]], run_dir: Path, plots: bool
 ) -> None:
     """``results.json``, ``results.md`` and (if `plots`) ``sweep.png`` in `run_dir`."""
-    from jaxopt2.experiment.trainer import atomic_write
+    from jaxopt2.experiment.rundir import atomic_write
 
     data = {
         "task": plan.base.task_spec.name,

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -32,168 +30,17 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from omegaconf import OmegaConf
 
 from jaxopt2.experiment.config import ResolvedConfig
-from jaxopt2.experiment.errors import ConfigError, NonFiniteError, UserError
+from jaxopt2.experiment.errors import ConfigError, NonFiniteError
 from jaxopt2.experiment.optim import build_optimizer, global_norm
-from jaxopt2.optimizers.contract import value_and_update
+from jaxopt2.experiment.rundir import atomic_write, clean, prepare_run_dir, read_metrics
+from jaxopt2.experiment.step import batch_at, diagnostics_row, epoch_order, train_step
 
-__all__ = [
-    "RunResult",
-    "Trainer",
-    "batch_at",
-    "epoch_order",
-    "prepare_run_dir",
-    "read_metrics",
-    "train_step",
-]
+__all__ = ["RunResult", "Trainer", "format_summary", "run_config"]
 
 F32 = jnp.float32
 I32 = jnp.int32
-
-
-# ----------------------------------------------------------------------------- run dirs
-
-
-def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in list(new) + [k for k in old if k not in new]:
-            d = _first_difference(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
-            if d:
-                return d
-        return None
-    if old != new:
-        return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
-    return None
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Replace `path` by `text` so that a kill leaves the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def prepare_run_dir(run_dir: Path, rc: ResolvedConfig, overwrite: bool = False) -> bool:
-    """Create or check a run directory; True if it holds this same config (resume).
-
-    Raises:
-      UserError: the directory holds a different config (without `overwrite`) or is not a
-        run directory.
-    """
-    cfg_path = run_dir / "config.yaml"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run dir {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and cfg_path.is_file():
-        try:
-            saved = OmegaConf.to_container(OmegaConf.load(cfg_path))
-        except Exception:
-            saved = None
-        if saved == rc.data:
-            return True
-        if not overwrite:
-            diff = _first_difference(saved, rc.data) if isinstance(saved, dict) else None
-            raise UserError(
-                f"run dir {run_dir} holds a run with a different config"
-                + (f" ({diff})" if diff else "")
-                + ".\nPass --overwrite to replace it, or --run-dir to choose another directory."
-            )
-        shutil.rmtree(run_dir)
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
-        raise UserError(
-            f"run dir {run_dir} exists, is not empty and has no config.yaml (not a jaxopt2 "
-            "run);\nchoose another --run-dir."
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(cfg_path, rc.to_yaml())
-    return False
-
-
-def read_metrics(path: Path, max_step: int | None = None) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl (a torn last line is ignored), optionally up to `max_step`."""
-    rows: list[dict[str, Any]] = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            if max_step is None or row["step"] <= max_step:
-                rows.append(row)
-    return rows
-
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, float | np.floating):
-        v = float(v)
-        return v if math.isfinite(v) else None
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.bool_):
-        return bool(v)
-    return v
-
-
-# ----------------------------------------------------------------------------- step pieces
-# Pure functions of the training step, shared with `jaxopt2 sweep` (which vmaps them over
-# grid members), so a sweep member computes exactly what a run computes.
-
-
-def epoch_order(data_key: jax.Array, step: jax.Array, steps_per_epoch: int, n_rows: int):
-    """The row order of the epoch that `step` is in: a function of the data key and epoch."""
-    epoch = step // steps_per_epoch
-    return jax.random.permutation(jax.random.fold_in(data_key, epoch), n_rows).astype(I32)
-
-
-def batch_at(
-    data: tuple[jax.Array, ...],
-    perm: jax.Array,
-    step: jax.Array,
-    batch_size: int,
-    steps_per_epoch: int,
-) -> tuple[jax.Array, ...]:
-    """The rows of `data` that `step` trains on, given its epoch's order `perm`."""
-    pos = step % steps_per_epoch
-    idx = jax.lax.dynamic_slice_in_dim(perm, pos * batch_size, batch_size)
-    return tuple(jnp.take(a, idx, axis=0) for a in data)
-
-
-def diagnostics_row(out: dict[str, Any], top_k: int) -> dict[str, Any]:
-    """Metrics-row fields from one run's diagnostics output (host arrays): scalars as floats
-    (None if not finite), ``top_eigenvalues`` as a list when more than one was computed."""
-    row: dict[str, Any] = {}
-    for k, v in out.items():
-        if k == "top_eigenvalues":
-            if top_k > 1:
-                row[k] = [_clean(float(x)) for x in np.asarray(v)]
-        else:
-            row[k] = _clean(float(v))
-    return row
-
-
-def train_step(
-    tx: optax.GradientTransformation,
-    loss_fn: Callable[..., jax.Array],
-    params: Any,
-    opt_state: Any,
-    batch: tuple[jax.Array, ...],
-    key: jax.Array,
-) -> tuple[jax.Array, Any, Any, Any, jax.Array]:
-    """One optimizer step: ``(loss, updates, new_params, new_opt_state, finite)``.
-
-    ``finite`` says whether the loss and every update are finite (the caller decides what
-    to keep).
-    """
-    loss, updates, new_opt = value_and_update(tx, loss_fn, params, opt_state, *batch, key=key)
-    new_params = optax.apply_updates(params, updates)
-    finite = jnp.isfinite(loss) & jnp.all(
-        jnp.array([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)])
-    )
-    return loss, updates, new_params, new_opt, finite
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -529,12 +376,12 @@ class Trainer:
                 window = m["loss"][: last + 1]
                 row = {
                     "step": new_step,
-                    "loss": _clean(m["loss"][last]),
-                    "loss_mean": _clean(np.mean(window)) if not halted else None,
-                    "grad_norm": _clean(m["grad_norm"][last]),
-                    "update_norm": _clean(m["update_norm"][last]),
-                    "param_norm": _clean(m["param_norm"][last]),
-                    "lr": _clean(m["lr"][last]),
+                    "loss": clean(m["loss"][last]),
+                    "loss_mean": clean(np.mean(window)) if not halted else None,
+                    "grad_norm": clean(m["grad_norm"][last]),
+                    "update_norm": clean(m["update_norm"][last]),
+                    "param_norm": clean(m["param_norm"][last]),
+                    "lr": clean(m["lr"][last]),
                     "step_time": dt / n,
                     "time": train_time,
                     "nonfinite": int(self._count(carry, "nonfinite")),

@@ -14,7 +14,8 @@ import pytest
 from jaxopt2.experiment import bundle
 from jaxopt2.experiment.config import load_config
 from jaxopt2.experiment.errors import NonFiniteError
-from jaxopt2.experiment.trainer import Trainer, prepare_run_dir, read_metrics
+from jaxopt2.experiment.rundir import prepare_run_dir, read_metrics
+from jaxopt2.experiment.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -13,7 +13,8 @@ import scipy.sparse.linalg as sla
 
 from jaxopt2.experiment.config import load_config
 from jaxopt2.experiment.errors import ConfigError
-from jaxopt2.experiment.trainer import Trainer, prepare_run_dir, read_metrics
+from jaxopt2.experiment.rundir import prepare_run_dir, read_metrics
+from jaxopt2.experiment.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -9,8 +9,8 @@ import pytest
 
 from jaxopt2.cli import main
 from jaxopt2.experiment.config import load_config
+from jaxopt2.experiment.rundir import prepare_run_dir
 from jaxopt2.experiment.spectrum import run_spectrum
-from jaxopt2.experiment.trainer import prepare_run_dir
 from tests.experiment.helpers import assert_user_error
 
 pytestmark = pytest.mark.timeout(180)
