@@ -348,15 +348,25 @@ def format_sweep_summary(plan: SweepPlan, result: SweepResult, run_dir: Path | N
 
 def _points_text(plan: SweepPlan, result: SweepResult) -> str:
     keys = list(plan.grid.axes)
+    base = plan.base
+    sharp = any(p.get("final_sharpness_seed_mean") is not None for p in result.points)
+    two_over_lr = sharp and base.optimizer.schedule == "constant"
     head = [k.rpartition(".")[2] for k in keys] + ["final loss", "± std", "diverged"]
+    head += ["sharpness"] * sharp + ["2/lr"] * two_over_lr
     rows = []
     for p in result.points:
         mark = " *" if result.best is not None and p["point"] == result.best["point"] else ""
-        rows.append(
+        row = (
             [f"{p[k]:g}" for k in keys]
             + [_fmt(p["final_loss_mean_seed_mean"]) + mark, _fmt(p["final_loss_mean_seed_std"])]
             + [f"{p['diverged']}/{p['seeds']}"]
         )
+        if sharp:
+            row.append(_fmt(p.get("final_sharpness_seed_mean")))
+        if two_over_lr:
+            lr = float(p.get("optimizer.learning_rate", base.optimizer.learning_rate))
+            row.append(_fmt(2.0 / lr) if lr > 0 else "—")
+        rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     fmt = lambda cells: "  " + "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
     return "\n".join([fmt(head), *(fmt(r) for r in rows)])

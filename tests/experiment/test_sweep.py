@@ -3,6 +3,7 @@ reported per member; bad grids are short user errors."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -143,10 +144,14 @@ def test_sweep_logs_each_members_evaluations_and_diagnostics_like_runs(tmp_path)
         "diagnostics.trace_probes=4",
         "diagnostics.grad_share=true",
     ]
+    out = io.StringIO()
     res = sweep(
         DIGITS, [*over, "optimizer.learning_rate=1e-3,3e-2", "seed=0,1"], tmp_path / "s",
-        progress=False, stream=None,
+        progress=False, stream=out,
     )  # fmt: skip
+    table = out.getvalue().split("learning_rate  final loss")[1].splitlines()
+    assert table[0].split()[-2:] == ["sharpness", "2/lr"]
+    assert table[1].split()[-1] == "2000" and table[2].split()[-1] == "66.67"  # 2/lr
     rows = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20]
     assert (tmp_path / "s" / "sharpness.png").stat().st_size > 10_000
