@@ -1,12 +1,25 @@
-"""The experiment runner behind ``jaxopt2 run | compare | list``.
+"""The experiment runner behind ``jaxopt2 run | compare | sweep | spectrum | list``.
 
 Submodules (none imported here, so ``import jaxopt2.experiment`` stays cheap and starts no
 jax backend):
 
-* :mod:`~jaxopt2.experiment.config` — YAML configs validated into typed dataclasses.
-* :mod:`~jaxopt2.experiment.tasks` and :mod:`~jaxopt2.experiment.models` — small registries
-  of offline tasks (synthetic problems and scikit-learn's bundled data sets) and equinox models.
+* :mod:`~jaxopt2.experiment.config` — YAML configs validated into typed dataclasses;
+  :mod:`~jaxopt2.experiment.bundle` mirrors ``configs/*.yaml`` into ``_bundled.py``.
+* :mod:`~jaxopt2.experiment.tasks`, :mod:`~jaxopt2.experiment.loaders`,
+  :mod:`~jaxopt2.experiment.models` and :mod:`~jaxopt2.experiment.modular` — small registries
+  of offline tasks (synthetic problems, scikit-learn's bundled data sets, the user's own data
+  files, grokking) and equinox models.
 * :mod:`~jaxopt2.experiment.optim` — optimizers built from configs through the registry.
-* :mod:`~jaxopt2.experiment.trainer` — the training loop, checkpoints and exact resume.
+* :mod:`~jaxopt2.experiment.step` — the pieces of one training step (batches, the optimizer
+  step), shared by runs and sweeps.
+* :mod:`~jaxopt2.experiment.trainer` — the training loop, checkpoints
+  (:mod:`~jaxopt2.experiment.checkpoint`) and exact resume;
+  :mod:`~jaxopt2.experiment.rundir` — run directories and the metrics file.
 * :mod:`~jaxopt2.experiment.compare` — several optimizers on the same task, overlaid.
+* :mod:`~jaxopt2.experiment.sweep` — a grid in one vmapped program
+  (:mod:`~jaxopt2.experiment.sweep_grid` parses it, :mod:`~jaxopt2.experiment.sweep_report`
+  writes the results).
+* :mod:`~jaxopt2.experiment.spectrum` and :mod:`~jaxopt2.experiment.diagnostics` — Hessian
+  spectra of checkpoints and curvature metrics during training; plots in
+  :mod:`~jaxopt2.experiment.plots`.
 """
