@@ -52,7 +52,10 @@ Measurements:
    batched with vmap) against a sequential loop, ``lax.fori_loop`` over single-probe HVPs
    with the same probes, inside one jitted function (no Python loop, no per-probe dispatch).
    Target: ratio <= 0.5. For information, the same probes in vmapped groups of 10
-   (``lax.map(batch_size=10)``).
+   (``lax.map(batch_size=10)``); a Python loop over the same probes, each calling a jitted
+   ``hvp(f, p, v)`` (what a sequential implementation without these estimators does: one
+   dispatch and one forward pass per probe); and XLA's FLOP count of the vmapped program
+   with the achieved GFLOP/s of each contender.
 
 Timing protocol (``experiments/timing.py``): every jitted function is called once first;
 that call (trace + compile + one run) is reported as ``first_call_s``. Warm times are medians
@@ -525,6 +528,15 @@ def exact_trace(params, chunk: int) -> dict[str, Any]:
     return {"trace": trace, "off_diag_sq": off_diag_sq, "hutchpp_std": float(hpp_std)}
 
 
+def _flops(fn, *args) -> float | None:
+    """XLA's FLOP count of a jitted function's compiled program (None if not reported)."""
+    cost = fn.lower(*args).compile().cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    value = (cost or {}).get("flops")
+    return float(value) if value else None
+
+
 def sequential_hutchinson(p, x, y, key):
     """Hutchinson with the same probes as hutchinson_trace, one HVP per fori_loop step."""
     op = hessian_operator(lambda q: dm.loss_fn(q, x, y), p)
@@ -538,6 +550,29 @@ def sequential_hutchinson(p, x, y, key):
 
     total = jax.lax.fori_loop(0, TRACE_MATVECS, body, jnp.zeros((), jnp.float32))
     return total / TRACE_MATVECS
+
+
+def python_loop_hutchinson(p, x, y, key):
+    """The same probes, one jitted full-HVP quadratic form per probe called from Python.
+
+    The probes are drawn and split per probe beforehand (not timed); the returned function
+    is the loop: one dispatch (and one forward pass) per probe, summed at the end.
+    """
+    probes = random_probes(key, p, TRACE_MATVECS, "rademacher")
+    per_probe = [jax.tree.map(lambda a, i=i: a[i], probes) for i in range(TRACE_MATVECS)]
+    jax.block_until_ready(per_probe)
+
+    def loop():
+        forms = [_quad_form(p, z, x, y) for z in per_probe]
+        return jnp.sum(jnp.stack(forms)) / TRACE_MATVECS
+
+    return loop
+
+
+@jax.jit
+def _quad_form(p, z, x, y):
+    hz = hvp(lambda q: dm.loss_fn(q, x, y), p, z)
+    return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(z), jax.tree.leaves(hz), strict=True))
 
 
 def error_stats(estimates, exact) -> dict[str, float]:
@@ -610,14 +645,20 @@ def bench_trace(args) -> dict[str, Any]:
 
     k0 = keys[0]
     same = abs(float(seq(params, x, y, k0)) - float(hutch(params, x, y, k0)[0])) / abs(exact)
+    py_loop = python_loop_hutchinson(params, x, y, k0)
+    (py_value, first_py) = timing.first_call(py_loop)
+    same_py = abs(float(py_value) - float(hutch(params, x, y, k0)[0]))
     samples = timing.interleaved(
         {
             "vmapped": lambda: hutch(params, x, y, k0),
             "sequential": lambda: seq(params, x, y, k0),
             "chunked_10": lambda: chunked(params, x, y, k0),
+            "python_loop": py_loop,
         },
         rounds=args.trace_rounds,
     )
+    flops = _flops(hutch, params, x, y, k0)
+    medians = {k: timing.median(v) for k, v in samples.items()}
     out = emit(
         rounded(
             {
@@ -627,11 +668,18 @@ def bench_trace(args) -> dict[str, Any]:
                 "vmapped": "jaxopt2.curvature.hutchinson_trace (probes batched with vmap)",
                 "sequential": "lax.fori_loop over single-probe HVPs, same probes, jitted",
                 "chunked_10": "hutchinson_trace(..., batch_size=10): vmapped groups of 10 probes",
-                "median_s": {k: timing.median(v) for k, v in samples.items()},
+                "python_loop": "Python loop, one jitted hvp(f, p, v) call per probe",
+                "median_s": medians,
                 "first_call_s": {
                     "vmapped": first_hutch,
                     "sequential": first_seq,
                     "chunked_10": first_chunked,
+                    "python_loop": first_py,
+                },
+                "xla_flops_vmapped": flops,
+                "gflops_per_s": {
+                    k: (flops / v / 1e9 if flops and k != "python_loop" else None)
+                    for k, v in medians.items()
                 },
                 "vmapped_over_sequential": timing.paired_ratio(
                     samples["vmapped"], samples["sequential"]
@@ -639,7 +687,14 @@ def bench_trace(args) -> dict[str, Any]:
                 "chunked_10_over_sequential": timing.paired_ratio(
                     samples["chunked_10"], samples["sequential"]
                 ),
+                "vmapped_over_python_loop": timing.paired_ratio(
+                    samples["vmapped"], samples["python_loop"]
+                ),
+                "chunked_10_over_python_loop": timing.paired_ratio(
+                    samples["chunked_10"], samples["python_loop"]
+                ),
                 "rel_diff_of_estimates": same,
+                "rel_diff_python_loop": same_py / abs(exact),
                 "rounds": args.trace_rounds,
                 "load_average": timing.load_average(),
             }
