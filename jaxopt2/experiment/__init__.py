@@ -5,10 +5,11 @@ jax backend):
 
 * :mod:`~jaxopt2.experiment.config` — YAML configs validated into typed dataclasses;
   :mod:`~jaxopt2.experiment.bundle` mirrors ``configs/*.yaml`` into ``_bundled.py``.
-* :mod:`~jaxopt2.experiment.tasks`, :mod:`~jaxopt2.experiment.loaders`,
-  :mod:`~jaxopt2.experiment.models` and :mod:`~jaxopt2.experiment.modular` — small registries
-  of offline tasks (synthetic problems, scikit-learn's bundled data sets, the user's own data
-  files, grokking) and equinox models.
+* :mod:`~jaxopt2.experiment.tasks` (built on :mod:`~jaxopt2.experiment.task_base`; the user's
+  own data files in :mod:`~jaxopt2.experiment.file_tasks` and
+  :mod:`~jaxopt2.experiment.loaders`), :mod:`~jaxopt2.experiment.models` and
+  :mod:`~jaxopt2.experiment.modular` — small registries of offline tasks (synthetic problems,
+  scikit-learn's bundled data sets, data files, grokking) and equinox models.
 * :mod:`~jaxopt2.experiment.optim` — optimizers built from configs through the registry.
 * :mod:`~jaxopt2.experiment.step` — the pieces of one training step (batches, the optimizer
   step), shared by runs and sweeps.
