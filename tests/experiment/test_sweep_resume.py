@@ -4,6 +4,7 @@ results equal those of an uninterrupted sweep."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -89,3 +90,38 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path):
     out = _finish(start_cli(*args, cwd=tmp_path))
     assert "resumed     from step 4000" in out
     assert _numbers(_results(run_dir)) == _numbers(_results(ref_dir))
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_resume_from_an_earlier_checkpoint_keeps_diverged_members(tmp_path, mode):
+    """Diverged members (frozen under stop, counted under skip) survive a resume exactly."""
+    from jaxopt2.experiment.sweep import sweep
+
+    quadratic = str(Path(__file__).resolve().parents[2] / "configs" / "task_quadratic.yaml")
+    args = [
+        "optimizer.name=sgd",
+        "optimizer.learning_rate=0.1,100",
+        "seed=0,1",
+        "steps=60",
+        "log_every=10",
+        "checkpoint.every=20",
+        "checkpoint.keep=5",
+        f"nonfinite={mode}",
+    ]
+    ref = sweep(quadratic, args, tmp_path / "a", progress=False, stream=None)
+    sweep(quadratic, args, tmp_path / "b", progress=False, stream=None)
+    for step in (40, 60):  # back to the checkpoint at step 20, as if killed at step 39
+        shutil.rmtree(tmp_path / "b" / "checkpoints" / str(step))
+    res = sweep(quadratic, args, tmp_path / "b", progress=False, stream=None)
+    assert res.resumed_from == 20
+    assert res.members == ref.members and res.points == ref.points
+    if mode == "stop":
+        assert [m["status"] for m in res.members] == ["complete"] * 2 + ["diverged"] * 2
+    else:
+        assert [m["nonfinite_steps"] > 0 for m in res.members] == [False] * 2 + [True] * 2
+
+    def rows(d):
+        lines = (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if "time" not in k} for x in lines]
+
+    assert rows("b") == rows("a")
