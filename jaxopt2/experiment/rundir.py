@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from jaxopt2.experiment.config import ResolvedConfig
 from jaxopt2.experiment.errors import UserError
 
-__all__ = ["atomic_write", "clean", "prepare_run_dir", "read_metrics"]
+__all__ = ["atomic_write", "clean", "prepare_run_dir", "read_metrics", "save_params"]
 
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
@@ -103,3 +103,15 @@ def clean(v: Any) -> Any:
     if isinstance(v, np.bool_):
         return bool(v)
     return v
+
+
+def save_params(run_dir: Path, params: Any) -> None:
+    """``params.npz`` in `run_dir`: one array per leaf, named by its pytree path (``w1``,
+    ``layers[0].weight``, ...), written atomically."""
+    import jax
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    arrays = {jax.tree_util.keystr(p).lstrip("."): np.asarray(v) for p, v in flat}
+    tmp = run_dir / ".params.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, run_dir / "params.npz")

@@ -34,7 +34,8 @@ Outputs in the run directory: ``config.yaml`` (the resolved config of the first 
 ``grid.yaml`` (the axes and seeds), ``results.json`` and ``results.md`` (per member and per
 point: mean/std over seeds), ``metrics.jsonl`` (one row per ``log_every`` steps with every
 member's loss), ``sweep.png`` (final loss against the learning rate, one line per value of
-the other axes with error bars over seeds; and the loss curves), ``checkpoints/``.
+the other axes with error bars over seeds; and the loss curves), ``params.npz`` (every
+member's final parameters stacked along a leading member axis), ``checkpoints/``.
 
 Checkpoints and resume, as for ``jaxopt2 run``: the stacked state of all members is saved
 every ``checkpoint.every`` steps and at the end; the same command on the same run directory
@@ -549,6 +550,9 @@ def run_sweep(
         time.perf_counter() - t_start, prog.trace_count, prog.n_params, step, resumed_from,
     )  # fmt: skip
     if run_dir is not None:
+        from jaxopt2.experiment.rundir import save_params
+
+        save_params(run_dir, carry["params"])  # stacked: a leading member axis
         R.write_outputs(plan, result, rows, run_dir, plots)
     if stream is not None:
         print(R.format_sweep_summary(plan, result, run_dir), file=stream)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import sys
 import time
@@ -34,7 +33,13 @@ import numpy as np
 from jaxopt2.experiment.config import ResolvedConfig
 from jaxopt2.experiment.errors import ConfigError, NonFiniteError
 from jaxopt2.experiment.optim import build_optimizer, global_norm
-from jaxopt2.experiment.rundir import atomic_write, clean, prepare_run_dir, read_metrics
+from jaxopt2.experiment.rundir import (
+    atomic_write,
+    clean,
+    prepare_run_dir,
+    read_metrics,
+    save_params,
+)
 from jaxopt2.experiment.step import batch_at, diagnostics_row, epoch_order, train_step
 
 __all__ = ["RunResult", "Trainer", "format_summary", "run_config"]
@@ -426,7 +431,7 @@ class Trainer:
                 bar.close()
 
         if status == "complete":
-            self._save_params(carry["params"])
+            save_params(self.run_dir, carry["params"])
         summary = self.write_summary(status, step, saved_step)
         if status == "nonfinite":
             where = (
@@ -451,13 +456,6 @@ class Trainer:
     @staticmethod
     def _count(carry: dict[str, Any], name: str) -> int:
         return int(jax.device_get(carry[name]))
-
-    def _save_params(self, params: Any) -> None:
-        flat = jax.tree_util.tree_flatten_with_path(params)[0]
-        arrays = {jax.tree_util.keystr(p).lstrip("."): np.asarray(v) for p, v in flat}
-        tmp = self.run_dir / ".params.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self.run_dir / "params.npz")
 
     # ------------------------------------------------------------------ summary
 

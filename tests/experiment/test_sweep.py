@@ -168,6 +168,14 @@ def test_sweep_logs_each_members_evaluations_and_diagnostics_like_runs(tmp_path)
             for a, b in zip(run_row["top_eigenvalues"], row["top_eigenvalues"][j], strict=True):
                 assert _rel(a, b) < 1e-4
         assert m["final_sharpness"] == rows[-1]["sharpness"][j]
+        with (
+            np.load(tmp_path / "s" / "params.npz") as stacked,
+            np.load(run_dir / "params.npz") as one,
+        ):
+            assert stacked.files == one.files
+            for name in one.files:
+                assert stacked[name].shape == (4, *one[name].shape)
+                np.testing.assert_allclose(stacked[name][j], one[name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(
