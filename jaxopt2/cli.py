@@ -32,17 +32,26 @@ each optimizer runs with its registry defaults plus the config's learning rate a
 _EPILOG_SPECTRUM = """\
   jaxopt2 spectrum runs/quickstart                  # the run's latest checkpoint
   jaxopt2 spectrum task_quadratic task.dim=50       # a config's initial parameters
-  jaxopt2 spectrum runs/quickstart --batches 4 --top-k 10 --out spectra/q"""
+  jaxopt2 spectrum runs/quickstart --batches 4 --top-k 10 --out spectra/q
+  jaxopt2 spectrum runs/quickstart-sweep --member 3 # member 3 of a sweep (see results.md)"""
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "positive")
+
+
+def _nonnegative_int(text: str) -> int:
+    return _int_at_least(text, 0, "non-negative")
 
 
 def _batches(text: str) -> str | int:
@@ -167,10 +176,18 @@ def _parser() -> argparse.ArgumentParser:
         help="run trace/density probes in groups of B (less memory; default: all at once)",
     )
     s.add_argument(
+        "--member",
+        type=_nonnegative_int,
+        default=None,
+        metavar="J",
+        help="for a sweep dir: the member (its number in results.md)",
+    )
+    s.add_argument(
         "--out",
         type=Path,
         metavar="DIR",
-        help="output dir (default: the run dir; for a config runs/<stem>-spectrum)",
+        help="output dir (default: the run dir; a sweep's <dir>/spectrum-member<J>; for a "
+        "config runs/<stem>-spectrum)",
     )
 
     w = sub.add_parser(
@@ -251,6 +268,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
         density_probes=args.density_probes,
         batches=args.batches,
         probe_batch=args.probe_batch,
+        member=args.member,
     )
     return 0
 

@@ -1,8 +1,10 @@
 """``jaxopt2 spectrum``: the Hessian spectrum of a run's latest checkpoint or of an initial model.
 
 For a run directory the parameters come from its newest checkpoint (read-only: a run that is
-still training is not disturbed); for a config (file or bundled name, plus overrides) they are
-the initial parameters of that config. The loss is the task's own training loss, on
+still training is not disturbed); for a sweep directory, from member ``member`` of its newest
+checkpoint (with that member's config: its seed gives its batches); for a config (file or
+bundled name, plus overrides) they are the initial parameters of that config. The loss is the
+task's own training loss, on
 
 * ``batches="full"``: every training row at once (the default), or
 * ``batches=N``: the first ``N`` batches that the run trains on (``batch_size`` rows each,
@@ -47,6 +49,8 @@ class Source:
     rc: ResolvedConfig
     run_dir: Path | None  # None: the config's initial parameters
     stem: str
+    member: int | None = None  # a sweep member (run_dir is a sweep directory)
+    sweep_plan: Any = None  # the sweep's plan (for a sweep member)
 
 
 @dataclasses.dataclass
@@ -56,9 +60,43 @@ class SpectrumResult:
     trace_count: int  # how often the spectrum program was traced (1)
 
 
-def load_source(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Source:
-    """A run directory (holding config.yaml) or a config file / bundled config name."""
+def _sweep_source(path: Path, member: int | None) -> Source:
+    """Member `member` of the sweep in `path` (its config rebuilt from config.yaml + grid.yaml)."""
+    from jaxopt2.experiment.sweep_grid import prepare_sweep
+
+    try:
+        grid = OmegaConf.to_container(OmegaConf.load(path / "grid.yaml"))
+        axes, seeds = grid["axes"], [int(s) for s in grid["seeds"]]
+        items = [f"{k}={','.join(repr(float(v)) for v in vals)}" for k, vals in axes.items()]
+    except Exception as e:
+        raise UserError(f"cannot read {path / 'grid.yaml'}: {e}") from None
+    items.append(f"seed={','.join(map(str, seeds))}" if len(seeds) > 1 else f"seed={seeds[0]}")
+    plan = prepare_sweep(str(path / "config.yaml"), items)
+    n = len(plan.members)
+    if member is None:
+        raise UserError(
+            f"{path} is a sweep of {n} members: pass --member J (0..{n - 1}; the member "
+            "numbers are in its results.md)"
+        )
+    if isinstance(member, bool) or not isinstance(member, int) or not 0 <= member < n:
+        raise UserError(f"--member must be an integer in 0..{n - 1} for {path}, got {member!r}")
+    return Source(plan.members[member].rc, path, f"{path.name}-member{member}", member, plan)
+
+
+def load_source(
+    spec: str, overrides: list[str] | tuple[str, ...] = (), member: int | None = None
+) -> Source:
+    """A run directory (holding config.yaml), a sweep directory (with `member`), or a config
+    file / bundled config name."""
     path = Path(os.path.expanduser(spec))
+    if member is not None and not (path / "grid.yaml").is_file():
+        raise UserError(f"--member selects a member of a sweep directory; {spec} is not one")
+    if path.is_dir() and (path / "grid.yaml").is_file():
+        if overrides:
+            raise UserError(
+                f"overrides ({' '.join(overrides)}) apply to a CONFIG, not to the sweep dir {spec}"
+            )
+        return _sweep_source(path, member)
     if path.is_dir():
         cfg_path = path / "config.yaml"
         if not cfg_path.is_file():
@@ -139,11 +177,12 @@ def spectrum_of(
     if source.run_dir is not None:
         ckpt_dir = source.run_dir / "checkpoints"
         restored = None
+        like = trainer.init_carry if source.member is None else _sweep_carry(source.sweep_plan)
         if ckpt_dir.is_dir():
             ckpt = Checkpointer(ckpt_dir, rc.run.checkpoint.keep, read_only=True)
             try:
                 if ckpt.steps():
-                    restored = ckpt.restore(trainer.init_carry)
+                    restored = ckpt.restore(like)
             finally:
                 ckpt.close()
         if restored is None:
@@ -153,6 +192,8 @@ def spectrum_of(
             )
         carry, meta = restored
         params, step = carry["params"], int(meta["step"])
+        if source.member is not None:
+            params = jax.tree.map(lambda a: a[source.member], params)
 
     dim = trainer.n_params
     if top_k > dim:
@@ -212,6 +253,15 @@ def spectrum_of(
     evals = [float(v) for v in np.asarray(out["top_eigenvalues"])]
     result = {
         "source": str(source.run_dir) if source.run_dir is not None else f"config {source.stem}",
+        "member": source.member,
+        "member_values": (
+            None
+            if source.member is None
+            else {
+                **source.sweep_plan.members[source.member].values,
+                "seed": source.sweep_plan.members[source.member].seed,
+            }
+        ),
         "task": rc.task_spec.name,
         "model": rc.model_name,
         "optimizer": rc.optimizer.name,
@@ -238,6 +288,14 @@ def spectrum_of(
         "time_s": elapsed,
     }
     return result, traces
+
+
+def _sweep_carry(plan: Any) -> dict[str, Any]:
+    """A freshly initialized state of every member of a sweep (the checkpoint's structure)."""
+    from jaxopt2.experiment.sweep import SweepProgram
+
+    prog = SweepProgram(plan)
+    return jax.jit(prog._init)(prog.params0, prog.hyper)
 
 
 def _smoothed(nodes: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -288,6 +346,9 @@ def format_spectrum(data: dict[str, Any], out_dir: Path) -> str:
         if data["params"] == "checkpoint"
         else f"initial parameters of {data['source']}"
     )
+    if data.get("member") is not None:
+        values = " ".join(f"{k.rpartition('.')[2]}={v:g}" for k, v in data["member_values"].items())
+        where = where[:-1] + f", member {data['member']}: {values})"
     nodes = np.asarray(data["density_nodes"])
     lines = [
         f"jaxopt2 spectrum: {data['task']} / {data['model']}, {where}",
@@ -310,21 +371,28 @@ def run_spectrum(
     out: Path | None = None,
     stream: TextIO | str | None = "stdout",
     plot: bool = True,
+    member: int | None = None,
     **kwargs: Any,
 ) -> SpectrumResult:
     """``jaxopt2 spectrum``: compute, write spectrum.json (+ spectrum.png) and print a summary.
 
     Args:
-      spec: a run directory or a config (file or bundled name).
+      spec: a run directory, a sweep directory (with `member`) or a config (file or bundled
+        name).
       overrides: dotted overrides (configs only).
-      out: output directory (default: the run dir, or ``runs/<stem>-spectrum`` for a config).
+      out: output directory (default: the run dir; ``<sweep dir>/spectrum-member<J>``; or
+        ``runs/<stem>-spectrum`` for a config).
+      member: the sweep member (its index in the sweep's results), for a sweep directory.
       stream: where the summary is printed (``"stdout"``: sys.stdout at call time; None).
       kwargs: ``top_k``, ``trace_probes``, ``density_iters``, ``density_probes``, ``batches``,
         ``seed``, ``probe_batch`` (see :func:`spectrum_of`).
     """
-    source = load_source(spec, overrides)
+    source = load_source(spec, overrides, member)
     if out is None:
-        out = source.run_dir or Path("runs") / f"{source.stem}-spectrum"
+        if source.member is not None:
+            out = source.run_dir / f"spectrum-member{source.member}"
+        else:
+            out = source.run_dir or Path("runs") / f"{source.stem}-spectrum"
     data, traces = spectrum_of(source, **kwargs)
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -137,3 +137,47 @@ def test_probe_groups_give_the_same_spectrum(tmp_path, capsys):
     np.testing.assert_allclose(b["trace"], a["trace"], rtol=1e-5)
     np.testing.assert_allclose(b["density_weights"], a["density_weights"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(b["top_eigenvalues"], a["top_eigenvalues"], rtol=1e-6)
+
+
+def test_spectrum_of_a_sweep_member_matches_its_dense_hessian(tmp_path, capsys):
+    """--member J reads member J's parameters from the sweep's stacked checkpoint: its top
+    eigenvalues equal those of the dense float64 Hessian at that member's params.npz row (the
+    two members trained at different learning rates, so slicing the wrong one would show)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from jaxopt2.experiment.sweep import sweep
+    from jaxopt2.experiment.trainer import Trainer
+
+    args = ["steps=20", "log_every=10", "model.hidden=[4]", "optimizer.learning_rate=0.01,0.3"]
+    sweep("task_digits_classifier", args, tmp_path / "s", progress=False, stream=None)
+
+    rc = main(["spectrum", str(tmp_path / "s")])
+    assert_user_error(capsys, rc, "sweep of 2 members", "--member")
+    rc = main(["spectrum", str(tmp_path / "s"), "--member", "2"])
+    assert_user_error(capsys, rc, "--member", "0..1")
+    rc = main(["spectrum", "task_quadratic", "--member", "0"])
+    assert_user_error(capsys, rc, "--member", "not one")
+
+    j = 1
+    assert main(["spectrum", str(tmp_path / "s"), "--member", str(j), "--top-k", "3"]) == 0
+    assert f"member {j}: learning_rate=0.3 seed=0" in capsys.readouterr().out
+    data = json.loads((tmp_path / "s" / f"spectrum-member{j}" / "spectrum.json").read_text())
+    assert data["member"] == j and data["step"] == 20
+
+    member_rc, _ = load_config("task_digits_classifier", [*args[:3], "optimizer.learning_rate=0.3"])
+    trainer = Trainer(member_rc, tmp_path / "unused", progress=False, stream=None)
+    like = trainer.init_carry["params"]
+    with np.load(tmp_path / "s" / "params.npz") as z:
+        names = [
+            jax.tree_util.keystr(p).lstrip(".")
+            for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]
+        ]
+        leaves = [jnp.asarray(z[name][j], jnp.float64) for name in names]
+    params = jax.tree.unflatten(jax.tree.structure(like), leaves)
+    flat, unravel = ravel_pytree(params)
+    data64 = tuple(jnp.asarray(a) for a in trainer.train_data)
+    dense = jax.hessian(lambda v: trainer.loss_fn(unravel(v), *data64))(flat)
+    top = np.sort(np.linalg.eigvalsh(np.asarray(dense)))[::-1][:3]
+    np.testing.assert_allclose(data["top_eigenvalues"], top, rtol=1e-4)
