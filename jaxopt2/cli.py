@@ -144,8 +144,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG_SPECTRUM,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Top-k Hessian eigenvalues, Hutchinson trace and SLQ spectral density of "
-        "the training loss at a run's latest checkpoint (RUN_DIR) or at a config's initial "
-        "parameters (CONFIG); writes spectrum.json and spectrum.png.",
+        "the training loss at a run's latest checkpoint (RUN_DIR; a sweep dir with --member) "
+        "or at a config's initial parameters (CONFIG); writes spectrum.json and spectrum.png.",
     )
     s.add_argument("source", metavar="RUN_DIR|CONFIG", help="run directory, YAML file or name")
     s.add_argument(
