@@ -52,9 +52,11 @@ Measurements:
    batched with vmap) against a sequential loop, ``lax.fori_loop`` over single-probe HVPs
    with the same probes, inside one jitted function (no Python loop, no per-probe dispatch).
    Target: ratio <= 0.5. For information, the same probes in vmapped groups of 10
-   (``lax.map(batch_size=10)``); a Python loop over the same probes, each calling a jitted
-   ``hvp(f, p, v)`` (what a sequential implementation without these estimators does: one
-   dispatch and one forward pass per probe); and XLA's FLOP count of the vmapped program
+   (``lax.map(batch_size=10)``); the library default (``batch_size="auto"``: on a CPU,
+   groups sized to keep the batched intermediates in cache); a Python loop over the same
+   probes, each calling a jitted ``hvp(f, p, v)`` (what a sequential implementation without
+   these estimators does: one dispatch and one forward pass per probe); and XLA's FLOP count
+   of the vmapped program
    with the achieved GFLOP/s of each contender.
 
 Timing protocol (``experiments/timing.py``): every jitted function is called once first;
@@ -595,7 +597,10 @@ def bench_trace(args) -> dict[str, Any]:
     def operator(p, x, y):
         return hessian_operator(lambda q: dm.loss_fn(q, x, y), p)
 
-    hutch = jax.jit(lambda p, x, y, k: hutchinson_trace(operator(p, x, y), p, k, TRACE_MATVECS))
+    hutch = jax.jit(
+        lambda p, x, y, k: hutchinson_trace(operator(p, x, y), p, k, TRACE_MATVECS, batch_size=None)
+    )
+    auto = jax.jit(lambda p, x, y, k: hutchinson_trace(operator(p, x, y), p, k, TRACE_MATVECS))
     hpp = jax.jit(lambda p, x, y, k: hutchpp_trace(operator(p, x, y), p, k, TRACE_MATVECS))
     seq = jax.jit(sequential_hutchinson)
     chunked = jax.jit(
@@ -606,6 +611,7 @@ def bench_trace(args) -> dict[str, Any]:
     (_, first_hpp) = timing.first_call(lambda: hpp(params, x, y, keys[0]))
     (_, first_seq) = timing.first_call(lambda: seq(params, x, y, keys[0]))
     (_, first_chunked) = timing.first_call(lambda: chunked(params, x, y, keys[0]))
+    (_, first_auto) = timing.first_call(lambda: auto(params, x, y, keys[0]))
 
     hutch_out = [hutch(params, x, y, k) for k in keys]
     est_h = np.array([float(e) for e, _ in hutch_out])
@@ -653,6 +659,7 @@ def bench_trace(args) -> dict[str, Any]:
             "vmapped": lambda: hutch(params, x, y, k0),
             "sequential": lambda: seq(params, x, y, k0),
             "chunked_10": lambda: chunked(params, x, y, k0),
+            "default_auto": lambda: auto(params, x, y, k0),
             "python_loop": py_loop,
         },
         rounds=args.trace_rounds,
@@ -665,7 +672,9 @@ def bench_trace(args) -> dict[str, Any]:
                 "metric": "trace_time",
                 "num_probes": TRACE_MATVECS,
                 "dtype": "float32",
-                "vmapped": "jaxopt2.curvature.hutchinson_trace (probes batched with vmap)",
+                "vmapped": "hutchinson_trace(..., batch_size=None): all probes in one vmap",
+                "default_auto": "hutchinson_trace(...) default batch_size='auto' (CPU: "
+                "cache-sized vmapped groups)",
                 "sequential": "lax.fori_loop over single-probe HVPs, same probes, jitted",
                 "chunked_10": "hutchinson_trace(..., batch_size=10): vmapped groups of 10 probes",
                 "python_loop": "Python loop, one jitted hvp(f, p, v) call per probe",
@@ -674,6 +683,7 @@ def bench_trace(args) -> dict[str, Any]:
                     "vmapped": first_hutch,
                     "sequential": first_seq,
                     "chunked_10": first_chunked,
+                    "default_auto": first_auto,
                     "python_loop": first_py,
                 },
                 "xla_flops_vmapped": flops,
@@ -686,6 +696,9 @@ def bench_trace(args) -> dict[str, Any]:
                 ),
                 "chunked_10_over_sequential": timing.paired_ratio(
                     samples["chunked_10"], samples["sequential"]
+                ),
+                "default_auto_over_sequential": timing.paired_ratio(
+                    samples["default_auto"], samples["sequential"]
                 ),
                 "vmapped_over_python_loop": timing.paired_ratio(
                     samples["vmapped"], samples["python_loop"]

@@ -173,7 +173,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="B",
-        help="run trace/density probes in groups of B (less memory; default: all at once)",
+        help="run trace/density probes in groups of B (less memory); default: one vmap on "
+        "accelerators, cache-sized groups on CPU",
     )
     s.add_argument(
         "--member",

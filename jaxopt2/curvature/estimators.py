@@ -102,8 +102,68 @@ class _FlatSpace:
         return flat_matvec
 
 
-def _check_batch_size(batch_size: int | None) -> int | None:
-    return None if batch_size is None else check_positive_int(batch_size, "batch_size")
+# On a CPU, probe groups whose batched intermediates stay within about this many bytes run
+# fastest: one vmap over many probes spills them out of cache, one probe at a time leaves the
+# matrix products skinny (experiments/bench_probe_groups.py maps the trade-off).
+CPU_PROBE_GROUP_BYTES = 1 << 20  # 1 MiB (a typical per-core L2 cache)
+
+BatchSize = int | str | None
+
+
+def _check_batch_size(batch_size: BatchSize) -> BatchSize:
+    if batch_size is None or batch_size == "auto":
+        return batch_size
+    if isinstance(batch_size, str):
+        raise ValueError(
+            f"batch_size must be None, 'auto' or a positive integer, got {batch_size!r}"
+        )
+    return check_positive_int(batch_size, "batch_size")
+
+
+def _peak_intermediate_bytes(fn: Callable[..., Any], *example: Any) -> int:
+    """The largest array that one call of `fn` creates (bytes), read from its jaxpr (nested
+    jaxprs included); traced abstractly, so nothing runs. An upper bound of what XLA keeps:
+    it counts arrays that compilation may fuse away (a transpose feeding a product)."""
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), example
+    )
+    peak = 0
+
+    def walk(jaxpr: Any) -> None:
+        nonlocal peak
+        for eqn in jaxpr.eqns:
+            for var in eqn.outvars:
+                aval = var.aval
+                if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                    peak = max(peak, math.prod(aval.shape) * aval.dtype.itemsize)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, list | tuple) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*abstract).jaxpr)
+    return peak
+
+
+def _resolve_batch_size(
+    batch_size: BatchSize,
+    num_probes: int,
+    fn: Callable[..., Any],
+    *example: Any,
+    extra_bytes: int = 0,
+) -> int | None:
+    """``"auto"``: one ``vmap`` on accelerators; on a CPU, groups of as many probes as keep
+    ``fn``'s batched intermediates (or `extra_bytes` per probe, if larger) within
+    :data:`CPU_PROBE_GROUP_BYTES`, one ``vmap`` when all fit. `example` is one probe's
+    arguments (only shapes and dtypes are used)."""
+    if batch_size != "auto":
+        return batch_size
+    if num_probes <= 1 or jax.default_backend() != "cpu":
+        return None
+    per_probe = max(_peak_intermediate_bytes(fn, *example), extra_bytes, 1)
+    group = CPU_PROBE_GROUP_BYTES // per_probe
+    return None if group >= num_probes else max(1, int(group))
 
 
 def _map_probes(fn: Callable[..., Any], xs: Any, batch_size: int | None) -> Any:
@@ -120,9 +180,11 @@ def _map_probes(fn: Callable[..., Any], xs: Any, batch_size: int | None) -> Any:
 
 
 def _stacked_matvec(
-    matvec: Matvec, probes: PyTree, like: PyTree, batch_size: int | None = None
+    matvec: Matvec, probes: PyTree, like: PyTree, batch_size: BatchSize = None
 ) -> PyTree:
     """``matvec`` applied to each probe of a stacked batch, in the leaf dtypes of `like`."""
+    num_probes = jax.tree.leaves(probes)[0].shape[0]
+    batch_size = _resolve_batch_size(batch_size, num_probes, matvec, like)
     out = _map_probes(matvec, probes, batch_size)
     check_like(jax.tree.map(lambda y: y[0], out), like, "matvec(v)", "like")
     return jax.tree.map(lambda y, x: y.astype(jnp.result_type(x)), out, like)
@@ -155,7 +217,7 @@ def hutchinson_diagonal(
     num_probes: int,
     *,
     dist: str = "rademacher",
-    batch_size: int | None = None,
+    batch_size: BatchSize = "auto",
 ) -> PyTree:
     """Hutchinson / Bekas estimate of ``diag(M)``: the mean of ``z ⊙ M z`` over random probes.
 
@@ -168,9 +230,12 @@ def hutchinson_diagonal(
       key: a PRNG key; the probes are ``random_probes(key, like, num_probes, dist)``.
       num_probes: the number of probes (matvecs), batched with ``vmap``.
       dist: ``"rademacher"`` (±1 entries) or ``"gaussian"``.
-      batch_size: None (default) runs all probes in one ``vmap``; an integer runs them in
-        vmapped groups of that size one after another (``lax.map``): less memory, and on a
-        CPU often faster, since the batched intermediates stay in cache. Same result.
+      batch_size: how probes are batched; the result is the same. An integer runs them in
+        vmapped groups of that size one after another (``lax.map``: memory for one group's
+        intermediates); None runs all in one ``vmap``; ``"auto"`` (default) is one ``vmap``
+        on accelerators and, on a CPU, groups whose batched intermediates fit in about
+        :data:`CPU_PROBE_GROUP_BYTES` (one ``vmap`` when all probes fit): there one big
+        ``vmap`` spills out of cache and runs up to ~2x slower than groups.
 
     Returns:
       The estimated diagonal, a pytree shaped like `like`.
@@ -199,7 +264,7 @@ def hutchinson_trace(
     num_probes: int,
     *,
     dist: str = "rademacher",
-    batch_size: int | None = None,
+    batch_size: BatchSize = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """Hutchinson estimate of ``tr(M)``: the mean of ``zᵀ M z`` over random probes.
 
@@ -213,8 +278,9 @@ def hutchinson_trace(
       key: a PRNG key; the probes are ``random_probes(key, like, num_probes, dist)``.
       num_probes: the number of probes (matvecs), batched with ``vmap``.
       dist: ``"rademacher"`` or ``"gaussian"``.
-      batch_size: None (one ``vmap`` over all probes) or the size of vmapped probe groups
-        run one after another (see :func:`hutchinson_diagonal`). Same result.
+      batch_size: ``"auto"`` (default), None (one ``vmap`` over all probes) or the size of
+        vmapped probe groups run one after another (see :func:`hutchinson_diagonal`). Same
+        result.
 
     Returns:
       ``(estimate, stderr)``: the sample mean of ``zᵀ M z`` and its standard error, the
@@ -558,7 +624,7 @@ def spectral_density(
     *,
     num_iters: int,
     num_probes: int,
-    batch_size: int | None = None,
+    batch_size: BatchSize = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """Stochastic Lanczos quadrature (SLQ) of the spectral density of ``M``.
 
@@ -577,8 +643,9 @@ def spectral_density(
       key: a PRNG key; the probes are ``random_probes(key, like, num_probes, "rademacher")``.
       num_iters: Lanczos steps per probe, at most the dimension.
       num_probes: the number of probes.
-      batch_size: None (one ``vmap`` over all probes, each holding a ``num_iters x dim``
-        Lanczos basis) or the size of probe groups run one after another, to bound memory.
+      batch_size: ``"auto"`` (default; see :func:`hutchinson_diagonal`, counting each
+        probe's ``num_iters x dim`` Lanczos basis), None (one ``vmap`` over all probes) or
+        the size of probe groups run one after another, to bound memory.
 
     Returns:
       ``(nodes, weights)``, both ``[num_probes, num_iters]``: the Ritz values of each probe
@@ -605,6 +672,8 @@ def spectral_density(
     restart_keys = jax.random.split(jax.random.fold_in(key, 1), num_probes)
     mv = space.operator(matvec)
     batch_size = _check_batch_size(batch_size)
+    basis_bytes = num_iters * space.dim * jnp.dtype(space.dtype).itemsize  # one probe's basis
+    batch_size = _resolve_batch_size(batch_size, num_probes, mv, starts[0], extra_bytes=basis_bytes)
     alphas, betas = _map_probes(
         lambda v0, kr: _lanczos_flat(mv, v0, num_iters, kr)[:2], (starts, restart_keys), batch_size
     )

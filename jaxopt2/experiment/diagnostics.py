@@ -85,12 +85,13 @@ def hessian_spectrum(
     trace_probes: int = 100,
     density_iters: int = 60,
     density_probes: int = 8,
-    probe_batch_size: int | None = None,
+    probe_batch_size: int | str | None = "auto",
 ) -> dict[str, jax.Array]:
     """Top-k eigenvalues, trace (with standard error) and SLQ density nodes/weights.
 
     ``probe_batch_size`` runs the trace and density probes in groups of that size (bounded
-    memory for large models or batches); None runs each set of probes in one ``vmap``.
+    memory for large models or batches); None runs each set of probes in one ``vmap``;
+    ``"auto"`` chooses per backend (see :func:`jaxopt2.curvature.hutchinson_diagonal`).
     """
     k_eig, k_tr, k_den = jax.random.split(key, 3)
     matvec = curvature.hessian_operator(value_fn, params)

@@ -239,7 +239,7 @@ def spectrum_of(
             trace_probes=trace_probes,
             density_iters=density_iters,
             density_probes=density_probes,
-            probe_batch_size=probe_batch,
+            probe_batch_size="auto" if probe_batch is None else probe_batch,
         )
 
     key = jax.random.fold_in(jax.random.PRNGKey(rc.run.seed if seed is None else seed), 7)
