@@ -494,16 +494,16 @@ def run_sweep(
                     refresh=False,
                 )
             interrupted = signals.received
+        if interrupted is not None and step < steps and ckpt is not None and saved_step != step:
+            ckpt.save(step, carry, {"step": step, "train_time": train_time})
     finally:
         bar.close()
         if mf is not None:
             mf.close()
-
-    if interrupted is not None and step < steps:
-        if ckpt is not None and saved_step != step:
-            ckpt.save(step, carry, {"step": step, "train_time": train_time})
         if ckpt is not None:
             ckpt.close()
+
+    if interrupted is not None and step < steps:
         where = f"checkpoint saved at step {step} in {run_dir}; run the same command again "
         print(
             f"sweep interrupted by signal {interrupted}: "
@@ -514,8 +514,6 @@ def run_sweep(
             128 + int(interrupted), [], [], None, train_time, prog.compile_time,
             time.perf_counter() - t_start, prog.trace_count, prog.n_params, step, resumed_from,
         )  # fmt: skip
-    if ckpt is not None:
-        ckpt.close()
 
     evals = prog.evaluate(carry["params"])
     nonfinite = np.asarray(jax.device_get(carry["nonfinite"]))
