@@ -660,6 +660,7 @@ def bench_trace(args) -> dict[str, Any]:
             "sequential": lambda: seq(params, x, y, k0),
             "chunked_10": lambda: chunked(params, x, y, k0),
             "default_auto": lambda: auto(params, x, y, k0),
+            "hutchpp_default": lambda: hpp(params, x, y, k0),
             "python_loop": py_loop,
         },
         rounds=args.trace_rounds,
@@ -675,6 +676,7 @@ def bench_trace(args) -> dict[str, Any]:
                 "vmapped": "hutchinson_trace(..., batch_size=None): all probes in one vmap",
                 "default_auto": "hutchinson_trace(...) default batch_size='auto' (CPU: "
                 "cache-sized vmapped groups)",
+                "hutchpp_default": "hutchpp_trace(..., 100 matvecs), default batching",
                 "sequential": "lax.fori_loop over single-probe HVPs, same probes, jitted",
                 "chunked_10": "hutchinson_trace(..., batch_size=10): vmapped groups of 10 probes",
                 "python_loop": "Python loop, one jitted hvp(f, p, v) call per probe",
@@ -684,11 +686,16 @@ def bench_trace(args) -> dict[str, Any]:
                     "sequential": first_seq,
                     "chunked_10": first_chunked,
                     "default_auto": first_auto,
+                    "hutchpp_default": first_hpp,
                     "python_loop": first_py,
                 },
                 "xla_flops_vmapped": flops,
                 "gflops_per_s": {
-                    k: (flops / v / 1e9 if flops and k != "python_loop" else None)
+                    k: (
+                        flops / v / 1e9
+                        if flops and k not in ("python_loop", "hutchpp_default")
+                        else None
+                    )
                     for k, v in medians.items()
                 },
                 "vmapped_over_sequential": timing.paired_ratio(
@@ -699,6 +706,9 @@ def bench_trace(args) -> dict[str, Any]:
                 ),
                 "default_auto_over_sequential": timing.paired_ratio(
                     samples["default_auto"], samples["sequential"]
+                ),
+                "hutchpp_default_over_sequential": timing.paired_ratio(
+                    samples["hutchpp_default"], samples["sequential"]
                 ),
                 "vmapped_over_python_loop": timing.paired_ratio(
                     samples["vmapped"], samples["python_loop"]

@@ -325,7 +325,14 @@ def hutchinson_trace(
     return estimate, stderr
 
 
-def hutchpp_trace(matvec: Matvec, like: PyTree, key: jax.Array, num_matvecs: int) -> jax.Array:
+def hutchpp_trace(
+    matvec: Matvec,
+    like: PyTree,
+    key: jax.Array,
+    num_matvecs: int,
+    *,
+    batch_size: BatchSize = "auto",
+) -> jax.Array:
     """Hutch++ estimate of ``tr(M)``: exact trace on a sketched range plus Hutchinson on the rest.
 
     The budget is split in thirds: ``s = num_matvecs // 3`` Rademacher sketch vectors ``S``
@@ -340,6 +347,8 @@ def hutchpp_trace(matvec: Matvec, like: PyTree, key: jax.Array, num_matvecs: int
       like: a pytree with the shapes and real floating dtypes of the vectors.
       key: a PRNG key.
       num_matvecs: the total number of products with ``M``, at least 3.
+      batch_size: how each block of matvecs is batched (``"auto"``, None or an integer; see
+        :func:`hutchinson_diagonal`). Same result.
 
     Returns:
       The trace estimate, a scalar in the dtype of `like`.
@@ -359,12 +368,18 @@ def hutchpp_trace(matvec: Matvec, like: PyTree, key: jax.Array, num_matvecs: int
             f"num_matvecs must be at least 3 for Hutch++ (sketch, projection and residual "
             f"thirds), got {num_matvecs}."
         )
+    batch_size = _check_batch_size(batch_size)
     space = _FlatSpace(like)
-    mv = jax.vmap(space.operator(matvec))
+    flat_mv = space.operator(matvec)
     num_sketch = num_matvecs // 3
     num_residual = num_matvecs - 2 * num_sketch
     key_sketch, key_residual = jax.random.split(key)
     sketch = jax.random.rademacher(key_sketch, (num_sketch, space.dim), space.dtype)
+    batch_size = _resolve_batch_size(batch_size, max(num_sketch, num_residual), flat_mv, sketch[0])
+
+    def mv(block: jax.Array) -> jax.Array:
+        return _map_probes(flat_mv, block, batch_size)
+
     q, _ = jnp.linalg.qr(mv(sketch).T)  # [dim, min(dim, num_sketch)], orthonormal columns
     basis = q.T
     low_rank_part = jnp.sum(basis * mv(basis))

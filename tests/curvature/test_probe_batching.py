@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from jaxopt2.curvature import estimators as E
-from jaxopt2.curvature import hutchinson_diagonal, hutchinson_trace, spectral_density
+from jaxopt2.curvature import (
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    spectral_density,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,6 +43,9 @@ def test_batched_probes_match_vmap(operator, batch_size):
     d_grouped = hutchinson_diagonal(matvec, like, key, 7, dist="gaussian", batch_size=batch_size)
     for a, b in zip(jax.tree.leaves(d_grouped), jax.tree.leaves(d_full), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)
+    pp_full = hutchpp_trace(matvec, like, key, 10, batch_size=None)
+    pp_grouped = hutchpp_trace(matvec, like, key, 10, batch_size=batch_size)
+    np.testing.assert_allclose(pp_grouped, pp_full, rtol=1e-10)
     n_full, w_full = spectral_density(matvec, like, key, num_iters=6, num_probes=7, batch_size=None)
     n_grp, w_grp = spectral_density(
         matvec, like, key, num_iters=6, num_probes=7, batch_size=batch_size
