@@ -554,6 +554,17 @@ def sequential_hutchinson(p, x, y, key):
     return total / TRACE_MATVECS
 
 
+# (numerator, denominator) contenders of the trace_time ratios.
+RATIOS = (
+    ("vmapped", "sequential"),
+    ("chunked_10", "sequential"),
+    ("default_auto", "sequential"),
+    ("hutchpp_default", "sequential"),
+    ("vmapped", "python_loop"),
+    ("chunked_10", "python_loop"),
+)
+
+
 def python_loop_hutchinson(p, x, y, key):
     """The same probes, one jitted full-HVP quadratic form per probe called from Python.
 
@@ -698,24 +709,10 @@ def bench_trace(args) -> dict[str, Any]:
                     )
                     for k, v in medians.items()
                 },
-                "vmapped_over_sequential": timing.paired_ratio(
-                    samples["vmapped"], samples["sequential"]
-                ),
-                "chunked_10_over_sequential": timing.paired_ratio(
-                    samples["chunked_10"], samples["sequential"]
-                ),
-                "default_auto_over_sequential": timing.paired_ratio(
-                    samples["default_auto"], samples["sequential"]
-                ),
-                "hutchpp_default_over_sequential": timing.paired_ratio(
-                    samples["hutchpp_default"], samples["sequential"]
-                ),
-                "vmapped_over_python_loop": timing.paired_ratio(
-                    samples["vmapped"], samples["python_loop"]
-                ),
-                "chunked_10_over_python_loop": timing.paired_ratio(
-                    samples["chunked_10"], samples["python_loop"]
-                ),
+                **{
+                    f"{num}_over_{den}": timing.paired_ratio(samples[num], samples[den])
+                    for num, den in RATIOS
+                },
                 "rel_diff_of_estimates": same,
                 "rel_diff_python_loop": same_py / abs(exact),
                 "rounds": args.trace_rounds,

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,14 @@ from omegaconf import OmegaConf
 from jaxopt2.experiment.config import ResolvedConfig
 from jaxopt2.experiment.errors import UserError
 
-__all__ = ["atomic_write", "clean", "prepare_run_dir", "read_metrics", "save_params"]
+__all__ = [
+    "StopSignals",
+    "atomic_write",
+    "clean",
+    "prepare_run_dir",
+    "read_metrics",
+    "save_params",
+]
 
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
@@ -115,3 +123,25 @@ def save_params(run_dir: Path, params: Any) -> None:
     tmp = run_dir / ".params.tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, run_dir / "params.npz")
+
+
+class StopSignals:
+    """While installed (`enabled`), SIGTERM / SIGINT are recorded in ``received`` instead of
+    killing the process: a training loop stops after its current chunk and checkpoints."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.received, self._old = enabled, None, {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        del frame
+        self.received = signum
+
+    def __enter__(self) -> StopSignals:
+        if self.enabled:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)

@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 
 from jaxopt2.experiment.config import ResolvedConfig, bundled_config_names, from_dict, load_config
 from jaxopt2.experiment.errors import UserError
+from jaxopt2.experiment.rundir import atomic_write
 
 __all__ = ["SpectrumResult", "load_source", "run_spectrum", "spectrum_of"]
 
@@ -398,9 +399,7 @@ def run_spectrum(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".spectrum.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "spectrum.json")
+    atomic_write(out / "spectrum.json", json.dumps(data, indent=1) + "\n")
     if plot:
         plot_spectrum(data, out / "spectrum.png")
     if stream is not None:

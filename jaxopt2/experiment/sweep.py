@@ -48,9 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -64,6 +62,7 @@ from omegaconf import OmegaConf
 from jaxopt2.experiment import sweep_report as R
 from jaxopt2.experiment.config import ResolvedConfig
 from jaxopt2.experiment.errors import UserError
+from jaxopt2.experiment.rundir import StopSignals, clean
 from jaxopt2.experiment.sweep_grid import (
     SWEEPABLE_RUNNER_FIELDS,
     Grid,
@@ -284,7 +283,9 @@ class SweepProgram:
         if self._compiled_eval is None:
             return [{} for _ in range(self.n_members)]
         out = jax.device_get(self._compiled_eval(params, self.eval_data))
-        return [{f"eval_{k}": _clean(v[i]) for k, v in out.items()} for i in range(self.n_members)]
+        return [
+            {f"eval_{k}": clean(float(v[i])) for k, v in out.items()} for i in range(self.n_members)
+        ]
 
     def diagnose(self, params: Any, step: int) -> list[dict[str, Any]]:
         """Every member's diagnostics row fields at `params` (after `step` steps)."""
@@ -306,11 +307,6 @@ class SweepProgram:
 # ----------------------------------------------------------------------------- running
 
 
-def _clean(v: Any) -> float | None:
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
 @dataclasses.dataclass
 class SweepResult:
     """How a sweep ended. `exit_code` 0: complete; 128 + signum: interrupted (a checkpoint
@@ -329,27 +325,6 @@ class SweepResult:
     resumed_from: int | None = None  # the checkpoint step it resumed from
 
 
-class _Signals:
-    """Record SIGTERM / SIGINT while installed; the loop stops after the current chunk."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.received, self._old = enabled, None, {}
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        del frame
-        self.received = signum
-
-    def __enter__(self) -> _Signals:
-        if self.enabled:
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._on_signal)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
 def _metrics_row(
     loss: np.ndarray, diverged_at: np.ndarray, step: int, n: int, skip_mode: bool
 ) -> tuple[list[float | None], list[float | None]]:
@@ -364,8 +339,8 @@ def _metrics_row(
             last = None
         else:  # the runner's window mean (float32, like its metrics rows)
             window = column
-            last = _clean(column[-1])
-        means.append(_clean(np.mean(window)) if len(window) else None)
+            last = clean(float(column[-1]))
+        means.append(clean(float(np.mean(window))) if len(window) else None)
         losses.append(last)
     return losses, means
 
@@ -451,7 +426,7 @@ def run_sweep(
     every = base.run.checkpoint.every
     mf = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if run_dir is not None else None
     try:
-        with _Signals(handle_signals) as signals:
+        with StopSignals(handle_signals) as signals:
             while step < steps and signals.received is None:
                 n = min(prog.chunk_len, steps - step)
                 t0 = time.perf_counter()
@@ -515,7 +490,6 @@ def run_sweep(
             time.perf_counter() - t_start, prog.trace_count, prog.n_params, step, resumed_from,
         )  # fmt: skip
 
-    evals = prog.evaluate(carry["params"])
     nonfinite = np.asarray(jax.device_get(carry["nonfinite"]))
     members = []
     last_row = rows[-1]
@@ -531,12 +505,13 @@ def run_sweep(
             "diverged_step": d if diverged else None,
             "final_loss": None if diverged else last_row["loss"][j],
             "final_loss_mean": None if diverged else last_row["loss_mean"][j],
-            "best_loss": _clean(best[j]) if np.isfinite(best[j]) else None,
+            "best_loss": clean(float(best[j])) if np.isfinite(best[j]) else None,
         }
         if prog.skip_mode:
             rec["nonfinite_steps"] = int(nonfinite[j])
         if not diverged:
-            rec.update(evals[j])
+            # the last row already holds the final evaluation (made when the run ended)
+            rec.update({k: v[j] for k, v in last_row.items() if k.startswith("eval_")})
             for key in _DIAG_FINALS:
                 logged = [r[key][j] for r in rows if r.get(key) is not None]
                 if logged:

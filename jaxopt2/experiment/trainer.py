@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from jaxopt2.experiment.config import ResolvedConfig
 from jaxopt2.experiment.errors import ConfigError, NonFiniteError
 from jaxopt2.experiment.optim import build_optimizer, global_norm
 from jaxopt2.experiment.rundir import (
+    StopSignals,
     atomic_write,
     clean,
     prepare_run_dir,
@@ -92,7 +92,7 @@ class Trainer:
         self.label = label
         self.trace_count = 0
         self.eval_trace_count = 0
-        self._signal: int | None = None
+        self._signals = StopSignals(False)
         cfg = rc.run
         self.chunk_len = cfg.log_every
 
@@ -304,10 +304,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ host loop
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        del frame
-        self._signal = signum
-
     def train(self, handle_signals: bool = False) -> RunResult:
         """Train (or resume) to ``steps``; returns how it ended.
 
@@ -316,17 +312,12 @@ class Trainer:
         """
         from jaxopt2.experiment.checkpoint import Checkpointer
 
-        old_handlers = {}
-        if handle_signals:
-            for s in (signal.SIGTERM, signal.SIGINT):
-                old_handlers[s] = signal.signal(s, self._on_signal)
         ckpt = Checkpointer(self.run_dir / "checkpoints", self.rc.run.checkpoint.keep)
         try:
-            return self._train(ckpt)
+            with StopSignals(handle_signals) as self._signals:
+                return self._train(ckpt)
         finally:
             ckpt.close()
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
 
     def _train(self, ckpt: Any) -> RunResult:
         cfg = self.rc.run
@@ -366,7 +357,7 @@ class Trainer:
         mf = open(metrics_path, "a", encoding="utf-8")
         try:
             while step < cfg.steps:
-                if self._signal is not None:
+                if self._signals.received is not None:
                     break
                 n = min(self.chunk_len, cfg.steps - step)
                 t0 = time.perf_counter()
@@ -419,9 +410,9 @@ class Trainer:
                 if at_end or step // every > (step - n) // every:
                     ckpt.save(step, carry, {"step": step, "train_time": train_time})
                     saved_step = step
-            if self._signal is not None and step < cfg.steps:
+            if self._signals.received is not None and step < cfg.steps:
                 status = "interrupted"
-                exit_code = 128 + int(self._signal)
+                exit_code = 128 + int(self._signals.received)
                 if saved_step != step:
                     ckpt.save(step, carry, {"step": step, "train_time": train_time})
                     saved_step = step
@@ -446,8 +437,8 @@ class Trainer:
             )
         if status == "interrupted":
             print(
-                f"interrupted by signal {self._signal}: checkpoint saved at step {step} in "
-                f"{self.run_dir}; run the same command again to resume.",
+                f"interrupted by signal {self._signals.received}: checkpoint saved at step "
+                f"{step} in {self.run_dir}; run the same command again to resume.",
                 file=sys.stderr,
             )
         self.final_carry = carry
