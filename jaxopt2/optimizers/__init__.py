@@ -10,10 +10,12 @@ from jaxopt2.optimizers.first_order import (
     adamw,
     lamb,
     lion,
+    muon,
     nadam,
     rmsprop,
     sgd,
 )
+from jaxopt2.optimizers.shampoo import scale_by_shampoo, shampoo
 
 __all__ = [
     "adafactor",
@@ -23,10 +25,13 @@ __all__ = [
     "adamw",
     "lamb",
     "lion",
+    "muon",
     "nadam",
     "registry",
     "rmsprop",
     "scale_by_adahessian",
+    "scale_by_shampoo",
     "sgd",
+    "shampoo",
     "value_and_update",
 ]

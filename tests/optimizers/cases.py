@@ -172,6 +172,29 @@ CASES: dict[str, Case] = {
             "mlp": Zoo(1000),
         },
     ),
+    "muon": Case(
+        # optax.contrib.muon: orthogonalized momentum on the MLP's matrices, Adam (adam_b1/b2)
+        # on vectors, so the quadratic, Rosenbrock and logistic rows exercise its Adam part.
+        hparams={"learning_rate": 0.03},
+        zoo={
+            "quadratic": Zoo(1000),
+            "rosenbrock": Zoo(3000, {"learning_rate": 0.02}),
+            "logistic": Zoo(1000),
+            "mlp": Zoo(1000),
+        },
+    ),
+    "shampoo": Case(
+        # Vectors (quadratic, Rosenbrock, logistic) take the Adam graft; the MLP's matrices
+        # are preconditioned (roots every 5 steps from step 5). Matrix-specific behaviour is
+        # tested in test_shampoo.py.
+        hparams={"learning_rate": 0.03, "precondition_every": 5},
+        zoo={
+            "quadratic": Zoo(1000),
+            "rosenbrock": Zoo(3000, {"learning_rate": 0.02}),
+            "logistic": Zoo(1000),
+            "mlp": Zoo(1000),
+        },
+    ),
 }
 
 

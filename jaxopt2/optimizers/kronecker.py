@@ -1,0 +1,317 @@
+"""Blocks and Kronecker factors: the machinery Shampoo and SOAP share.
+
+Conventions (fixed here once):
+
+* **Matrix view.** A parameter leaf is seen as a matrix ``rows × cols``: dimensions of size 1
+  are dropped; rank 2 is kept as it is; rank 3+ is split into (leading dims, trailing dims) at
+  the point that makes the larger side smallest (a conv kernel ``3×3×16×32`` becomes
+  ``144×32``), which merges small dimensions. Scalars and vectors have no matrix view: they get
+  only the diagonal (grafted) method.
+* **Dimension limit.** A side longer than ``max_precondition_dim`` is not preconditioned (its
+  factor is the identity); a leaf with both sides over the limit is diagonal-only.
+* **Blocks.** The matrix is cut into blocks of at most ``block_size × block_size``, row-major:
+  full blocks, then the right edge, the bottom edge and the corner. Blocks with the same
+  ``(r, c)`` shape and the same preconditioned sides form a *group*, stacked ``[n, r, c]``
+  across all leaves, so statistics and preconditioning are one batched matmul per group.
+* **Factors.** Each block has a left factor ``L = E[G Gᵀ]`` (``r × r``) and a right factor
+  ``R = E[Gᵀ G]`` (``c × c``) where its side is preconditioned. Statistics are kept per group,
+  unpadded. For the eigendecomposition every factor of every group is zero-padded to the
+  largest factor size ``D`` and stacked ``[N, D, D]``: **one** batched ``eigh`` per refresh,
+  whatever the mix of shapes. (Several differently shaped eigh in one XLA program is the
+  pattern that deadlocks jax 0.10's CPU runtime; one eigh cannot.) Zero padding is exact: the
+  padded coordinates decouple, and slicing ``[:r, :r]`` of any spectral function of the padded
+  matrix gives that function of the factor (same ``λ_max``, so the same relative damping).
+
+Everything here is static Python over shapes (the plan) plus pure array functions of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt2.linalg.roots import symmetric_eigh
+
+__all__ = [
+    "Group",
+    "LeafView",
+    "Plan",
+    "Region",
+    "descending_eigh",
+    "factor_slices",
+    "from_blocks",
+    "make_plan",
+    "pad_factors",
+    "to_blocks",
+]
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def mm(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Batched matmul at HIGHEST precision (curvature statistics must not use TF32/bf16)."""
+    return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def mmt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ bᵀ`` over the last two axes, HIGHEST precision."""
+    return jnp.matmul(a, jnp.swapaxes(b, -1, -2), precision=HIGHEST)
+
+
+def tmm(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``aᵀ @ b`` over the last two axes, HIGHEST precision."""
+    return jnp.matmul(jnp.swapaxes(a, -1, -2), b, precision=HIGHEST)
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """A regular grid of equal blocks inside one leaf's matrix view."""
+
+    row0: int
+    col0: int
+    n_rows: int  # blocks down
+    n_cols: int  # blocks across
+    r: int
+    c: int
+    group: int
+    offset: int  # index of the first block in the group's stack
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafView:
+    """How one leaf is preconditioned: its matrix view and its block regions (or none)."""
+
+    shape: tuple[int, ...]
+    matrix: tuple[int, int] | None
+    regions: tuple[Region, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Blocks of one shape with the same preconditioned sides, stacked ``[count, r, c]``.
+
+    ``left`` / ``right``: the index of the group's first left / right factor in the padded
+    factor stack, or None when that side is not preconditioned.
+    """
+
+    r: int
+    c: int
+    count: int
+    left: int | None
+    right: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    leaves: tuple[LeafView, ...]
+    groups: tuple[Group, ...]
+    num_factors: int
+    dim: int  # D: the padded factor size (0 when nothing is preconditioned)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(g.count for g in self.groups)
+
+
+def _matrix_view(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    dims = [d for d in shape if d != 1]
+    if len(dims) < 2:
+        return None
+    if len(dims) == 2:
+        return dims[0], dims[1]
+    best = None
+    for k in range(1, len(dims)):
+        rows, cols = math.prod(dims[:k]), math.prod(dims[k:])
+        if best is None or max(rows, cols) < max(best):
+            best = (rows, cols)
+    return best
+
+
+def _grid(length: int, block: int) -> list[tuple[int, int, int]]:
+    """``(start, count, size)`` runs of equal pieces covering ``range(length)``."""
+    full, rem = divmod(length, block)
+    out = []
+    if full:
+        out.append((0, full, block))
+    if rem:
+        out.append((full * block, 1, rem))
+    return out
+
+
+def make_plan(
+    shapes: Sequence[tuple[int, ...]],
+    *,
+    block_size: int,
+    max_precondition_dim: int,
+    one_sided: bool = False,
+) -> Plan:
+    """The static blocking plan for leaves of these shapes (see the module docstring).
+
+    With ``one_sided`` only the smaller side of each block is preconditioned (the left one on
+    a tie).
+    """
+    group_index: dict[tuple[int, int, bool, bool], int] = {}
+    group_counts: list[int] = []
+    group_keys: list[tuple[int, int, bool, bool]] = []
+    pending: list[tuple[tuple[int, ...], tuple[int, int] | None, list[tuple]]] = []
+    for shape in shapes:
+        shape = tuple(int(d) for d in shape)
+        view = _matrix_view(shape)
+        if view is not None:
+            rows, cols = view
+            left, right = rows <= max_precondition_dim, cols <= max_precondition_dim
+            if not (left or right):
+                view = None
+        regions = []
+        if view is not None:
+            for row0, n_rows, r in _grid(rows, block_size):
+                for col0, n_cols, c in _grid(cols, block_size):
+                    lft, rgt = left, right
+                    if one_sided and lft and rgt:
+                        lft, rgt = r <= c, r > c
+                    key = (r, c, lft, rgt)
+                    if key not in group_index:
+                        group_index[key] = len(group_counts)
+                        group_counts.append(0)
+                        group_keys.append(key)
+                    g = group_index[key]
+                    regions.append((row0, col0, n_rows, n_cols, r, c, g, group_counts[g]))
+                    group_counts[g] += n_rows * n_cols
+        pending.append((shape, view, regions))
+
+    groups, num_factors, dim = [], 0, 0
+    for (r, c, lft, rgt), count in zip(group_keys, group_counts, strict=True):
+        left = right = None
+        if lft:
+            left, num_factors, dim = num_factors, num_factors + count, max(dim, r)
+        if rgt:
+            right, num_factors, dim = num_factors, num_factors + count, max(dim, c)
+        groups.append(Group(r, c, count, left, right))
+    leaves = tuple(
+        LeafView(shape, view, tuple(Region(*reg) for reg in regions))
+        for shape, view, regions in pending
+    )
+    return Plan(leaves, tuple(groups), num_factors, dim)
+
+
+def to_blocks(plan: Plan, leaves: Sequence[jax.Array], dtype: Any) -> list[jax.Array]:
+    """The leaves cut into blocks: one ``[count, r, c]`` stack per group (in `dtype`)."""
+    parts: list[list[jax.Array]] = [[] for _ in plan.groups]
+    for view, leaf in zip(plan.leaves, leaves, strict=True):
+        if view.matrix is None:
+            continue
+        m = jnp.reshape(leaf, view.matrix).astype(dtype)
+        for reg in view.regions:
+            sub = m[
+                reg.row0 : reg.row0 + reg.n_rows * reg.r, reg.col0 : reg.col0 + reg.n_cols * reg.c
+            ]
+            sub = sub.reshape(reg.n_rows, reg.r, reg.n_cols, reg.c).transpose(0, 2, 1, 3)
+            parts[reg.group].append(sub.reshape(-1, reg.r, reg.c))
+    return [p[0] if len(p) == 1 else jnp.concatenate(p) for p in parts]
+
+
+def from_blocks(plan: Plan, blocks: Sequence[jax.Array], leaves: Sequence[jax.Array]) -> list:
+    """Inverse of :func:`to_blocks`: leaves with a matrix view are rebuilt from the blocks
+    (cast to the leaf's dtype); the others are returned as given in `leaves`."""
+    out = []
+    for view, leaf in zip(plan.leaves, leaves, strict=True):
+        if view.matrix is None:
+            out.append(leaf)
+            continue
+        rows: dict[int, list[jax.Array]] = {}
+        for reg in view.regions:
+            b = blocks[reg.group][reg.offset : reg.offset + reg.n_rows * reg.n_cols]
+            b = b.reshape(reg.n_rows, reg.n_cols, reg.r, reg.c).transpose(0, 2, 1, 3)
+            rows.setdefault(reg.row0, []).append(b.reshape(reg.n_rows * reg.r, reg.n_cols * reg.c))
+        band = [
+            r[0] if len(r) == 1 else jnp.concatenate(r, axis=1) for _, r in sorted(rows.items())
+        ]
+        m = band[0] if len(band) == 1 else jnp.concatenate(band, axis=0)
+        out.append(m.reshape(view.shape).astype(jnp.result_type(leaf)))
+    return out
+
+
+def pad_factors(
+    plan: Plan,
+    factors: Sequence[tuple[jax.Array | None, jax.Array | None]],
+    *,
+    for_eigenvectors: bool = False,
+):
+    """Per-group ``(L, R)`` factors padded to ``D × D`` and stacked ``[N, D, D]`` in the
+    plan's factor order (each group's left factors, then its right factors).
+
+    Padding is zero, which is exact for spectral functions sliced back with ``[:n, :n]``
+    (inverse roots). With ``for_eigenvectors`` the padded diagonal is ``-(1 + tr X)`` instead:
+    below every eigenvalue of the PSD factor, so that in :func:`descending_eigh` the padded
+    coordinates take the last columns and ``Q[:n, :n]`` holds the factor's eigenvectors.
+    """
+    d = plan.dim
+    parts = []
+    for group, (left, right) in zip(plan.groups, factors, strict=True):
+        for idx, f in ((group.left, left), (group.right, right)):
+            if idx is None:
+                continue
+            n = f.shape[-1]
+            if n < d:
+                f = jnp.pad(f, ((0, 0), (0, d - n), (0, d - n)))
+                if for_eigenvectors:
+                    fill = -(1.0 + jnp.trace(f, axis1=-2, axis2=-1))[:, None]
+                    pad = jnp.where(jnp.arange(d) >= n, fill, 0.0)
+                    f = f + pad[:, :, None] * jnp.eye(d, dtype=f.dtype)
+            parts.append(f)
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def descending_eigh(stack: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(eigenvalues, eigenvectors, ok)`` of a padded stack, eigenvalues descending.
+
+    One batched ``eigh`` (the deadlock-safe shape); ``ok`` is False for non-finite results.
+    """
+    w, q = symmetric_eigh(stack)
+    w, q = w[..., ::-1], q[..., ::-1]
+    ok = jnp.all(jnp.isfinite(q), axis=(-2, -1)) & jnp.all(jnp.isfinite(w), axis=-1)
+    return w, q, ok
+
+
+def factor_slices(plan: Plan, stack: jax.Array) -> list[tuple[jax.Array | None, jax.Array | None]]:
+    """Per-group ``(left, right)`` matrices cut from a padded ``[N', D, D]`` stack (unpadded
+    ``[count, r, r]`` / ``[count, c, c]``; None for a side that is not preconditioned)."""
+    out = []
+    for g in plan.groups:
+        left = None if g.left is None else stack[g.left : g.left + g.count, : g.r, : g.r]
+        right = None if g.right is None else stack[g.right : g.right + g.count, : g.c, : g.c]
+        out.append((left, right))
+    return out
+
+
+def precondition(blocks: jax.Array, left: jax.Array | None, right: jax.Array | None):
+    """``left @ G @ right`` per block (a missing side is the identity)."""
+    out = blocks if left is None else mm(left, blocks)
+    return out if right is None else mm(out, right)
+
+
+def block_norms(blocks: jax.Array) -> jax.Array:
+    """Frobenius norm of each block of a ``[n, r, c]`` stack, shape ``[n, 1, 1]``."""
+    return jnp.sqrt(jnp.sum(jnp.square(blocks), axis=(-2, -1), keepdims=True))
+
+
+def all_finite(tree: Any) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def identity_stack(num: int, dim: int, dtype: Any) -> jax.Array:
+    return jnp.broadcast_to(jnp.eye(dim, dtype=dtype), (num, dim, dim))
+
+
+def state_bytes(tree: Any) -> int:
+    """Bytes held by the arrays of a pytree (works on ``jax.eval_shape`` outputs too)."""
+    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))

@@ -1,0 +1,491 @@
+r"""Shampoo: Kronecker-factored preconditioning per block, grafted onto a diagonal method.
+
+For a parameter block ``W`` (``r × c``, see :mod:`jaxopt2.optimizers.kronecker` for how
+leaves of any rank become blocks) with gradient ``G_t``:
+
+.. math::
+
+   L_t &= β_2 L_{t-1} + (1 - β_2)\, G_t G_tᵀ, \qquad
+   R_t = β_2 R_{t-1} + (1 - β_2)\, G_tᵀ G_t \\
+   P_t &= \tilde L^{-e} \, G_t \, \tilde R^{-e}, \qquad
+   \tilde X = X + ε\,λ_{max}(X)\,I \quad\text{(roots refreshed every k steps)} \\
+   U_t &= P_t \cdot \frac{\lVert A_t \rVert_F}{\lVert P_t \rVert_F}
+   \quad\text{(grafting: } A_t \text{ is the diagonal method's step on the block)} \\
+   m_t &= β_1 m_{t-1} + (1 - β_1) U_t, \qquad \text{update} = m_t / (1 - β_1^t)
+
+with ``e = 1/4`` by default (two factors), ``1/2`` for the one-sided variant. Scalars, vectors
+and leaves too large to precondition take ``A_t`` directly. Until
+``start_preconditioning_step`` the update is the graft ``A_t`` everywhere.
+
+``statistics="kl"`` (KL-Shampoo) estimates the factors by KL minimization, each whitened by
+the inverse of the other, ``L_t = β_2 L_{t-1} + (1 - β_2)/c \; G_t R^{-1} G_tᵀ`` (and
+symmetrically for ``R``), with ``e = 1/2``; its step needs no graft (``graft`` defaults to
+``"none"`` then). The inverses come from the latest refresh (``R^{-1} = (R^{-1/2})^2``).
+
+Failure policy. Roots are computed in ``stats_dtype`` (float32) by one batched ``eigh`` (or
+coupled Newton). A factor whose root is non-finite or did not converge keeps its previous
+root (the identity before the first success) and is counted in ``num_failed_roots``; there
+is no float64 retry, because float64 is slow or absent on accelerators and the relative
+damping already bounds the condition number at ``1/ε``. A step whose gradient has a non-finite
+entry leaves all statistics, moments and roots unchanged (counted in ``num_nonfinite``);
+its returned update is non-finite, so wrap with ``optax.apply_if_finite`` to skip it.
+
+References:
+  Gupta, Koren, Singer. "Shampoo: Preconditioned Stochastic Tensor Optimization." ICML 2018.
+  Anil, Gupta, Koren, Regan, Singer. "Scalable Second Order Optimization for Deep Learning."
+  arXiv:2002.09018 (blocking, grafting, relative damping).
+  Morwani, Shapira, Vyas, Malach, Kakade, Janson. "A New Perspective on Shampoo's
+  Preconditioner." arXiv:2406.17748 (exponent 1/2).
+  Lin, Lowe, Dangel, Eschenhagen, Xu, Grosse. "Understanding and Improving Shampoo and SOAP
+  via Kullback-Leibler Minimization." arXiv:2509.03378 (KL-Shampoo).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
+from jaxopt2.linalg.roots import matrix_inverse_root
+from jaxopt2.optimizers import kronecker as kr
+from jaxopt2.optimizers import registry
+
+__all__ = ["GRAFTS", "ScaleByShampooState", "scale_by_shampoo", "shampoo"]
+
+GRAFTS = ("adam", "rmsprop", "adagrad", "sgd", "none")
+STATISTICS = ("shampoo", "kl")
+ROOT_METHODS = ("eigh", "newton")
+
+
+class ScaleByShampooState(NamedTuple):
+    """State of :func:`scale_by_shampoo` (arrays only; shapes fixed by the parameters).
+
+    Attributes:
+      count: updates taken (int32).
+      stats: per block group, ``(L [n, r, r], R [n, c, c])`` (None for a side that is not
+        preconditioned), in ``stats_dtype``.
+      roots: the inverse roots of every factor, zero-padded to ``D × D``, ``[N, D, D]``.
+      graft_nu: the diagonal second moment of the graft (None for ``sgd`` / ``none``).
+      mu: momentum of the final update.
+      num_failed_roots: factor roots that failed (non-finite / not converged) and were kept.
+      num_nonfinite: steps whose gradient was non-finite (statistics left unchanged).
+    """
+
+    count: jax.Array
+    stats: tuple
+    roots: jax.Array
+    graft_nu: Any
+    mu: Any
+    num_failed_roots: jax.Array
+    num_nonfinite: jax.Array
+
+
+def _check_exponent(exponent: Any, root_method: str) -> None:
+    if exponent is None:
+        return
+    check_hyperparameter(exponent, "exponent", low=0.0, high=1.0, low_inclusive=False)
+    if not isinstance(exponent, int | float):
+        raise ValueError(f"exponent must be a Python number (static), got {exponent!r}.")
+    if root_method == "newton" and abs(1.0 / exponent - round(1.0 / exponent)) > 1e-9:
+        raise ValueError(
+            f"exponent must be 1/p with an integer p for root_method='newton', got {exponent!r}; "
+            "use root_method='eigh' for other exponents."
+        )
+
+
+def graft_step(kind: str, g: jax.Array, nu: jax.Array | None, count, b2, eps):
+    """The diagonal method's direction ``A`` and its new second moment (one leaf)."""
+    if kind in ("sgd", "none"):
+        return g, nu
+    if kind == "adagrad":
+        nu = nu + jnp.square(g)
+        return g / (jnp.sqrt(nu) + eps), nu
+    nu = b2 * nu + (1.0 - b2) * jnp.square(g)
+    nu_hat = nu / (1.0 - b2**count) if kind == "adam" else nu
+    return g / (jnp.sqrt(nu_hat) + eps), nu
+
+
+def scale_by_shampoo(
+    block_size: int = 128,
+    precondition_every: int = 10,
+    start_preconditioning_step: int | None = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    damping: float = 1e-6,
+    exponent: float | None = None,
+    one_sided: bool = False,
+    graft: str | None = None,
+    nesterov: bool = False,
+    max_precondition_dim: int = 4096,
+    stagger: bool = False,
+    statistics: str = "shampoo",
+    root_method: str = "eigh",
+    stats_dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+    """Precondition updates with Shampoo's blocked Kronecker factors (no learning rate).
+
+    Args:
+      block_size: largest block side; longer dimensions are split into blocks (static).
+      precondition_every: refresh the inverse roots every this many steps (static).
+      start_preconditioning_step: first step that uses (and refreshes) the roots; before it
+        the update is the graft. Default: ``precondition_every`` (static).
+      b1: momentum of the final update (an EMA, bias-corrected like Adam's first moment).
+      b2: decay of the factor statistics and of the graft's second moment.
+      eps: added to ``sqrt(nu)`` in the graft's denominator.
+      damping: relative damping ``ε`` of the roots: ``ε · λ_max(X)`` is added to the diagonal
+        of each factor ``X`` before its inverse root is taken.
+      exponent: the root exponent ``e`` (roots ``X^{-e}``), in (0, 1]. Default ``1/4`` for two
+        factors, ``1/2`` one-sided or with ``statistics="kl"`` (static).
+      one_sided: precondition only the smaller side of each block (with ``e = 1/2`` by
+        default: the "new perspective" variant; half the factor memory) (static).
+      graft: the diagonal method whose per-block step norm the Shampoo direction takes, and
+        which updates scalars and vectors: ``"adam"`` (default), ``"rmsprop"``, ``"adagrad"``,
+        ``"sgd"``, or ``"none"`` (the raw Shampoo direction; default with
+        ``statistics="kl"``) (static).
+      nesterov: Nesterov momentum (static).
+      max_precondition_dim: a side of a leaf's matrix view longer than this is not
+        preconditioned (static).
+      stagger: refresh a ``1/precondition_every`` slice of the factors every step instead of
+        all of them every ``precondition_every`` steps, so no step carries the whole refresh;
+        preconditioning starts once every slice has been refreshed (static).
+      statistics: ``"shampoo"`` or ``"kl"`` (KL-Shampoo; needs ``e = 1/2``) (static).
+      root_method: ``"eigh"`` or ``"newton"`` (coupled Newton, integer ``1/e``) (static).
+      stats_dtype: dtype of the statistics, roots and moments (static).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+    """
+    block_size = check_positive_int(block_size, "block_size")
+    precondition_every = check_positive_int(precondition_every, "precondition_every")
+    if start_preconditioning_step is None:
+        start_preconditioning_step = precondition_every
+    elif start_preconditioning_step != 0:
+        start_preconditioning_step = check_positive_int(
+            start_preconditioning_step, "start_preconditioning_step"
+        )
+    max_precondition_dim = check_positive_int(max_precondition_dim, "max_precondition_dim")
+    check_choice(statistics, "statistics", STATISTICS)
+    check_choice(root_method, "root_method", ROOT_METHODS)
+    if graft is None:
+        graft = "none" if statistics == "kl" else "adam"
+    check_choice(graft, "graft", GRAFTS)
+    _check_exponent(exponent, root_method)
+    if statistics == "kl" and exponent not in (None, 0.5):
+        raise ValueError(
+            f"statistics='kl' uses the exponent 1/2 of KL-Shampoo, got exponent={exponent!r}."
+        )
+    check_hyperparameter(b1, "b1", low=0.0, high=1.0, high_inclusive=False)
+    check_hyperparameter(b2, "b2", low=0.0, high=1.0)
+    check_hyperparameter(eps, "eps", low=0.0)
+    check_hyperparameter(damping, "damping", low=0.0)
+    if exponent is None:
+        exponent = 0.5 if (one_sided or statistics == "kl") else 0.25
+    root_order = 1.0 / exponent
+    if root_method == "newton":
+        root_order = round(root_order)
+    start = start_preconditioning_step
+    k = precondition_every
+
+    def plan_for(tree) -> kr.Plan:
+        return kr.make_plan(
+            [jnp.shape(x) for x in jax.tree.leaves(tree)],
+            block_size=block_size,
+            max_precondition_dim=max_precondition_dim,
+            one_sided=one_sided,
+        )
+
+    def num_root_rows(plan: kr.Plan) -> int:
+        if not stagger:
+            return plan.num_factors
+        return -(-plan.num_factors // k) * k  # a whole number of equal slices
+
+    def init_fn(params):
+        plan = plan_for(params)
+        zeros = lambda n: jnp.zeros((n.count, n.r, n.r), stats_dtype)
+        stats = tuple(
+            (
+                None if g.left is None else zeros(g),
+                None if g.right is None else jnp.zeros((g.count, g.c, g.c), stats_dtype),
+            )
+            for g in plan.groups
+        )
+        like = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), stats_dtype), params)
+        return ScaleByShampooState(
+            count=jnp.zeros([], jnp.int32),
+            stats=stats,
+            roots=kr.identity_stack(num_root_rows(plan), max(plan.dim, 1), stats_dtype),
+            graft_nu=None if graft in ("sgd", "none") else like(),
+            mu=like(),
+            num_failed_roots=jnp.zeros([], jnp.int32),
+            num_nonfinite=jnp.zeros([], jnp.int32),
+        )
+
+    ema = lambda old, new: b2 * old + (1.0 - b2) * new
+
+    def shampoo_stats(blocks, stats):
+        return tuple(
+            (
+                None if left is None else ema(left, kr.mmt(g, g)),
+                None if right is None else ema(right, kr.tmm(g, g)),
+            )
+            for g, (left, right) in zip(blocks, stats, strict=True)
+        )
+
+    def eig_power(q, s, power):
+        """``(d + ε·max d)^power`` with ``d = diag(qᵀ s q)``: the factor's eigenvalues in the
+        (possibly stale) eigenbasis ``q``, re-estimated from the current statistics."""
+        d = jnp.maximum(jnp.sum(q * kr.mm(s, q), axis=-2), 0.0)
+        floor = jnp.maximum(damping * jnp.max(d, axis=-1, keepdims=True), jnp.finfo(d.dtype).tiny)
+        return (d + floor) ** power
+
+    def kl_stats(plan, blocks, stats, bases, t, correction):
+        """KL-Shampoo: each factor from the gradient whitened by the other factor's inverse."""
+        out = []
+        for g, (left, right), (ql, qr) in zip(
+            blocks, stats, kr.factor_slices(plan, bases), strict=True
+        ):
+            r, c = g.shape[-2:]
+            gnorm = jnp.maximum(kr.block_norms(g)[..., 0], jnp.finfo(g.dtype).tiny)  # [n, 1]
+            # First step: no factor yet. Scalar inverses (r/‖G‖)I and (c/‖G‖)I make
+            # tr(L)·tr(R) = ‖G‖², the scale of the Kronecker product being estimated.
+            first = t == 0
+            new_l = new_r = None
+            if left is not None:
+                if right is None:
+                    h, s_r = g, jnp.ones((g.shape[0], c), g.dtype)
+                else:
+                    h = kr.mm(g, qr)
+                    s_r = jnp.where(first, c / gnorm, eig_power(qr, right / correction, -1.0))
+                new_l = ema(left, kr.mmt(h * s_r[:, None, :], h) / c)
+            if right is not None:
+                if left is None:
+                    h, s_l = g, jnp.ones((g.shape[0], r), g.dtype)
+                else:
+                    h = kr.tmm(ql, g)
+                    s_l = jnp.where(first, r / gnorm, eig_power(ql, left / correction, -1.0))
+                new_r = ema(right, kr.tmm(h * s_l[:, :, None], h) / r)
+            out.append((new_l, new_r))
+        return tuple(out)
+
+    def kl_precondition(plan, blocks, stats, bases, correction):
+        """``L^{-1/2} G R^{-1/2}`` in the stored eigenbases with re-estimated eigenvalues."""
+        out = []
+        for g, (left, right), (ql, qr) in zip(
+            blocks, stats, kr.factor_slices(plan, bases), strict=True
+        ):
+            h = g if ql is None else kr.tmm(ql, g)
+            h = h if qr is None else kr.mm(h, qr)
+            if ql is not None:
+                h = h * eig_power(ql, left / correction, -0.5)[:, :, None]
+            if qr is not None:
+                h = h * eig_power(qr, right / correction, -0.5)[:, None, :]
+            h = h if ql is None else kr.mm(ql, h)
+            out.append(h if qr is None else kr.mmt(h, qr))
+        return out
+
+    def factor_transform(stack):
+        """Inverse roots (Shampoo) or eigenbases (KL) of a padded factor stack, with ok flags."""
+        if statistics == "kl":
+            _, q, ok = kr.descending_eigh(stack)
+            return q, ok
+        return matrix_inverse_root(stack, root_order, method=root_method, damping=damping)
+
+    def refresh(plan, stats, roots, failed, t):
+        stack = kr.pad_factors(plan, stats, for_eigenvectors=statistics == "kl")
+        rows = roots.shape[0]
+        if stagger:
+            size = rows // k
+            stack = jnp.pad(stack, ((0, rows - stack.shape[0]), (0, 0), (0, 0)))
+            first = ((t - start) % k) * size
+            sub = jax.lax.dynamic_slice_in_dim(stack, first, size)
+            old = jax.lax.dynamic_slice_in_dim(roots, first, size)
+            new, ok = factor_transform(sub)
+            real = (first + jnp.arange(size)) < plan.num_factors
+            new = jnp.where(ok[:, None, None], new, old)
+            roots = jax.lax.dynamic_update_slice_in_dim(roots, new.astype(roots.dtype), first, 0)
+            return roots, failed + jnp.sum(real & ~ok).astype(jnp.int32)
+        new, ok = factor_transform(stack)
+        roots = jnp.where(ok[:, None, None], new, roots).astype(roots.dtype)
+        return roots, failed + jnp.sum(~ok).astype(jnp.int32)
+
+    def update_fn(updates, state, params=None, **extra):
+        del params, extra
+        plan = plan_for(updates)
+        leaves, treedef = jax.tree.flatten(updates)
+        t = state.count
+        count = optax.safe_increment(t)
+        finite = kr.all_finite(updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        grads = [g.astype(stats_dtype) for g in leaves]
+
+        # Statistics (skipped on a non-finite gradient: the preconditioner stays unpoisoned).
+        blocks = kr.to_blocks(plan, grads, stats_dtype)
+        stats, roots, failed = state.stats, state.roots, state.num_failed_roots
+        fcount = count.astype(stats_dtype)
+        stats_correction = 1.0 - b2**fcount  # KL's factors are used bias-corrected
+        if plan.num_factors:
+            if statistics == "kl":
+                prev = 1.0 - b2 ** jnp.maximum(t, 1).astype(stats_dtype)
+                new = kl_stats(plan, blocks, stats, roots, t, prev)
+            else:
+                new = shampoo_stats(blocks, stats)
+            stats = keep(new, stats)
+            if stagger:
+                do_refresh = (t >= start) & finite
+            else:
+                do_refresh = (t >= start) & ((t - start) % k == 0) & finite
+            roots, failed = jax.lax.cond(
+                do_refresh,
+                lambda: refresh(plan, stats, roots, failed, t),
+                lambda: (roots, failed),
+            )
+
+        # The graft's direction on every leaf.
+        nus = [None] * len(leaves) if state.graft_nu is None else jax.tree.leaves(state.graft_nu)
+        grafted = [
+            graft_step(graft, g, nu, fcount, b2, eps) for g, nu in zip(grads, nus, strict=True)
+        ]
+        directions = [a for a, _ in grafted]
+        graft_nu = None
+        if state.graft_nu is not None:
+            graft_nu = keep(treedef.unflatten([nu for _, nu in grafted]), state.graft_nu)
+
+        # Shampoo's direction on the blocks, with the graft's per-block norm.
+        if plan.num_factors:
+            graft_blocks = kr.to_blocks(plan, directions, stats_dtype)
+            if statistics == "kl":
+                raw = kl_precondition(plan, blocks, stats, roots, stats_correction)
+            else:
+                raw = [
+                    kr.precondition(g, lft, rgt)
+                    for g, (lft, rgt) in zip(blocks, kr.factor_slices(plan, roots), strict=True)
+                ]
+            pre = []
+            for p, a in zip(raw, graft_blocks, strict=True):
+                if graft != "none":
+                    pn = kr.block_norms(p)
+                    p = p * jnp.where(pn > 0, kr.block_norms(a) / jnp.where(pn > 0, pn, 1), 0)
+                pre.append(p)
+            shampoo_leaves = kr.from_blocks(plan, pre, directions)
+            active = t >= (start + (k - 1 if stagger else 0))
+            directions = [
+                jnp.where(active, s, a) for s, a in zip(shampoo_leaves, directions, strict=True)
+            ]
+
+        # Momentum (EMA, bias-corrected) on the combined direction.
+        mu_old = jax.tree.leaves(state.mu)
+        mu = [b1 * m + (1.0 - b1) * d for m, d in zip(mu_old, directions, strict=True)]
+        if nesterov:
+            out = [b1 * m + (1.0 - b1) * d for m, d in zip(mu, directions, strict=True)]
+        else:
+            out = mu
+        correction = 1.0 - b1**fcount
+        new_updates = treedef.unflatten(
+            [(o / correction).astype(g.dtype) for o, g in zip(out, leaves, strict=True)]
+        )
+        new_state = ScaleByShampooState(
+            count=count,
+            stats=stats,
+            roots=roots,
+            graft_nu=graft_nu,
+            mu=keep(treedef.unflatten(mu), state.mu),
+            num_failed_roots=failed,
+            num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def shampoo(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    block_size: int = 128,
+    precondition_every: int = 10,
+    start_preconditioning_step: int | None = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    damping: float = 1e-6,
+    weight_decay: float = 0.0,
+    exponent: float | None = None,
+    one_sided: bool = False,
+    graft: str | None = None,
+    nesterov: bool = False,
+    max_precondition_dim: int = 4096,
+    stagger: bool = False,
+    statistics: str = "shampoo",
+    root_method: str = "eigh",
+    stats_dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+    """Shampoo with Adam grafting: ``chain(scale_by_shampoo, add_decayed_weights,
+    scale_by_learning_rate)``. See :func:`scale_by_shampoo` and the module docstring.
+
+    Args:
+      learning_rate: a number or an optax schedule.
+      weight_decay: decoupled weight decay, added to the preconditioned update before the
+        learning rate scales it.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, jaxopt2
+      >>> x = jax.random.normal(jax.random.PRNGKey(0), (64, 8))
+      >>> w_true = jax.random.normal(jax.random.PRNGKey(1), (8, 4))
+      >>> loss_fn = lambda w: 0.5 * jnp.mean((x @ w - x @ w_true) ** 2)
+      >>> opt = jaxopt2.shampoo(0.1, precondition_every=5)
+      >>> w = jnp.zeros((8, 4)); state = opt.init(w)
+      >>> @jax.jit
+      ... def step(w, state):
+      ...     updates, state = opt.update(jax.grad(loss_fn)(w), state, w)
+      ...     return optax.apply_updates(w, updates), state
+      >>> for _ in range(200):
+      ...     w, state = step(w, state)
+      >>> bool(loss_fn(w) < 1e-3)
+      True
+    """
+    check_hyperparameter(weight_decay, "weight_decay", low=0.0)
+    return optax.chain(
+        scale_by_shampoo(
+            block_size=block_size,
+            precondition_every=precondition_every,
+            start_preconditioning_step=start_preconditioning_step,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            damping=damping,
+            exponent=exponent,
+            one_sided=one_sided,
+            graft=graft,
+            nesterov=nesterov,
+            max_precondition_dim=max_precondition_dim,
+            stagger=stagger,
+            statistics=statistics,
+            root_method=root_method,
+            stats_dtype=stats_dtype,
+        ),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+registry.register(
+    "shampoo",
+    shampoo,
+    static_args=(
+        "block_size",
+        "precondition_every",
+        "start_preconditioning_step",
+        "exponent",
+        "one_sided",
+        "graft",
+        "nesterov",
+        "max_precondition_dim",
+        "stagger",
+        "statistics",
+        "root_method",
+        "stats_dtype",
+    ),
+)
