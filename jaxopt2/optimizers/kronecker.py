@@ -301,6 +301,61 @@ def block_norms(blocks: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(blocks), axis=(-2, -1), keepdims=True))
 
 
+def ema(old: jax.Array, new: jax.Array, decay: Any) -> jax.Array:
+    return decay * old + (1.0 - decay) * new
+
+
+def shampoo_statistics(blocks, stats, decay):
+    """``L ← β L + (1-β) G Gᵀ``, ``R ← β R + (1-β) Gᵀ G`` per group (None sides stay None)."""
+    return tuple(
+        (
+            None if left is None else ema(left, mmt(g, g), decay),
+            None if right is None else ema(right, tmm(g, g), decay),
+        )
+        for g, (left, right) in zip(blocks, stats, strict=True)
+    )
+
+
+def eig_power(q: jax.Array, s: jax.Array, power: float, damping: Any) -> jax.Array:
+    """``(d + max(ε·max d, tiny))^power`` with ``d = diag(qᵀ s q)`` (``[n, d]``): the eigenvalues
+    of the factor ``s`` in the (possibly stale) eigenbasis ``q``, re-estimated cheaply."""
+    d = jnp.maximum(jnp.sum(q * mm(s, q), axis=-2), 0.0)
+    floor = jnp.maximum(damping * jnp.max(d, axis=-1, keepdims=True), jnp.finfo(d.dtype).tiny)
+    return (d + floor) ** power
+
+
+def kl_statistics(plan, blocks, stats, bases, first, correction, decay, damping):
+    """KL-minimizing factor statistics (KL-Shampoo / KL-SOAP, arXiv:2509.03378).
+
+    ``L ← β L + (1-β)/c · G R⁻¹ Gᵀ`` and ``R ← β R + (1-β)/r · Gᵀ L⁻¹ G``, where each inverse
+    is taken in the stored eigenbasis (``bases``, a padded stack) with eigenvalues re-estimated
+    from the bias-corrected statistics (``stats / correction``). On the ``first`` step there
+    is no factor yet: the scalar inverses ``(r/‖G‖) I`` and ``(c/‖G‖) I`` make
+    ``tr(L)·tr(R) = ‖G‖²``, the scale of the Kronecker product being estimated.
+    """
+    out = []
+    for g, (left, right), (ql, qr) in zip(blocks, stats, factor_slices(plan, bases), strict=True):
+        r, c = g.shape[-2:]
+        gnorm = jnp.maximum(block_norms(g)[..., 0], jnp.finfo(g.dtype).tiny)  # [n, 1]
+        new_l = new_r = None
+        if left is not None:
+            if right is None:
+                h, s_r = g, jnp.ones((g.shape[0], c), g.dtype)
+            else:
+                h = mm(g, qr)
+                s_r = jnp.where(first, c / gnorm, eig_power(qr, right / correction, -1.0, damping))
+            new_l = ema(left, mmt(h * s_r[:, None, :], h) / c, decay)
+        if right is not None:
+            if left is None:
+                h, s_l = g, jnp.ones((g.shape[0], r), g.dtype)
+            else:
+                h = tmm(ql, g)
+                s_l = jnp.where(first, r / gnorm, eig_power(ql, left / correction, -1.0, damping))
+            new_r = ema(right, tmm(h * s_l[:, :, None], h) / r, decay)
+        out.append((new_l, new_r))
+    return tuple(out)
+
+
 def all_finite(tree: Any) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     if not leaves:

@@ -224,53 +224,6 @@ def scale_by_shampoo(
             num_nonfinite=jnp.zeros([], jnp.int32),
         )
 
-    ema = lambda old, new: b2 * old + (1.0 - b2) * new
-
-    def shampoo_stats(blocks, stats):
-        return tuple(
-            (
-                None if left is None else ema(left, kr.mmt(g, g)),
-                None if right is None else ema(right, kr.tmm(g, g)),
-            )
-            for g, (left, right) in zip(blocks, stats, strict=True)
-        )
-
-    def eig_power(q, s, power):
-        """``(d + ε·max d)^power`` with ``d = diag(qᵀ s q)``: the factor's eigenvalues in the
-        (possibly stale) eigenbasis ``q``, re-estimated from the current statistics."""
-        d = jnp.maximum(jnp.sum(q * kr.mm(s, q), axis=-2), 0.0)
-        floor = jnp.maximum(damping * jnp.max(d, axis=-1, keepdims=True), jnp.finfo(d.dtype).tiny)
-        return (d + floor) ** power
-
-    def kl_stats(plan, blocks, stats, bases, t, correction):
-        """KL-Shampoo: each factor from the gradient whitened by the other factor's inverse."""
-        out = []
-        for g, (left, right), (ql, qr) in zip(
-            blocks, stats, kr.factor_slices(plan, bases), strict=True
-        ):
-            r, c = g.shape[-2:]
-            gnorm = jnp.maximum(kr.block_norms(g)[..., 0], jnp.finfo(g.dtype).tiny)  # [n, 1]
-            # First step: no factor yet. Scalar inverses (r/‖G‖)I and (c/‖G‖)I make
-            # tr(L)·tr(R) = ‖G‖², the scale of the Kronecker product being estimated.
-            first = t == 0
-            new_l = new_r = None
-            if left is not None:
-                if right is None:
-                    h, s_r = g, jnp.ones((g.shape[0], c), g.dtype)
-                else:
-                    h = kr.mm(g, qr)
-                    s_r = jnp.where(first, c / gnorm, eig_power(qr, right / correction, -1.0))
-                new_l = ema(left, kr.mmt(h * s_r[:, None, :], h) / c)
-            if right is not None:
-                if left is None:
-                    h, s_l = g, jnp.ones((g.shape[0], r), g.dtype)
-                else:
-                    h = kr.tmm(ql, g)
-                    s_l = jnp.where(first, r / gnorm, eig_power(ql, left / correction, -1.0))
-                new_r = ema(right, kr.tmm(h * s_l[:, :, None], h) / r)
-            out.append((new_l, new_r))
-        return tuple(out)
-
     def kl_precondition(plan, blocks, stats, bases, correction):
         """``L^{-1/2} G R^{-1/2}`` in the stored eigenbases with re-estimated eigenvalues."""
         out = []
@@ -280,9 +233,9 @@ def scale_by_shampoo(
             h = g if ql is None else kr.tmm(ql, g)
             h = h if qr is None else kr.mm(h, qr)
             if ql is not None:
-                h = h * eig_power(ql, left / correction, -0.5)[:, :, None]
+                h = h * kr.eig_power(ql, left / correction, -0.5, damping)[:, :, None]
             if qr is not None:
-                h = h * eig_power(qr, right / correction, -0.5)[:, None, :]
+                h = h * kr.eig_power(qr, right / correction, -0.5, damping)[:, None, :]
             h = h if ql is None else kr.mm(ql, h)
             out.append(h if qr is None else kr.mmt(h, qr))
         return out
@@ -330,9 +283,9 @@ def scale_by_shampoo(
         if plan.num_factors:
             if statistics == "kl":
                 prev = 1.0 - b2 ** jnp.maximum(t, 1).astype(stats_dtype)
-                new = kl_stats(plan, blocks, stats, roots, t, prev)
+                new = kr.kl_statistics(plan, blocks, stats, roots, t == 0, prev, b2, damping)
             else:
-                new = shampoo_stats(blocks, stats)
+                new = kr.shampoo_statistics(blocks, stats, b2)
             stats = keep(new, stats)
             if stagger:
                 do_refresh = (t >= start) & finite
