@@ -22,8 +22,10 @@ from jaxopt2.optimizers import (
     rmsprop,
     scale_by_adahessian,
     scale_by_shampoo,
+    scale_by_soap,
     sgd,
     shampoo,
+    soap,
     value_and_update,
 )
 
@@ -48,7 +50,9 @@ __all__ = [
     "rmsprop",
     "scale_by_adahessian",
     "scale_by_shampoo",
+    "scale_by_soap",
     "sgd",
     "shampoo",
+    "soap",
     "value_and_update",
 ]

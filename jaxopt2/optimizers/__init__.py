@@ -16,6 +16,7 @@ from jaxopt2.optimizers.first_order import (
     sgd,
 )
 from jaxopt2.optimizers.shampoo import scale_by_shampoo, shampoo
+from jaxopt2.optimizers.soap import scale_by_soap, soap
 
 __all__ = [
     "adafactor",
@@ -31,7 +32,9 @@ __all__ = [
     "rmsprop",
     "scale_by_adahessian",
     "scale_by_shampoo",
+    "scale_by_soap",
     "sgd",
     "shampoo",
+    "soap",
     "value_and_update",
 ]

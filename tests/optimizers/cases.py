@@ -195,6 +195,17 @@ CASES: dict[str, Case] = {
             "mlp": Zoo(1000),
         },
     ),
+    "soap": Case(
+        # Vectors take plain Adam (b1 = b2 = 0.95, SOAP's defaults); the MLP's matrices run
+        # Adam in their factors' eigenbases. Matrix-specific behaviour is in test_soap.py.
+        hparams={"learning_rate": 0.03, "precondition_every": 5},
+        zoo={
+            "quadratic": Zoo(1000),
+            "rosenbrock": Zoo(3000, {"learning_rate": 0.02}),
+            "logistic": Zoo(1000),
+            "mlp": Zoo(1000),
+        },
+    ),
 }
 
 
