@@ -1,0 +1,155 @@
+"""The digits autoencoder benchmark task and its timing protocol, shared by every contender.
+
+Task: scikit-learn's bundled 8x8 digits, pixels / 16, shuffled with
+``numpy.random.default_rng(0).permutation``; the first 1437 rows are the training set. Model:
+MLP 64-512-256-32-256-512-64 with tanh hidden units and a linear output; loss: sigmoid
+cross-entropy of the output logits against the input pixels, summed over the 64 pixels and
+averaged over the batch. Weights are stored ``(fan_in, fan_out)`` and initialized like
+PyTorch's ``nn.Linear`` (uniform in ``±1/sqrt(fan_in)``, biases too) from seed 0. Batches of
+256 rows: a fresh permutation per epoch (seed 1), remainder dropped.
+
+:func:`make_inputs` writes all of that (weights, training rows, per-step row indices) to one
+``.npz``; every contender, jaxopt2's and the peers' (run in their own environments), loads
+that file, so they all start from the same weights and see the same batches.
+
+Protocol (:func:`run_timed`): the train step (gradient + optimizer update + apply, batch
+gathered inside ``jit``) is compiled ahead of time (``jit(...).lower(...).compile()``: no
+warm-up call advances the state), then every step is timed from dispatch to
+``block_until_ready``. The full-training-set loss is computed every ``loss_every`` steps and
+after the last one, outside the timed region. This module imports only jax, numpy and optax
+(scikit-learn lazily in :func:`make_inputs`), so it runs in the peers' environments too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+SIZES = (64, 512, 256, 32, 256, 512, 64)
+NUM_TRAIN = 1437
+BATCH = 256
+
+
+def make_inputs(path: str, steps: int, *, seed: int = 0, batch_seed: int = 1) -> None:
+    """Write the shared starting point (weights, data, batch indices) to ``path`` (.npz)."""
+    from sklearn.datasets import load_digits
+
+    x = (load_digits().data / 16.0).astype(np.float32)
+    x = x[np.random.default_rng(0).permutation(len(x))][:NUM_TRAIN]
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(SIZES), start=1):
+        bound = 1.0 / np.sqrt(fan_in)
+        arrays[f"w{i}"] = rng.uniform(-bound, bound, (fan_in, fan_out)).astype(np.float32)
+        arrays[f"b{i}"] = rng.uniform(-bound, bound, (fan_out,)).astype(np.float32)
+    batch_rng = np.random.default_rng(batch_seed)
+    per_epoch = NUM_TRAIN // BATCH
+    epochs = -(-steps // per_epoch)
+    rows = [batch_rng.permutation(NUM_TRAIN)[: per_epoch * BATCH] for _ in range(epochs)]
+    batch_idx = np.concatenate(rows).reshape(-1, BATCH)[:steps].astype(np.int32)
+    np.savez(path, x_train=x, batch_idx=batch_idx, **arrays)
+
+
+def load_inputs(path: str) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """``(params, x_train, batch_idx)`` from a file written by :func:`make_inputs`."""
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    names = [f"{kind}{i}" for i in range(1, len(SIZES)) for kind in "wb"]
+    params = {k: arrays[k].astype(np.float32) for k in names}
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(SIZES), start=1):
+        if params[f"w{i}"].shape != (fan_in, fan_out) or params[f"b{i}"].shape != (fan_out,):
+            raise ValueError(f"layer {i} of {path} is not {fan_in} -> {fan_out}")
+    batch_idx = arrays["batch_idx"].astype(np.int32)
+    x_train = arrays["x_train"].astype(np.float32)
+    if batch_idx.min() < 0 or batch_idx.max() >= len(x_train):
+        raise ValueError(f"batch_idx of {path} indexes outside x_train")
+    return params, x_train, batch_idx
+
+
+def forward(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    """Output logits: tanh on the five hidden layers, linear output."""
+    n = len(SIZES) - 1
+    h = x
+    for i in range(1, n):
+        h = jnp.tanh(h @ params[f"w{i}"] + params[f"b{i}"])
+    return h @ params[f"w{n}"] + params[f"b{n}"]
+
+
+def loss_fn(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    """Sigmoid cross-entropy against the inputs, summed over pixels, mean over rows."""
+    return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(forward(params, x), x), axis=-1))
+
+
+def state_bytes(tree: Any) -> int:
+    leaves = jax.tree.leaves(tree)
+    return int(sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in leaves))
+
+
+def run_timed(
+    optimizer: optax.GradientTransformation,
+    inputs: str,
+    *,
+    loss_every: int = 25,
+    step_fn: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
+    """Train from ``inputs`` with `optimizer` under the protocol of the module docstring.
+
+    ``step_fn(optimizer, params, state, xb) -> (params, state, loss)`` replaces the default
+    step (gradient, ``optimizer.update(grads, state, params)``, apply) when given.
+    """
+    params_np, x_np, batch_idx = load_inputs(inputs)
+    steps = int(batch_idx.shape[0])
+
+    def default_step(opt, params, state, xb):
+        loss, grads = jax.value_and_grad(loss_fn)(params, xb)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    inner = step_fn or default_step
+
+    def train_step(params, state, x_train, idx):
+        return inner(optimizer, params, state, x_train[idx])
+
+    params = jax.device_put(params_np)
+    x_train = jax.device_put(x_np)
+    state = optimizer.init(params)
+    idx = [jax.device_put(batch_idx[t]) for t in range(steps)]
+    jax.block_until_ready((params, state, x_train, idx))
+
+    t0 = time.perf_counter()
+    step = jax.jit(train_step).lower(params, state, x_train, idx[0]).compile()
+    compile_s = time.perf_counter() - t0
+    full_loss = jax.jit(loss_fn).lower(params, x_train).compile()
+
+    times, losses = [], []
+    for t in range(steps):
+        if t % loss_every == 0:
+            losses.append([t, float(full_loss(params, x_train))])
+        t0 = time.perf_counter()
+        params, state, loss = step(params, state, x_train, idx[t])
+        jax.block_until_ready((params, state, loss))
+        times.append(time.perf_counter() - t0)
+    losses.append([steps, float(full_loss(params, x_train))])
+    arr = np.asarray(times)
+    num_params = sum(int(np.size(v)) for v in params_np.values())
+    return {
+        "steps": steps,
+        "mean_step_s": float(arr.mean()),
+        "median_step_s": float(np.median(arr)),
+        "p99_step_s": float(np.percentile(arr, 99)),
+        "max_step_s": float(arr.max()),
+        "compile_s": compile_s,
+        "step_times_s": times,
+        "losses": losses,
+        "final_loss": losses[-1][1],
+        "state_bytes_per_param": state_bytes(state) / num_params,
+        "num_params": num_params,
+        "versions": {"jax": jax.__version__, "optax": optax.__version__},
+    }
