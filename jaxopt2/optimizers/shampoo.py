@@ -49,9 +49,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
-from jaxopt2.linalg.roots import matrix_inverse_root
+from jaxopt2.linalg.roots import matrix_inverse_root, symmetric_eigh
 from jaxopt2.optimizers import kronecker as kr
-from jaxopt2.optimizers import registry
+from jaxopt2.optimizers import lowbit, registry
 
 __all__ = ["GRAFTS", "ScaleByShampooState", "scale_by_shampoo", "shampoo"]
 
@@ -67,7 +67,9 @@ class ScaleByShampooState(NamedTuple):
       count: updates taken (int32).
       stats: per block group, ``(L [n, r, r], R [n, c, c])`` (None for a side that is not
         preconditioned), in ``stats_dtype``.
-      roots: the inverse roots of every factor, zero-padded to ``D × D``, ``[N, D, D]``.
+      roots: the inverse roots of every factor, zero-padded to ``D × D``, ``[N, D, D]`` (KL:
+        the eigenbases); a :class:`~jaxopt2.optimizers.lowbit.QuantizedBasis` with
+        ``precondition_bits < 32``.
       graft_nu: the diagonal second moment of the graft (None for ``sgd`` / ``none``).
       mu: momentum of the final update.
       num_failed_roots: factor roots that failed (non-finite / not converged) and were kept.
@@ -124,6 +126,7 @@ def scale_by_shampoo(
     stagger: bool = False,
     statistics: str = "shampoo",
     root_method: str = "eigh",
+    precondition_bits: int = 32,
     stats_dtype: Any = jnp.float32,
 ) -> optax.GradientTransformationExtraArgs:
     """Precondition updates with Shampoo's blocked Kronecker factors (no learning rate).
@@ -154,6 +157,9 @@ def scale_by_shampoo(
         preconditioning starts once every slice has been refreshed (static).
       statistics: ``"shampoo"`` or ``"kl"`` (KL-Shampoo; needs ``e = 1/2``) (static).
       root_method: ``"eigh"`` or ``"newton"`` (coupled Newton, integer ``1/e``) (static).
+      precondition_bits: 32 stores the roots densely in ``stats_dtype``; 8 or 4 store their
+        eigenvectors block-quantized plus a float32 spectrum (:mod:`jaxopt2.optimizers.lowbit`;
+        needs ``root_method="eigh"``). The statistics stay in ``stats_dtype`` (static).
       stats_dtype: dtype of the statistics, roots and moments (static).
 
     Returns:
@@ -174,6 +180,14 @@ def scale_by_shampoo(
         graft = "none" if statistics == "kl" else "adam"
     check_choice(graft, "graft", GRAFTS)
     _check_exponent(exponent, root_method)
+    bits = precondition_bits
+    if bits not in lowbit.BITS:
+        raise ValueError(f"precondition_bits must be one of {lowbit.BITS}, got {bits!r}.")
+    if bits != 32 and root_method != "eigh":
+        raise ValueError(
+            "precondition_bits < 32 stores eigenvectors: it needs root_method='eigh', got "
+            f"root_method={root_method!r}."
+        )
     if statistics == "kl" and exponent not in (None, 0.5):
         raise ValueError(
             f"statistics='kl' uses the exponent 1/2 of KL-Shampoo, got exponent={exponent!r}."
@@ -203,6 +217,12 @@ def scale_by_shampoo(
             return plan.num_factors
         return -(-plan.num_factors // k) * k  # a whole number of equal slices
 
+    def initial_roots(rows, dim):
+        eye = kr.identity_stack(rows, dim, stats_dtype)
+        if bits == 32:
+            return eye
+        return lowbit.pack(eye, jnp.ones((rows, dim), jnp.float32), bits)
+
     def init_fn(params):
         plan = plan_for(params)
         zeros = lambda n: jnp.zeros((n.count, n.r, n.r), stats_dtype)
@@ -217,7 +237,7 @@ def scale_by_shampoo(
         return ScaleByShampooState(
             count=jnp.zeros([], jnp.int32),
             stats=stats,
-            roots=kr.identity_stack(num_root_rows(plan), max(plan.dim, 1), stats_dtype),
+            roots=initial_roots(num_root_rows(plan), max(plan.dim, 1)),
             graft_nu=None if graft in ("sgd", "none") else like(),
             mu=like(),
             num_failed_roots=jnp.zeros([], jnp.int32),
@@ -241,29 +261,49 @@ def scale_by_shampoo(
         return out
 
     def factor_transform(stack):
-        """Inverse roots (Shampoo) or eigenbases (KL) of a padded factor stack, with ok flags."""
+        """Stored preconditioners of a padded factor stack (inverse roots for Shampoo,
+        eigenbases for KL; low-bit eigenvectors + spectrum with ``precondition_bits < 32``)
+        and per-factor ok flags."""
         if statistics == "kl":
             _, q, ok = kr.descending_eigh(stack)
-            return q, ok
-        return matrix_inverse_root(stack, root_order, method=root_method, damping=damping)
+            return (q if bits == 32 else lowbit.pack(q, jnp.zeros(q.shape[:-1]), bits)), ok
+        if bits == 32:
+            return matrix_inverse_root(stack, root_order, method=root_method, damping=damping)
+        w, q = symmetric_eigh(stack)
+        w_max = w[..., -1:]
+        spectrum = (jnp.maximum(w, 0.0) + damping * w_max) ** (-1.0 / root_order)
+        ok = (w_max[..., 0] > 0) & jnp.all(jnp.isfinite(spectrum), -1)
+        return lowbit.pack(q, spectrum, bits), ok & jnp.all(jnp.isfinite(q), axis=(-2, -1))
+
+    def select(ok, new, old):
+        if bits == 32:
+            return jnp.where(ok[:, None, None], new, old).astype(old.dtype)
+        return lowbit.where(ok, new, old)
+
+    def matrices(plan, stored):
+        """The ``[N, D, D]`` inverse roots (or KL eigenbases) to precondition with."""
+        if bits == 32:
+            return stored
+        if statistics == "kl":
+            return lowbit.basis(stored, bits, plan.dim)
+        return lowbit.reconstruct(stored, bits, plan.dim)
 
     def refresh(plan, stats, roots, failed, t):
         stack = kr.pad_factors(plan, stats, for_eigenvectors=statistics == "kl")
-        rows = roots.shape[0]
+        rows = jax.tree.leaves(roots)[0].shape[0]
         if stagger:
             size = rows // k
             stack = jnp.pad(stack, ((0, rows - stack.shape[0]), (0, 0), (0, 0)))
             first = ((t - start) % k) * size
-            sub = jax.lax.dynamic_slice_in_dim(stack, first, size)
-            old = jax.lax.dynamic_slice_in_dim(roots, first, size)
-            new, ok = factor_transform(sub)
+            cut = lambda x: jax.lax.dynamic_slice_in_dim(x, first, size)
+            new, ok = factor_transform(cut(stack))
+            new = select(ok, new, jax.tree.map(cut, roots))
+            put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, first, 0)
+            roots = jax.tree.map(put, roots, new)
             real = (first + jnp.arange(size)) < plan.num_factors
-            new = jnp.where(ok[:, None, None], new, old)
-            roots = jax.lax.dynamic_update_slice_in_dim(roots, new.astype(roots.dtype), first, 0)
             return roots, failed + jnp.sum(real & ~ok).astype(jnp.int32)
         new, ok = factor_transform(stack)
-        roots = jnp.where(ok[:, None, None], new, roots).astype(roots.dtype)
-        return roots, failed + jnp.sum(~ok).astype(jnp.int32)
+        return select(ok, new, roots), failed + jnp.sum(~ok).astype(jnp.int32)
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -283,7 +323,8 @@ def scale_by_shampoo(
         if plan.num_factors:
             if statistics == "kl":
                 prev = 1.0 - b2 ** jnp.maximum(t, 1).astype(stats_dtype)
-                new = kr.kl_statistics(plan, blocks, stats, roots, t == 0, prev, b2, damping)
+                bases = matrices(plan, roots)
+                new = kr.kl_statistics(plan, blocks, stats, bases, t == 0, prev, b2, damping)
             else:
                 new = kr.shampoo_statistics(blocks, stats, b2)
             stats = keep(new, stats)
@@ -310,12 +351,13 @@ def scale_by_shampoo(
         # Shampoo's direction on the blocks, with the graft's per-block norm.
         if plan.num_factors:
             graft_blocks = kr.to_blocks(plan, directions, stats_dtype)
+            dense = matrices(plan, roots)
             if statistics == "kl":
-                raw = kl_precondition(plan, blocks, stats, roots, stats_correction)
+                raw = kl_precondition(plan, blocks, stats, dense, stats_correction)
             else:
                 raw = [
                     kr.precondition(g, lft, rgt)
-                    for g, (lft, rgt) in zip(blocks, kr.factor_slices(plan, roots), strict=True)
+                    for g, (lft, rgt) in zip(blocks, kr.factor_slices(plan, dense), strict=True)
                 ]
             pre = []
             for p, a in zip(raw, graft_blocks, strict=True):
@@ -373,6 +415,7 @@ def shampoo(
     stagger: bool = False,
     statistics: str = "shampoo",
     root_method: str = "eigh",
+    precondition_bits: int = 32,
     stats_dtype: Any = jnp.float32,
 ) -> optax.GradientTransformationExtraArgs:
     """Shampoo with Adam grafting: ``chain(scale_by_shampoo, add_decayed_weights,
@@ -417,6 +460,7 @@ def shampoo(
             stagger=stagger,
             statistics=statistics,
             root_method=root_method,
+            precondition_bits=precondition_bits,
             stats_dtype=stats_dtype,
         ),
         optax.add_decayed_weights(weight_decay),
@@ -439,6 +483,7 @@ registry.register(
         "stagger",
         "statistics",
         "root_method",
+        "precondition_bits",
         "stats_dtype",
     ),
 )
