@@ -41,7 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["METHODS", "check_root_order", "matrix_inverse_root", "symmetric_eigh"]
+__all__ = [
+    "METHODS",
+    "check_root_order",
+    "inverse_root_spectrum",
+    "matrix_inverse_root",
+    "symmetric_eigh",
+]
 
 METHODS = ("eigh", "newton")
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -85,14 +91,19 @@ def _finite(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x), axis=(-2, -1))
 
 
+def inverse_root_spectrum(w: jax.Array, p: float, damping: Any) -> tuple[jax.Array, jax.Array]:
+    """``(max(w, 0) + damping · max(w))^{-1/p}`` for ascending eigenvalues ``w`` ``[..., n]``,
+    and whether it is usable (finite, nonzero matrix): the spectrum of the damped root."""
+    w_max = w[..., -1:]
+    spectrum = (jnp.maximum(w, 0.0) + damping * w_max) ** (-1.0 / p)
+    return spectrum, jnp.all(jnp.isfinite(spectrum), axis=-1) & (w_max[..., 0] > 0)
+
+
 def _eigh_root(a: jax.Array, p: float, damping: Any) -> tuple[jax.Array, jax.Array]:
     w, q = symmetric_eigh(a)
-    w_max = w[..., -1:]
-    w = jnp.maximum(w, 0.0) + damping * w_max
-    scale = w ** (-1.0 / p)
-    root = _mm(q * scale[..., None, :], jnp.swapaxes(q, -1, -2))
-    ok = _finite(root) & (w_max[..., 0] > 0)
-    return root, ok
+    spectrum, ok = inverse_root_spectrum(w, p, damping)
+    root = _mm(q * spectrum[..., None, :], jnp.swapaxes(q, -1, -2))
+    return root, ok & _finite(root)
 
 
 def _power_max_eig(a: jax.Array, num_iters: int) -> jax.Array:

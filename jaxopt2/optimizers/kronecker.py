@@ -48,7 +48,9 @@ __all__ = [
     "from_blocks",
     "make_plan",
     "pad_factors",
+    "plan_for_tree",
     "to_blocks",
+    "zero_statistics",
 ]
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -198,6 +200,28 @@ def make_plan(
         for shape, view, regions in pending
     )
     return Plan(leaves, tuple(groups), num_factors, dim)
+
+
+def plan_for_tree(tree: Any, block_size: int, max_precondition_dim: int, one_sided: bool) -> Plan:
+    """:func:`make_plan` for the leaves of a pytree (parameters or updates)."""
+    return make_plan(
+        [jnp.shape(x) for x in jax.tree.leaves(tree)],
+        block_size=block_size,
+        max_precondition_dim=max_precondition_dim,
+        one_sided=one_sided,
+    )
+
+
+def zero_statistics(plan: Plan, dtype: Any) -> tuple:
+    """Per group ``(L [n, r, r], R [n, c, c])`` of zeros (None for a side not preconditioned)."""
+    square = lambda n, d: jnp.zeros((n, d, d), dtype)
+    return tuple(
+        (
+            None if g.left is None else square(g.count, g.r),
+            None if g.right is None else square(g.count, g.c),
+        )
+        for g in plan.groups
+    )
 
 
 def to_blocks(plan: Plan, leaves: Sequence[jax.Array], dtype: Any) -> list[jax.Array]:

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
-from jaxopt2.linalg.roots import matrix_inverse_root, symmetric_eigh
+from jaxopt2.linalg.roots import inverse_root_spectrum, matrix_inverse_root, symmetric_eigh
 from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers import lowbit, registry
 
@@ -205,12 +205,7 @@ def scale_by_shampoo(
     k = precondition_every
 
     def plan_for(tree) -> kr.Plan:
-        return kr.make_plan(
-            [jnp.shape(x) for x in jax.tree.leaves(tree)],
-            block_size=block_size,
-            max_precondition_dim=max_precondition_dim,
-            one_sided=one_sided,
-        )
+        return kr.plan_for_tree(tree, block_size, max_precondition_dim, one_sided)
 
     def num_root_rows(plan: kr.Plan) -> int:
         if not stagger:
@@ -225,18 +220,10 @@ def scale_by_shampoo(
 
     def init_fn(params):
         plan = plan_for(params)
-        zeros = lambda n: jnp.zeros((n.count, n.r, n.r), stats_dtype)
-        stats = tuple(
-            (
-                None if g.left is None else zeros(g),
-                None if g.right is None else jnp.zeros((g.count, g.c, g.c), stats_dtype),
-            )
-            for g in plan.groups
-        )
         like = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), stats_dtype), params)
         return ScaleByShampooState(
             count=jnp.zeros([], jnp.int32),
-            stats=stats,
+            stats=kr.zero_statistics(plan, stats_dtype),
             roots=initial_roots(num_root_rows(plan), max(plan.dim, 1)),
             graft_nu=None if graft in ("sgd", "none") else like(),
             mu=like(),
@@ -270,9 +257,7 @@ def scale_by_shampoo(
         if bits == 32:
             return matrix_inverse_root(stack, root_order, method=root_method, damping=damping)
         w, q = symmetric_eigh(stack)
-        w_max = w[..., -1:]
-        spectrum = (jnp.maximum(w, 0.0) + damping * w_max) ** (-1.0 / root_order)
-        ok = (w_max[..., 0] > 0) & jnp.all(jnp.isfinite(spectrum), -1)
+        spectrum, ok = inverse_root_spectrum(w, root_order, damping)
         return lowbit.pack(q, spectrum, bits), ok & jnp.all(jnp.isfinite(q), axis=(-2, -1))
 
     def select(ok, new, old):

@@ -119,24 +119,11 @@ def scale_by_soap(
     k = precondition_every
 
     def plan_for(tree) -> kr.Plan:
-        return kr.make_plan(
-            [jnp.shape(x) for x in jax.tree.leaves(tree)],
-            block_size=block_size,
-            max_precondition_dim=max_precondition_dim,
-            one_sided=one_sided,
-        )
+        return kr.plan_for_tree(tree, block_size, max_precondition_dim, one_sided)
 
     def init_fn(params):
         plan = plan_for(params)
         leaves = jax.tree.leaves(params)
-        square = lambda n, d: jnp.zeros((n, d, d), stats_dtype)
-        stats = tuple(
-            (
-                None if g.left is None else square(g.count, g.r),
-                None if g.right is None else square(g.count, g.c),
-            )
-            for g in plan.groups
-        )
         nu_blocks = tuple(jnp.zeros((g.count, g.r, g.c), stats_dtype) for g in plan.groups)
         nu_leaves = tuple(
             jnp.zeros(jnp.shape(p), stats_dtype) if v.matrix is None else None
@@ -144,7 +131,7 @@ def scale_by_soap(
         )
         return ScaleBySoapState(
             count=jnp.zeros([], jnp.int32),
-            stats=stats,
+            stats=kr.zero_statistics(plan, stats_dtype),
             bases=kr.identity_stack(plan.num_factors, max(plan.dim, 1), stats_dtype),
             mu=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), stats_dtype), params),
             nu=(nu_blocks, nu_leaves),

@@ -63,3 +63,34 @@ def test_compare_rejects_unknown_optimizer(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "nope" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) <= 3
+
+
+def test_compare_kronecker_family_from_the_shampoo_config(tmp_path, capsys):
+    """adam, muon, shampoo and soap on the digits autoencoder of configs/opt_shampoo.yaml
+    (a narrower model and few steps; roots every 2 steps so preconditioning is exercised)."""
+    out_dir = tmp_path / "kron"
+    rc = main(
+        [
+            "compare",
+            "opt_shampoo",
+            "--optimizers",
+            "adam,muon:0.01,shampoo,soap:3e-3",
+            "steps=8",
+            "log_every=4",
+            "eval_every=8",
+            "model.hidden=[32,16,32]",
+            "optimizer.precondition_every=2",
+            "--run-dir",
+            str(out_dir),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    rows = {
+        r["optimizer"]: r for r in json.loads((out_dir / "compare.json").read_text())["results"]
+    }
+    assert set(rows) == {"adam", "muon:0.01", "shampoo", "soap:0.003"}
+    losses = {name: r["final_loss"] for name, r in rows.items()}
+    for name, r in rows.items():
+        assert r["status"] == "complete" and r["steps"] == 8, (name, r)
+    assert len(set(losses.values())) == 4, losses  # four different optimizers ran
