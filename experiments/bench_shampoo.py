@@ -128,11 +128,14 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     import numpy as np
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, r in results.items():
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, r) in enumerate(results.items()):
         steps, losses = np.asarray(r["losses"]).T
         cum = np.concatenate([[0.0], np.cumsum(r["step_times_s"])])
-        ax1.plot(steps, losses, label=name)
-        ax2.plot(cum[steps.astype(int)], losses, label=name)
+        style = {"label": name, "color": colors[i % len(colors)],
+                 "linestyle": "--" if name.startswith("distributed") else "-"}  # fmt: skip
+        ax1.plot(steps, losses, **style)
+        ax2.plot(cum[steps.astype(int)][1:], losses[1:], **style)
     for ax, xlabel in ((ax1, "step"), (ax2, "training time (s, compile excluded)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("full-data loss")
