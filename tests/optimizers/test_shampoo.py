@@ -16,6 +16,7 @@ import pytest
 
 import jaxopt2
 from jaxopt2.optimizers import kronecker as kr
+from tests.optimizers.nonfinite import check_nonfinite_step_keeps_state
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -267,21 +268,7 @@ def test_stagger_refreshes_a_slice_per_step():
 
 def test_nan_gradient_leaves_the_preconditioner_unpoisoned():
     opt = jaxopt2.scale_by_shampoo(precondition_every=1, start_preconditioning_step=0)
-    params = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)}
-    rng = np.random.default_rng(0)
-    good = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
-    bad = {"w": good["w"].at[2, 1].set(jnp.nan), "b": good["b"]}
-    update = jax.jit(opt.update)
-    _, s1 = update(good, opt.init(params), params)
-    u_bad, s2 = update(bad, s1, params)
-    assert not bool(jnp.all(jnp.isfinite(u_bad["w"])))
-    before = jax.tree.leaves(s1._replace(count=0, num_nonfinite=0))
-    after = jax.tree.leaves(s2._replace(count=0, num_nonfinite=0))
-    for a, b in zip(before, after, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert int(s2.num_nonfinite) == 1 and int(s2.count) == 2
-    u3, s3 = update(good, s2, params)
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((u3, s3)))
+    check_nonfinite_step_keeps_state(opt, jnp.nan)
 
 
 def test_failed_root_keeps_previous_and_is_counted():

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import jaxopt2
+from tests.optimizers.nonfinite import check_nonfinite_step_keeps_state
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -97,21 +98,7 @@ def test_bases_are_orthonormal_after_refreshes():
 
 
 def test_nan_gradient_leaves_the_state_unpoisoned():
-    opt = jaxopt2.scale_by_soap(precondition_every=1)
-    params = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)}
-    rng = np.random.default_rng(0)
-    good = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
-    bad = {"w": good["w"].at[0, 0].set(jnp.inf), "b": good["b"]}
-    update = jax.jit(opt.update)
-    _, s1 = update(good, opt.init(params), params)
-    _, s2 = update(bad, s1, params)
-    before = jax.tree.leaves(s1._replace(count=0, num_nonfinite=0))
-    after = jax.tree.leaves(s2._replace(count=0, num_nonfinite=0))
-    for a, b in zip(before, after, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert int(s2.num_nonfinite) == 1
-    u3, s3 = update(good, s2, params)
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((u3, s3)))
+    check_nonfinite_step_keeps_state(jaxopt2.scale_by_soap(precondition_every=1), jnp.inf)
 
 
 @pytest.mark.parametrize(
