@@ -8,6 +8,7 @@ are pure functions of matrix-free products. Importing jaxopt2 initializes no jax
 
 from jaxopt2 import curvature, linalg, optimizers
 from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround
+from jaxopt2.curvature.tags import tag_loss
 from jaxopt2.optimizers import (
     adafactor,
     adagrad,
@@ -54,5 +55,6 @@ __all__ = [
     "sgd",
     "shampoo",
     "soap",
+    "tag_loss",
     "value_and_update",
 ]

@@ -17,8 +17,10 @@ from jaxopt2.curvature.estimators import (
     top_k_eigenpairs,
 )
 from jaxopt2.curvature.products import fisher_vp, ggn_vp, hessian_operator, hvp, output_loss
+from jaxopt2.curvature.tags import SplitLoss, split_loss, tag_loss
 
 __all__ = [
+    "SplitLoss",
     "density_on_grid",
     "fisher_vp",
     "ggn_vp",
@@ -31,5 +33,7 @@ __all__ = [
     "output_loss",
     "power_iteration",
     "spectral_density",
+    "split_loss",
+    "tag_loss",
     "top_k_eigenpairs",
 ]
