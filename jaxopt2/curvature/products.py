@@ -30,7 +30,17 @@ from jaxopt2._tree import check_choice, check_inexact, check_like
 
 PyTree = Any
 
-__all__ = ["LOSSES", "fisher_vp", "ggn_vp", "hessian_operator", "hvp", "output_loss"]
+__all__ = [
+    "LOSSES",
+    "fisher_vp",
+    "ggn_vp",
+    "hessian_operator",
+    "hvp",
+    "output_fisher_vp",
+    "output_loss",
+    "output_residual",
+    "sample_targets",
+]
 
 LOSSES = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
 FISHER_KINDS = ("exact", "mc", "empirical")
@@ -109,8 +119,9 @@ def output_loss(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
     return 0.5 * jnp.sum((outputs - targets) ** 2) / n
 
 
-def _output_hessian_vp(loss: str, outputs: jax.Array, u: jax.Array) -> jax.Array:
-    """``F_f u`` per example: the Fisher of the predictive distribution in output space."""
+def output_fisher_vp(loss: str, outputs: jax.Array, u: jax.Array) -> jax.Array:
+    """``F_f u`` per example: the Fisher of the predictive distribution in output space (the
+    Hessian of the named loss with respect to the outputs, per example, unaveraged)."""
     if loss == "softmax_cross_entropy":
         p = jax.nn.softmax(outputs, axis=-1)
         return p * u - p * jnp.sum(p * u, axis=-1, keepdims=True)
@@ -120,7 +131,7 @@ def _output_hessian_vp(loss: str, outputs: jax.Array, u: jax.Array) -> jax.Array
     return u
 
 
-def _output_residual(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+def output_residual(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
     """Per-example gradient of the (un-averaged) loss with respect to the outputs."""
     if loss == "softmax_cross_entropy":
         p = jax.nn.softmax(outputs, axis=-1)
@@ -132,7 +143,7 @@ def _output_residual(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.A
     return outputs - targets
 
 
-def _sample_targets(loss: str, outputs: jax.Array, key: jax.Array) -> jax.Array:
+def sample_targets(loss: str, outputs: jax.Array, key: jax.Array) -> jax.Array:
     """Targets drawn from the model's predictive distribution at `outputs`."""
     if loss == "softmax_cross_entropy":
         return jax.random.categorical(key, outputs, axis=-1)
@@ -186,15 +197,15 @@ def fisher_vp(
         raise ValueError("fisher_vp: model_fn must return one array with a leading batch axis.")
     n = outputs.shape[0]
     if kind == "exact":
-        u = _output_hessian_vp(loss, outputs, jv) / n
+        u = output_fisher_vp(loss, outputs, jv) / n
     else:
         if kind == "mc":
-            targets = _sample_targets(loss, jax.lax.stop_gradient(outputs), key)
+            targets = sample_targets(loss, jax.lax.stop_gradient(outputs), key)
         elif targets.shape[0] != n:
             raise ValueError(
                 f"fisher_vp: targets have batch size {targets.shape[0]} but outputs {n}."
             )
-        r = _output_residual(loss, outputs, targets)
+        r = output_residual(loss, outputs, targets)
         axes = tuple(range(1, r.ndim))
         u = r * jnp.sum(r * jv, axis=axes, keepdims=True) / n
     _, vjp = jax.vjp(model_fn, params)
