@@ -1,8 +1,5 @@
 """K-FAC: layer discovery, factors against dense references, the loss tag, bad input."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import equinox as eqx
@@ -15,6 +12,7 @@ import pytest
 import jaxopt2
 from jaxopt2 import curvature as cv
 from jaxopt2.optimizers.kfac import kfac, kfac_layers, scale_by_kfac
+from tests.hang_check import run_without_xla_flag
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -254,24 +252,5 @@ _HANG_CHECK = textwrap.dedent(
 
 
 def test_jitted_inverse_refresh_does_not_hang_without_the_xla_flag():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAXOPT2_NO_CPU_WORKAROUND"] = "1"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _HANG_CHECK],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=150)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("a jitted K-FAC inverse refresh hung for 150 s without the XLA flag")
-        assert proc.returncode == 0, err[-2000:]
+    for out in run_without_xla_flag(_HANG_CHECK, "a jitted K-FAC inverse refresh"):
         assert "finished 0" in out

@@ -2,10 +2,7 @@
 
 import itertools
 import math
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,6 +13,7 @@ import pytest
 
 import jaxopt2
 from jaxopt2.optimizers import kronecker as kr
+from tests.hang_check import run_without_xla_flag
 from tests.optimizers.nonfinite import check_nonfinite_step_keeps_state
 
 pytestmark = pytest.mark.timeout(240)
@@ -337,26 +335,8 @@ _HANG_CHECK = textwrap.dedent(
 
 
 def test_jitted_refresh_does_not_hang_without_the_xla_flag():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     code = _HANG_CHECK.format(shapes=MIXED)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=150)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("a jitted Shampoo/SOAP refresh hung for 150 s without the XLA flag")
-        assert proc.returncode == 0, err[-2000:]
+    for out in run_without_xla_flag(code, "a jitted Shampoo/SOAP refresh"):
         assert "finished 0" in out
 
 
