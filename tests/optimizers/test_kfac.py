@@ -254,3 +254,28 @@ _HANG_CHECK = textwrap.dedent(
 def test_jitted_inverse_refresh_does_not_hang_without_the_xla_flag():
     for out in run_without_xla_flag(_HANG_CHECK, "a jitted K-FAC inverse refresh"):
         assert "finished 0" in out
+
+
+def test_sequence_inputs_sum_statistics_over_time():
+    """Dense layer on [batch, time, features]: A averages over all batch×time rows, G sums the
+    per-position terms over time and averages over the batch (K-FAC "expand")."""
+    b, t, f, c = 6, 5, 3, 2
+    x = jax.random.normal(jax.random.PRNGKey(0), (b, t, f))
+    y = jax.random.normal(jax.random.PRNGKey(1), (b, t, c))
+
+    def loss_fn(p, x, y):
+        out = jaxopt2.tag_loss("squared_error", x @ p["w"], y)
+        return 0.5 * jnp.sum((out - y) ** 2) / b  # mean over the batch, sum over time, outputs
+
+    p = {"w": jnp.ones((f, c))}
+    opt = scale_by_kfac(learning_rate=1.0, fisher="exact", stats_decay=0.0, stats_dtype=jnp.float64)
+    value_fn = lambda q: loss_fn(q, x, y)
+    _, state = opt.update(jax.grad(value_fn)(p), opt.init(p), p, value_fn=value_fn)
+    rows = np.asarray(x, np.float64).reshape(-1, f)
+    f_in, f_out = state.factors[0]
+    np.testing.assert_allclose(f_in[:f, :f], rows.T @ rows / (b * t), rtol=1e-10)
+    np.testing.assert_allclose(f_out[:c, :c], t * np.eye(c), rtol=1e-10)
+    # A ⊗ G reproduces the exact GGN of this linear model: (Σ_rows a aᵀ / b) ⊗ I.
+    np.testing.assert_allclose(
+        np.kron(f_in[:f, :f], f_out[:c, :c]), np.kron(rows.T @ rows / b, np.eye(c)), rtol=1e-10
+    )
