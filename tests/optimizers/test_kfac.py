@@ -279,3 +279,41 @@ def test_sequence_inputs_sum_statistics_over_time():
     np.testing.assert_allclose(
         np.kron(f_in[:f, :f], f_out[:c, :c]), np.kron(rows.T @ rows / b, np.eye(c)), rtol=1e-10
     )
+
+
+def test_discovery_flax_nnx_and_inside_remat():
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(4, 8, rngs=rngs)
+            self.l2 = nnx.Linear(8, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jnp.tanh(self.l1(x)))
+
+    graphdef, params = nnx.split(MLP(nnx.Rngs(0)), nnx.Param)
+
+    def nnx_loss(p, x, y):
+        logits = jaxopt2.tag_loss("softmax_cross_entropy", nnx.merge(graphdef, p)(x), y)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    x, y = jnp.ones((5, 4)), jnp.arange(5) % 3
+    disc = kfac_layers(nnx_loss, params, x, y)
+    assert [(layer.in_features, layer.out_features, layer.in_axis) for layer in disc.layers] == [
+        (4, 8, 0),
+        (8, 3, 0),
+    ]
+    assert all(layer.bias is not None for layer in disc.layers)
+
+    def remat_loss(p, x, y):  # the first layer lives inside jax.checkpoint
+        h = jax.checkpoint(lambda w, b, h: jnp.tanh(h @ w + b))(p["w1"], p["b1"], x)
+        out = jaxopt2.tag_loss("squared_error", h @ p["w2"], y)
+        return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, -1))
+
+    p = {"w1": jnp.ones((4, 6)), "b1": jnp.zeros(6), "w2": jnp.ones((6, 2))}
+    disc = kfac_layers(remat_loss, p, jnp.ones((8, 4)), jnp.ones((8, 2)))
+    assert {(layer.name, layer.bias is not None) for layer in disc.layers} == {
+        ("['w1']", True),
+        ("['w2']", False),
+    }
