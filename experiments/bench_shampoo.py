@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -77,24 +76,14 @@ def worker(name: str, inputs: str, out: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
-def run_process(cmd: list[str], out: Path) -> dict[str, Any]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(out.read_text())
-
-
-def steps_to_reach(losses: list[list[float]], target: float) -> int | None:
-    return next((int(step) for step, loss in losses if loss <= target), None)
-
-
 def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    import digits_autoencoder as task
     import numpy as np
 
     adam_final = results["adam"]["final_loss"]
     summary: dict[str, Any] = {"name": "summary", "adam_final_loss": adam_final}
     for name, r in results.items():
-        summary[f"{name}_steps_to_adam_loss"] = steps_to_reach(r["losses"], adam_final)
+        summary[f"{name}_steps_to_adam_loss"] = task.steps_to_reach(r["losses"], adam_final)
     for ours, peer in (("shampoo_k10", "distributed_shampoo_k10"),
                        ("shampoo_k1", "distributed_shampoo_k1")):  # fmt: skip
         if peer in results:
@@ -116,36 +105,9 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             full = results["shampoo_k10"]["final_loss"]
             summary[f"{name}_final_loss_vs_fp32"] = results[name]["final_loss"] / full - 1.0
     muons = {k: v for k, v in results.items() if k.startswith("muon")}
-    summary["muon_best"] = min(muons, key=lambda k: muons[k]["final_loss"])
+    if muons:
+        summary["muon_best"] = min(muons, key=lambda k: muons[k]["final_loss"])
     return summary
-
-
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.get_cmap("tab20").colors
-    for i, (name, r) in enumerate(results.items()):
-        steps, losses = np.asarray(r["losses"]).T
-        cum = np.concatenate([[0.0], np.cumsum(r["step_times_s"])])
-        style = {"label": name, "color": colors[i % len(colors)],
-                 "linestyle": "--" if name.startswith("distributed") else "-"}  # fmt: skip
-        ax1.plot(steps, losses, **style)
-        ax2.plot(cum[steps.astype(int)][1:], losses[1:], **style)
-    for ax, xlabel in ((ax1, "step"), (ax2, "training time (s, compile excluded)")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("full-data loss")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    ax2.set_xscale("log")
-    ax1.legend(fontsize=7)
-    fig.suptitle("digits autoencoder, batch 256: jaxopt2 Shampoo/SOAP vs peers")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -191,7 +153,7 @@ def main() -> None:
                 "--out",
                 str(out),
             ]
-            results[name] = run_process(cmd, out)
+            results[name] = task.run_process(cmd, out, ROOT)
             print(json.dumps({k: v for k, v in results[name].items() if k != "step_times_s"}),
                   flush=True)  # fmt: skip
         for name, every in PEERS.items() if run_peer else ():
@@ -201,7 +163,7 @@ def main() -> None:
             cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--inputs", inputs, "--out", str(out),
                    "--learning-rate", "1e-3", "--block-size", "128",
                    "--precondition-every", str(every), "--loss-every", str(LOSS_EVERY)]  # fmt: skip
-            results[name] = {**run_process(cmd, out), "name": name}
+            results[name] = {**task.run_process(cmd, out, ROOT), "name": name}
             print(json.dumps({k: v for k, v in results[name].items() if k != "step_times_s"}),
                   flush=True)  # fmt: skip
     summary = (
@@ -215,7 +177,11 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         lines = [*results.values(), *([summary] if summary else [])]
         (RESULTS / "bench_shampoo.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-        plot(results, RESULTS / "bench_shampoo.png")
+        task.plot_losses(
+            results,
+            RESULTS / "bench_shampoo.png",
+            "digits autoencoder, batch 256: jaxopt2 Shampoo/SOAP vs peers",
+        )
 
 
 if __name__ == "__main__":

@@ -101,30 +101,33 @@ def run_timed(
 ) -> dict[str, Any]:
     """Train from ``inputs`` with `optimizer` under the protocol of the module docstring.
 
-    ``step_fn(optimizer, params, state, xb) -> (params, state, loss)`` replaces the default
-    step (gradient, ``optimizer.update(grads, state, params)``, apply) when given.
+    ``step_fn(optimizer, params, state, xb, step) -> (params, state, loss)`` replaces the
+    default step (gradient, ``optimizer.update(grads, state, params)``, apply) when given;
+    ``step`` is the traced int32 step number (for per-step PRNG keys).
     """
     params_np, x_np, batch_idx = load_inputs(inputs)
     steps = int(batch_idx.shape[0])
 
-    def default_step(opt, params, state, xb):
+    def default_step(opt, params, state, xb, step):
+        del step
         loss, grads = jax.value_and_grad(loss_fn)(params, xb)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
     inner = step_fn or default_step
 
-    def train_step(params, state, x_train, idx):
-        return inner(optimizer, params, state, x_train[idx])
+    def train_step(params, state, x_train, idx, step):
+        return inner(optimizer, params, state, x_train[idx], step)
 
     params = jax.device_put(params_np)
     x_train = jax.device_put(x_np)
     state = optimizer.init(params)
     idx = [jax.device_put(batch_idx[t]) for t in range(steps)]
-    jax.block_until_ready((params, state, x_train, idx))
+    step_no = [jax.device_put(np.int32(t)) for t in range(steps)]
+    jax.block_until_ready((params, state, x_train, idx, step_no))
 
     t0 = time.perf_counter()
-    step = jax.jit(train_step).lower(params, state, x_train, idx[0]).compile()
+    step = jax.jit(train_step).lower(params, state, x_train, idx[0], step_no[0]).compile()
     compile_s = time.perf_counter() - t0
     full_loss = jax.jit(loss_fn).lower(params, x_train).compile()
 
@@ -133,7 +136,7 @@ def run_timed(
         if t % loss_every == 0:
             losses.append([t, float(full_loss(params, x_train))])
         t0 = time.perf_counter()
-        params, state, loss = step(params, state, x_train, idx[t])
+        params, state, loss = step(params, state, x_train, idx[t], step_no[t])
         jax.block_until_ready((params, state, loss))
         times.append(time.perf_counter() - t0)
     losses.append([steps, float(full_loss(params, x_train))])
@@ -153,3 +156,57 @@ def run_timed(
         "num_params": num_params,
         "versions": {"jax": jax.__version__, "optax": optax.__version__},
     }
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers of the benchmark drivers (main environment only).
+# ------------------------------------------------------------------------------------------
+
+
+def run_process(cmd: list[str], out: Any, cwd: Any) -> dict[str, Any]:
+    """Run one contender's process; return the JSON it wrote to `out`."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(Path(out).read_text())
+
+
+def steps_to_reach(losses: list[list[float]], target: float) -> int | None:
+    """The first logged step whose full-data loss is at most `target`."""
+    return next((int(step) for step, loss in losses if loss <= target), None)
+
+
+def plot_losses(results: dict[str, dict[str, Any]], path: Any, title: str, peers=()) -> None:
+    """Full-data loss against steps and against training time; `peers` drawn dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, r) in enumerate(results.items()):
+        steps, losses = np.asarray(r["losses"]).T
+        cum = np.concatenate([[0.0], np.cumsum(r["step_times_s"])])
+        dashed = name.startswith(("distributed", "kfac_jax", *peers))
+        style = {
+            "label": name,
+            "color": colors[i % len(colors)],
+            "linestyle": "--" if dashed else "-",
+        }
+        ax1.plot(steps, losses, **style)
+        ax2.plot(cum[steps.astype(int)][1:], losses[1:], **style)
+    for ax, xlabel in ((ax1, "step"), (ax2, "training time (s, compile excluded)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("full-data loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    ax2.set_xscale("log")
+    ax1.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
