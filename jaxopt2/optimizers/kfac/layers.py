@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend import core
 
@@ -205,8 +206,6 @@ def _dense(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple]) -> dict[str,
 def matrix_layout(eqn_params: dict, weight_operand: int, x: Any, out_grad: Any):
     """Flatten a dense layer's input operand to ``[M, in]`` and its output (or output
     gradient) to ``[M, out]``, row order matching (see the module docstring)."""
-    import jax.numpy as jnp
-
     (contract, _) = eqn_params["dimension_numbers"]
     xo = 1 - weight_operand
     c_in = contract[xo][0]

@@ -49,13 +49,13 @@ from jaxopt2.curvature.products import (
     output_residual,
     sample_targets,
 )
+from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers.contract import require_value_fn, resolve_key
 from jaxopt2.optimizers.kfac.layers import Discovery, discover, matrix_layout
 
 __all__ = ["ScaleByKfacState", "kfac", "kfac_layers", "scale_by_kfac"]
 
 FISHER = ("sampled", "empirical", "exact")
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class ScaleByKfacState(NamedTuple):
@@ -86,10 +86,6 @@ class ScaleByKfacState(NamedTuple):
     rho: jax.Array
     num_nonfinite: jax.Array
     num_failed_inverses: jax.Array
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=HIGHEST)
 
 
 def _trace(closed, leaves, eps, discovery: Discovery):
@@ -288,7 +284,8 @@ def scale_by_kfac(
         decay = stats_decay
 
         # --- statistics: one forward with layer-output perturbations, one backward ---------
-        eps_shapes = _layer_output_shapes(closed, disc)
+        layer_eqns = _layer_eqns(closed, disc)
+        eps_shapes = [tuple(e.outvars[0].aval.shape) for e in layer_eqns]
         eps0 = [jnp.zeros(s, stats_dtype) for s in eps_shapes]
         fwd = lambda lv, eps: _trace(closed, lv, eps, disc)
         outputs, vjp_fn, (inputs, targets, value) = jax.vjp(fwd, leaves, eps0, has_aux=True)
@@ -307,12 +304,12 @@ def scale_by_kfac(
 
         new_factors = list(state.factors)
         for i, layer in enumerate(disc.layers):
-            eqn = _eqn_at(closed, layer.path)
+            eqn = layer_eqns[i]
             a, _ = matrix_layout(eqn.params, layer.weight_operand, inputs[i], out_grads[i][0])
             a = a.astype(stats_dtype)
             if layer.bias is not None:
                 a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
-            stat_a = _mm(a.T, a) / a.shape[0]
+            stat_a = kr.mm(a.T, a) / a.shape[0]
             # One [M, out] block per output-Fisher column (one column unless fisher="exact").
             g = jax.vmap(
                 lambda og, eqn=eqn, i=i, layer=layer: matrix_layout(
@@ -320,7 +317,7 @@ def scale_by_kfac(
                 )[1]
             )(out_grads[i])
             g = g.reshape(-1, g.shape[-1]).astype(stats_dtype)
-            stat_g = _mm(g.T, g) / n
+            stat_g = kr.mm(g.T, g) / n
             pair = list(new_factors[layer.weight])
             ia, ig = layer.in_axis, 1 - layer.in_axis
             pair[ia] = _ema_into(pair[ia], stat_a, decay)
@@ -333,7 +330,7 @@ def scale_by_kfac(
                 for d, s in zip(jax.tree.leaves(state.diag), diag_sample, strict=True)
             ]
         )
-        finite = _all_finite((new_factors, diag, grads))
+        finite = kr.all_finite((new_factors, diag, grads))
         keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(finite, x, y), new, old)
         factors = keep(tuple(new_factors), state.factors)
         diag = keep(diag, state.diag)
@@ -385,7 +382,7 @@ def scale_by_kfac(
                 v = jnp.concatenate([v, grads[layer.bias][None, :]], axis=0)
             inv_a = inverses[layer.weight][layer.in_axis][: v.shape[0], : v.shape[0]]
             inv_g = inverses[layer.weight][1 - layer.in_axis][: v.shape[1], : v.shape[1]]
-            pre = _mm(_mm(inv_a, v), inv_g)
+            pre = kr.mm(kr.mm(inv_a, v), inv_g)
             wpre = pre[: layer.in_features]
             direction[layer.weight] = wpre if layer.in_axis == 0 else wpre.T
             if layer.bias is not None:
@@ -485,20 +482,10 @@ def _ema_into(slot: jax.Array, stat: jax.Array, decay: Any) -> jax.Array:
     return decay * slot + (1 - decay) * padded
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = jax.tree.leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
-def _eqn_at(closed, path):
-    for here, eqn in _jaxpr.walk(closed.jaxpr):
-        if here == path:
-            return eqn
-    raise AssertionError(path)
-
-
-def _layer_output_shapes(closed, disc: Discovery) -> list[tuple[int, ...]]:
-    return [tuple(_eqn_at(closed, layer.path).outvars[0].aval.shape) for layer in disc.layers]
+def _layer_eqns(closed, disc: Discovery) -> list[Any]:
+    """Each layer's ``dot_general`` equation (one walk of the jaxpr)."""
+    by_path = dict(_jaxpr.walk(closed.jaxpr))
+    return [by_path[layer.path] for layer in disc.layers]
 
 
 def kfac(
