@@ -122,24 +122,13 @@ def main() -> None:
         task.make_inputs(inputs, args.steps)
         for name in CONTENDERS:
             out = Path(tmp) / f"{name}.json"
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                name,
-                "--inputs",
-                inputs,
-                "--out",
-                str(out),
-            ]
+            cmd = task.worker_command(__file__, name, inputs, out)
             results[name] = task.run_process(cmd, out, ROOT)
-            print(json.dumps({k: v for k, v in results[name].items() if k != "step_times_s"}))
         if not args.no_peer:
             out = Path(tmp) / "kfac_jax.json"
             cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--inputs", inputs, "--out", str(out),
                    "--loss-every", str(LOSS_EVERY)]  # fmt: skip
-            results["kfac_jax"] = {**task.run_process(cmd, out, ROOT), "name": "kfac_jax"}
-            print(json.dumps({k: v for k, v in results["kfac_jax"].items() if k != "step_times_s"}))
+            results["kfac_jax"] = task.run_process(cmd, out, ROOT, name="kfac_jax")
     summary = summarize(results)
     print(json.dumps(summary), flush=True)
     if not args.no_write:

@@ -143,19 +143,8 @@ def main() -> None:
             if name in PEERS:
                 continue
             out = Path(tmp) / f"{name}.json"
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                name,
-                "--inputs",
-                inputs,
-                "--out",
-                str(out),
-            ]
+            cmd = task.worker_command(__file__, name, inputs, out)
             results[name] = task.run_process(cmd, out, ROOT)
-            print(json.dumps({k: v for k, v in results[name].items() if k != "step_times_s"}),
-                  flush=True)  # fmt: skip
         for name, every in PEERS.items() if run_peer else ():
             if args.only is not None and name not in names:
                 continue
@@ -163,9 +152,7 @@ def main() -> None:
             cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--inputs", inputs, "--out", str(out),
                    "--learning-rate", "1e-3", "--block-size", "128",
                    "--precondition-every", str(every), "--loss-every", str(LOSS_EVERY)]  # fmt: skip
-            results[name] = {**task.run_process(cmd, out, ROOT), "name": name}
-            print(json.dumps({k: v for k, v in results[name].items() if k != "step_times_s"}),
-                  flush=True)  # fmt: skip
+            results[name] = task.run_process(cmd, out, ROOT, name=name)
     summary = (
         summarize(results)
         if {"adam", "shampoo_k10", "shampoo_k10_stagger"} <= set(results)

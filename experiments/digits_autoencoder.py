@@ -163,8 +163,9 @@ def run_timed(
 # ------------------------------------------------------------------------------------------
 
 
-def run_process(cmd: list[str], out: Any, cwd: Any) -> dict[str, Any]:
-    """Run one contender's process; return the JSON it wrote to `out`."""
+def run_process(cmd: list[str], out: Any, cwd: Any, name: str | None = None) -> dict[str, Any]:
+    """Run one contender's process, print its result (without per-step times) as a JSON line,
+    and return the JSON it wrote to `out` (its ``name`` set to `name` when given)."""
     import json
     import subprocess
     from pathlib import Path
@@ -172,7 +173,18 @@ def run_process(cmd: list[str], out: Any, cwd: Any) -> dict[str, Any]:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(Path(out).read_text())
+    result = json.loads(Path(out).read_text())
+    if name is not None:
+        result["name"] = name
+    print(json.dumps({k: v for k, v in result.items() if k != "step_times_s"}), flush=True)
+    return result
+
+
+def worker_command(script: str, name: str, inputs: str, out: Any) -> list[str]:
+    """The command line that runs contender `name` of a benchmark script in its own process."""
+    import sys
+
+    return [sys.executable, script, "--worker", name, "--inputs", inputs, "--out", str(out)]
 
 
 def steps_to_reach(losses: list[list[float]], target: float) -> int | None:
