@@ -1,0 +1,385 @@
+"""The machinery every solver shares: input checks, the flat objective, the one
+``lax.while_loop`` that runs a method, the Armijo line search and the dense Newton solve.
+
+A *method* is a pair of pure functions on flat vectors (see :class:`Method`): ``init``
+builds its state at ``x0`` and ``step`` runs one iteration. The driver (:func:`run`) owns
+everything else: stopping on ``‖∇f‖ <= tol`` or ``max_steps``, keeping the last finite
+iterate, freezing a finished member of a ``vmap`` batch, counting, and the optional history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt2.solvers import solution as sol
+
+PyTree = Any
+
+# Default stopping tolerance on ‖∇f‖ by dtype (documented in ``minimize``).
+_DEFAULT_TOL = {8: 1e-8, 4: 1e-5, 2: 1e-2}
+
+
+def default_tol(dtype) -> float:
+    """1e-8 for float64, 1e-5 for float32, 1e-2 for 16-bit floats."""
+    return _DEFAULT_TOL[jnp.dtype(dtype).itemsize]
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def check_x0(x0: PyTree, who: str) -> None:
+    leaves = jax.tree_util.tree_leaves(x0)
+    if not leaves:
+        raise ValueError(f"{who}: x0 is an empty pytree; there is nothing to optimize.")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(x0):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{who}: x0{jax.tree_util.keystr(path)} has dtype {dtype}; the variables must "
+                "be real floating-point arrays (write x0 as floats, e.g. jnp.asarray(x0, float))."
+            )
+
+
+def check_output(out: jax.ShapeDtypeStruct, who: str, name: str, scalar: bool) -> None:
+    if not isinstance(out, jax.ShapeDtypeStruct):
+        raise TypeError(f"{who}: {name} must return one array, got {out!r}.")
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"{who}: {name} must return floating-point values, got dtype {out.dtype}.")
+    if scalar and out.shape != ():
+        raise ValueError(
+            f"{who}: fun must return a scalar, but it returns an array of shape {out.shape}. "
+            "To fit a vector of residuals r(x) (minimizing ½‖r(x)‖²), use least_squares."
+        )
+    if not scalar and out.shape == ():
+        raise ValueError(
+            f"{who}: residual_fn must return a vector of residuals, but it returns a scalar. "
+            "To minimize a scalar function, use minimize."
+        )
+
+
+def check_method(method: str, known: tuple[str, ...], who: str) -> None:
+    if method not in known:
+        raise ValueError(
+            f"{who}: unknown method {method!r}; known methods: {', '.join(known)}."
+        )
+
+
+def take_options(options: dict, defaults: dict, method: str, who: str) -> dict:
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(
+            f"{who}: unknown option(s) {unknown} for method {method!r}; it takes "
+            f"{sorted(defaults) or 'no options'}."
+        )
+    return {**defaults, **options}
+
+
+def check_max_steps(max_steps: Any, who: str) -> int:
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int | np.integer):
+        raise TypeError(f"{who}: max_steps must be a Python int, got {max_steps!r}.")
+    if max_steps < 0:
+        raise ValueError(f"{who}: max_steps must be >= 0, got {max_steps}.")
+    return int(max_steps)
+
+
+# --------------------------------------------------------------------------- the objective
+
+
+class Objective:
+    """A scalar function of a flat vector, with its derivatives (args closed over)."""
+
+    def __init__(self, fn: Callable[[jax.Array], jax.Array], dtype):
+        self.dtype = dtype
+        self._fn = lambda z: fn(z).astype(dtype)
+        self._vg = jax.value_and_grad(self._fn)
+
+    def value(self, z):
+        return self._fn(z)
+
+    def value_and_grad(self, z):
+        f, g = self._vg(z)
+        return f, g.astype(self.dtype)
+
+    def hessian(self, z):
+        h = jax.hessian(self._fn)(z).astype(self.dtype)
+        return 0.5 * (h + h.T)
+
+    def hvp_operator(self, z):
+        """``v -> H v``, forward-over-reverse, linearized once at `z`."""
+        _, lin = jax.linearize(jax.grad(self._fn), z)
+        return lin
+
+
+def finite(*xs) -> jax.Array:
+    out = jnp.asarray(True)
+    for x in xs:
+        out = out & jnp.all(jnp.isfinite(x))
+    return out
+
+
+def eps(dtype) -> float:
+    return float(jnp.finfo(dtype).eps)
+
+
+# --------------------------------------------------------------------------- methods and driver
+
+
+class StepOut(NamedTuple):
+    """What one iteration of a method produces.
+
+    ``x, f, g`` are the new iterate when ``accepted`` and the old one otherwise. ``status``
+    is :data:`~jaxopt2.solvers.solution.RUNNING` unless the method cannot continue.
+    """
+
+    x: jax.Array
+    f: jax.Array
+    g: jax.Array
+    state: Any
+    accepted: jax.Array
+    trial_value: jax.Array
+    step_size: jax.Array
+    num_hessians: jax.Array
+    num_hvps: jax.Array
+    status: jax.Array
+
+
+class Method(NamedTuple):
+    init: Callable[[Objective, jax.Array, jax.Array, jax.Array], Any]
+    step: Callable[[Objective, jax.Array, jax.Array, jax.Array, Any], StepOut]
+
+
+class _Loop(NamedTuple):
+    x: jax.Array
+    f: jax.Array
+    g: jax.Array
+    gnorm: jax.Array
+    state: Any
+    k: jax.Array
+    nh: jax.Array
+    nhvp: jax.Array
+    status: jax.Array
+    done: jax.Array
+    history: Any
+
+
+def _status_at(gnorm, tol, k, max_steps, status):
+    """Why the loop stops at this point (RUNNING if it goes on); convergence wins."""
+    return jnp.where(
+        gnorm <= tol,
+        sol.CONVERGED,
+        jnp.where(
+            status != sol.RUNNING,
+            status,
+            jnp.where(k >= max_steps, sol.MAX_STEPS, sol.RUNNING),
+        ),
+    ).astype(jnp.int32)
+
+
+def run(
+    method: Method,
+    obj: Objective,
+    x0: jax.Array,
+    tol: jax.Array,
+    max_steps: int,
+    history: bool,
+) -> tuple[sol.Solution, sol.History | None]:
+    """Run `method` from the flat `x0` in one ``lax.while_loop``; x in the result is flat."""
+    dtype = obj.dtype
+    f0, g0 = obj.value_and_grad(x0)
+    gnorm0 = jnp.linalg.norm(g0)
+    ok0 = finite(f0, g0)
+    status0 = jnp.where(ok0, sol.RUNNING, sol.NONFINITE).astype(jnp.int32)
+    status0 = jnp.where(ok0, _status_at(gnorm0, tol, 0, max_steps, status0), status0)
+    i32 = lambda v: jnp.asarray(v, jnp.int32)
+
+    hist = None
+    if history:
+        n = max_steps + 1
+        nan = jnp.full((n,), jnp.nan, dtype)
+        hist = sol.History(
+            value=nan.at[0].set(f0),
+            grad_norm=nan.at[0].set(gnorm0),
+            trial_value=nan,
+            accepted=jnp.zeros((n,), bool),
+            step_size=nan,
+        )
+
+    init = _Loop(
+        x=x0,
+        f=f0,
+        g=g0,
+        gnorm=gnorm0,
+        state=method.init(obj, x0, f0, g0),
+        k=i32(0),
+        nh=i32(0),
+        nhvp=i32(0),
+        status=status0,
+        done=status0 != sol.RUNNING,
+        history=hist,
+    )
+
+    def cond(s: _Loop):
+        return ~s.done
+
+    def body(s: _Loop):
+        out = method.step(obj, s.x, s.f, s.g, s.state)
+        moved = out.accepted & finite(out.f, out.g)
+        # A method that accepts a non-finite point is overruled: keep the last finite iterate.
+        status = jnp.where(
+            out.accepted & ~moved, sol.NONFINITE, out.status.astype(jnp.int32)
+        ).astype(jnp.int32)
+        x = jnp.where(moved, out.x, s.x)
+        f = jnp.where(moved, out.f, s.f)
+        g = jnp.where(moved, out.g, s.g)
+        gnorm = jnp.where(moved, jnp.linalg.norm(out.g), s.gnorm)
+        k = s.k + 1
+        status = _status_at(gnorm, tol, k, max_steps, status)
+        hist = s.history
+        if hist is not None:
+            hist = sol.History(
+                value=hist.value.at[k].set(f),
+                grad_norm=hist.grad_norm.at[k].set(gnorm),
+                trial_value=hist.trial_value.at[k].set(out.trial_value.astype(dtype)),
+                accepted=hist.accepted.at[k].set(moved),
+                step_size=hist.step_size.at[k].set(
+                    jnp.where(moved, out.step_size, 0).astype(dtype)
+                ),
+            )
+        new = _Loop(
+            x=x,
+            f=f,
+            g=g,
+            gnorm=gnorm,
+            state=out.state,
+            k=k,
+            nh=s.nh + i32(out.num_hessians),
+            nhvp=s.nhvp + i32(out.num_hvps),
+            status=status,
+            done=status != sol.RUNNING,
+            history=hist,
+        )
+        # Under vmap the loop runs until every member is done: a finished member must not move.
+        return jax.tree.map(lambda old, nw: jnp.where(s.done, old, nw), s, new)
+
+    s = jax.lax.while_loop(cond, body, init)
+    result = sol.Solution(
+        x=s.x,
+        value=s.f,
+        grad_norm=s.gnorm,
+        num_steps=s.k,
+        num_hessians=s.nh,
+        num_hvps=s.nhvp,
+        success=s.status == sol.CONVERGED,
+        status=s.status,
+    )
+    return result, s.history
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+class LineSearch(NamedTuple):
+    x: jax.Array
+    f: jax.Array
+    g: jax.Array
+    alpha: jax.Array
+    ok: jax.Array
+    status: jax.Array  # RUNNING on success, else LINESEARCH_FAILED or NONFINITE
+
+
+def armijo(
+    obj: Objective,
+    x: jax.Array,
+    f: jax.Array,
+    g: jax.Array,
+    d: jax.Array,
+    *,
+    c1: float = 1e-4,
+    shrink: float = 0.5,
+    max_backtracks: int = 40,
+    alpha0: float | jax.Array = 1.0,
+) -> LineSearch:
+    """Backtracking line search for the Armijo condition ``f(x+αd) <= f + c1 α ∇fᵀd``.
+
+    `d` must be a descent direction (``∇fᵀd < 0``). Trials with a non-finite value or
+    gradient are treated as failures (the step shrinks). When the required decrease
+    ``c1 α |∇fᵀd|`` is below the rounding level of ``f`` (near a minimizer in floating
+    point), a trial is also accepted if it does not increase ``f`` and reduces ``‖∇f‖``; the
+    value is never allowed to increase.
+    """
+    dtype = obj.dtype
+    gd = jnp.dot(g, d)
+    gnorm = jnp.linalg.norm(g)
+    noise = 64 * eps(dtype) * jnp.abs(f)
+
+    def trial(alpha):
+        z = x + alpha * d
+        fz, gz = obj.value_and_grad(z)
+        ok_finite = finite(fz, gz)
+        armijo_ok = fz <= f + c1 * alpha * gd
+        noisy_ok = (c1 * alpha * jnp.abs(gd) <= noise) & (fz <= f) & (
+            jnp.linalg.norm(gz) < gnorm
+        )
+        return z, fz, gz, ok_finite & (armijo_ok | noisy_ok), ok_finite
+
+    def cond(c):
+        i, _, _, _, _, ok, _ = c
+        return (~ok) & (i < max_backtracks)
+
+    def body(c):
+        i, alpha, _, _, _, _, _ = c
+        alpha = alpha * shrink
+        z, fz, gz, ok, fin = trial(alpha)
+        return i + 1, alpha, z, fz, gz, ok, fin
+
+    a0 = jnp.asarray(alpha0, dtype)
+    z, fz, gz, ok, fin = trial(a0)
+    _, alpha, z, fz, gz, ok, fin = jax.lax.while_loop(
+        cond, body, (jnp.asarray(0, jnp.int32), a0, z, fz, gz, ok, fin)
+    )
+    descent = gd < 0
+    ok = ok & descent
+    status = jnp.where(
+        ok, sol.RUNNING, jnp.where(fin | ~descent, sol.LINESEARCH_FAILED, sol.NONFINITE)
+    )
+    return LineSearch(z, fz, gz, alpha, ok, status.astype(jnp.int32))
+
+
+def damped_cholesky(h: jax.Array, max_tries: int = 60) -> tuple[jax.Array, jax.Array]:
+    """Cholesky factor of ``H + τI`` with the smallest ``τ`` of the sequence 0, β, 10β, ...
+    that makes it positive definite (Nocedal & Wright, Algorithm 3.3), ``β = 1e-3·max|Hᵢᵢ|``.
+
+    Returns ``(L, τ)`` with ``L Lᵀ = H + τI``; ``τ = 0`` whenever ``H`` is positive definite.
+    """
+    n = h.shape[0]
+    eye = jnp.eye(n, dtype=h.dtype)
+    beta = 1e-3 * jnp.maximum(jnp.max(jnp.abs(jnp.diag(h))), jnp.finfo(h.dtype).tiny ** 0.5)
+    chol0 = jnp.linalg.cholesky(h)
+
+    def cond(c):
+        i, _, chol = c
+        return (~finite(chol)) & (i < max_tries)
+
+    def body(c):
+        i, tau, _ = c
+        tau = jnp.where(i == 0, beta, 10 * tau)
+        return i + 1, tau, jnp.linalg.cholesky(h + tau * eye)
+
+    _, tau, chol = jax.lax.while_loop(
+        cond, body, (jnp.asarray(0, jnp.int32), jnp.zeros((), h.dtype), chol0)
+    )
+    return chol, tau
+
+
+def cho_solve(chol: jax.Array, b: jax.Array) -> jax.Array:
+    return jax.scipy.linalg.cho_solve((chol, True), b)
+
+
+def refresh(fresh: jax.Array, cached: Any, compute: Callable[[], Any]) -> Any:
+    """`cached` when `fresh`, else `compute()` (skipped when fresh, outside of vmap)."""
+    return jax.lax.cond(fresh, lambda: cached, compute)

@@ -1,0 +1,144 @@
+"""``minimize``: second-order unconstrained minimization of a scalar function."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from jaxopt2.solvers import cubic, newton, trust_region
+from jaxopt2.solvers._core import (
+    Objective,
+    check_max_steps,
+    check_method,
+    check_output,
+    check_x0,
+    default_tol,
+    run,
+    take_options,
+)
+from jaxopt2.solvers.implicit import cg_solve, dense_solve, solve_with_implicit_diff
+
+PyTree = Any
+
+__all__ = ["MINIMIZE_METHODS", "minimize"]
+
+# name -> (builder, option defaults)
+MINIMIZE_METHODS = {
+    "newton": (newton.newton, newton.NEWTON_OPTIONS),
+    "trust_region": (trust_region.trust_region, trust_region.TRUST_REGION_OPTIONS),
+    "newton_cg": (trust_region.newton_cg, trust_region.NEWTON_CG_OPTIONS),
+    "cubic": (cubic.cubic, cubic.CUBIC_OPTIONS),
+    "lazy_newton": (cubic.lazy_newton, cubic.LAZY_NEWTON_OPTIONS),
+    "damped_newton": (newton.damped_newton, newton.DAMPED_NEWTON_OPTIONS),
+    "saddle_free": (newton.saddle_free, newton.SADDLE_FREE_OPTIONS),
+}
+
+
+def minimize(
+    fun: Callable[..., jax.Array],
+    x0: PyTree,
+    *args: Any,
+    method: str = "newton",
+    tol: float | jax.Array | None = None,
+    max_steps: int = 100,
+    history: bool = False,
+    **options: Any,
+):
+    """Minimize a scalar function with a second-order method, in one ``lax.while_loop``.
+
+    The iteration stops as soon as ``‖∇f(x)‖ <= tol`` (status ``CONVERGED``), after
+    `max_steps` iterations, or when the method cannot make progress (see
+    :data:`~jaxopt2.solvers.STATUS`). A trial point with a non-finite value or gradient is
+    never accepted: the solution is always the last finite iterate.
+
+    Methods (all use exact second derivatives from jax; "dense" ones form the ``n × n``
+    Hessian of the flattened variables with ``jax.hessian``):
+
+    * ``"newton"``: Newton's method; Levenberg-Marquardt damping ``H + τI`` with ``τ = 0``
+      when the Cholesky factorization of ``H`` succeeds and otherwise increased until it does;
+      backtracking Armijo line search. Options ``c1`` (1e-4), ``max_backtracks`` (40).
+    * ``"trust_region"``: trust-region Newton with the exact subproblem solution from the
+      eigendecomposition of ``H`` (Moré-Sorensen, hard case included), like scipy's
+      ``trust-exact``. Options ``initial_radius`` (1), ``max_radius`` (1000), ``eta`` (0.15).
+    * ``"newton_cg"``: matrix-free trust-region Newton-CG (Steihaug-Toint) on
+      Hessian-vector products (forward-over-reverse), counted in ``num_hvps``. Options as
+      ``trust_region`` plus ``cg_maxiter`` (default ``10·dim``).
+    * ``"cubic"``: adaptive cubic regularization (Nesterov-Polyak / ARC), the cubic
+      subproblem solved exactly (eigendecomposition + secular equation). Options ``sigma``
+      (initial regularization, 1), ``sigma_min``, ``eta1``, ``eta2``, ``gamma``.
+    * ``"lazy_newton"``: the cubic step with a Hessian recomputed only every
+      ``hessian_every`` iterations (default 5) and a fresh gradient every iteration
+      (Doikov, Chayti & Jaggi 2023). Options as ``cubic`` plus ``hessian_every``.
+    * ``"damped_newton"``: ``x - α H⁻¹∇f`` with the AICN step size
+      ``α = 2 / (1 + √(1 + 2 L G))``, ``G = √(∇fᵀH⁻¹∇f)`` (Hanzely et al. 2022).
+      Options ``lipschitz`` (the semi-strong self-concordance constant ``L``; default None:
+      estimated by backtracking from ``lipschitz_init = 1``), ``max_backtracks`` (60).
+    * ``"saddle_free"``: ``-|H|⁻¹∇f`` with ``|H|`` from the eigendecomposition, eigenvalue
+      magnitudes floored at ``damping · max|λ|`` (``damping = 1e-8``), Armijo line search
+      (Dauphin et al. 2014). Options ``damping``, ``c1``, ``max_backtracks``.
+
+    Args:
+      fun: ``(x, *args) -> scalar``; ``x`` has the pytree structure of `x0`. A function
+        returning a vector of residuals belongs to :func:`least_squares`.
+      x0: the starting point, a pytree of floating-point arrays (flattened internally with
+        ``jax.flatten_util.ravel_pytree``; the solution comes back in the same structure).
+      *args: extra arguments of `fun`. They are traced, so the solve works under
+        ``jax.jit`` and ``jax.vmap`` over `x0` and `args` (a batch member that has finished
+        stays frozen while the others continue), and differentiable: ``jax.grad`` of a
+        function of the solution with respect to `args` uses implicit differentiation at
+        the optimum, ``dx*/da = -H⁻¹ ∂ₐ∇ₓf`` (reverse mode only; the loop itself is not
+        differentiated, values closed over by `fun` are treated as constants).
+      method: one of the names above (a static Python string).
+      tol: stop when ``‖∇f(x)‖₂ <= tol``. Default by the dtype of the flattened `x0`:
+        1e-8 for float64, 1e-5 for float32, 1e-2 for float16/bfloat16.
+      max_steps: the maximum number of iterations (a static int). Every iteration counts,
+        rejected trust-region / regularization steps included (like scipy's ``nit``).
+      history: if True, return ``(solution, History)``, with per-iteration values, gradient
+        norms, trial values, acceptance flags and step sizes in arrays of length
+        ``max_steps + 1``.
+      **options: method options (static Python values), listed above.
+
+    Returns:
+      A :class:`~jaxopt2.solvers.Solution` ``(x, value, grad_norm, num_steps, num_hessians,
+      num_hvps, success, status)``; with ``history=True`` a pair ``(solution, history)``.
+
+    Raises:
+      ValueError: unknown `method`; `fun` does not return a scalar (a residual vector:
+        use :func:`least_squares`).
+      TypeError: `x0` has integer (non-floating) leaves; unknown option for the method.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxopt2.solvers import minimize
+      >>> rosen = lambda x: (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+      >>> sol = minimize(rosen, jnp.array([-1.2, 1.0]), method="trust_region")
+      >>> bool(sol.success), [round(float(v), 8) for v in sol.x]
+      (True, [1.0, 1.0])
+    """
+    who = "minimize"
+    check_method(method, tuple(MINIMIZE_METHODS), who)
+    builder, defaults = MINIMIZE_METHODS[method]
+    opts = take_options(options, defaults, method, who)
+    max_steps = check_max_steps(max_steps, who)
+    check_x0(x0, who)
+    check_output(jax.eval_shape(fun, x0, *args), who, "fun", scalar=True)
+    flat0, unravel = ravel_pytree(x0)
+    dtype = flat0.dtype
+    tol = jnp.asarray(default_tol(dtype) if tol is None else tol, dtype)
+    method_impl = builder(opts)
+
+    def objective(z, a):
+        return jnp.asarray(fun(unravel(z), *a)).astype(dtype)
+
+    def solve(z0, a, tol):
+        obj = Objective(lambda z: objective(z, a), dtype)
+        return run(method_impl, obj, z0, tol, max_steps, history)
+
+    linear_solve = cg_solve if method == "newton_cg" else dense_solve
+    result, hist = solve_with_implicit_diff(solve, objective, linear_solve, flat0, args, tol)
+    result = result._replace(x=unravel(result.x))
+    return (result, hist) if history else result
