@@ -15,6 +15,7 @@ from jaxopt2.optimizers.first_order import (
     rmsprop,
     sgd,
 )
+from jaxopt2.optimizers.kfac import kfac, kfac_layers, scale_by_kfac
 from jaxopt2.optimizers.shampoo import scale_by_shampoo, shampoo
 from jaxopt2.optimizers.soap import scale_by_soap, soap
 
@@ -24,6 +25,8 @@ __all__ = [
     "adahessian",
     "adam",
     "adamw",
+    "kfac",
+    "kfac_layers",
     "lamb",
     "lion",
     "muon",
@@ -31,6 +34,7 @@ __all__ = [
     "registry",
     "rmsprop",
     "scale_by_adahessian",
+    "scale_by_kfac",
     "scale_by_shampoo",
     "scale_by_soap",
     "sgd",

@@ -14,7 +14,12 @@ A row says:
     an ulp of a parameter (~0.2% of it) rounds away, so sign-like optimizers (lion, lamb's
     trust ratio, adafactor's clipped RMS step, rmsprop) need a larger learning rate than in
     float32 to move at all;
-  * ``xfail``: check name -> reason, only for behaviour inherent to optax (none needed now).
+  * ``xfail``: check name -> reason, only for behaviour inherent to optax (none needed now);
+  * ``tagged``: set (to the reason) for optimizers that need a tagged loss
+    (:func:`jaxopt2.tag_loss`): their ``zoo`` covers ``zoo.TAGGED_PROBLEMS`` instead, and the
+    generic checks run on the tagged ``linear_regression`` instead of the quadratic;
+  * ``inject``: hparams for the inject_hyperparams check when the generic ones have no
+    numeric learning rate (an adaptive step size).
 
 Every optimizer is driven through :func:`train_step` (``jaxopt2.value_and_update`` with a key
 per step from ``jax.random.fold_in``), whatever its needs: first-order optimizers receive and
@@ -64,6 +69,17 @@ class Case:
     zoo: dict[str, Zoo]
     bf16: dict[str, Any] = dataclasses.field(default_factory=dict)
     xfail: dict[str, str] = dataclasses.field(default_factory=dict)
+    tagged: str = ""
+    inject: dict[str, Any] | None = None
+
+    @property
+    def problems(self) -> dict[str, Callable[..., zoo.Problem]]:
+        """The zoo problems this row must give settings for."""
+        return zoo.TAGGED_PROBLEMS if self.tagged else zoo.PROBLEMS
+
+    def generic_problem(self, dtype: Any = jnp.float32) -> zoo.Problem:
+        """The problem the generic contract checks run on."""
+        return zoo.linear_regression(dtype) if self.tagged else zoo.quadratic(dtype)
 
 
 _FIXED_STEP = (
@@ -206,7 +222,29 @@ CASES: dict[str, Case] = {
             "mlp": Zoo(1000),
         },
     ),
+    "kfac": Case(
+        # The recommended setting: kfac() with learning rate, momentum and damping all taken
+        # from the quadratic model. Layer-level numerics are tested in test_kfac.py.
+        hparams={},
+        inject={"learning_rate": 0.3, "momentum": 0.5},
+        tagged="K-FAC's curvature is that of a tagged loss (jaxopt2.tag_loss): on an untagged "
+        "problem (the quadratic, Rosenbrock) it has nothing to precondition and refuses",
+        zoo={
+            "linear_regression": Zoo(30),  # a single layer: K-FAC is exact Gauss-Newton there
+            "logistic_layer": Zoo(100),
+            "mlp_tagged": Zoo(100),
+            "mlp_regression": Zoo(150),
+        },
+    ),
 }
+
+
+def nan_batch(batch: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`batch` with the first entry of its last floating array set to NaN (NaN loss, NaN
+    gradient)."""
+    i = max(j for j, b in enumerate(batch) if jnp.issubdtype(jnp.result_type(b), jnp.floating))
+    bad = batch[i].reshape(-1).at[0].set(jnp.nan).reshape(batch[i].shape)
+    return (*batch[:i], bad, *batch[i + 1 :])
 
 
 def resolve_hparams(hparams: dict[str, Any], steps: int | None = None) -> dict[str, Any]:

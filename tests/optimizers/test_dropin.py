@@ -1,6 +1,9 @@
 """Drop-in proofs: every registry entry trains an equinox model and a flax.nnx model through
 those libraries' standard loops, with the optimizer passed in unchanged.
 
+The loss tags its logits (:func:`jaxopt2.tag_loss`, an identity for optimizers that don't
+look for it), so optimizers that need a tagged loss (K-FAC) run the same loops.
+
 Curvature optimizers get ``value_fn`` (a function of the *parameter pytree the optimizer
 sees*, rebuilt into a model with the library's own combine/merge) and ``key`` as extra
 arguments of ``update``; first-order ones receive and ignore them.
@@ -22,6 +25,7 @@ import optax
 import pytest
 from flax import nnx
 
+import jaxopt2
 from jaxopt2.optimizers import registry
 from tests.optimizers import cases, zoo
 from tests.optimizers.cases import CASES
@@ -38,7 +42,8 @@ def _optimizer(name: str) -> optax.GradientTransformationExtraArgs:
         pytest.fail(f"{name!r} has no row in tests/optimizers/cases.py CASES: add one.")
     row = CASES[name]
     # The zoo's MLP settings: these models are MLPs on the same data.
-    return registry.get(name).factory(**{**row.hparams, **row.zoo["mlp"].hparams})
+    mlp = row.zoo["mlp_tagged" if row.tagged else "mlp"]
+    return registry.get(name).factory(**{**row.hparams, **mlp.hparams})
 
 
 def _data() -> tuple[jax.Array, jax.Array]:
@@ -47,6 +52,7 @@ def _data() -> tuple[jax.Array, jax.Array]:
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    logits = jaxopt2.tag_loss("softmax_cross_entropy", logits, labels)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 

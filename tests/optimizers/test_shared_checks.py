@@ -80,8 +80,9 @@ def _nonzero(tree: Any) -> bool:
     return any(bool(jnp.any(x != 0)) for x in jax.tree.leaves(tree))
 
 
-def _quadratic() -> zoo.Problem:
-    return zoo.quadratic(jnp.float32)
+def _problem(name: str, dtype: Any = jnp.float32) -> zoo.Problem:
+    """The generic-check problem of `name`'s row (the quadratic, or its tagged counterpart)."""
+    return _row(name).generic_problem(dtype)
 
 
 def _grad_and_value_fn(problem: zoo.Problem, params: Any):
@@ -104,12 +105,13 @@ def test_every_registered_optimizer_has_a_row():
     stale = [n for n in CASES if n not in NAMES]
     assert not stale, f"rows in tests/optimizers/cases.py for unregistered optimizers: {stale}"
     for name, row in CASES.items():
-        assert set(row.zoo) == set(zoo.PROBLEMS), (
-            f"{name}: its row must give settings for every zoo problem {sorted(zoo.PROBLEMS)}, "
+        assert set(row.zoo) == set(row.problems), (
+            f"{name}: its row must give settings for every zoo problem {sorted(row.problems)}, "
             f"got {sorted(row.zoo)}"
         )
         args = registry.get(name).arguments()
-        for hp in [row.hparams, row.bf16, *(z.hparams for z in row.zoo.values())]:
+        hps = [row.hparams, row.bf16, row.inject or {}, *(z.hparams for z in row.zoo.values())]
+        for hp in hps:
             unknown = set(hp) - set(args)
             assert not unknown, f"{name}: {sorted(unknown)} are not arguments of its factory"
 
@@ -124,7 +126,7 @@ def test_factory_and_init_under_eval_shape(name):
     _row(name)
     opt = make_optimizer(name)
     assert isinstance(opt, optax.GradientTransformationExtraArgs), type(opt)
-    params = _quadratic().params
+    params = _problem(name).params
     shapes = jax.eval_shape(opt.init, params)
     state = opt.init(params)
     _assert_same_signature(shapes, state, f"{name}: eval_shape(init) vs init")
@@ -139,7 +141,7 @@ def test_jit_compiles_once(name):
     """A second step with new values (params, state, step, batch) must not retrace."""
     _row(name)
     opt = make_optimizer(name)
-    problem = _quadratic()
+    problem = _problem(name)
     traces = []
 
     @jax.jit
@@ -161,7 +163,7 @@ def test_jit_compiles_once(name):
 def test_state_structure_stable(name):
     _row(name)
     opt = make_optimizer(name)
-    problem = _quadratic()
+    problem = _problem(name)
     params = problem.params
     state0 = opt.init(params)
     state = state0
@@ -178,7 +180,7 @@ def test_state_structure_stable(name):
 def test_outputs_finite(name):
     _row(name)
     opt = make_optimizer(name)
-    problem = _quadratic()
+    problem = _problem(name)
 
     @jax.jit
     def run(params, batch):
@@ -207,7 +209,7 @@ def test_extra_args_contract(name):
     entry = registry.get(name)
     _row(name)
     opt = make_optimizer(name)
-    problem = _quadratic()
+    problem = _problem(name)
     params = problem.params
     state = opt.init(params)
     grads, value_fn = _grad_and_value_fn(problem, params)
@@ -263,7 +265,7 @@ def test_extra_args_contract(name):
 def test_inside_chain(name):
     _row(name)
     opt = make_optimizer(name)
-    problem = _quadratic()
+    problem = _problem(name)
     inactive = optax.chain(optax.clip_by_global_norm(1e9), opt)
     active = optax.chain(optax.clip_by_global_norm(1.0), opt)
 
@@ -303,9 +305,10 @@ def test_inject_hyperparams(name):
     rate in the state changes the update exactly as building the optimizer with it would."""
     entry = registry.get(name)
     row = _row(name)
-    lr = row.hparams["learning_rate"]
-    injected = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(**row.hparams)
-    problem = _quadratic()
+    hparams = row.inject or row.hparams
+    lr = hparams["learning_rate"]
+    injected = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(**hparams)
+    problem = _problem(name)
     params = problem.params
     traces = []
 
@@ -323,7 +326,7 @@ def test_inject_hyperparams(name):
     _assert_same_signature(state0, state1, f"{name}: inject_hyperparams state")
 
     for lr_, u in ((lr, u1), (2 * lr, u2)):
-        plain = make_optimizer(name, learning_rate=lr_)
+        plain = registry.get(name).factory(**{**hparams, "learning_rate": lr_})
         _, _, _, u_plain = train_step(
             plain, problem.loss_fn, params, plain.init(params), 0, problem.batch
         )
@@ -345,7 +348,7 @@ def test_multisteps(name):
     opt = make_optimizer(name)
     ms = optax.MultiSteps(opt, every_k_schedule=2)
     tx = _as_extra_args(ms)
-    problem = _quadratic()
+    problem = _problem(name)
     params = problem.params
 
     @jax.jit
@@ -370,10 +373,9 @@ def test_apply_if_finite(name):
     _row(name)
     opt = make_optimizer(name)
     tx = optax.apply_if_finite(opt, max_consecutive_errors=3)
-    problem = _quadratic()
+    problem = _problem(name)
     params = problem.params
-    a, x_star = problem.batch
-    nan_batch = (a, x_star.at[0].set(jnp.nan))  # NaN loss, NaN gradient
+    nan_batch = cases.nan_batch(problem.batch)  # NaN loss, NaN gradient
 
     @jax.jit
     def run(params, good, bad):
@@ -411,9 +413,9 @@ BF16_DECREASE = 0.1  # final loss <= 10% of the initial loss
 def test_bfloat16_params(name):
     row = _row(name)
     opt = make_optimizer(name, **row.bf16)
-    problem = zoo.quadratic(jnp.bfloat16)
+    problem = _problem(name, jnp.bfloat16)
     params = problem.params
-    assert params.dtype == jnp.bfloat16
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
 
     @jax.jit
     def run(params, batch):
@@ -450,7 +452,7 @@ def test_bfloat16_params(name):
 def _zoo_params() -> list[Any]:
     out = []
     for name in NAMES:
-        for problem in zoo.PROBLEMS:
+        for problem in CASES[name].problems if name in CASES else zoo.PROBLEMS:
             reason = CASES[name].xfail.get(f"zoo:{problem}") if name in CASES else None
             marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
             out.append(pytest.param(name, problem, marks=marks, id=f"{name}-{problem}"))

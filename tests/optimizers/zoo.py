@@ -20,6 +20,19 @@ Problems:
     scikit-learn's solver at a tight tolerance (cross-checked against SciPy's L-BFGS).
   * ``mlp``: a 4-16-3 tanh MLP, softmax cross-entropy on 3 well-separated Gaussian blobs
     (separable, so ``f* = 0`` is the infimum the criterion uses).
+
+Tagged problems (``TAGGED_PROBLEMS``), for optimizers that need the loss split into model
+outputs and a named loss (:func:`jaxopt2.tag_loss`: K-FAC, Gauss-Newton methods). The tags
+are identities for everyone else.
+  * ``linear_regression``: one dense layer ``x @ w + b`` (8 -> 3) with squared error on
+    features of scales 1..30 (condition ~10³ of the Gauss-Newton matrix); ``f*`` by float64
+    least squares. The generic contract checks run on it for tagged rows (it is their
+    quadratic).
+  * ``logistic_layer``: ``logistic`` written as one dense layer (``w`` of shape ``[30, 1]``,
+    sigmoid cross-entropy on 0/1 labels, the same L2 term): the same ``f*``.
+  * ``mlp_tagged``: ``mlp`` with its logits tagged.
+  * ``mlp_regression``: a 4-16-2 tanh MLP fitting a teacher network of the same shape
+    (realizable, ``f* = 0``).
 """
 
 from __future__ import annotations
@@ -33,9 +46,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jaxopt2
+
 PyTree = Any
 
-__all__ = ["PROBLEMS", "Problem", "get", "logistic", "mlp", "quadratic", "rosenbrock"]
+__all__ = [
+    "PROBLEMS",
+    "TAGGED_PROBLEMS",
+    "Problem",
+    "get",
+    "linear_regression",
+    "logistic",
+    "logistic_layer",
+    "mlp",
+    "mlp_regression",
+    "mlp_tagged",
+    "quadratic",
+    "rosenbrock",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +277,126 @@ def mlp(dtype: Any = jnp.float32) -> Problem:
     )
 
 
+# --------------------------------------------------------------------------------------
+# Tagged problems (the loss marked with jaxopt2.tag_loss).
+# --------------------------------------------------------------------------------------
+
+REGRESSION_SIZES = (64, 8, 3)  # examples, features, outputs
+
+
+@functools.cache
+def _regression_data() -> tuple[np.ndarray, np.ndarray, float]:
+    rng = np.random.default_rng(2)
+    n, d, k = REGRESSION_SIZES
+    x = rng.standard_normal((n, d)) * np.logspace(0.0, np.log10(30.0), d)
+    y = x @ rng.standard_normal((d, k)) / 10 + 0.5 + 0.3 * rng.standard_normal((n, k))
+    xb = np.concatenate([x, np.ones((n, 1))], axis=1)
+    coef, *_ = np.linalg.lstsq(xb, y, rcond=None)
+    f_star = 0.5 * np.mean(np.sum((xb @ coef - y) ** 2, axis=1))
+    return x, y, float(f_star)
+
+
+def regression_loss(p: dict[str, jax.Array], x: jax.Array, y: jax.Array) -> jax.Array:
+    out = jaxopt2.tag_loss("squared_error", x @ p["w"] + p["b"], y)
+    return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+
+
+def linear_regression(dtype: Any = jnp.float32) -> Problem:
+    x, y, f_star = _regression_data()
+    _, d, k = REGRESSION_SIZES
+    return Problem(
+        name="linear_regression",
+        params={"w": jnp.zeros((d, k), dtype), "b": jnp.zeros(k, dtype)},
+        loss_fn=regression_loss,
+        batch=(jnp.asarray(x, dtype), jnp.asarray(y, dtype)),
+        f_star=f_star,
+        rel_tol=1e-3,
+        description="tagged linear regression 8 -> 3, feature scales 1..30, squared error",
+    )
+
+
+def logistic_layer_loss(p: dict[str, jax.Array], x: jax.Array, y01: jax.Array) -> jax.Array:
+    z = jaxopt2.tag_loss("sigmoid_cross_entropy", x @ p["w"] + p["b"], y01)
+    n = y01.shape[0]
+    ce = jnp.mean(jnp.sum(jax.nn.softplus(z) - y01 * z, axis=-1))
+    return ce + 0.5 * jnp.sum(p["w"] ** 2) / n
+
+
+def logistic_layer(dtype: Any = jnp.float32) -> Problem:
+    x, y_pm, f_star = _logistic_data()
+    return Problem(
+        name="logistic_layer",
+        params={"w": jnp.zeros((x.shape[1], 1), dtype), "b": jnp.zeros(1, dtype)},
+        loss_fn=logistic_layer_loss,
+        batch=(jnp.asarray(x, dtype), jnp.asarray((y_pm[:, None] + 1) / 2, dtype)),
+        f_star=f_star,
+        rel_tol=1e-3,
+        description="breast-cancer logistic regression as one tagged dense layer 30 -> 1",
+    )
+
+
+def mlp_tagged_loss(p: dict[str, jax.Array], x: jax.Array, labels: jax.Array) -> jax.Array:
+    h = jnp.tanh(x @ p["w1"] + p["b1"])
+    logits = jaxopt2.tag_loss("softmax_cross_entropy", h @ p["w2"] + p["b2"], labels)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
+    return jnp.mean(nll).astype(x.dtype)
+
+
+def mlp_tagged(dtype: Any = jnp.float32) -> Problem:
+    return dataclasses.replace(
+        mlp(dtype), name="mlp_tagged", loss_fn=mlp_tagged_loss, description="mlp, logits tagged"
+    )
+
+
+MLP_REGRESSION_SIZES = (4, 16, 2)
+
+
+def _mlp_apply(p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+@functools.cache
+def _mlp_regression_data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    n_in, n_hid, n_out = MLP_REGRESSION_SIZES
+    teacher = {
+        "w1": rng.standard_normal((n_in, n_hid)) / np.sqrt(n_in),
+        "b1": 0.1 * rng.standard_normal(n_hid),
+        "w2": rng.standard_normal((n_hid, n_out)) / np.sqrt(n_hid),
+        "b2": 0.1 * rng.standard_normal(n_out),
+    }
+    x = rng.standard_normal((96, n_in))
+    h = np.tanh(x @ teacher["w1"] + teacher["b1"])
+    return x, h @ teacher["w2"] + teacher["b2"]
+
+
+def mlp_regression_loss(p: dict[str, jax.Array], x: jax.Array, y: jax.Array) -> jax.Array:
+    out = jaxopt2.tag_loss("squared_error", _mlp_apply(p, x), y)
+    return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+
+
+def mlp_regression(dtype: Any = jnp.float32) -> Problem:
+    x, y = _mlp_regression_data()
+    n_in, n_hid, n_out = MLP_REGRESSION_SIZES
+    k1, k2 = jax.random.split(jax.random.PRNGKey(4))
+    params = {
+        "w1": (jax.random.normal(k1, (n_in, n_hid)) / np.sqrt(n_in)).astype(dtype),
+        "b1": jnp.zeros(n_hid, dtype),
+        "w2": (jax.random.normal(k2, (n_hid, n_out)) / np.sqrt(n_hid)).astype(dtype),
+        "b2": jnp.zeros(n_out, dtype),
+    }
+    return Problem(
+        name="mlp_regression",
+        params=params,
+        loss_fn=mlp_regression_loss,
+        batch=(jnp.asarray(x, dtype), jnp.asarray(y, dtype)),
+        f_star=0.0,
+        rel_tol=1e-3,
+        description="tagged 4-16-2 tanh MLP fitting a same-shape teacher (realizable)",
+    )
+
+
 PROBLEMS: dict[str, Callable[..., Problem]] = {
     "quadratic": quadratic,
     "rosenbrock": rosenbrock,
@@ -256,6 +404,13 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     "mlp": mlp,
 }
 
+TAGGED_PROBLEMS: dict[str, Callable[..., Problem]] = {
+    "linear_regression": linear_regression,
+    "logistic_layer": logistic_layer,
+    "mlp_tagged": mlp_tagged,
+    "mlp_regression": mlp_regression,
+}
+
 
 def get(name: str, dtype: Any = jnp.float32) -> Problem:
-    return PROBLEMS[name](dtype)
+    return {**PROBLEMS, **TAGGED_PROBLEMS}[name](dtype)

@@ -50,6 +50,7 @@ from jaxopt2.curvature.products import (
     sample_targets,
 )
 from jaxopt2.optimizers import kronecker as kr
+from jaxopt2.optimizers import registry
 from jaxopt2.optimizers.contract import require_value_fn, resolve_key
 from jaxopt2.optimizers.kfac.layers import Discovery, discover, matrix_layout
 
@@ -285,8 +286,10 @@ def scale_by_kfac(
 
         # --- statistics: one forward with layer-output perturbations, one backward ---------
         layer_eqns = _layer_eqns(closed, disc)
-        eps_shapes = [tuple(e.outvars[0].aval.shape) for e in layer_eqns]
-        eps0 = [jnp.zeros(s, stats_dtype) for s in eps_shapes]
+        # Perturbations of the layer outputs, in the outputs' own dtypes.
+        eps_avals = [e.outvars[0].aval for e in layer_eqns]
+        zero_eps = lambda: [jnp.zeros(a.shape, a.dtype) for a in eps_avals]
+        eps0 = zero_eps()
         fwd = lambda lv, eps: _trace(closed, lv, eps, disc)
         outputs, vjp_fn, (inputs, targets, value) = jax.vjp(fwd, leaves, eps0, has_aux=True)
         n = outputs.shape[0]
@@ -406,9 +409,7 @@ def scale_by_kfac(
         # --- adaptive α, μ from the quadratic model (exact Gauss-Newton products) -------------
         delta = [-d for d in direction]
         prev = [p.astype(stats_dtype) for p in jax.tree.leaves(state.prev_update)]
-        model = lambda lv: _trace(
-            closed, lv, [jnp.zeros(s, stats_dtype) for s in eps_shapes], disc
-        )[0]
+        model = lambda lv: _trace(closed, lv, zero_eps(), disc)[0]
         cast = lambda vs: [v.astype(jnp.result_type(x)) for v, x in zip(vs, leaves, strict=True)]
         out0, j_delta = jax.jvp(model, (leaves,), (cast(delta),))
         _, j_prev = jax.jvp(model, (leaves,), (cast(prev),))
@@ -550,3 +551,12 @@ def kfac(
         parts.append(optax.trace(decay=momentum))
     parts += [optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(learning_rate)]
     return optax.chain(*parts)
+
+
+registry.register(
+    "kfac",
+    kfac,
+    needs_value_fn=True,
+    needs_key=True,
+    static_args=("invert_every", "fisher", "adapt_damping", "seed", "stats_dtype"),
+)
