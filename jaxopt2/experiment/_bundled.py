@@ -82,6 +82,25 @@ CONFIGS: dict[str, str] = {
         "  learning_rate: 1.0e-3\n"
         "  weight_decay: 1.0e-4\n"
     ),
+    "opt_kfac": (
+        "# kfac on the digits autoencoder (MLP 64-512-256-32-256-512-64 tanh, sigmoid cross-entropy):\n"
+        "# the recommended setting, kfac() with no arguments: learning rate, momentum and damping all\n"
+        "# adaptive (from the quadratic model, Levenberg-Marquardt), sampled Fisher, inverses every 5 steps.\n"
+        "# The task tags its loss (jaxopt2.tag_loss); the six dense layers are found automatically.\n"
+        "steps: 300\n"
+        "seed: 0\n"
+        "batch_size: 256\n"
+        "log_every: 25\n"
+        "eval_every: 100\n"
+        "task:\n"
+        "  name: digits_autoencoder\n"
+        "model:\n"
+        "  name: mlp\n"
+        "  hidden: [512, 256, 32, 256, 512]\n"
+        "  activation: tanh\n"
+        "optimizer:\n"
+        "  name: kfac\n"
+    ),
     "opt_lamb": (
         "# lamb on the digits classifier (MLP 64-128-128-10 tanh). Registry defaults except as written.\n"
         "steps: 1000\n"

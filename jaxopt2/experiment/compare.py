@@ -5,6 +5,8 @@ derive from the config's seed) in its own sub-run directory ``<run dir>/<name>``
 resumes or reuses finished sub-runs). Each uses its registry defaults plus the config's
 learning rate, schedule, weight decay and clipping; the optimizer arguments written in the
 config apply only to the optimizer the config names. ``name:lr`` sets one optimizer's rate.
+An optimizer whose step size is adaptive by default (its factory's ``learning_rate`` defaults
+to None, as K-FAC's) keeps that default unless ``name:lr`` or the config itself names it.
 
 Outputs in the run directory: ``compare.png`` (train loss vs step and vs training wall time),
 ``compare.md`` and ``compare.json`` (final loss, steps and seconds to reach the target loss,
@@ -69,6 +71,9 @@ def _sub_config(rc: ResolvedConfig, name: str, lr: float | None) -> ResolvedConf
         "clip_grad_norm",
     )
     opt = {"name": name, **{k: base[k] for k in runner}}
+    if name != base["name"] and _adaptive_step(name):
+        # keep its adaptive step (a schedule would have nothing to scale)
+        opt.update(learning_rate=None, schedule="constant", warmup_steps=0, min_lr_ratio=0.0)
     if name == base["name"]:
         opt.update({k: v for k, v in base.items() if k not in opt})
     if lr is not None:
@@ -78,6 +83,17 @@ def _sub_config(rc: ResolvedConfig, name: str, lr: float | None) -> ResolvedConf
         return from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"optimizer {name}: {e}") from None
+
+
+def _adaptive_step(name: str) -> bool:
+    """The optimizer `name` takes its step size from curvature unless given a learning rate."""
+    from jaxopt2.optimizers import registry
+
+    try:
+        arg = registry.get(name).arguments().get("learning_rate")
+    except ValueError:
+        return False  # an unknown name is reported by the config check
+    return arg is not None and arg.default is None
 
 
 def _reach(rows: list[dict[str, Any]], target: float) -> tuple[int | None, float | None]:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxopt2.curvature.tags import tag_loss
 __all__ = ["F32", "Task", "TaskSpec", "classifier_metrics", "softmax_classifier"]
 
 F32 = np.float32
@@ -71,7 +72,7 @@ def softmax_classifier(
     """A task training `model` (rows -> logits) with softmax cross-entropy on integer labels."""
 
     def loss(model, xb, yb):
-        logits = jax.vmap(model)(xb)
+        logits = tag_loss("softmax_cross_entropy", jax.vmap(model)(xb), yb)
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
     def eval_metrics(model, xb, yb):

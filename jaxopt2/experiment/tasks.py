@@ -3,7 +3,9 @@
 Every task is a mean loss over a batch of rows of its training arrays (tasks without data,
 such as Rosenbrock, are deterministic objectives of the parameters alone). Data are float32
 numpy arrays (labels int32) made here once; the trainer passes them to its jitted step as
-arguments and samples batches inside it.
+arguments and samples batches inside it. Tasks whose loss is a named loss of a model's
+outputs tag it (:func:`jaxopt2.tag_loss`), so K-FAC and Gauss-Newton methods can train them
+(quadratic and Rosenbrock have no model outputs).
 
 Tasks:
 
@@ -47,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxopt2.curvature.tags import tag_loss
 from jaxopt2.experiment import models as M
 from jaxopt2.experiment.file_tasks import (
     ImageDirConfig,
@@ -215,7 +218,8 @@ def _build_least_squares(cfg: LeastSquaresConfig, model_name: str, model_cfg: An
     x, y = x.astype(F32), y.astype(F32)
 
     def loss(model, xb, yb):
-        return 0.5 * jnp.mean((jax.vmap(model)(xb) - yb) ** 2)
+        out = tag_loss("squared_error", jax.vmap(model)(xb)[:, None], yb[:, None])
+        return 0.5 * jnp.mean(jnp.sum((out - yb[:, None]) ** 2, axis=-1))
 
     def eval_metrics(model, xb, yb):
         return {"loss": loss(model, xb, yb)}
@@ -235,7 +239,7 @@ def _build_digits_classifier(cfg: DigitsConfig, model_name: str, model_cfg: Any,
     xtr, ytr, xev, yev = _digits_split()
 
     def loss(model, xb, yb):
-        logits = jax.vmap(model)(xb)
+        logits = tag_loss("softmax_cross_entropy", jax.vmap(model)(xb), yb)
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
     def eval_metrics(model, xb, yb):
@@ -283,7 +287,8 @@ def _build_digits_regression(
     ttr, tev = eye[ytr[:n]], eye[yev]
 
     def loss(model, xb, tb):
-        return 0.5 * jnp.mean(jnp.sum((jax.vmap(model)(xb) - tb) ** 2, axis=-1))
+        out = tag_loss("squared_error", jax.vmap(model)(xb), tb)
+        return 0.5 * jnp.mean(jnp.sum((out - tb) ** 2, axis=-1))
 
     def eval_metrics(model, xb, tb):
         out = jax.vmap(model)(xb)
@@ -301,7 +306,7 @@ def _build_digits_autoencoder(cfg: DigitsConfig, model_name: str, model_cfg: Any
     xtr, _, xev, _ = _digits_split()
 
     def loss(model, xb):
-        logits = jax.vmap(model)(xb)
+        logits = tag_loss("sigmoid_cross_entropy", jax.vmap(model)(xb), xb)
         return optax.sigmoid_binary_cross_entropy(logits, xb).sum(axis=-1).mean()
 
     def eval_metrics(model, xb):
@@ -329,7 +334,8 @@ def _build_breast_cancer(cfg: BreastCancerConfig, model_name: str, model_cfg: An
     reg = cfg.l2 / (2.0 * n_train)
 
     def data_loss(model, xb, yb):
-        return optax.sigmoid_binary_cross_entropy(jax.vmap(model)(xb), yb).mean()
+        z = tag_loss("sigmoid_cross_entropy", jax.vmap(model)(xb)[:, None], yb[:, None])
+        return optax.sigmoid_binary_cross_entropy(z, yb[:, None]).mean()
 
     def loss(model, xb, yb):
         w = model.weight[:-1]  # the last column is the intercept: not penalized

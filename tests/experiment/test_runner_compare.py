@@ -94,3 +94,35 @@ def test_compare_kronecker_family_from_the_shampoo_config(tmp_path, capsys):
     for name, r in rows.items():
         assert r["status"] == "complete" and r["steps"] == 8, (name, r)
     assert len(set(losses.values())) == 4, losses  # four different optimizers ran
+
+
+def test_compare_kfac_keeps_its_adaptive_step(tmp_path, capsys):
+    """kfac beside adam on the digits classifier (the task tags its loss): kfac keeps its
+    adaptive step (learning rate None) instead of adam's rate; `kfac:lr` sets one."""
+    out_dir = tmp_path / "kfac"
+    rc = main(
+        [
+            "compare",
+            "quickstart",
+            "--optimizers",
+            "adam,kfac,kfac:0.5",
+            "steps=30",
+            "log_every=10",
+            "eval_every=30",
+            "model.hidden=[16]",
+            "--run-dir",
+            str(out_dir),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    rows = {
+        r["optimizer"]: r for r in json.loads((out_dir / "compare.json").read_text())["results"]
+    }
+    assert rows["kfac"]["learning_rate"] is None
+    assert rows["kfac:0.5"]["learning_rate"] == 0.5
+    assert "learning_rate: null" in (out_dir / "kfac" / "config.yaml").read_text()
+    for r in rows.values():
+        assert r["status"] == "complete" and r["steps"] == 30
+    # 30 steps of adaptive K-FAC fit the digits better than 30 of Adam at 1e-3 (cosine)
+    assert rows["kfac"]["final_loss"] < rows["adam"]["final_loss"]
