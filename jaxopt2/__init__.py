@@ -30,6 +30,8 @@ from jaxopt2.optimizers import (
     sgd,
     shampoo,
     soap,
+    tag_conv2d,
+    tag_dense,
     value_and_update,
 )
 
@@ -61,6 +63,8 @@ __all__ = [
     "sgd",
     "shampoo",
     "soap",
+    "tag_conv2d",
+    "tag_dense",
     "tag_loss",
     "value_and_update",
 ]

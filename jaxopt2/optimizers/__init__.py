@@ -15,7 +15,7 @@ from jaxopt2.optimizers.first_order import (
     rmsprop,
     sgd,
 )
-from jaxopt2.optimizers.kfac import kfac, kfac_layers, scale_by_kfac
+from jaxopt2.optimizers.kfac import kfac, kfac_layers, scale_by_kfac, tag_conv2d, tag_dense
 from jaxopt2.optimizers.shampoo import scale_by_shampoo, shampoo
 from jaxopt2.optimizers.soap import scale_by_soap, soap
 
@@ -40,5 +40,7 @@ __all__ = [
     "sgd",
     "shampoo",
     "soap",
+    "tag_conv2d",
+    "tag_dense",
     "value_and_update",
 ]

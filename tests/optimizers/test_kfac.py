@@ -177,7 +177,7 @@ def test_bad_input_is_a_clear_error():
     tied = _mse_loss(lambda p, x: (x @ p["w"]) @ p["w"].T @ p["w"])
     p3 = {"w": jnp.ones((4, 4))}
     x4 = jnp.ones((8, 4))
-    with pytest.raises(ValueError, match=r"parameter \['w'\] is the weight of 3 matrix products"):
+    with pytest.raises(ValueError, match=r"parameter \['w'\] is the weight of 3 products \(tied weights"):
         opt.update(p3, opt.init(p3), p3, value_fn=lambda p: tied(p, x4, jnp.ones((8, 4))))
     with pytest.raises(ValueError, match="fisher must be one of"):
         kfac(fisher="true")

@@ -1,10 +1,21 @@
-"""K-FAC: Kronecker-factored curvature for dense layers found in the user's loss.
+"""K-FAC: Kronecker-factored curvature for the dense and convolution layers of the user's loss.
 
-``layers.py`` finds the layers (jaxpr discovery) and ``optimizer.py`` holds the optax
-transformation; the loss tag lives in :mod:`jaxopt2.curvature.tags`.
+``layers.py`` finds the layers (jaxpr discovery, or the explicit tags of ``tags.py``) and
+``optimizer.py`` holds the optax transformation; the loss tag lives in
+:mod:`jaxopt2.curvature.tags`.
 """
 
-from jaxopt2.optimizers.kfac.layers import DenseLayer, Discovery
+from jaxopt2.optimizers.kfac.layers import Discovery, Layer
 from jaxopt2.optimizers.kfac.optimizer import ScaleByKfacState, kfac, kfac_layers, scale_by_kfac
+from jaxopt2.optimizers.kfac.tags import tag_conv2d, tag_dense
 
-__all__ = ["DenseLayer", "Discovery", "ScaleByKfacState", "kfac", "kfac_layers", "scale_by_kfac"]
+__all__ = [
+    "Discovery",
+    "Layer",
+    "ScaleByKfacState",
+    "kfac",
+    "kfac_layers",
+    "scale_by_kfac",
+    "tag_conv2d",
+    "tag_dense",
+]

@@ -1,25 +1,37 @@
-"""Which parameters are K-FAC layers: discovery from the jaxpr of ``value_fn``.
+"""Which parameters are K-FAC layers: explicit tags, else discovery from the jaxpr.
 
-A parameter leaf of rank 2 that reaches a ``dot_general`` as one operand (through
+Discovery. A parameter leaf that reaches a product with the data as one operand (through
 transposes, dtype casts, copies and call boundaries such as ``jit``/``pjit``, ``remat`` and
-custom-derivative wrappers), with the other operand coming from the data, is a dense layer:
-its weight. Its bias is a rank-1 leaf added (after broadcasting) to that product's output
-(through transposes/reshapes/casts). This finds the layers of plain JAX functions
-(``x @ w + b``) and of equinox models (``jax.vmap(eqx.nn.Linear)``: ``dot_general(W, x)``
-then a transpose) without any change to the model.
+custom-derivative wrappers) is a layer's weight:
+  * a rank-2 leaf in a ``dot_general``: a dense layer;
+  * a rank-4 leaf as the kernel of a ``conv_general_dilated`` (no feature groups): a 2-D
+    convolution, whose statistics come from image patches (Grosse & Martens, 2016).
+Its bias is a vector-like leaf (one non-unit axis: ``[out]``, or equinox's ``[out, 1, 1]``)
+added (after broadcasting) to that product's output. This finds the layers of plain JAX
+functions (``x @ w + b``), equinox models (``jax.vmap(eqx.nn.Linear)``, ``eqx.nn.Conv2d``) and
+flax.nnx models (``nnx.Linear``, ``nnx.Conv``) without any change to the model.
 
-Conventions: a dense layer's weight is seen as the matrix ``[in, out]`` (the leaf itself, or
-its transpose when the leaf is stored ``[out, in]``, as equinox and PyTorch do); inputs are
-flattened to ``[M, in]`` rows (every non-contracted input axis is a row axis: batch, time,
-...), output gradients to ``[M, out]``.
+Tags. :func:`jaxopt2.tag_dense` and :func:`jaxopt2.tag_conv2d` (module :mod:`.tags`) name a
+layer explicitly and override discovery for their weight. A weight in two discovered products
+(tied weights, a layer applied twice) is refused with a message naming it; tagged at each use,
+it is one layer whose statistics gather the rows of every use.
 
-A rank-2 weight used by two products (tied weights, a layer applied twice) is refused with a
-message naming it; parameters in no layer are preconditioned diagonally by the optimizer.
+Conventions: a layer's weight is seen as the matrix ``[in, out]`` (:meth:`Layer.to_matrix`);
+inputs become ``[M, in]`` rows (every non-contracted axis is a row axis: batch, time, image
+positions) and output gradients ``[M, out]`` (:meth:`Layer.rows`). Parameters in no layer are
+preconditioned diagonally by the optimizer.
+
+Factor slots follow from parameter shapes alone (``init`` sees nothing else): a rank-2 leaf
+``[d0, d1]`` gets factors of sizes ``d0 + 1`` and ``d1 + 1`` (either axis may be the input; the
+``+ 1`` is the bias's homogeneous coordinate); a rank-4 kernel gets ``in·kh·kw + 1`` and
+``out``, its spatial axes taken to be the pair with the smaller product (OIHW as equinox and
+``jax.lax`` lay kernels out, or HWIO as flax does).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -29,45 +41,121 @@ from jax.extend import core
 
 from jaxopt2 import _jaxpr
 from jaxopt2.curvature.tags import find_loss_tag
+from jaxopt2.optimizers.kfac.tags import ConvSpec, layer_tag_p
 
-__all__ = ["DenseLayer", "Discovery", "discover"]
+__all__ = ["Discovery", "Layer", "discover", "factor_sizes"]
 
 # Ops that move or recast data without mixing entries: a parameter passes through them.
 _LAYOUT = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
+_RESHAPE = {"reshape", "broadcast_in_dim", "squeeze", "expand_dims"}
+
+
+def factor_sizes(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The two factor sizes allocated for a leaf of this shape (None: not a layer shape)."""
+    if len(shape) == 2:
+        return shape[0] + 1, shape[1] + 1
+    if len(shape) == 4:
+        d0, d1, d2, d3 = shape
+        if d2 * d3 <= d0 * d1:  # OIHW
+            return d1 * d2 * d3 + 1, d0
+        return d0 * d1 * d2 + 1, d3  # HWIO
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
-class DenseLayer:
-    """A dense layer found in ``value_fn``.
+class Layer:
+    """One use of a layer's weight (a product found in ``value_fn``, or a tag).
 
     Attributes:
       name: the weight's pytree path (as ``jax.tree_util.keystr`` writes it).
+      kind: ``"dense"`` or ``"conv2d"``.
       weight: index of the weight leaf in ``jax.tree.leaves(params)``.
       bias: index of the bias leaf, or None.
-      path: the ``dot_general`` equation (see :mod:`jaxopt2._jaxpr`).
-      weight_operand: 0 if the weight is the product's left operand, 1 if the right one.
-      in_axis: the weight leaf's axis that is contracted with the inputs (0: ``[in, out]``).
-      in_features, out_features: the matrix view's sizes.
+      path: the product's (or the tag's) equation (see :mod:`jaxopt2._jaxpr`).
+      tagged: named by an explicit tag.
+      input_index: which input of that equation is the layer's input.
+      weight_perm: the leaf's axes in matrix order (input axes..., output axis).
+      in_features, out_features: the matrix view's sizes (without the bias row).
+      op: what :meth:`rows` needs: ``("dot", contracted input axis, weight operand)`` for a
+        discovered dense layer, ``("conv", ConvSpec, filter shape)`` for a convolution, None
+        for a tagged dense layer.
     """
 
     name: str
+    kind: str
     weight: int
     bias: int | None
     path: _jaxpr.EqnPath
-    weight_operand: int
-    in_axis: int
+    tagged: bool
+    input_index: int
+    weight_perm: tuple[int, ...]
     in_features: int
     out_features: int
+    op: Any
+
+    @property
+    def in_axis(self) -> int:
+        """Dense layers: the weight leaf's input axis (0: stored ``[in, out]``)."""
+        return self.weight_perm[0]
+
+    @property
+    def a_slot(self) -> int:
+        """Which of the leaf's two factor slots holds ``A`` (the other holds ``G``)."""
+        return self.in_axis if len(self.weight_perm) == 2 else 0
+
+    def to_matrix(self, leaf: jax.Array) -> jax.Array:
+        """The weight (or a gradient shaped like it) as ``[in, out]``."""
+        return jnp.transpose(leaf, self.weight_perm).reshape(self.in_features, self.out_features)
+
+    def from_matrix(self, m: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """Inverse of :meth:`to_matrix` for a leaf of `shape`."""
+        moved = m.reshape([shape[a] for a in self.weight_perm])
+        return jnp.transpose(moved, np.argsort(self.weight_perm))
+
+    def rows(self, x: jax.Array, out_grad: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Inputs as ``[M, in]`` rows and output gradients as ``[M, out]`` rows, in one order."""
+        if self.op is None:  # tagged dense: every leading axis is a row axis
+            return x.reshape(-1, x.shape[-1]), out_grad.reshape(-1, out_grad.shape[-1])
+        if self.op[0] == "dot":
+            _, c_in, weight_operand = self.op
+            x_rows = [d for d in range(x.ndim) if d != c_in]
+            a = jnp.transpose(x, (*x_rows, c_in)).reshape(-1, x.shape[c_in])
+            # dot_general output axes: (lhs free..., rhs free...); the weight has one free axis.
+            g = jnp.moveaxis(out_grad, 0, -1) if weight_operand == 0 else out_grad
+            return a, g.reshape(-1, g.shape[-1])
+        _, spec, filter_shape = self.op
+        dn = spec.dimension_numbers
+        patches = jax.lax.conv_general_dilated_patches(
+            x,
+            filter_shape,
+            spec.window_strides,
+            spec.padding,
+            spec.lhs_dilation,
+            spec.rhs_dilation,
+            dimension_numbers=dn,
+            precision=jax.lax.Precision.HIGHEST,
+        )  # laid out as the output, features (in_channel, kh, kw) with the channel slowest
+        a = jnp.moveaxis(patches, dn.out_spec[1], -1)
+        g = jnp.moveaxis(out_grad, dn.out_spec[1], -1)
+        return a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
 
 
 @dataclasses.dataclass(frozen=True)
 class Discovery:
-    """What K-FAC found in ``value_fn``: its layers and its tagged loss."""
+    """What K-FAC found in ``value_fn``: its layers (uses of weights) and its tagged loss."""
 
-    layers: tuple[DenseLayer, ...]
+    layers: tuple[Layer, ...]
     loss: str
     loss_path: _jaxpr.EqnPath
     leaf_names: tuple[str, ...]
+
+    @property
+    def units(self) -> dict[int, tuple[Layer, ...]]:
+        """Weight leaf -> its uses (one per layer, several for a weight tagged at each use)."""
+        out: dict[int, list[Layer]] = {}
+        for layer in self.layers:
+            out.setdefault(layer.weight, []).append(layer)
+        return {w: tuple(uses) for w, uses in out.items()}
 
     @property
     def layer_leaves(self) -> frozenset[int]:
@@ -80,9 +168,17 @@ class Discovery:
 
     def describe(self) -> str:
         lines = [f"tagged loss: {self.loss}"]
-        for layer in self.layers:
+        for uses in self.units.values():
+            layer = uses[0]
             bias = "" if layer.bias is None else f" + bias {self.leaf_names[layer.bias]}"
-            lines.append(f"dense {layer.name}: {layer.in_features} -> {layer.out_features}{bias}")
+            if layer.kind == "conv2d":
+                k = "x".join(str(s) for s in layer.op[2])
+                size = f"{layer.in_features // math.prod(layer.op[2])}ch x {k} -> {layer.out_features}ch"
+            else:
+                size = f"{layer.in_features} -> {layer.out_features}"
+            how = "tagged" if layer.tagged else "found"
+            how += f", {len(uses)} uses" if len(uses) > 1 else ""
+            lines.append(f"{layer.kind} {layer.name}: {size}{bias} ({how})")
         rest = [n for i, n in enumerate(self.leaf_names) if i not in self.layer_leaves]
         if rest:
             lines.append("diagonal (no layer): " + ", ".join(rest))
@@ -97,17 +193,20 @@ class _Param:
 
 @dataclasses.dataclass
 class _Out:
-    layer: int  # index into the layer list
+    layer: int  # index into the found list
+
+
+def _vector_like(shape: tuple[int, ...]) -> bool:
+    return len(shape) >= 1 and max(shape) == math.prod(shape)
 
 
 def discover(
     closed: core.ClosedJaxpr, leaf_paths: list[Any], leaf_shapes: list[tuple]
 ) -> Discovery:
-    """Find the dense layers and the loss tag in a traced ``value_fn`` (params as its inputs)."""
+    """Find the layers and the loss tag in a traced ``value_fn`` (params as its inputs)."""
     names = tuple(jax.tree_util.keystr(p) for p in leaf_paths)
     loss_path, loss_eqn = find_loss_tag(closed.jaxpr)
     found: list[dict[str, Any]] = []
-    uses: dict[int, list[_jaxpr.EqnPath]] = {}
 
     def visit(jaxpr: core.Jaxpr, env: dict, prefix: _jaxpr.EqnPath) -> None:
         get = lambda v: None if isinstance(v, core.Literal) else env.get(v)
@@ -120,7 +219,18 @@ def discover(
             if sub is not None:
                 visit(sub, {sv: x for sv, x in zip(sub.invars, ins, strict=True) if x}, here)
                 continue
-            if name in _LAYOUT and ins[0] is not None:
+            layer = None
+            if eqn.primitive is layer_tag_p:
+                layer = _tagged(eqn, ins, leaf_shapes, names)
+            elif name == "dot_general":
+                layer = _dense(eqn, ins, leaf_shapes)
+            elif name == "conv_general_dilated":
+                layer = _conv(eqn, ins, leaf_shapes)
+            if layer is not None:
+                layer["path"] = here
+                found.append(layer)
+                env[out] = _Out(len(found) - 1)
+            elif name in _LAYOUT and ins[0] is not None:
                 env[out] = ins[0]
             elif name == "transpose" and ins[0] is not None:
                 perm = eqn.params["permutation"]
@@ -128,26 +238,21 @@ def discover(
                     env[out] = _Param(ins[0].leaf, tuple(ins[0].perm[p] for p in perm))
                 else:
                     env[out] = ins[0]
-            elif name in ("reshape", "broadcast_in_dim", "squeeze", "expand_dims"):
+            elif name in _RESHAPE:
                 x = ins[0]
-                if isinstance(x, _Out) or (isinstance(x, _Param) and len(leaf_shapes[x.leaf]) == 1):
+                if isinstance(x, _Out) or (
+                    isinstance(x, _Param) and _vector_like(leaf_shapes[x.leaf])
+                ):
                     env[out] = x  # a layer's output, or a bias vector being broadcast
-            elif name == "dot_general":
-                layer = _dense(eqn, ins, leaf_shapes)
-                if layer is not None:
-                    uses.setdefault(layer["weight"], []).append(here)
-                    layer["path"] = here
-                    found.append(layer)
-                    env[out] = _Out(len(found) - 1)
             elif name == "add":
-                a, b = ins
-                for o, p in ((a, b), (b, a)):
+                for o, p in ((ins[0], ins[1]), (ins[1], ins[0])):
                     if (
                         isinstance(o, _Out)
                         and isinstance(p, _Param)
-                        and len(leaf_shapes[p.leaf]) == 1
-                        and leaf_shapes[p.leaf][0] == found[o.layer]["out_features"]
+                        and _vector_like(leaf_shapes[p.leaf])
+                        and math.prod(leaf_shapes[p.leaf]) == found[o.layer]["out_features"]
                         and found[o.layer]["bias"] is None
+                        and not found[o.layer]["tagged"]
                     ):
                         found[o.layer]["bias"] = p.leaf
                         env[out] = o
@@ -156,28 +261,54 @@ def discover(
         v: _Param(i, tuple(range(len(leaf_shapes[i])))) for i, v in enumerate(closed.jaxpr.invars)
     }
     visit(closed.jaxpr, env0, ())
-    for leaf, paths in uses.items():
-        if len(paths) > 1:
-            raise ValueError(
-                f"parameter {names[leaf]} is the weight of {len(paths)} matrix products (tied "
-                "weights or a layer applied twice): K-FAC's Kronecker factors assume one use. "
-                "Untie it, or let it be preconditioned diagonally by keeping it out of "
-                "products with data (explicit layer tags come with a later release)."
-            )
-    layers = tuple(
-        DenseLayer(
-            name=names[f["weight"]],
-            weight=f["weight"],
-            bias=f["bias"],
-            path=f["path"],
-            weight_operand=f["weight_operand"],
-            in_axis=f["in_axis"],
-            in_features=f["in_features"],
-            out_features=f["out_features"],
-        )
-        for f in found
-    )
+    layers = _resolve([Layer(name=names[f["weight"]], **f) for f in found], names, leaf_shapes)
     return Discovery(layers, loss_eqn.params["loss"], loss_path, names)
+
+
+def _resolve(
+    found: list[Layer], names: tuple[str, ...], leaf_shapes: list[tuple]
+) -> tuple[Layer, ...]:
+    """Tags override discovery; refuse untagged shared weights and inconsistent tags."""
+    tagged = {layer.weight for layer in found if layer.tagged}
+    layers = [layer for layer in found if layer.tagged or layer.weight not in tagged]
+    uses: dict[int, list[Layer]] = {}
+    for layer in layers:
+        uses.setdefault(layer.weight, []).append(layer)
+    for leaf, group in uses.items():
+        if len(group) > 1 and not group[0].tagged:
+            raise ValueError(
+                f"parameter {names[leaf]} is the weight of {len(group)} products (tied weights "
+                "or a layer applied twice): K-FAC's Kronecker factors assume one use. Tag each "
+                "use with jaxopt2.tag_dense / tag_conv2d to make it one layer whose statistics "
+                "gather every use, or untie it."
+            )
+        first = group[0]
+        for other in group[1:]:
+            same = (other.kind, other.weight_perm, other.in_features, other.out_features)
+            if same != (first.kind, first.weight_perm, first.in_features, first.out_features):
+                raise ValueError(
+                    f"parameter {names[leaf]} is tagged as different layers ({first.kind} "
+                    f"{first.in_features}->{first.out_features} and {other.kind} "
+                    f"{other.in_features}->{other.out_features}); tag every use the same way."
+                )
+            if other.bias != first.bias:
+                raise ValueError(
+                    f"parameter {names[leaf]} is tagged with different biases at its uses; "
+                    "give every use the same bias (or none)."
+                )
+        sizes = factor_sizes(leaf_shapes[leaf])
+        fits = sizes is not None and (
+            first.in_features + 1 <= sizes[first.a_slot]
+            and first.out_features <= sizes[1 - first.a_slot]
+        )
+        if not fits:
+            raise ValueError(
+                f"parameter {names[leaf]} of shape {leaf_shapes[leaf]} is a {first.kind} layer "
+                f"with {first.in_features} inputs and {first.out_features} outputs, which does "
+                f"not fit the factors allocated from its shape ({sizes}): rank-4 kernels must "
+                "be laid out OIHW or HWIO."
+            )
+    return tuple(sorted(layers, key=lambda layer: layer.path))
 
 
 def _dense(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple]) -> dict[str, Any] | None:
@@ -194,28 +325,85 @@ def _dense(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple]) -> dict[str,
         return None
     in_axis = ref.perm[contract[w][0]]
     return {
+        "kind": "dense",
         "weight": ref.leaf,
         "bias": None,
-        "weight_operand": w,
-        "in_axis": in_axis,
+        "tagged": False,
+        "input_index": 1 - w,
+        "weight_perm": (in_axis, 1 - in_axis),
         "in_features": int(shape[in_axis]),
         "out_features": int(shape[1 - in_axis]),
+        "op": ("dot", contract[1 - w][0], w),
     }
 
 
-def matrix_layout(eqn_params: dict, weight_operand: int, x: Any, out_grad: Any):
-    """Flatten a dense layer's input operand to ``[M, in]`` and its output (or output
-    gradient) to ``[M, out]``, row order matching (see the module docstring)."""
-    (contract, _) = eqn_params["dimension_numbers"]
-    xo = 1 - weight_operand
-    c_in = contract[xo][0]
-    x_rows = [d for d in range(x.ndim) if d != c_in]
-    a = jnp.transpose(x, (*x_rows, c_in)).reshape(-1, x.shape[c_in])
-    # dot_general output axes: (lhs free..., rhs free...); the weight has one free axis.
-    n_rows = len(x_rows)
-    if weight_operand == 0:  # (out, rows...)
-        g = jnp.moveaxis(out_grad, 0, -1)
-    else:  # (rows..., out)
-        g = out_grad
-    g = g.reshape(int(np.prod(g.shape[:n_rows])), g.shape[-1])
-    return a, g
+def _conv_layer(ref: _Param, kernel_shape: tuple, spec: ConvSpec) -> dict[str, Any]:
+    rhs = spec.dimension_numbers.rhs_spec  # (out, in, spatial...) as kernel-operand axes
+    order = (rhs[1], *rhs[2:], rhs[0])
+    filter_shape = tuple(int(kernel_shape[a]) for a in rhs[2:])
+    return {
+        "kind": "conv2d",
+        "weight": ref.leaf,
+        "bias": None,
+        "input_index": 1,
+        "weight_perm": tuple(ref.perm[a] for a in order),
+        "in_features": int(kernel_shape[rhs[1]]) * math.prod(filter_shape),
+        "out_features": int(kernel_shape[rhs[0]]),
+        "op": ("conv", spec, filter_shape),
+    }
+
+
+def _conv(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple]) -> dict[str, Any] | None:
+    """The layer a ``conv_general_dilated`` makes: a rank-4 parameter kernel on data."""
+    lhs, rhs = ins
+    p = eqn.params
+    if isinstance(lhs, _Param) or not isinstance(rhs, _Param):
+        return None
+    if len(leaf_shapes[rhs.leaf]) != 4 or p["feature_group_count"] != 1:
+        return None
+    if p["batch_group_count"] != 1 or len(eqn.invars[0].aval.shape) != 4:
+        return None
+    spec = ConvSpec(
+        (
+            tuple(p["window_strides"]),
+            tuple(tuple(x) for x in p["padding"]),
+            tuple(p["lhs_dilation"]),
+            tuple(p["rhs_dilation"]),
+            p["dimension_numbers"],
+        )
+    )
+    layer = _conv_layer(rhs, eqn.invars[1].aval.shape, spec)
+    return {**layer, "tagged": False, "input_index": 0}
+
+
+def _tagged(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple], names) -> dict[str, Any]:
+    """The layer an explicit tag names."""
+    kind = eqn.params["kind"]
+    weight = ins[2]
+    if not isinstance(weight, _Param):
+        raise ValueError(
+            f"tag_{kind}: its weight is not a parameter of value_fn (pass the parameter leaf "
+            "itself, or its transpose or dtype cast, not a value computed from it)."
+        )
+    bias = None
+    if len(ins) > 3:
+        if not isinstance(ins[3], _Param):
+            raise ValueError(
+                f"tag_{kind} for {names[weight.leaf]}: its bias is not a parameter of value_fn."
+            )
+        bias = ins[3].leaf
+    if kind == "dense":
+        d_in = int(eqn.invars[1].aval.shape[-1])
+        d_out = int(eqn.invars[0].aval.shape[-1])
+        ops = (0, 1) if eqn.params["layout"] == "in_out" else (1, 0)
+        layer = {
+            "kind": "dense",
+            "weight": weight.leaf,
+            "weight_perm": tuple(weight.perm[a] for a in ops),
+            "in_features": d_in,
+            "out_features": d_out,
+            "op": None,
+        }
+    else:
+        layer = _conv_layer(weight, eqn.invars[2].aval.shape, eqn.params["conv"])
+    return {**layer, "bias": bias, "tagged": True, "input_index": 1}

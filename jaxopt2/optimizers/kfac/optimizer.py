@@ -1,8 +1,10 @@
 r"""K-FAC as an optax transformation, compiled once inside the user's ``jit``.
 
-For a dense layer ``s = W a (+ b)`` (found by :mod:`.layers`) the Fisher block of ``W`` is
+For a dense or convolution layer ``s = W a (+ b)`` (found by :mod:`.layers`, or tagged with
+:func:`jaxopt2.tag_dense` / :func:`jaxopt2.tag_conv2d`) the Fisher block of ``W`` is
 approximated by ``A ⊗ G`` with ``A = E[ā āᵀ]`` (inputs, with a homogeneous coordinate for the
-bias) and ``G = E[g gᵀ]`` (gradients of the per-example loss at the layer's output, with
+bias; image patches for a convolution) and ``G = E[g gᵀ]`` (gradients of the per-example
+loss at the layer's output, summed over its positions or time steps, with
 targets sampled from the model's predictive distribution: the true Fisher), both kept as
 exponential moving averages (``stats_decay``). Every ``invert_every`` steps the damped
 inverses are refreshed with factored Tikhonov damping and the π-correction:
@@ -52,7 +54,7 @@ from jaxopt2.curvature.products import (
 from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers import registry
 from jaxopt2.optimizers.contract import require_value_fn, resolve_key
-from jaxopt2.optimizers.kfac.layers import Discovery, discover, matrix_layout
+from jaxopt2.optimizers.kfac.layers import Discovery, discover, factor_sizes
 
 __all__ = ["ScaleByKfacState", "kfac", "kfac_layers", "scale_by_kfac"]
 
@@ -64,8 +66,9 @@ class ScaleByKfacState(NamedTuple):
 
     Attributes:
       count: updates taken (int32).
-      factors: per leaf, for rank-2 leaves ``(F0, F1)`` of sizes ``d0+1`` and ``d1+1`` (one
-        holds ``A`` and the other ``G`` once discovery says which axis is the input), None
+      factors: per leaf, for rank-2 and rank-4 leaves a pair of square factors of the sizes
+        :func:`~jaxopt2.optimizers.kfac.layers.factor_sizes` gives (one holds ``A`` and the
+        other ``G`` once discovery says which leaves are layers; unused ones stay zero), None
         for other leaves. EMAs in ``stats_dtype``.
       inverses: the damped inverses of ``factors`` (same layout).
       diag: EMA of the sampled Fisher's diagonal, like the parameters.
@@ -104,8 +107,11 @@ def _trace(closed, leaves, eps, discovery: Discovery):
         if i is None:
             return None
         layer = discovery.layers[i]
-        inputs[i] = invals[1 - layer.weight_operand]
-        out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+        inputs[i] = invals[layer.input_index]
+        if layer.tagged:  # the tag's first input is the layer's output
+            out = invals[0]
+        else:
+            out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
         return [out + eps[i]]
 
     interesting = [*by_path, discovery.loss_path]
@@ -239,13 +245,10 @@ def scale_by_kfac(
 
     def init_fn(params):
         def factor_pair(p):
-            if jnp.ndim(p) != 2:
+            sizes = factor_sizes(tuple(jnp.shape(p)))
+            if sizes is None:
                 return None
-            d0, d1 = jnp.shape(p)
-            return (
-                jnp.zeros((d0 + 1, d0 + 1), stats_dtype),
-                jnp.zeros((d1 + 1, d1 + 1), stats_dtype),
-            )
+            return tuple(jnp.zeros((d, d), stats_dtype) for d in sizes)
 
         factors = tuple(factor_pair(p) for p in jax.tree.leaves(params))
         inverses = tuple(
@@ -275,8 +278,9 @@ def scale_by_kfac(
         if not disc.layers:
             raise ValueError(
                 "kfac found no layer in value_fn: no rank-2 parameter is multiplied with the "
-                "data (dot_general). K-FAC needs dense layers; use a diagonal optimizer for "
-                "this model, or check that the parameters reach the products unchanged."
+                "data (dot_general) and no rank-4 one convolves it. K-FAC needs dense or conv "
+                "layers: check that the parameters reach the products unchanged, tag them with "
+                "jaxopt2.tag_dense / tag_conv2d, or use a diagonal optimizer for this model."
             )
         use_key, next_key = resolve_key(key, state.key)
         leaves, treedef = jax.tree.flatten(params)
@@ -306,26 +310,28 @@ def scale_by_kfac(
             leaf_grads, out_grads = jax.tree.map(lambda x: x[None], vjp_fn(r))
 
         new_factors = list(state.factors)
-        for i, layer in enumerate(disc.layers):
-            eqn = layer_eqns[i]
-            a, _ = matrix_layout(eqn.params, layer.weight_operand, inputs[i], out_grads[i][0])
-            a = a.astype(stats_dtype)
-            if layer.bias is not None:
-                a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
-            stat_a = kr.mm(a.T, a) / a.shape[0]
-            # One [M, out] block per output-Fisher column (one column unless fisher="exact").
-            g = jax.vmap(
-                lambda og, eqn=eqn, i=i, layer=layer: matrix_layout(
-                    eqn.params, layer.weight_operand, inputs[i], og
-                )[1]
-            )(out_grads[i])
-            g = g.reshape(-1, g.shape[-1]).astype(stats_dtype)
-            stat_g = kr.mm(g.T, g) / n
-            pair = list(new_factors[layer.weight])
-            ia, ig = layer.in_axis, 1 - layer.in_axis
-            pair[ia] = _ema_into(pair[ia], stat_a, decay)
-            pair[ig] = _ema_into(pair[ig], stat_g, decay)
-            new_factors[layer.weight] = tuple(pair)
+        units = disc.units
+        index = {layer.path: i for i, layer in enumerate(disc.layers)}
+        for leaf, uses in units.items():
+            sum_a, rows_a, sum_g = 0.0, 0, 0.0
+            for layer in uses:
+                i = index[layer.path]
+                a, _ = layer.rows(inputs[i], out_grads[i][0])
+                a = a.astype(stats_dtype)
+                if layer.bias is not None:
+                    a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
+                sum_a, rows_a = sum_a + kr.mm(a.T, a), rows_a + a.shape[0]
+                # One [M, out] block per output-Fisher column (one unless fisher="exact").
+                g = jax.vmap(lambda og, layer=layer, i=i: layer.rows(inputs[i], og)[1])(
+                    out_grads[i]
+                )
+                g = g.reshape(-1, g.shape[-1]).astype(stats_dtype)
+                sum_g = sum_g + kr.mm(g.T, g)
+            pair = list(new_factors[leaf])
+            sa = uses[0].a_slot
+            pair[sa] = _ema_into(pair[sa], sum_a / rows_a, decay)
+            pair[1 - sa] = _ema_into(pair[1 - sa], sum_g / n, decay)
+            new_factors[leaf] = tuple(pair)
         diag_sample = [jnp.sum(jnp.square(g), axis=0) / n for g in leaf_grads]
         diag = treedef.unflatten(
             [
@@ -344,16 +350,17 @@ def scale_by_kfac(
 
         def refresh(inverses, failed):
             mats, slots = [], []
-            for layer in disc.layers:
-                fa = factors[layer.weight][layer.in_axis] / correction
-                fg = factors[layer.weight][1 - layer.in_axis] / correction
+            for layer in (uses[0] for uses in units.values()):
+                sa = layer.a_slot
+                fa = factors[layer.weight][sa] / correction
+                fg = factors[layer.weight][1 - sa] / correction
                 dim_a = layer.in_features + (layer.bias is not None)
                 pi = jnp.sqrt(
                     (jnp.trace(fa) / dim_a) / jnp.maximum(jnp.trace(fg) / layer.out_features, 1e-30)
                 )
                 pi = jnp.where(jnp.isfinite(pi) & (pi > 0), pi, 1.0)
-                for f, gamma, axis in ((fa, pi * jnp.sqrt(lam), layer.in_axis),
-                                       (fg, jnp.sqrt(lam) / pi, 1 - layer.in_axis)):  # fmt: skip
+                for f, gamma, axis in ((fa, pi * jnp.sqrt(lam), sa),
+                                       (fg, jnp.sqrt(lam) / pi, 1 - sa)):  # fmt: skip
                     mats.append(f + gamma * jnp.eye(f.shape[0], dtype=f.dtype))
                     slots.append((layer.weight, axis))
             invs, oks = _sequential_inverses(mats)
@@ -378,18 +385,18 @@ def scale_by_kfac(
         for i in range(len(leaves)):
             if i not in in_layer:
                 direction[i] = grads[i] / (diag_hat[i] + lam)
-        for layer in disc.layers:
-            w = grads[layer.weight]
-            v = w if layer.in_axis == 0 else w.T
+        for layer in (uses[0] for uses in units.values()):
+            v = layer.to_matrix(grads[layer.weight])
             if layer.bias is not None:
-                v = jnp.concatenate([v, grads[layer.bias][None, :]], axis=0)
-            inv_a = inverses[layer.weight][layer.in_axis][: v.shape[0], : v.shape[0]]
-            inv_g = inverses[layer.weight][1 - layer.in_axis][: v.shape[1], : v.shape[1]]
+                v = jnp.concatenate([v, grads[layer.bias].reshape(1, -1)], axis=0)
+            sa = layer.a_slot
+            inv_a = inverses[layer.weight][sa][: v.shape[0], : v.shape[0]]
+            inv_g = inverses[layer.weight][1 - sa][: v.shape[1], : v.shape[1]]
             pre = kr.mm(kr.mm(inv_a, v), inv_g)
-            wpre = pre[: layer.in_features]
-            direction[layer.weight] = wpre if layer.in_axis == 0 else wpre.T
+            shape = grads[layer.weight].shape
+            direction[layer.weight] = layer.from_matrix(pre[: layer.in_features], shape)
             if layer.bias is not None:
-                direction[layer.bias] = pre[-1]
+                direction[layer.bias] = pre[-1].reshape(grads[layer.bias].shape)
 
         if not adaptive:
             new_updates = [
