@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt2.solvers import solution as sol
-from jaxopt2.solvers._core import Method, StepOut, eps, finite, refresh
+from jaxopt2.solvers._core import Method, StepOut, eps, finite, refresh, within_rounding
 from jaxopt2.solvers._subproblems import cubic_subproblem
 
 CUBIC_OPTIONS = {"sigma": 1.0, "sigma_min": 1e-10, "eta1": 0.1, "eta2": 0.9, "gamma": 2.0}
@@ -52,9 +52,8 @@ def _build(opts: dict, lazy: bool) -> Method:
         z = x + sub.p
         fz, gz = obj.value_and_grad(z)
         fin = finite(fz, gz)
-        noise = 64 * eps(dtype) * jnp.abs(f)
         rho = jnp.where(pred > 0, (f - fz) / jnp.where(pred > 0, pred, 1), -jnp.inf)
-        noisy = (pred <= noise) & (fz <= f) & (jnp.linalg.norm(gz) < jnp.linalg.norm(g))
+        noisy = within_rounding(obj, f, fz, g, gz, pred)
         rho = jnp.where(fin, jnp.where(noisy, 1.0, rho), -jnp.inf)
         accepted = rho >= opts["eta1"]
         sigma_new = jnp.where(
@@ -63,7 +62,9 @@ def _build(opts: dict, lazy: bool) -> Method:
             jnp.where(accepted, sigma, opts["gamma"] * sigma),
         )
         collapsed = (~accepted) & (pnorm <= eps(dtype) * (1 + jnp.linalg.norm(x)))
-        status = jnp.where(collapsed, jnp.where(fin, sol.STEP_TOO_SMALL, sol.NONFINITE), sol.RUNNING)
+        status = jnp.where(
+            collapsed, jnp.where(fin, sol.STEP_TOO_SMALL, sol.NONFINITE), sol.RUNNING
+        )
         return StepOut(
             x=jnp.where(accepted, z, x),
             f=jnp.where(accepted, fz, f),

@@ -26,6 +26,7 @@ from jaxopt2.solvers._core import (
     refresh,
     run,
     take_options,
+    within_rounding,
 )
 from jaxopt2.solvers.implicit import dense_solve, solve_with_implicit_diff
 
@@ -109,8 +110,13 @@ def levenberg_marquardt(opts: dict) -> Method:
         k = min(m, n)
         z = lambda *shape: jnp.zeros(shape, obj.dtype)
         return _LMState(
-            r=z(m), u=z(m, k), s=z(k), vt=z(k, n), fresh=jnp.asarray(False),
-            mu=jnp.asarray(-1.0, obj.dtype), nu=jnp.asarray(2.0, obj.dtype),
+            r=z(m),
+            u=z(m, k),
+            s=z(k),
+            vt=z(k, n),
+            fresh=jnp.asarray(False),
+            mu=jnp.asarray(-1.0, obj.dtype),
+            nu=jnp.asarray(2.0, obj.dtype),
         )
 
     def step(obj, x, f, g, st):
@@ -128,9 +134,8 @@ def levenberg_marquardt(opts: dict) -> Method:
         z = x + h
         fz, gz = obj.value_and_grad(z)
         fin = finite(fz, gz)
-        noise = 64 * eps(dtype) * jnp.abs(f)
         rho = jnp.where(pred > 0, (f - fz) / jnp.where(pred > 0, pred, 1), -jnp.inf)
-        noisy = (pred <= noise) & (fz <= f) & (jnp.linalg.norm(gz) < jnp.linalg.norm(g))
+        noisy = within_rounding(obj, f, fz, g, gz, pred)
         rho = jnp.where(fin, jnp.where(noisy, 1.0, rho), -jnp.inf)
         accepted = rho > 0
         factor = jnp.maximum(1 / 3, 1 - (2 * jnp.where(accepted, rho, 0) - 1) ** 3)
@@ -139,7 +144,9 @@ def levenberg_marquardt(opts: dict) -> Method:
         collapsed = (~accepted) & (
             (jnp.linalg.norm(h) <= eps(dtype) * (1 + jnp.linalg.norm(x))) | ~jnp.isfinite(mu_new)
         )
-        status = jnp.where(collapsed, jnp.where(fin, sol.STEP_TOO_SMALL, sol.NONFINITE), sol.RUNNING)
+        status = jnp.where(
+            collapsed, jnp.where(fin, sol.STEP_TOO_SMALL, sol.NONFINITE), sol.RUNNING
+        )
         return StepOut(
             x=jnp.where(accepted, z, x),
             f=jnp.where(accepted, fz, f),

@@ -53,7 +53,10 @@ def minimize(
     The iteration stops as soon as ``‖∇f(x)‖ <= tol`` (status ``CONVERGED``), after
     `max_steps` iterations, or when the method cannot make progress (see
     :data:`~jaxopt2.solvers.STATUS`). A trial point with a non-finite value or gradient is
-    never accepted: the solution is always the last finite iterate.
+    never accepted: the solution is always the last finite iterate. Every method takes only
+    steps that decrease ``f``, indefinite Hessians included; once the predicted decrease is
+    below the rounding error of ``f`` (``64 eps |f|``), a step is taken if it reduces
+    ``‖∇f‖`` without raising ``f`` by more than that rounding error.
 
     Methods (all use exact second derivatives from jax; "dense" ones form the ``n × n``
     Hessian of the flattened variables with ``jax.hessian``):

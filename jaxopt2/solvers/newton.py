@@ -18,8 +18,8 @@ from jaxopt2.solvers._core import (
     armijo,
     cho_solve,
     damped_cholesky,
-    eps,
     finite,
+    within_rounding,
 )
 
 NEWTON_OPTIONS = {"c1": 1e-4, "max_backtracks": 40}
@@ -126,8 +126,6 @@ def damped_newton(opts: dict) -> Method:
         usable = finite(n) & (gn > 0)
         n = jnp.where(usable, n, g)
         gdec = jnp.sqrt(jnp.where(usable, gn, jnp.dot(g, g)))
-        gnorm = jnp.linalg.norm(g)
-        noise = 64 * eps(dtype) * jnp.abs(f)
 
         def trial(lip):
             alpha = aicn_step_size(lip, gdec)
@@ -135,9 +133,9 @@ def damped_newton(opts: dict) -> Method:
             fz, gz = obj.value_and_grad(z)
             model = f - alpha * gdec**2 + 0.5 * (alpha * gdec) ** 2 + lip / 6 * (alpha * gdec) ** 3
             fin = finite(fz, gz)
-            noisy = (gdec**2 <= noise) & (fz <= f) & (jnp.linalg.norm(gz) < gnorm)
+            noisy = within_rounding(obj, f, fz, g, gz, alpha * gdec**2)
             if fixed:
-                ok = fin & (fz <= f)
+                ok = fin & ((fz <= f) | noisy)
             else:
                 ok = fin & ((fz <= model) | noisy)
             return z, fz, gz, alpha, ok, fin
@@ -147,7 +145,9 @@ def damped_newton(opts: dict) -> Method:
             z, fz, gz, alpha, ok, fin = trial(lip)
             new_lip = jnp.where(ok, lip, 2 * lip)
             status = jnp.where(
-                ok | (new_lip < 1e300), sol.RUNNING, jnp.where(fin, sol.STEP_TOO_SMALL, sol.NONFINITE)
+                ok | (new_lip < 1e300),
+                sol.RUNNING,
+                jnp.where(fin, sol.STEP_TOO_SMALL, sol.NONFINITE),
             )
         else:
             lip0 = 0.5 * state.lipschitz
@@ -164,7 +164,9 @@ def damped_newton(opts: dict) -> Method:
             _, new_lip, z, fz, gz, alpha, ok, fin = jax.lax.while_loop(
                 cond, body, (jnp.asarray(0, jnp.int32), lip0, *trial(lip0))
             )
-            status = jnp.where(ok, sol.RUNNING, jnp.where(fin, sol.LINESEARCH_FAILED, sol.NONFINITE))
+            status = jnp.where(
+                ok, sol.RUNNING, jnp.where(fin, sol.LINESEARCH_FAILED, sol.NONFINITE)
+            )
         one = jnp.asarray(1, jnp.int32)
         return StepOut(
             x=jnp.where(ok, z, x),

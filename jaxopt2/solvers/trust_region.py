@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt2.solvers import solution as sol
-from jaxopt2.solvers._core import Method, StepOut, eps, finite, refresh
+from jaxopt2.solvers._core import Method, StepOut, eps, finite, refresh, within_rounding
 from jaxopt2.solvers._subproblems import trust_region_subproblem
 
 TRUST_REGION_OPTIONS = {"initial_radius": 1.0, "max_radius": 1000.0, "eta": 0.15}
@@ -24,14 +24,11 @@ NEWTON_CG_OPTIONS = {**TRUST_REGION_OPTIONS, "cg_maxiter": None}
 
 
 def _ratio(obj, f, g, pred, fz, gz):
-    """Actual over predicted decrease; 1 when both are at the rounding level of f and the
-    trial neither increases f nor the gradient norm; -inf for a non-finite trial."""
+    """Actual over predicted decrease; 1 when the step passes :func:`within_rounding`;
+    -inf for a non-finite trial."""
     fin = finite(fz, gz)
-    actual = f - fz
-    noise = 64 * eps(obj.dtype) * jnp.abs(f)
-    rho = jnp.where(pred > 0, actual / jnp.where(pred > 0, pred, 1), -jnp.inf)
-    noisy = (pred <= noise) & (fz <= f) & (jnp.linalg.norm(gz) < jnp.linalg.norm(g))
-    rho = jnp.where(noisy, 1.0, rho)
+    rho = jnp.where(pred > 0, (f - fz) / jnp.where(pred > 0, pred, 1), -jnp.inf)
+    rho = jnp.where(within_rounding(obj, f, fz, g, gz, pred), 1.0, rho)
     return jnp.where(fin, rho, -jnp.inf), fin
 
 
@@ -40,7 +37,7 @@ def _update_radius(opts, radius, rho, pnorm, on_boundary):
     grow = (rho > 0.75) & on_boundary
     return jnp.where(
         shrink,
-        0.25 * pnorm,
+        0.25 * radius,
         jnp.where(grow, jnp.minimum(2 * radius, opts["max_radius"]), radius),
     )
 
@@ -154,8 +151,15 @@ def steihaug_cg(hvp, g, radius, rtol, maxiter) -> Steihaug:
         return i + 1, z_new, r_new, d_new, m_new, leave, done
 
     zero = jnp.zeros_like(g)
-    init = (jnp.asarray(0, jnp.int32), zero, g, -g, jnp.zeros((), dtype), jnp.asarray(False),
-            jnp.linalg.norm(g) <= rtol)
+    init = (
+        jnp.asarray(0, jnp.int32),
+        zero,
+        g,
+        -g,
+        jnp.zeros((), dtype),
+        jnp.asarray(False),
+        jnp.linalg.norm(g) <= rtol,
+    )
     i, z, _, _, m, boundary, _ = jax.lax.while_loop(cond, body, init)
     return Steihaug(p=z, model_decrease=-m, on_boundary=boundary, num_iters=i)
 

@@ -116,8 +116,13 @@ def test_indefinite_hessian_never_gives_an_ascent_step(method):
     values = np.asarray(hist.value[: k + 1])
     accepted = np.asarray(hist.accepted[1 : k + 1])
     trials = np.asarray(hist.trial_value[1 : k + 1])
-    assert np.all(np.diff(values) <= 0)
-    assert np.all(trials[accepted] <= values[:-1][accepted])
+    # Values never rise, except by rounding error once the predicted decrease is below it.
+    rounding = 64 * np.finfo(np.float64).eps * np.abs(values[:-1])
+    assert np.all(np.diff(values) <= rounding)
+    assert np.all(trials[accepted] <= (values[:-1] + rounding)[accepted])
+    # Before the rounding regime every accepted step strictly decreases the value.
+    big = np.abs(np.diff(values)) > 1e-12
+    assert np.all(np.diff(values)[big] < 0)
     assert bool(sol.success), status_message(sol.status)
     np.testing.assert_allclose(float(sol.value), -0.25, rtol=1e-12)
     np.testing.assert_allclose(np.abs(np.asarray(sol.x)), [0.0, 0.5**0.5], atol=1e-8)
