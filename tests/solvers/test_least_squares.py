@@ -76,7 +76,9 @@ def test_minimize_rejects_a_residual_vector():
 
 
 def test_least_squares_rejects_a_scalar():
-    with pytest.raises(ValueError, match="residual_fn must return a vector of residuals.*minimize"):
+    with pytest.raises(
+        ValueError, match=r"residual_fn must return a vector of residuals.*use minimize"
+    ):
         least_squares(lambda x: jnp.sum(x**2), jnp.zeros(2))
 
 
