@@ -317,3 +317,179 @@ def test_discovery_flax_nnx_and_inside_remat():
         ("['w1']", True),
         ("['w2']", False),
     }
+
+
+def _factors_of(opt, params, value_fn):
+    """One exact-Fisher K-FAC update from a fresh state; the new state's factors."""
+    _, state = opt.update(jax.grad(value_fn)(params), opt.init(params), params, value_fn=value_fn)
+    return state.factors
+
+
+def _exact_opt():
+    return scale_by_kfac(
+        learning_rate=1.0, fisher="exact", stats_decay=0.0, stats_dtype=jnp.float64
+    )
+
+
+def test_explicit_dense_tags_give_the_discovered_layers_and_factors(capsys):
+    x = jax.random.normal(jax.random.PRNGKey(0), (10, 4))
+    y = jnp.arange(10) % 3
+    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+    p = {"w1": jax.random.normal(k1, (4, 6)), "b1": jnp.zeros(6),
+         "w2": jax.random.normal(k2, (3, 6))}  # fmt: skip  (w2 stored [out, in])
+
+    def loss(p, x, y, tag):
+        h = x @ p["w1"] + p["b1"]
+        h = jaxopt2.tag_dense(h, x, p["w1"], p["b1"]) if tag else h
+        z = jnp.tanh(h)
+        logits = z @ p["w2"].T
+        logits = jaxopt2.tag_dense(logits, z, p["w2"]) if tag else logits
+        logits = jaxopt2.tag_loss("softmax_cross_entropy", logits, y)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    found = kfac_layers(lambda p, x, y: loss(p, x, y, False), p, x, y)
+    tagged = kfac_layers(lambda p, x, y: loss(p, x, y, True), p, x, y)
+    key = lambda d: [(l.name, l.bias, l.weight_perm, l.in_features, l.out_features)
+                     for l in d.layers]  # fmt: skip
+    assert key(found) == key(tagged)
+    assert all(layer.tagged for layer in tagged.layers)
+    assert "(tagged)" in capsys.readouterr().out
+    f_found = _factors_of(_exact_opt(), p, lambda q: loss(q, x, y, False))
+    f_tagged = _factors_of(_exact_opt(), p, lambda q: loss(q, x, y, True))
+    for a, b in zip(jax.tree.leaves(f_found), jax.tree.leaves(f_tagged), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_tied_weight_tagged_at_each_use_gathers_both_uses():
+    """A weight applied twice (a two-step linear recurrence h2 = (x W) W), tagged at each use:
+    A and G are the naive sums over the two uses' rows (A: mean over all rows; G: summed
+    over uses, mean over examples)."""
+    n, d = 12, 3
+    x, y = _data(n=n, d_in=d, d_out=d, seed=3)
+    w = jax.random.normal(jax.random.PRNGKey(4), (d, d)) / 2
+
+    def loss(p, x, y):
+        h1 = jaxopt2.tag_dense(x @ p["w"], x, p["w"], layout="in_out")
+        h2 = jaxopt2.tag_dense(h1 @ p["w"], h1, p["w"], layout="in_out")
+        out = jaxopt2.tag_loss("squared_error", h2, y)
+        return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, -1))
+
+    untagged = _mse_loss(lambda p, x: (x @ p["w"]) @ p["w"])
+    with pytest.raises(ValueError, match=r"parameter \['w'\] is the weight of 2 products"):
+        kfac_layers(untagged, {"w": w}, x, y)
+    f_in, f_out = _factors_of(_exact_opt(), {"w": w}, lambda p: loss(p, x, y))[0]
+    xs, ws = np.asarray(x), np.asarray(w)
+    h1 = xs @ ws
+    a_ref = (xs.T @ xs + h1.T @ h1) / (2 * n)
+    # ∂f/∂s for the first use's output s1 = x W: f = s1 W, so J = Wᵀ; for the second, I.
+    g_ref = ws.T.T @ ws.T + np.eye(d)  # Σ_uses J Jᵀ (the output Fisher of ½‖·‖² is I)
+    np.testing.assert_allclose(f_in[:d, :d], a_ref, rtol=1e-10)
+    np.testing.assert_allclose(f_out[:d, :d], g_ref, rtol=1e-10)
+
+
+def test_tag_shape_errors_name_the_problem():
+    x, w = jnp.ones((5, 4)), jnp.ones((4, 3))
+    with pytest.raises(ValueError, match=r"tag_dense: a weight of shape \(4, 3\) does not map"):
+        jaxopt2.tag_dense(jnp.ones((5, 2)), x, w)
+    with pytest.raises(ValueError, match="tag_dense: the weight .* is square"):
+        jaxopt2.tag_dense(jnp.ones((5, 4)), x, jnp.ones((4, 4)))
+    with pytest.raises(ValueError, match=r"tag_conv2d: convolving inputs \(2, 3, 8, 8\)"):
+        jaxopt2.tag_conv2d(jnp.ones((2, 5, 8, 8)), jnp.ones((2, 3, 8, 8)), jnp.ones((5, 3, 3, 3)))
+    computed = lambda p: jaxopt2.tag_loss(
+        "squared_error", jaxopt2.tag_dense(x @ (2 * p["w"]), x, 2 * p["w"]), jnp.ones((5, 3))
+    ).mean()
+    with pytest.raises(ValueError, match="tag_dense: its weight is not a parameter"):
+        kfac_layers(lambda p: computed(p), {"w": w})
+
+
+def _naive_conv_factors(x, kernel_oihw, out_grads, pad):
+    """KFC by loops: A = mean over (example, position) of patch patchᵀ (patch: channel-major
+    [c, kh, kw] then 1); G = Σ_positions g gᵀ averaged over examples."""
+    n, c, h, wd = x.shape
+    o, _, kh, kw = kernel_oihw.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    rows, grows = [], []
+    for i in range(n):
+        for r in range(h):
+            for s in range(wd):
+                rows.append(np.concatenate([xp[i, :, r : r + kh, s : s + kw].reshape(-1), [1.0]]))
+                grows.append(out_grads[i, :, r, s])
+    rows, grows = np.array(rows), np.array(grows)
+    return rows.T @ rows / len(rows), grows.T @ grows / n
+
+
+def test_conv_layers_equinox_flax_and_tagged_match_naive_patches():
+    """An equinox Conv2d (OIHW, bias [O,1,1], vmapped) and a flax.nnx Conv (NHWC, HWIO) are
+    found; their factors equal the naive patch sums; tag_conv2d gives the same factors."""
+    from flax import nnx
+
+    n, c, o, side = 3, 2, 4, 5
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, c, side, side))
+    y = jax.random.normal(jax.random.PRNGKey(1), (n, o * side * side))
+    conv = eqx.nn.Conv2d(c, o, 3, padding=1, key=jax.random.PRNGKey(2), dtype=jnp.float64)
+    params, static = eqx.partition(conv, eqx.is_array)
+
+    def eqx_out(p, x):
+        return jax.vmap(eqx.combine(p, static))(x).reshape(x.shape[0], -1)
+
+    eqx_loss = _mse_loss(eqx_out)
+    disc = kfac_layers(eqx_loss, params, x, y)
+    (layer,) = disc.layers
+    assert (layer.kind, layer.in_features, layer.out_features) == ("conv2d", c * 9, o)
+    assert disc.leaf_names[layer.bias] == ".bias"
+    value_fn = lambda p: eqx_loss(p, x, y)
+    opt = scale_by_kfac(learning_rate=1.0, fisher="empirical", stats_decay=0.0,
+                        stats_dtype=jnp.float64)  # fmt: skip
+    _, state = opt.update(jax.grad(value_fn)(params), opt.init(params), params, value_fn=value_fn)
+    f_a, f_g = state.factors[layer.weight]
+    # Output gradients of the per-example loss (empirical Fisher: true targets): f − y.
+    out = np.asarray(eqx_out(params, x))
+    g = (out - np.asarray(y)).reshape(n, o, side, side)
+    a_ref, g_ref = _naive_conv_factors(np.asarray(x), np.asarray(params.weight), g, 1)
+    np.testing.assert_allclose(f_a[: c * 9 + 1, : c * 9 + 1], a_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(f_g[:o, :o], g_ref, rtol=1e-10, atol=1e-12)
+
+    # The same convolution tagged explicitly (NCHW/OIHW, SAME padding): identical factors.
+    def tagged_out(p, x):
+        s = jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME")
+        s = s + p["b"][:, None, None]
+        s = jaxopt2.tag_conv2d(s, x, p["k"], p["b"], padding="SAME")
+        return s.reshape(x.shape[0], -1)
+
+    tp = {"b": params.bias.reshape(-1), "k": params.weight}
+    tagged_loss = _mse_loss(tagged_out)
+    assert kfac_layers(tagged_loss, tp, x, y).layers[0].tagged
+    tv = lambda p: tagged_loss(p, x, y)
+    _, ts = opt.update(jax.grad(tv)(tp), opt.init(tp), tp, value_fn=tv)
+    for a, b in zip(jax.tree.leaves(state.factors), jax.tree.leaves(ts.factors), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(c, o, (3, 3), padding="SAME", rngs=rngs)
+
+        def __call__(self, x):  # x: NHWC
+            return self.conv(x).reshape(x.shape[0], -1)
+
+    graphdef, nparams = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+    nnx_loss = _mse_loss(lambda p, x: nnx.merge(graphdef, p)(x))
+    (nl,) = kfac_layers(nnx_loss, nparams, jnp.transpose(x, (0, 2, 3, 1)), y).layers
+    assert (nl.kind, nl.in_features, nl.out_features, nl.bias is not None) == (
+        "conv2d", c * 9, o, True,
+    )  # fmt: skip
+
+
+def test_dense_over_sequences_sums_statistics_over_time():
+    """Inputs [batch, time, features]: A is the mean over (batch, time) rows; G sums over time
+    and averages over the batch (the same convention as image positions)."""
+    b, t, d, k = 4, 5, 3, 2
+    x = jax.random.normal(jax.random.PRNGKey(0), (b, t, d))
+    y = jax.random.normal(jax.random.PRNGKey(1), (b, t * k))
+    w = jax.random.normal(jax.random.PRNGKey(2), (d, k))
+    loss = _mse_loss(lambda p, x: (x @ p["w"]).reshape(x.shape[0], -1))
+    (layer,) = kfac_layers(loss, {"w": w}, x, y).layers
+    assert (layer.in_features, layer.out_features) == (d, k)
+    f_a, f_g = _factors_of(_exact_opt(), {"w": w}, lambda p: loss(p, x, y))[0]
+    rows = np.asarray(x).reshape(-1, d)
+    np.testing.assert_allclose(f_a[:d, :d], rows.T @ rows / (b * t), rtol=1e-10)
+    np.testing.assert_allclose(f_g[:k, :k], t * np.eye(k), rtol=1e-10)  # J = I per time step

@@ -24,8 +24,9 @@ preconditioned diagonally by the optimizer.
 Factor slots follow from parameter shapes alone (``init`` sees nothing else): a rank-2 leaf
 ``[d0, d1]`` gets factors of sizes ``d0 + 1`` and ``d1 + 1`` (either axis may be the input; the
 ``+ 1`` is the bias's homogeneous coordinate); a rank-4 kernel gets ``in·kh·kw + 1`` and
-``out``, its spatial axes taken to be the pair with the smaller product (OIHW as equinox and
-``jax.lax`` lay kernels out, or HWIO as flax does).
+``out``, laid out OIHW (equinox, ``jax.lax``) or HWIO (flax): the window is the pair of axes
+of equal sizes (a square window), else the pair with the smaller product; where shapes cannot
+tell, both layouts fit.
 """
 
 from __future__ import annotations
@@ -56,9 +57,14 @@ def factor_sizes(shape: tuple[int, ...]) -> tuple[int, int] | None:
         return shape[0] + 1, shape[1] + 1
     if len(shape) == 4:
         d0, d1, d2, d3 = shape
-        if d2 * d3 <= d0 * d1:  # OIHW
-            return d1 * d2 * d3 + 1, d0
-        return d0 * d1 * d2 + 1, d3  # HWIO
+        oihw, hwio = (d1 * d2 * d3 + 1, d0), (d0 * d1 * d2 + 1, d3)
+        if d2 == d3 and d0 != d1:  # a square window last
+            return oihw
+        if d0 == d1 and d2 != d3:  # a square window first
+            return hwio
+        if d2 * d3 != d0 * d1:  # the window is the pair with the smaller product
+            return oihw if d2 * d3 < d0 * d1 else hwio
+        return max(oihw[0], hwio[0]), max(oihw[1], hwio[1])  # undecidable: room for both
     return None
 
 
