@@ -479,17 +479,24 @@ def test_conv_layers_equinox_flax_and_tagged_match_naive_patches():
     )  # fmt: skip
 
 
-def test_dense_over_sequences_sums_statistics_over_time():
-    """Inputs [batch, time, features]: A is the mean over (batch, time) rows; G sums over time
-    and averages over the batch (the same convention as image positions)."""
-    b, t, d, k = 4, 5, 3, 2
-    x = jax.random.normal(jax.random.PRNGKey(0), (b, t, d))
-    y = jax.random.normal(jax.random.PRNGKey(1), (b, t * k))
-    w = jax.random.normal(jax.random.PRNGKey(2), (d, k))
-    loss = _mse_loss(lambda p, x: (x @ p["w"]).reshape(x.shape[0], -1))
-    (layer,) = kfac_layers(loss, {"w": w}, x, y).layers
-    assert (layer.in_features, layer.out_features) == (d, k)
-    f_a, f_g = _factors_of(_exact_opt(), {"w": w}, lambda p: loss(p, x, y))[0]
-    rows = np.asarray(x).reshape(-1, d)
-    np.testing.assert_allclose(f_a[:d, :d], rows.T @ rows / (b * t), rtol=1e-10)
-    np.testing.assert_allclose(f_g[:k, :k], t * np.eye(k), rtol=1e-10)  # J = I per time step
+def test_norm_constraint_caps_the_fisher_norm_of_the_step():
+    x, y = _data()
+    loss_fn = _mse_loss(lambda p, x: x @ p["w"])
+    p = {"w": jnp.ones((4, 3))}
+    value_fn = lambda q: loss_fn(q, x, y)
+    g = jax.grad(value_fn)(p)
+    lr = 0.5
+
+    def step(**kw):
+        opt = kfac(lr, fisher="exact", **kw)
+        u, _ = opt.update(g, opt.init(p), p, value_fn=value_fn)
+        return u["w"]
+
+    free = step()
+    direction = -free / lr  # the preconditioned gradient Δ
+    sq = lr**2 * abs(float(jnp.sum(direction * g["w"])))
+    capped = step(norm_constraint=sq / 4)  # binding: the step halves
+    np.testing.assert_allclose(capped, free / 2, rtol=1e-5)
+    np.testing.assert_allclose(step(norm_constraint=4 * sq), free, rtol=1e-6)  # not binding
+    with pytest.raises(ValueError, match="norm_constraint needs a learning rate"):
+        kfac(norm_constraint=1e-3)

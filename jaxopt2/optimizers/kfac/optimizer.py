@@ -209,6 +209,7 @@ def scale_by_kfac(
     damping_adaptation_interval: int = 5,
     damping_adaptation_decay: float = 0.95**5,
     min_damping: float = 1e-8,
+    norm_constraint: float | None = None,
     seed: int = 0,
     stats_dtype: Any = jnp.float32,
 ) -> optax.GradientTransformationExtraArgs:
@@ -216,8 +217,9 @@ def scale_by_kfac(
 
     Args:
       learning_rate: None: adaptive (the step from the quadratic model, signed; see the module
-        docstring); a number: return the preconditioned gradient for the usual optax chain
-        (the number itself is applied by :func:`kfac`).
+        docstring); a number or schedule: return the preconditioned gradient for the usual
+        optax chain (the rate itself is applied by :func:`kfac`; here it only sizes
+        `norm_constraint`).
       momentum: adaptive mode only: None solves for ``μ`` too; a number fixes it.
       damping: initial λ (Tikhonov), added as ``π√λ`` / ``√λ/π`` to the factors and as ``λ``
         to the diagonal Fisher and the quadratic model.
@@ -230,6 +232,10 @@ def scale_by_kfac(
       damping_adaptation_interval: steps between λ updates (static).
       damping_adaptation_decay: λ is multiplied (ρ > 3/4) or divided (ρ < 1/4) by this.
       min_damping: floor of λ.
+      norm_constraint: with a learning rate ``η``: scale the direction ``Δ`` down so that
+        ``η² |Δ·∇| ≤ norm_constraint`` (the step's approximate squared Fisher norm; a trust
+        region against early, badly estimated factors). Not for the adaptive mode, whose step
+        the quadratic model already sizes.
       seed: seed of the fallback key.
       stats_dtype: dtype of factors, inverses and moments (static).
     """
@@ -242,6 +248,13 @@ def scale_by_kfac(
     if momentum is not None:
         check_hyperparameter(momentum, "momentum", low=0.0, high=1.0, high_inclusive=False)
     adaptive = learning_rate is None
+    if norm_constraint is not None:
+        if adaptive:
+            raise ValueError(
+                "kfac: norm_constraint needs a learning rate; the adaptive step "
+                "(learning_rate=None) is already sized by the quadratic model."
+            )
+        check_hyperparameter(norm_constraint, "norm_constraint", low=0.0, low_inclusive=False)
 
     def init_fn(params):
         def factor_pair(p):
@@ -399,6 +412,11 @@ def scale_by_kfac(
                 direction[layer.bias] = pre[-1].reshape(grads[layer.bias].shape)
 
         if not adaptive:
+            if norm_constraint is not None:
+                lr = learning_rate(t) if callable(learning_rate) else learning_rate
+                sq = lr**2 * jnp.abs(sum(jnp.sum(d * g) for d, g in zip(direction, grads)))
+                coeff = jnp.minimum(1.0, jnp.sqrt(norm_constraint / jnp.maximum(sq, 1e-30)))
+                direction = [coeff * d for d in direction]
             new_updates = [
                 d.astype(g.dtype) for d, g in zip(direction, jax.tree.leaves(updates), strict=True)
             ]
@@ -505,6 +523,7 @@ def kfac(
     invert_every: int = 5,
     fisher: str = "sampled",
     adapt_damping: bool = True,
+    norm_constraint: float | None = None,
     weight_decay: float = 0.0,
     seed: int = 0,
     stats_dtype: Any = jnp.float32,
@@ -536,13 +555,14 @@ def kfac(
     """
     check_hyperparameter(weight_decay, "weight_decay", low=0.0)
     inner = scale_by_kfac(
-        learning_rate=None if learning_rate is None else 1.0,
+        learning_rate=learning_rate,
         momentum=momentum if learning_rate is None else None,
         damping=damping,
         stats_decay=stats_decay,
         invert_every=invert_every,
         fisher=fisher,
         adapt_damping=adapt_damping,
+        norm_constraint=norm_constraint,
         seed=seed,
         stats_dtype=stats_dtype,
     )
