@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt2.solvers import solution as sol
-from jaxopt2.solvers._core import Method, StepOut, eps, finite, refresh, within_rounding
+from jaxopt2.solvers._core import Method, StepOut, eps, finite, measured_decrease, refresh
 from jaxopt2.solvers._subproblems import cubic_subproblem
 
 CUBIC_OPTIONS = {"sigma": 1.0, "sigma_min": 1e-10, "eta1": 0.1, "eta2": 0.9, "gamma": 2.0}
@@ -52,9 +52,9 @@ def _build(opts: dict, lazy: bool) -> Method:
         z = x + sub.p
         fz, gz = obj.value_and_grad(z)
         fin = finite(fz, gz)
-        rho = jnp.where(pred > 0, (f - fz) / jnp.where(pred > 0, pred, 1), -jnp.inf)
-        noisy = within_rounding(obj, f, fz, g, gz, pred)
-        rho = jnp.where(fin, jnp.where(noisy, 1.0, rho), -jnp.inf)
+        actual = measured_decrease(obj, f, fz, g, gz, sub.p, pred)
+        rho = jnp.where(pred > 0, actual / jnp.where(pred > 0, pred, 1), -jnp.inf)
+        rho = jnp.where(fin, rho, -jnp.inf)
         accepted = rho >= opts["eta1"]
         sigma_new = jnp.where(
             rho >= opts["eta2"],

@@ -23,10 +23,10 @@ from jaxopt2.solvers._core import (
     default_tol,
     eps,
     finite,
+    measured_decrease,
     refresh,
     run,
     take_options,
-    within_rounding,
 )
 from jaxopt2.solvers.implicit import dense_solve, solve_with_implicit_diff
 
@@ -134,9 +134,9 @@ def levenberg_marquardt(opts: dict) -> Method:
         z = x + h
         fz, gz = obj.value_and_grad(z)
         fin = finite(fz, gz)
-        rho = jnp.where(pred > 0, (f - fz) / jnp.where(pred > 0, pred, 1), -jnp.inf)
-        noisy = within_rounding(obj, f, fz, g, gz, pred)
-        rho = jnp.where(fin, jnp.where(noisy, 1.0, rho), -jnp.inf)
+        actual = measured_decrease(obj, f, fz, g, gz, h, pred)
+        rho = jnp.where(pred > 0, actual / jnp.where(pred > 0, pred, 1), -jnp.inf)
+        rho = jnp.where(fin, rho, -jnp.inf)
         accepted = rho > 0
         factor = jnp.maximum(1 / 3, 1 - (2 * jnp.where(accepted, rho, 0) - 1) ** 3)
         mu_new = jnp.where(accepted, mu * factor, mu * st.nu)

@@ -54,9 +54,10 @@ def minimize(
     `max_steps` iterations, or when the method cannot make progress (see
     :data:`~jaxopt2.solvers.STATUS`). A trial point with a non-finite value or gradient is
     never accepted: the solution is always the last finite iterate. Every method takes only
-    steps that decrease ``f``, indefinite Hessians included; once the predicted decrease is
-    below the rounding error of ``f`` (``64 eps |f|``), a step is taken if it reduces
-    ``‖∇f‖`` without raising ``f`` by more than that rounding error.
+    steps that decrease ``f``, indefinite Hessians included. Once the predicted decrease is
+    below ``√eps · |f|``, where differences of values are mostly rounding error, the
+    decrease is measured from gradients instead, ``-½(∇f(x) + ∇f(x+p))ᵀp`` (Hager-Zhang's
+    approximate Armijo condition), and the value may then move by rounding error.
 
     Methods (all use exact second derivatives from jax; "dense" ones form the ``n × n``
     Hessian of the flattened variables with ``jax.hessian``):

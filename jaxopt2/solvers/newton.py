@@ -19,7 +19,7 @@ from jaxopt2.solvers._core import (
     cho_solve,
     damped_cholesky,
     finite,
-    within_rounding,
+    measured_decrease,
 )
 
 NEWTON_OPTIONS = {"c1": 1e-4, "max_backtracks": 40}
@@ -133,11 +133,11 @@ def damped_newton(opts: dict) -> Method:
             fz, gz = obj.value_and_grad(z)
             model = f - alpha * gdec**2 + 0.5 * (alpha * gdec) ** 2 + lip / 6 * (alpha * gdec) ** 3
             fin = finite(fz, gz)
-            noisy = within_rounding(obj, f, fz, g, gz, alpha * gdec**2)
+            decrease = measured_decrease(obj, f, fz, g, gz, -alpha * n, alpha * gdec**2)
             if fixed:
-                ok = fin & ((fz <= f) | noisy)
+                ok = fin & (decrease >= 0)
             else:
-                ok = fin & ((fz <= model) | noisy)
+                ok = fin & (decrease >= f - model)
             return z, fz, gz, alpha, ok, fin
 
         if fixed:

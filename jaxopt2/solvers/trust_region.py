@@ -16,19 +16,19 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt2.solvers import solution as sol
-from jaxopt2.solvers._core import Method, StepOut, eps, finite, refresh, within_rounding
+from jaxopt2.solvers._core import Method, StepOut, eps, finite, measured_decrease, refresh
 from jaxopt2.solvers._subproblems import trust_region_subproblem
 
 TRUST_REGION_OPTIONS = {"initial_radius": 1.0, "max_radius": 1000.0, "eta": 0.15}
 NEWTON_CG_OPTIONS = {**TRUST_REGION_OPTIONS, "cg_maxiter": None}
 
 
-def _ratio(obj, f, g, pred, fz, gz):
-    """Actual over predicted decrease; 1 when the step passes :func:`within_rounding`;
-    -inf for a non-finite trial."""
+def _ratio(obj, f, g, p, pred, fz, gz):
+    """Measured over predicted decrease (see :func:`measured_decrease`); -inf for a
+    non-finite trial."""
     fin = finite(fz, gz)
-    rho = jnp.where(pred > 0, (f - fz) / jnp.where(pred > 0, pred, 1), -jnp.inf)
-    rho = jnp.where(within_rounding(obj, f, fz, g, gz, pred), 1.0, rho)
+    actual = measured_decrease(obj, f, fz, g, gz, p, pred)
+    rho = jnp.where(pred > 0, actual / jnp.where(pred > 0, pred, 1), -jnp.inf)
     return jnp.where(fin, rho, -jnp.inf), fin
 
 
@@ -80,7 +80,7 @@ def trust_region(opts: dict) -> Method:
         sub = trust_region_subproblem(w, v, g, st.radius)
         z = x + sub.p
         fz, gz = obj.value_and_grad(z)
-        rho, fin = _ratio(obj, f, g, sub.model_decrease, fz, gz)
+        rho, fin = _ratio(obj, f, g, sub.p, sub.model_decrease, fz, gz)
         accepted = rho > opts["eta"]
         radius = _update_radius(opts, st.radius, rho, jnp.linalg.norm(sub.p), sub.on_boundary)
         return StepOut(
@@ -189,7 +189,7 @@ def newton_cg(opts: dict) -> Method:
         sub = steihaug_cg(obj.hvp_operator(x), g, st.radius, rtol, maxiter)
         z = x + sub.p
         fz, gz = obj.value_and_grad(z)
-        rho, fin = _ratio(obj, f, g, sub.model_decrease, fz, gz)
+        rho, fin = _ratio(obj, f, g, sub.p, sub.model_decrease, fz, gz)
         accepted = rho > opts["eta"]
         radius = _update_radius(opts, st.radius, rho, jnp.linalg.norm(sub.p), sub.on_boundary)
         return StepOut(

@@ -178,3 +178,17 @@ def test_pytree_variables_and_float32_default_tolerance():
     assert sol.x["a"].dtype == jnp.float32 and sol.value.dtype == jnp.float32
     assert bool(sol.success) and float(sol.grad_norm) <= 1e-5
     np.testing.assert_allclose([sol.x["a"], sol.x["b"][0]], [1.0, 1.0], atol=1e-4)
+
+
+@pytest.mark.parametrize("cond", [1e4, 1e6])
+@pytest.mark.parametrize("method", MINIMIZE_METHODS)
+def test_ill_conditioned_quadratic(method, cond):
+    # f sums terms ~cond·‖x‖² that cancel: value differences are rounding error long before
+    # ‖∇f‖ reaches 1e-8 (newton_cg once stalled here at 3e-7).
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((20, 20)))
+    h = (q * np.geomspace(1.0, cond, 20)) @ q.T
+    b = rng.standard_normal(20)
+    sol = minimize(lambda x: 0.5 * x @ h @ x - b @ x, jnp.zeros(20), method=method)
+    assert bool(sol.success), status_message(sol.status)
+    np.testing.assert_allclose(sol.x, np.linalg.solve(h, b), rtol=1e-6, atol=1e-7)
