@@ -6,7 +6,7 @@ are pure functions of matrix-free products. Importing jaxopt2 initializes no jax
 (Unrelated to the deprecated ``google/jaxopt`` package.)
 """
 
-from jaxopt2 import curvature, linalg, optimizers
+from jaxopt2 import curvature, linalg, optimizers, solvers
 from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround
 from jaxopt2.curvature.tags import tag_loss
 from jaxopt2.optimizers import (
@@ -34,10 +34,12 @@ from jaxopt2.optimizers import (
     tag_dense,
     value_and_update,
 )
+from jaxopt2.solvers import Solution, least_squares, minimize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Solution",
     "__version__",
     "adafactor",
     "adagrad",
@@ -49,8 +51,10 @@ __all__ = [
     "kfac",
     "kfac_layers",
     "lamb",
+    "least_squares",
     "linalg",
     "lion",
+    "minimize",
     "muon",
     "nadam",
     "optimizers",
@@ -63,6 +67,7 @@ __all__ = [
     "sgd",
     "shampoo",
     "soap",
+    "solvers",
     "tag_conv2d",
     "tag_dense",
     "tag_loss",
