@@ -234,7 +234,7 @@ _HANG_CHECK = textwrap.dedent(
         out = jaxopt2.tag_loss("squared_error", h, x)
         return 0.5 * jnp.mean(jnp.sum((out - x) ** 2, axis=-1))
 
-    opt = kfac(invert_every=1)
+    opt = kfac(invert_every=1, ekfac=EKFAC)
     x = jax.random.normal(jax.random.PRNGKey(1), (128, 64))
 
     @jax.jit
@@ -251,8 +251,10 @@ _HANG_CHECK = textwrap.dedent(
 )
 
 
-def test_jitted_inverse_refresh_does_not_hang_without_the_xla_flag():
-    for out in run_without_xla_flag(_HANG_CHECK, "a jitted K-FAC inverse refresh"):
+@pytest.mark.parametrize("ekfac", [False, True], ids=["inverses", "ekfac_eigenbases"])
+def test_jitted_inverse_refresh_does_not_hang_without_the_xla_flag(ekfac):
+    code = f"EKFAC = {ekfac}\n" + _HANG_CHECK
+    for out in run_without_xla_flag(code, f"a jitted K-FAC refresh (ekfac={ekfac})"):
         assert "finished 0" in out
 
 
@@ -500,3 +502,77 @@ def test_norm_constraint_caps_the_fisher_norm_of_the_step():
     np.testing.assert_allclose(step(norm_constraint=4 * sq), free, rtol=1e-6)  # not binding
     with pytest.raises(ValueError, match="norm_constraint needs a learning rate"):
         kfac(norm_constraint=1e-3)
+
+
+def _ekfac_reference(loss_per_example, params, x, y, state, leaf_names):
+    """Naive EKFAC scaling and direction from per-example gradients (jax.grad per example),
+    eigenbases by numpy from the state's factors."""
+    out = {}
+    grads_n = jax.vmap(lambda xn, yn: jax.grad(loss_per_example)(params, xn[None], yn[None]))(x, y)
+    for w_name, b_name, leaf in leaf_names:
+        gw = np.asarray(grads_n[w_name], np.float64)  # [n, in, out]
+        if b_name is not None:
+            gw = np.concatenate([gw, np.asarray(grads_n[b_name], np.float64)[:, None, :]], 1)
+        ka, kg = gw.shape[1:]
+        f_a, f_g = (np.asarray(f, np.float64) for f in state.factors[leaf])
+        qa = np.linalg.eigh(f_a[:ka, :ka])[1]
+        qg = np.linalg.eigh(f_g[:kg, :kg])[1]
+        out[w_name] = (qa, qg, np.mean((qa.T @ gw @ qg) ** 2, axis=0))
+    return out
+
+
+@pytest.mark.parametrize("sequence", [False, True], ids=["rows", "sequence"])
+def test_ekfac_scaling_and_direction_match_per_example_gradients(sequence):
+    """Empirical Fisher, no EMA: the EKFAC scaling equals E_n[(Q_Aᵀ ∇_n Q_G)²] from per-example
+    gradients (jax.grad per example, summed over time steps for sequences), and the direction
+    is Q_A ((Q_Aᵀ ∇ Q_G) / (s + λ)) Q_Gᵀ."""
+    n, d, h, k, t = 12, 3, 5, 2, 4
+    shape_x = (n, t, d) if sequence else (n, d)
+    x = jax.random.normal(jax.random.PRNGKey(0), shape_x)
+    y = jax.random.normal(jax.random.PRNGKey(1), (*shape_x[:-1], k))
+    k1, k2 = jax.random.split(jax.random.PRNGKey(2))
+    params = {"w1": jax.random.normal(k1, (d, h)), "b1": 0.1 * jnp.ones(h),
+              "w2": jax.random.normal(k2, (h, k)) / 2}  # fmt: skip
+
+    def per_example_sum(p, x, y):  # Σ over examples (and time) of ½‖f − y‖²
+        out = jaxopt2.tag_loss("squared_error", jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"], y)
+        return 0.5 * jnp.sum((out - y) ** 2)
+
+    loss = lambda p, x, y: per_example_sum(p, x, y) / x.shape[0]
+    lam = 0.1
+    opt = scale_by_kfac(learning_rate=1.0, fisher="empirical", stats_decay=0.0, damping=lam,
+                        ekfac=True, stats_dtype=jnp.float64)  # fmt: skip
+    value_fn = lambda p: loss(p, x, y)
+    grads = jax.grad(value_fn)(params)
+    direction, state = opt.update(grads, opt.init(params), params, value_fn=value_fn)
+    leaves = {name: i for i, name in enumerate(sorted(params))}  # dict leaves are key-sorted
+    ref = _ekfac_reference(
+        per_example_sum, params, x, y, state,
+        [("w1", "b1", leaves["w1"]), ("w2", None, leaves["w2"])],
+    )  # fmt: skip
+    for w_name, b_name in (("w1", "b1"), ("w2", None)):
+        qa, qg, s_ref = ref[w_name]
+        ka, kg = s_ref.shape
+        np.testing.assert_allclose(
+            state.scaling[leaves[w_name]][:ka, :kg], s_ref, rtol=1e-8, atol=1e-12, err_msg=w_name
+        )
+        v = np.asarray(grads[w_name], np.float64)
+        if b_name is not None:
+            v = np.concatenate([v, np.asarray(grads[b_name])[None]], 0)
+        pre = qa @ ((qa.T @ v @ qg) / (s_ref + lam)) @ qg.T
+        np.testing.assert_allclose(direction[w_name], pre[: v.shape[0] - (b_name is not None)],
+                                   rtol=1e-7, atol=1e-10, err_msg=w_name)  # fmt: skip
+        if b_name is not None:
+            np.testing.assert_allclose(direction[b_name], pre[-1], rtol=1e-7, atol=1e-10)
+
+
+def test_ekfac_converges_on_the_tagged_mlp_regression():
+    """kfac(ekfac=True), from the registry, meets the zoo criterion on the tagged MLP
+    regression in the steps K-FAC's own row uses."""
+    from tests.optimizers import cases, zoo
+
+    problem = zoo.mlp_regression()
+    opt = jaxopt2.registry.get("kfac").factory(ekfac=True)
+    f_final, _, _, state = cases.run_scan(opt, problem, cases.CASES["kfac"].zoo["mlp_regression"].steps)
+    assert problem.converged(float(f_final)), problem.rel_gap(float(f_final))
+    assert int(state.num_failed_inverses) == 0 and int(state.num_nonfinite) == 0

@@ -54,6 +54,7 @@ from jaxopt2.curvature.products import (
 from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers import registry
 from jaxopt2.optimizers.contract import require_value_fn, resolve_key
+from jaxopt2.optimizers.kfac import factors as fx
 from jaxopt2.optimizers.kfac.layers import Discovery, discover, factor_sizes
 
 __all__ = ["ScaleByKfacState", "kfac", "kfac_layers", "scale_by_kfac"]
@@ -70,7 +71,10 @@ class ScaleByKfacState(NamedTuple):
         :func:`~jaxopt2.optimizers.kfac.layers.factor_sizes` gives (one holds ``A`` and the
         other ``G`` once discovery says which leaves are layers; unused ones stay zero), None
         for other leaves. EMAs in ``stats_dtype``.
-      inverses: the damped inverses of ``factors`` (same layout).
+      inverses: the damped inverses of ``factors`` (same layout); with ``ekfac=True`` the
+        factors' eigenvectors instead (in the slots' top-left corners).
+      scaling: ``ekfac=True`` only: per layer leaf the ``[size_A, size_G]`` EMA of the
+        squared per-example gradients in the eigenbasis (None otherwise).
       diag: EMA of the sampled Fisher's diagonal, like the parameters.
       damping: the current λ.
       prev_update: the previous step ``δ`` (adaptive mode).
@@ -83,6 +87,7 @@ class ScaleByKfacState(NamedTuple):
     count: jax.Array
     factors: tuple
     inverses: tuple
+    scaling: tuple
     diag: Any
     damping: jax.Array
     prev_update: Any
@@ -134,33 +139,6 @@ def _output_fisher_sqrt(loss: str, outputs: jax.Array) -> jax.Array:
     return s[..., None] * eye - p[..., :, None] * s[..., None, :]
 
 
-def _sequential_inverses(mats: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
-    """Inverses of SPD matrices, one batched Cholesky per size, the batches in sequence."""
-    by_size: dict[int, list[int]] = {}
-    for i, m in enumerate(mats):
-        by_size.setdefault(m.shape[-1], []).append(i)
-    out: list[Any] = [None] * len(mats)
-    oks: list[Any] = [None] * len(mats)
-    previous: Any = None
-    for size, idx in sorted(by_size.items()):
-        stack = jnp.stack([mats[i] for i in idx])
-        if previous is not None:
-            # A data dependency on the previous batch's result (0, or NaN if that result is
-            # NaN), so the batches cannot run concurrently. Two batched LAPACK calls at once
-            # deadlock jax 0.10's CPU thread pool; lax.optimization_barrier does not prevent
-            # it there (seen: potrf and trsm of different batches blocked together).
-            dep = jnp.minimum(jnp.abs(previous[0, 0, 0]), 0.0)
-            stack = stack + jnp.where(jnp.isnan(dep), 0.0, dep).astype(stack.dtype)
-        chol = jnp.linalg.cholesky(stack)
-        eye = jnp.broadcast_to(jnp.eye(size, dtype=stack.dtype), stack.shape)
-        inv = jax.scipy.linalg.cho_solve((chol, True), eye)
-        ok = jnp.all(jnp.isfinite(inv), axis=(-2, -1))
-        previous = inv
-        for j, i in enumerate(idx):
-            out[i], oks[i] = inv[j], ok[j]
-    return out, oks
-
-
 def _discover(value_fn, params) -> tuple[Any, Discovery]:
     closed = jax.make_jaxpr(value_fn)(params)
     paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(params), strict=True)
@@ -210,6 +188,7 @@ def scale_by_kfac(
     damping_adaptation_decay: float = 0.95**5,
     min_damping: float = 1e-8,
     norm_constraint: float | None = None,
+    ekfac: bool = False,
     seed: int = 0,
     stats_dtype: Any = jnp.float32,
 ) -> optax.GradientTransformationExtraArgs:
@@ -236,6 +215,12 @@ def scale_by_kfac(
         ``η² |Δ·∇| ≤ norm_constraint`` (the step's approximate squared Fisher norm; a trust
         region against early, badly estimated factors). Not for the adaptive mode, whose step
         the quadratic model already sizes.
+      ekfac: EKFAC (George et al., 2018) instead of K-FAC's inverses: every `invert_every`
+        steps the factors' eigenbases ``Q_A``, ``Q_G``; every step an EMA (``stats_decay``) of
+        the squared per-example gradients in that basis, ``s = E[(Q_Aᵀ ∇_n Q_G)²]``, reset to
+        K-FAC's eigenvalue products at each refresh; direction
+        ``Q_A ((Q_Aᵀ ∇ Q_G) / (s + λ)) Q_Gᵀ`` (Tikhonov damping in the eigenbasis) (static).
+        Per-example gradients assume the example axis is the first row axis.
       seed: seed of the fallback key.
       stats_dtype: dtype of factors, inverses and moments (static).
     """
@@ -268,11 +253,17 @@ def scale_by_kfac(
             None if f is None else tuple(jnp.eye(x.shape[0], dtype=stats_dtype) for x in f)
             for f in factors
         )
+        scaling = tuple(
+            None if f is None or not ekfac
+            else jnp.zeros((f[0].shape[0], f[1].shape[0]), stats_dtype)
+            for f in factors
+        )  # fmt: skip
         zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), stats_dtype), params)
         return ScaleByKfacState(
             count=jnp.zeros([], jnp.int32),
             factors=factors,
             inverses=inverses,
+            scaling=scaling,
             diag=zeros,
             damping=jnp.asarray(damping, stats_dtype),
             prev_update=zeros,
@@ -325,8 +316,10 @@ def scale_by_kfac(
         new_factors = list(state.factors)
         units = disc.units
         index = {layer.path: i for i, layer in enumerate(disc.layers)}
+        unit_rows: dict[int, list[tuple[jax.Array, jax.Array]]] = {}
         for leaf, uses in units.items():
             sum_a, rows_a, sum_g = 0.0, 0, 0.0
+            unit_rows[leaf] = []
             for layer in uses:
                 i = index[layer.path]
                 a, _ = layer.rows(inputs[i], out_grads[i][0])
@@ -337,13 +330,14 @@ def scale_by_kfac(
                 # One [M, out] block per output-Fisher column (one unless fisher="exact").
                 g = jax.vmap(lambda og, layer=layer, i=i: layer.rows(inputs[i], og)[1])(
                     out_grads[i]
-                )
-                g = g.reshape(-1, g.shape[-1]).astype(stats_dtype)
+                ).astype(stats_dtype)  # [columns, M, out]
+                unit_rows[leaf].append((a, g))
+                g = g.reshape(-1, g.shape[-1])
                 sum_g = sum_g + kr.mm(g.T, g)
             pair = list(new_factors[leaf])
             sa = uses[0].a_slot
-            pair[sa] = _ema_into(pair[sa], sum_a / rows_a, decay)
-            pair[1 - sa] = _ema_into(pair[1 - sa], sum_g / n, decay)
+            pair[sa] = fx.ema_into(pair[sa], sum_a / rows_a, decay)
+            pair[1 - sa] = fx.ema_into(pair[1 - sa], sum_g / n, decay)
             new_factors[leaf] = tuple(pair)
         diag_sample = [jnp.sum(jnp.square(g), axis=0) / n for g in leaf_grads]
         diag = treedef.unflatten(
@@ -361,13 +355,21 @@ def scale_by_kfac(
         lam = state.damping
         correction = 1.0 - decay ** (t + 1).astype(stats_dtype)
 
-        def refresh(inverses, failed):
+        heads = [uses[0] for uses in units.values()]
+        corner = lambda layer: (layer.in_features + (layer.bias is not None), layer.out_features)
+
+        def refresh(inverses, scaling, failed):
             mats, slots = [], []
-            for layer in (uses[0] for uses in units.values()):
+            for layer in heads:
                 sa = layer.a_slot
                 fa = factors[layer.weight][sa] / correction
                 fg = factors[layer.weight][1 - sa] / correction
                 dim_a = layer.in_features + (layer.bias is not None)
+                if ekfac:  # eigenbases of the used corners
+                    ka, kg = corner(layer)
+                    mats += [fa[:ka, :ka], fg[:kg, :kg]]
+                    slots += [(layer.weight, sa), (layer.weight, 1 - sa)]
+                    continue
                 pi = jnp.sqrt(
                     (jnp.trace(fa) / dim_a) / jnp.maximum(jnp.trace(fg) / layer.out_features, 1e-30)
                 )
@@ -376,20 +378,50 @@ def scale_by_kfac(
                                        (fg, jnp.sqrt(lam) / pi, 1 - sa)):  # fmt: skip
                     mats.append(f + gamma * jnp.eye(f.shape[0], dtype=f.dtype))
                     slots.append((layer.weight, axis))
-            invs, oks = _sequential_inverses(mats)
             new = [list(x) if x is not None else None for x in inverses]
-            for (leaf, axis), inv, ok in zip(slots, invs, oks, strict=True):
-                new[leaf][axis] = jnp.where(ok, inv, inverses[leaf][axis])
-                failed = failed + (~ok).astype(jnp.int32)
-            return tuple(None if x is None else tuple(x) for x in new), failed
+            new_scaling = list(scaling)
+            if not ekfac:
+                for (leaf, axis), (inv, ok) in zip(slots, fx.inverses(mats), strict=True):
+                    new[leaf][axis] = jnp.where(ok, inv, inverses[leaf][axis])
+                    failed = failed + (~ok).astype(jnp.int32)
+            else:
+                bases = fx.eigenbases(mats)
+                for j, layer in enumerate(heads):
+                    (qa, wa, oka), (qg, wg, okg) = bases[2 * j], bases[2 * j + 1]
+                    ok = oka & okg
+                    leaf, sa = layer.weight, layer.a_slot
+                    for q, axis in ((qa, sa), (qg, 1 - sa)):
+                        slot = inverses[leaf][axis]
+                        placed = jnp.zeros_like(slot).at[: q.shape[0], : q.shape[1]].set(q)
+                        new[leaf][axis] = jnp.where(ok, placed, slot)
+                    # K-FAC's eigenvalues in the new basis start the EMA of the scaling.
+                    s0 = jnp.outer(jnp.maximum(wa, 0.0), jnp.maximum(wg, 0.0))
+                    placed = jnp.zeros_like(scaling[leaf]).at[: s0.shape[0], : s0.shape[1]].set(s0)
+                    new_scaling[leaf] = jnp.where(ok, placed, scaling[leaf])
+                    failed = failed + (~oka).astype(jnp.int32) + (~okg).astype(jnp.int32)
+            return tuple(None if x is None else tuple(x) for x in new), tuple(new_scaling), failed
 
-        inverses, failed = jax.lax.cond(
+        inverses, scaling, failed = jax.lax.cond(
             (t % invert_every == 0) & finite,
             refresh,
-            lambda inv, f: (inv, f),
+            lambda inv, sc, f: (inv, sc, f),
             state.inverses,
+            state.scaling,
             state.num_failed_inverses,
         )
+        if ekfac:  # the per-step EMA of the squared per-example gradients in the eigenbasis
+            n_examples = outputs.shape[0]
+            new_scaling = list(scaling)
+            for layer in heads:
+                leaf, sa = layer.weight, layer.a_slot
+                ka, kg = corner(layer)
+                qa = inverses[leaf][sa][:ka, :ka]
+                qg = inverses[leaf][1 - sa][:kg, :kg]
+                s_t = _ekfac_scaling(unit_rows[leaf], qa, qg, n_examples, layer)
+                old = scaling[leaf]
+                pad = jnp.zeros_like(old).at[:ka, :kg].set(s_t)
+                new_scaling[leaf] = jnp.where(finite, decay * old + (1 - decay) * pad, old)
+            scaling = tuple(new_scaling)
 
         # --- the preconditioned gradient -----------------------------------------------------
         direction = list(grads)
@@ -398,14 +430,19 @@ def scale_by_kfac(
         for i in range(len(leaves)):
             if i not in in_layer:
                 direction[i] = grads[i] / (diag_hat[i] + lam)
-        for layer in (uses[0] for uses in units.values()):
+        for layer in heads:
             v = layer.to_matrix(grads[layer.weight])
             if layer.bias is not None:
                 v = jnp.concatenate([v, grads[layer.bias].reshape(1, -1)], axis=0)
             sa = layer.a_slot
-            inv_a = inverses[layer.weight][sa][: v.shape[0], : v.shape[0]]
-            inv_g = inverses[layer.weight][1 - sa][: v.shape[1], : v.shape[1]]
-            pre = kr.mm(kr.mm(inv_a, v), inv_g)
+            m_a = inverses[layer.weight][sa][: v.shape[0], : v.shape[0]]
+            m_g = inverses[layer.weight][1 - sa][: v.shape[1], : v.shape[1]]
+            if ekfac:  # m_a, m_g are the eigenbases
+                s_hat = scaling[layer.weight][: v.shape[0], : v.shape[1]]
+                rotated = kr.mm(kr.mm(m_a.T, v), m_g) / (s_hat + lam)
+                pre = kr.mm(kr.mm(m_a, rotated), m_g.T)
+            else:
+                pre = kr.mm(kr.mm(m_a, v), m_g)
             shape = grads[layer.weight].shape
             direction[layer.weight] = layer.from_matrix(pre[: layer.in_features], shape)
             if layer.bias is not None:
@@ -424,6 +461,7 @@ def scale_by_kfac(
                 count=optax.safe_increment(t),
                 factors=factors,
                 inverses=inverses,
+                scaling=scaling,
                 diag=diag,
                 key=next_key,
                 num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
@@ -488,6 +526,7 @@ def scale_by_kfac(
             count=optax.safe_increment(t),
             factors=factors,
             inverses=inverses,
+            scaling=scaling,
             diag=diag,
             damping=jnp.asarray(lam_new, stats_dtype),
             prev_update=treedef.unflatten([x.astype(stats_dtype) for x in step]),
@@ -501,11 +540,27 @@ def scale_by_kfac(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _ema_into(slot: jax.Array, stat: jax.Array, decay: Any) -> jax.Array:
-    """EMA of `stat` into the top-left corner of `slot` (the rest stays zero)."""
-    k = stat.shape[0]
-    padded = jnp.zeros_like(slot).at[:k, :k].set(stat.astype(slot.dtype))
-    return decay * slot + (1 - decay) * padded
+def _ekfac_scaling(rows, qa, qg, n, layer) -> jax.Array:
+    """``E_n[(Q_Aᵀ ∇_n Q_G)²]`` from a layer's rows: per-example gradients ``Σ_rows a gᵀ``
+    over the example's rows (positions, time steps, tied uses), summed over output-Fisher
+    columns."""
+    if len(rows) == 1 and rows[0][0].shape[0] == n:  # one row per example: no outer products
+        a, g = rows[0]
+        a2 = jnp.square(kr.mm(a, qa))
+        g2 = jnp.sum(jnp.square(jnp.einsum("cmo,op->cmp", g, qg, precision="highest")), axis=0)
+        return kr.mm(a2.T, g2) / n
+    total = 0.0
+    for a, g in rows:
+        if a.shape[0] % n:
+            raise ValueError(
+                f"ekfac: layer {layer.name} has {a.shape[0]} rows for {n} examples; per-example "
+                "gradients need the example axis to lead the layer's row axes."
+            )
+        ta = kr.mm(a, qa).reshape(n, -1, qa.shape[1])
+        tg = jnp.einsum("cmo,op->cmp", g, qg, precision="highest")
+        tg = tg.reshape(g.shape[0], n, -1, qg.shape[1])
+        total = total + jnp.einsum("nti,cnto->cnio", ta, tg, precision="highest")
+    return jnp.mean(jnp.sum(jnp.square(total), axis=0), axis=0)
 
 
 def _layer_eqns(closed, disc: Discovery) -> list[Any]:
@@ -524,6 +579,7 @@ def kfac(
     fisher: str = "sampled",
     adapt_damping: bool = True,
     norm_constraint: float | None = None,
+    ekfac: bool = False,
     weight_decay: float = 0.0,
     seed: int = 0,
     stats_dtype: Any = jnp.float32,
@@ -563,6 +619,7 @@ def kfac(
         fisher=fisher,
         adapt_damping=adapt_damping,
         norm_constraint=norm_constraint,
+        ekfac=ekfac,
         seed=seed,
         stats_dtype=stats_dtype,
     )
@@ -585,5 +642,5 @@ registry.register(
     kfac,
     needs_value_fn=True,
     needs_key=True,
-    static_args=("invert_every", "fisher", "adapt_damping", "seed", "stats_dtype"),
+    static_args=("invert_every", "fisher", "adapt_damping", "ekfac", "seed", "stats_dtype"),
 )
