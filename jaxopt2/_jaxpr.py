@@ -4,10 +4,11 @@
 a ``hook(eqn, invals)`` may replace an equation's outputs (record an input, add a
 perturbation to a layer's output, stop at the loss tag). Equations that hold sub-jaxprs
 (``pjit``, ``closed_call``, ``remat``, ``custom_jvp_call``, ``custom_vjp_call``) are entered
-and evaluated with the same hook when :func:`contains` says an equation of interest is
-inside; otherwise they are bound as they are. Equations are identified by the path of
-equation indices from the top jaxpr (a tuple of ints), stable across retraces of the same
-function.
+and evaluated with the same hook when ``enter(path)`` says an equation of interest is
+inside; otherwise they are bound as they are. A ``scan`` that must be entered is unrolled:
+its body is evaluated once per iteration (the hook sees the same body equation ``length``
+times, in iteration order). Equations are identified by the path of equation indices from
+the top jaxpr (a tuple of ints), stable across retraces of the same function.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ _INLINE = {
 
 
 def inner_jaxpr(eqn: core.JaxprEqn) -> core.Jaxpr | None:
-    """The body of a call-like equation that :func:`evaluate` can enter, or None."""
+    """The body of a call-like equation or a ``scan`` that :func:`evaluate` can enter."""
+    if eqn.primitive.name == "scan":
+        return eqn.params["jaxpr"].jaxpr
     key = _INLINE.get(eqn.primitive.name)
     if key is None or key not in eqn.params:
         return None
@@ -46,8 +49,37 @@ def inner_jaxpr(eqn: core.JaxprEqn) -> core.Jaxpr | None:
 
 
 def _consts(eqn: core.JaxprEqn) -> Sequence[Any]:
-    sub = eqn.params[_INLINE[eqn.primitive.name]]
+    name = eqn.primitive.name
+    sub = eqn.params["jaxpr" if name == "scan" else _INLINE[name]]
     return sub.consts if isinstance(sub, core.ClosedJaxpr) else ()
+
+
+def _unrolled_scan(eqn, invals, hook, enter, path) -> list[Any]:
+    """A ``scan`` evaluated iteration by iteration with the hook (its outputs stacked)."""
+    import jax.numpy as jnp
+
+    p = eqn.params
+    n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
+    body = p["jaxpr"]
+    consts, carry, xs = (
+        invals[:n_consts],
+        invals[n_consts : n_consts + n_carry],
+        invals[n_consts + n_carry :],
+    )
+    ys: list[list[Any]] = []
+    order = range(length - 1, -1, -1) if p["reverse"] else range(length)
+    for t in order:
+        outs = evaluate(
+            body.jaxpr, body.consts, [*consts, *carry, *(x[t] for x in xs)], hook, enter, path
+        )
+        carry, y = outs[:n_carry], outs[n_carry:]
+        ys.append(y)
+    if p["reverse"]:
+        ys.reverse()
+    stacked = [jnp.stack(col) for col in zip(*ys, strict=True)] if ys and ys[0] else []
+    if not ys:  # length 0: the outputs' shapes from the equation
+        stacked = [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.outvars[n_carry:]]
+    return [*carry, *stacked]
 
 
 def walk(jaxpr: core.Jaxpr, path: EqnPath = ()):
@@ -87,7 +119,9 @@ def evaluate(
         outvals = hook(here, eqn, invals)
         if outvals is None:
             sub = inner_jaxpr(eqn)
-            if sub is not None and enter(here):
+            if sub is not None and enter(here) and eqn.primitive.name == "scan":
+                outvals = _unrolled_scan(eqn, invals, hook, enter, here)
+            elif sub is not None and enter(here):
                 outvals = evaluate(sub, _consts(eqn), invals, hook, enter, here)
             else:
                 params = eqn.primitive.get_bind_params(eqn.params)

@@ -103,6 +103,16 @@ def find_loss_tag(jaxpr: core.Jaxpr) -> tuple[_jaxpr.EqnPath, core.JaxprEqn]:
             f"value_fn has {len(found)} tagged losses; curvature methods need exactly one "
             "(sum several heads into one tagged output, or tag only the main loss)."
         )
+    path = found[0][0]
+    body = jaxpr
+    for i in path[:-1]:
+        eqn = body.eqns[i]
+        if eqn.primitive.name == "scan":
+            raise ValueError(
+                "tag_loss is inside a lax.scan body: tag the stacked outputs after the scan "
+                "(one tagged loss for the whole batch)."
+            )
+        body = _jaxpr.inner_jaxpr(eqn)
     return found[0]
 
 

@@ -576,3 +576,60 @@ def test_ekfac_converges_on_the_tagged_mlp_regression():
     f_final, _, _, state = cases.run_scan(opt, problem, cases.CASES["kfac"].zoo["mlp_regression"].steps)
     assert problem.converged(float(f_final)), problem.rel_gap(float(f_final))
     assert int(state.num_failed_inverses) == 0 and int(state.num_nonfinite) == 0
+
+
+def test_layers_inside_lax_scan_gather_every_iteration(capsys):
+    """An RNN cell inside lax.scan (weights closed over by the body) is found, and its factors
+    equal those of the same network unrolled in Python with each use tagged (tied weights);
+    a weight sliced from a stacked parameter (scan over layers) stays diagonal."""
+    n, t, d, h, k = 6, 4, 3, 5, 2
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, t, d))
+    y = jax.random.normal(jax.random.PRNGKey(1), (n, k))
+    ks = jax.random.split(jax.random.PRNGKey(2), 3)
+    p = {"w": jax.random.normal(ks[0], (d, h)) / 2, "u": jax.random.normal(ks[1], (h, h)) / 3,
+         "b": 0.1 * jnp.ones(h), "v": jax.random.normal(ks[2], (h, k)) / 2}  # fmt: skip
+
+    def scanned(p, x):
+        def cell(hs, xt):
+            hs = jnp.tanh(xt @ p["w"] + hs @ p["u"] + p["b"])
+            return hs, None
+
+        hs, _ = jax.lax.scan(cell, jnp.zeros((x.shape[0], h)), jnp.swapaxes(x, 0, 1))
+        return hs @ p["v"]
+
+    def unrolled(p, x):
+        hs = jnp.zeros((x.shape[0], h))
+        for i in range(t):
+            xw = jaxopt2.tag_dense(x[:, i] @ p["w"], x[:, i], p["w"])
+            hu = jaxopt2.tag_dense(hs @ p["u"], hs, p["u"], layout="in_out")
+            hs = jnp.tanh(xw + hu + p["b"])
+        return hs @ p["v"]
+
+    scan_loss, loop_loss = _mse_loss(scanned), _mse_loss(unrolled)
+    disc = kfac_layers(scan_loss, p, x, y)
+    assert {(l.name, l.calls) for l in disc.layers} == {("['w']", t), ("['u']", t), ("['v']", 1)}
+    assert "4 scan iterations" in capsys.readouterr().out
+    f_scan = _factors_of(_exact_opt(), p, lambda q: scan_loss(q, x, y))
+    f_loop = _factors_of(_exact_opt(), p, lambda q: loop_loss(q, x, y))
+    for a, b in zip(jax.tree.leaves(f_scan), jax.tree.leaves(f_loop), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+    def over_layers(p, x):  # two stacked layers: each iteration a slice of p["ws"]
+        hs, _ = jax.lax.scan(lambda hs, w: (jnp.tanh(hs @ w), None), x, p["ws"])
+        return hs @ p["v"]
+
+    q = {"ws": jnp.ones((2, d, d)) / d, "v": jnp.ones((d, k))}
+    stacked = kfac_layers(_mse_loss(over_layers), q, x[:, 0], y)
+    assert [layer.name for layer in stacked.layers] == ["['v']"]
+
+
+def test_loss_tag_inside_a_scan_is_refused():
+    def loss(p, xs):
+        def body(c, x):
+            out = jaxopt2.tag_loss("squared_error", x @ p["w"], x[:, :2])
+            return c + jnp.sum(out), None
+
+        return jax.lax.scan(body, 0.0, xs)[0]
+
+    with pytest.raises(ValueError, match="tag_loss is inside a lax.scan body"):
+        kfac_layers(loss, {"w": jnp.ones((3, 2))}, jnp.ones((4, 5, 3)))

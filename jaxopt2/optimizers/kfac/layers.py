@@ -11,6 +11,12 @@ added (after broadcasting) to that product's output. This finds the layers of pl
 functions (``x @ w + b``), equinox models (``jax.vmap(eqx.nn.Linear)``, ``eqx.nn.Conv2d``) and
 flax.nnx models (``nnx.Linear``, ``nnx.Conv``) without any change to the model.
 
+Loops. Inside ``lax.scan`` (entered through nested calls too), a weight the body closes over
+(a loop invariant: an RNN cell, a layer applied at every step) is one layer whose statistics
+gather every iteration, like the rows of a sequence; the curvature pass unrolls the loop. A
+weight sliced from a stacked parameter (``xs``: scan over layers) is not a layer and gets the
+diagonal preconditioner.
+
 Tags. :func:`jaxopt2.tag_dense` and :func:`jaxopt2.tag_conv2d` (module :mod:`.tags`) name a
 layer explicitly and override discovery for their weight. A weight in two discovered products
 (tied weights, a layer applied twice) is refused with a message naming it; tagged at each use,
@@ -85,6 +91,8 @@ class Layer:
       op: what :meth:`rows` needs: ``("dot", contracted input axis, weight operand)`` for a
         discovered dense layer, ``("conv", ConvSpec, filter shape)`` for a convolution, None
         for a tagged dense layer.
+      calls: how many times the equation runs per evaluation (the product of the lengths of
+        the ``lax.scan`` loops around it; 1 outside loops).
     """
 
     name: str
@@ -98,6 +106,7 @@ class Layer:
     in_features: int
     out_features: int
     op: Any
+    calls: int = 1
 
     @property
     def in_axis(self) -> int:
@@ -184,6 +193,7 @@ class Discovery:
                 size = f"{layer.in_features} -> {layer.out_features}"
             how = "tagged" if layer.tagged else "found"
             how += f", {len(uses)} uses" if len(uses) > 1 else ""
+            how += f", {layer.calls} scan iterations" if layer.calls > 1 else ""
             lines.append(f"{layer.kind} {layer.name}: {size}{bias} ({how})")
         rest = [n for i, n in enumerate(self.leaf_names) if i not in self.layer_leaves]
         if rest:
@@ -214,7 +224,7 @@ def discover(
     loss_path, loss_eqn = find_loss_tag(closed.jaxpr)
     found: list[dict[str, Any]] = []
 
-    def visit(jaxpr: core.Jaxpr, env: dict, prefix: _jaxpr.EqnPath) -> None:
+    def visit(jaxpr: core.Jaxpr, env: dict, prefix: _jaxpr.EqnPath, calls: int) -> None:
         get = lambda v: None if isinstance(v, core.Literal) else env.get(v)
         for i, eqn in enumerate(jaxpr.eqns):
             here = (*prefix, i)
@@ -223,7 +233,12 @@ def discover(
             out = eqn.outvars[0] if eqn.outvars else None
             sub = _jaxpr.inner_jaxpr(eqn)
             if sub is not None:
-                visit(sub, {sv: x for sv, x in zip(sub.invars, ins, strict=True) if x}, here)
+                repeat = 1
+                if name == "scan":  # only loop invariants keep their meaning in the body
+                    ins = [x if j < eqn.params["num_consts"] else None for j, x in enumerate(ins)]
+                    repeat = eqn.params["length"]
+                sub_env = {sv: x for sv, x in zip(sub.invars, ins, strict=True) if x}
+                visit(sub, sub_env, here, calls * repeat)
                 continue
             layer = None
             if eqn.primitive is layer_tag_p:
@@ -234,6 +249,7 @@ def discover(
                 layer = _conv(eqn, ins, leaf_shapes)
             if layer is not None:
                 layer["path"] = here
+                layer["calls"] = calls
                 found.append(layer)
                 env[out] = _Out(len(found) - 1)
             elif name in _LAYOUT and ins[0] is not None:
@@ -266,7 +282,7 @@ def discover(
     env0 = {
         v: _Param(i, tuple(range(len(leaf_shapes[i])))) for i, v in enumerate(closed.jaxpr.invars)
     }
-    visit(closed.jaxpr, env0, ())
+    visit(closed.jaxpr, env0, (), 1)
     layers = _resolve([Layer(name=names[f["weight"]], **f) for f in found], names, leaf_shapes)
     return Discovery(layers, loss_eqn.params["loss"], loss_path, names)
 

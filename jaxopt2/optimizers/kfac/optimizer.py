@@ -98,10 +98,11 @@ class ScaleByKfacState(NamedTuple):
 
 
 def _trace(closed, leaves, eps, discovery: Discovery):
-    """Evaluate ``value_fn``'s jaxpr with layer outputs perturbed by ``eps``; return the tagged
-    outputs and ``(layer inputs, targets, value)``."""
+    """Evaluate ``value_fn``'s jaxpr with layer outputs perturbed by ``eps`` (per layer, one
+    perturbation per call: ``[calls, *output shape]``); return the tagged outputs and
+    ``(layer inputs, one per call; targets, value)``."""
     by_path = {layer.path: i for i, layer in enumerate(discovery.layers)}
-    inputs: list[Any] = [None] * len(discovery.layers)
+    inputs: list[list[Any]] = [[] for _ in discovery.layers]
     tag: list[Any] = []
 
     def hook(here, eqn, invals):
@@ -112,12 +113,13 @@ def _trace(closed, leaves, eps, discovery: Discovery):
         if i is None:
             return None
         layer = discovery.layers[i]
-        inputs[i] = invals[layer.input_index]
+        call = len(inputs[i])  # scan bodies are unrolled: the same equation once per iteration
+        inputs[i].append(invals[layer.input_index])
         if layer.tagged:  # the tag's first input is the layer's output
             out = invals[0]
         else:
             out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-        return [out + eps[i]]
+        return [out + eps[i][call]]
 
     interesting = [*by_path, discovery.loss_path]
     enter = lambda here: any(p[: len(here)] == here for p in interesting)
@@ -158,7 +160,7 @@ def kfac_layers(loss_fn: Callable[..., jax.Array], params: Any, *batch: Any) -> 
 
     closed, disc = _discover(lambda p: loss_fn(p, *batch), params)
     leaves = jax.tree.leaves(params)
-    eps = [jnp.zeros(()) for _ in disc.layers]
+    eps = [jnp.zeros((layer.calls,)) for layer in disc.layers]
     outputs, (_, targets, value) = _trace(closed, leaves, eps, disc)
     tagged = output_loss(disc.loss, outputs, targets)
     gap = float(value) - float(tagged)
@@ -296,7 +298,10 @@ def scale_by_kfac(
         layer_eqns = _layer_eqns(closed, disc)
         # Perturbations of the layer outputs, in the outputs' own dtypes.
         eps_avals = [e.outvars[0].aval for e in layer_eqns]
-        zero_eps = lambda: [jnp.zeros(a.shape, a.dtype) for a in eps_avals]
+        zero_eps = lambda: [
+            jnp.zeros((layer.calls, *a.shape), a.dtype)
+            for layer, a in zip(disc.layers, eps_avals, strict=True)
+        ]
         eps0 = zero_eps()
         fwd = lambda lv, eps: _trace(closed, lv, eps, disc)
         outputs, vjp_fn, (inputs, targets, value) = jax.vjp(fwd, leaves, eps0, has_aux=True)
@@ -322,16 +327,21 @@ def scale_by_kfac(
             unit_rows[leaf] = []
             for layer in uses:
                 i = index[layer.path]
-                a, _ = layer.rows(inputs[i], out_grads[i][0])
-                a = a.astype(stats_dtype)
+                xs = jnp.stack(inputs[i])  # [calls, ...]: one entry per call (scan iteration)
+                a = jax.vmap(lambda x, og, layer=layer: layer.rows(x, og)[0])(
+                    xs, out_grads[i][0]
+                ).astype(stats_dtype)
                 if layer.bias is not None:
-                    a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
+                    a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
+                # One [M, out] block per call and output-Fisher column (one unless "exact").
+                g = jax.vmap(
+                    jax.vmap(lambda x, og, layer=layer: layer.rows(x, og)[1], in_axes=(0, 0)),
+                    in_axes=(None, 0),
+                )(xs, out_grads[i]).astype(stats_dtype)  # [columns, calls, M, out]
+                for c in range(layer.calls):
+                    unit_rows[leaf].append((a[c], g[:, c]))
+                a = a.reshape(-1, a.shape[-1])
                 sum_a, rows_a = sum_a + kr.mm(a.T, a), rows_a + a.shape[0]
-                # One [M, out] block per output-Fisher column (one unless fisher="exact").
-                g = jax.vmap(lambda og, layer=layer, i=i: layer.rows(inputs[i], og)[1])(
-                    out_grads[i]
-                ).astype(stats_dtype)  # [columns, M, out]
-                unit_rows[leaf].append((a, g))
                 g = g.reshape(-1, g.shape[-1])
                 sum_g = sum_g + kr.mm(g.T, g)
             pair = list(new_factors[leaf])
