@@ -98,26 +98,34 @@ def run_timed(
     *,
     loss_every: int = 25,
     step_fn: Callable[..., Any] | None = None,
+    task: Any = None,
 ) -> dict[str, Any]:
     """Train from ``inputs`` with `optimizer` under the protocol of the module docstring.
 
-    ``step_fn(optimizer, params, state, xb, step) -> (params, state, loss)`` replaces the
+    ``step_fn(optimizer, params, state, batch, step) -> (params, state, loss)`` replaces the
     default step (gradient, ``optimizer.update(grads, state, params)``, apply) when given;
-    ``step`` is the traced int32 step number (for per-step PRNG keys).
+    ``step`` is the traced int32 step number (for per-step PRNG keys). ``task`` is the task
+    module (this one by default; ``digits_cnn`` has the same functions): its
+    ``load_inputs(path) -> (params, data, batch_idx)`` and ``loss_fn(params, batch)``, a batch
+    being the rows ``idx`` of every array of ``data``.
     """
-    params_np, x_np, batch_idx = load_inputs(inputs)
+    import sys
+
+    task = task or sys.modules[__name__]
+    params_np, x_np, batch_idx = task.load_inputs(inputs)
     steps = int(batch_idx.shape[0])
 
     def default_step(opt, params, state, xb, step):
         del step
-        loss, grads = jax.value_and_grad(loss_fn)(params, xb)
+        loss, grads = jax.value_and_grad(task.loss_fn)(params, xb)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
     inner = step_fn or default_step
 
     def train_step(params, state, x_train, idx, step):
-        return inner(optimizer, params, state, x_train[idx], step)
+        batch = jax.tree.map(lambda d: d[idx], x_train)
+        return inner(optimizer, params, state, batch, step)
 
     params = jax.device_put(params_np)
     x_train = jax.device_put(x_np)
@@ -129,7 +137,7 @@ def run_timed(
     t0 = time.perf_counter()
     step = jax.jit(train_step).lower(params, state, x_train, idx[0], step_no[0]).compile()
     compile_s = time.perf_counter() - t0
-    full_loss = jax.jit(loss_fn).lower(params, x_train).compile()
+    full_loss = jax.jit(task.loss_fn).lower(params, x_train).compile()
 
     times, losses = [], []
     for t in range(steps):

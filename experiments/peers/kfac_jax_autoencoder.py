@@ -1,9 +1,12 @@
-"""DeepMind's kfac-jax training the digits autoencoder, run in its own environment.
+"""DeepMind's kfac-jax training the digits autoencoder (or CNN), run in its own environment.
 
 Usage (with the interpreter of experiments/results/peer_envs/kfac, see setup_kfac_peer.sh):
 
     python experiments/peers/kfac_jax_autoencoder.py --inputs IN.npz --out OUT.json \
-        [--loss-every 25]
+        [--loss-every 25] [--task autoencoder|cnn]
+
+With ``--task cnn`` the task is experiments/digits_cnn.py's (softmax cross-entropy registered
+on its logits, two conv layers and one dense layer); everything below holds the same way.
 
 IN.npz is written by experiments/digits_autoencoder.py (weights, training rows, per-step
 batch indices); the task and the model (its ``load_inputs``, ``forward`` and ``loss_fn``) are
@@ -67,7 +70,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import digits_autoencoder as task  # noqa: E402
+import digits_autoencoder  # noqa: E402
+import digits_cnn  # noqa: E402
+
+task = digits_autoencoder  # the task module; main() switches it for --task cnn
 
 PACKAGES = (
     "jax",
@@ -94,7 +100,7 @@ SET_ARGUMENTS = {
     "use_adaptive_damping": True,
     "initial_damping": 1.0,
     "num_burnin_steps": 0,
-    "batch_process_func": "lambda b: b[0][b[1]] (gathers the batch rows inside the step)",
+    "batch_process_func": "gathers the batch rows of every data array inside the step",
 }
 # The defaults that shape this run most (all defaults are listed under settings.defaults).
 KEY_DEFAULTS = (
@@ -154,14 +160,19 @@ def value_fn(params, batch):
     kfac_jax's registration assumes ``weight * sum(sigmoid_ce) / batch_size``, i.e. summed over
     the pixels and averaged over the rows, which is loss_fn's normalization (weight 1).
     """
+    if task is digits_cnn:
+        x, y = batch
+        logits = task.forward(params, x)
+        kfac_jax.register_softmax_cross_entropy_loss(logits, y)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     logits = task.forward(params, batch)
     kfac_jax.register_sigmoid_cross_entropy_loss(logits, batch)
     return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, batch), axis=-1))
 
 
 def gather_batch(batch):
-    x_train, idx = batch
-    return x_train[idx]
+    data, idx = batch
+    return jax.tree.map(lambda d: d[idx], data)
 
 
 def make_optimizer() -> kfac_jax.Optimizer:
@@ -190,7 +201,7 @@ def run_timed(inputs: str, *, loss_every: int = 25) -> dict:
     keys = [jax.random.fold_in(base_key, t) for t in range(steps)]
 
     # The registered loss's value is the task's loss (checked on the first batch).
-    xb = x_train[idx[0]]
+    xb = gather_batch((x_train, idx[0]))
     ours, theirs = float(jax.jit(value_fn)(params, xb)), float(jax.jit(task.loss_fn)(params, xb))
     if not abs(ours - theirs) <= 1e-5 * max(1.0, abs(theirs)):
         raise AssertionError(f"value_fn {ours} != digits_autoencoder.loss_fn {theirs}")
@@ -200,8 +211,11 @@ def run_timed(inputs: str, *, loss_every: int = 25) -> dict:
     blocks = optimizer._estimator.blocks
     block_index = optimizer._estimator.params_block_index
     curvature_blocks = {name: type(blocks[i]).__name__ for name, i in sorted(block_index.items())}
-    if set(curvature_blocks.values()) != {"DenseTwoKroneckerFactored"}:
-        raise AssertionError(f"kfac_jax did not register six dense layers: {curvature_blocks}")
+    expected = {"DenseTwoKroneckerFactored"}
+    if task is digits_cnn:
+        expected.add("Conv2DTwoKroneckerFactored")
+    if set(curvature_blocks.values()) != expected:
+        raise AssertionError(f"kfac_jax did not register the task's layers: {curvature_blocks}")
     jax.block_until_ready((params, state, x_train, idx, keys))
 
     # The step's static flags for each step number (kfac_jax.Optimizer.step's own logic).
@@ -291,7 +305,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--inputs", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--loss-every", type=int, default=25)
+    parser.add_argument("--task", choices=("autoencoder", "cnn"), default="autoencoder")
     args = parser.parse_args(argv)
+    global task
+    task = digits_cnn if args.task == "cnn" else digits_autoencoder
 
     timed = run_timed(args.inputs, loss_every=args.loss_every)
     defaults = package_defaults()
