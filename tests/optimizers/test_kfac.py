@@ -633,3 +633,27 @@ def test_loss_tag_inside_a_scan_is_refused():
 
     with pytest.raises(ValueError, match="tag_loss is inside a lax.scan body"):
         kfac_layers(loss, {"w": jnp.ones((3, 2))}, jnp.ones((4, 5, 3)))
+
+
+def test_weight_also_used_with_the_data_elsewhere_is_refused_unless_tagged():
+    """A tied embedding: the table is gathered with token ids and reused as the output layer.
+    Parameter-only uses (an L2 term) are fine."""
+    vocab, d, n = 7, 4, 10
+    ids = jnp.arange(n) % vocab
+    emb = jax.random.normal(jax.random.PRNGKey(0), (vocab, d))
+
+    def loss(p, ids, tag):
+        h = jnp.tanh(p["emb"][ids] @ p["w"])
+        logits = h @ p["emb"].T
+        if tag:
+            logits = jaxopt2.tag_dense(logits, h, p["emb"])
+        logits = jaxopt2.tag_loss("softmax_cross_entropy", logits, ids)
+        l2 = 1e-3 * jnp.sum(p["w"] ** 2)  # parameter-only: allowed
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids).mean() + l2
+
+    p = {"emb": emb, "w": jnp.eye(d)}
+    with pytest.raises(ValueError, match=r"parameter \['emb'\] is the weight of a dense layer "
+                                         r"and is also used with the data elsewhere"):  # fmt: skip
+        kfac_layers(lambda p, ids: loss(p, ids, False), p, ids)
+    layers = kfac_layers(lambda p, ids: loss(p, ids, True), p, ids).layers
+    assert {(layer.name, layer.tagged) for layer in layers} == {("['emb']", True), ("['w']", False)}

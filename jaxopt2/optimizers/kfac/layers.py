@@ -212,6 +212,11 @@ class _Out:
     layer: int  # index into the found list
 
 
+@dataclasses.dataclass
+class _Derived:
+    leaves: frozenset[int]  # computed from these parameters alone (no data): an L2 term, ...
+
+
 def _vector_like(shape: tuple[int, ...]) -> bool:
     return len(shape) >= 1 and max(shape) == math.prod(shape)
 
@@ -223,6 +228,9 @@ def discover(
     names = tuple(jax.tree_util.keystr(p) for p in leaf_paths)
     loss_path, loss_eqn = find_loss_tag(closed.jaxpr)
     found: list[dict[str, Any]] = []
+    # parameter -> other ops that combine it with data before the loss tag (so they can shape
+    # the model's outputs; terms added to the loss after the tag, such as L2, cannot)
+    data_uses: dict[int, set[str]] = {}
 
     def visit(jaxpr: core.Jaxpr, env: dict, prefix: _jaxpr.EqnPath, calls: int) -> None:
         get = lambda v: None if isinstance(v, core.Literal) else env.get(v)
@@ -278,12 +286,44 @@ def discover(
                     ):
                         found[o.layer]["bias"] = p.leaf
                         env[out] = o
+            if layer is not None or any(v in env for v in eqn.outvars):
+                continue
+            # Any other op: parameters alone give a parameter-only value; parameters mixed
+            # with data are "other uses" (a layer weight used so is refused below).
+            leaves: set[int] = set()
+            for x in ins:
+                if isinstance(x, _Param):
+                    leaves.add(x.leaf)
+                elif isinstance(x, _Derived):
+                    leaves |= x.leaves
+            if not leaves:
+                continue
+            with_data = any(
+                not isinstance(v, core.Literal) and not isinstance(x, (_Param, _Derived))
+                for v, x in zip(eqn.invars, ins, strict=True)
+            )
+            if with_data:
+                if here < loss_path:  # paths order equations as they are evaluated
+                    for leaf in leaves:
+                        data_uses.setdefault(leaf, set()).add(name)
+            else:
+                for v in eqn.outvars:
+                    env[v] = _Derived(frozenset(leaves))
 
     env0 = {
         v: _Param(i, tuple(range(len(leaf_shapes[i])))) for i, v in enumerate(closed.jaxpr.invars)
     }
     visit(closed.jaxpr, env0, (), 1)
     layers = _resolve([Layer(name=names[f["weight"]], **f) for f in found], names, leaf_shapes)
+    for layer in layers:
+        if not layer.tagged and layer.weight in data_uses:
+            ops = ", ".join(sorted(data_uses[layer.weight]))
+            raise ValueError(
+                f"parameter {names[layer.weight]} is the weight of a {layer.kind} layer and is "
+                f"also used with the data elsewhere ({ops}: tied weights, e.g. an embedding "
+                "table reused as the output layer). K-FAC's factors would miss that use: tag "
+                "the layer use with jaxopt2.tag_dense / tag_conv2d to accept it, or untie it."
+            )
     return Discovery(layers, loss_eqn.params["loss"], loss_path, names)
 
 
