@@ -15,9 +15,13 @@ from jaxopt2.optimizers.first_order import (
     rmsprop,
     sgd,
 )
+from jaxopt2.optimizers.fosi import fosi, scale_by_fosi
 from jaxopt2.optimizers.kfac import kfac, kfac_layers, scale_by_kfac, tag_conv2d, tag_dense
+from jaxopt2.optimizers.newton import hessian_free, scale_by_hessian_free
+from jaxopt2.optimizers.oasis import oasis, scale_by_oasis
 from jaxopt2.optimizers.shampoo import scale_by_shampoo, shampoo
 from jaxopt2.optimizers.soap import scale_by_soap, soap
+from jaxopt2.optimizers.sophia import scale_by_sophia, sophia
 
 __all__ = [
     "adafactor",
@@ -25,21 +29,29 @@ __all__ = [
     "adahessian",
     "adam",
     "adamw",
+    "fosi",
+    "hessian_free",
     "kfac",
     "kfac_layers",
     "lamb",
     "lion",
     "muon",
     "nadam",
+    "oasis",
     "registry",
     "rmsprop",
     "scale_by_adahessian",
+    "scale_by_fosi",
+    "scale_by_hessian_free",
     "scale_by_kfac",
+    "scale_by_oasis",
     "scale_by_shampoo",
     "scale_by_soap",
+    "scale_by_sophia",
     "sgd",
     "shampoo",
     "soap",
+    "sophia",
     "tag_conv2d",
     "tag_dense",
     "value_and_update",

@@ -236,6 +236,58 @@ CASES: dict[str, Case] = {
             "mlp_regression": Zoo(150),
         },
     ),
+    "sophia": Case(
+        # Hutchinson estimator (the default), refreshed every 10 steps (the paper's k). Each
+        # coordinate moves by at most lr per step. GNB runs on the tagged zoo in test_sophia.py.
+        hparams={"learning_rate": 0.03},
+        zoo={
+            "quadratic": Zoo(400),
+            "rosenbrock": Zoo(800),
+            "logistic": Zoo(400),
+            "mlp": Zoo(100),
+        },
+    ),
+    "hessian_free": Case(
+        # curvature="auto": Hessian-vector products on these untagged problems, Gauss-Newton on
+        # the tagged ones (test_newton.py); the step is the CG solution (lr 1).
+        hparams={"learning_rate": 1.0},
+        # The inject check compares a jitted step with an eager one to rtol 1e-5: 16-24 float32
+        # CG iterations on this cond-50 system differ by up to ~2e-5 between the two (jit's
+        # different rounding), so that check (about the injected learning rate, not CG) takes
+        # one CG iteration, where both agree to rounding.
+        inject={"learning_rate": 1.0, "max_cg_iters": 1},
+        zoo={
+            "quadratic": Zoo(10),
+            "rosenbrock": Zoo(40),
+            "logistic": Zoo(25),
+            "mlp": Zoo(25),
+        },
+    ),
+    "oasis": Case(
+        hparams={"learning_rate": 0.2},
+        zoo={
+            "quadratic": Zoo(300),
+            "rosenbrock": Zoo(
+                4000,
+                {"learning_rate": 0.5},
+                note="the valley's Hessian is far from diagonal (as for adahessian): a "
+                "near-diagonal-Newton step (lr 0.5) gets through the bend in ~3000 steps",
+            ),
+            "logistic": Zoo(400),
+            "mlp": Zoo(200),
+        },
+    ),
+    "fosi": Case(
+        # Default base optax.adam(learning_rate); Newton on the top-5 eigenspace (of 20 on the
+        # quadratic), refreshed every 20 steps. Rosenbrock has 2 parameters: k=1.
+        hparams={"learning_rate": 0.03, "k": 5},
+        zoo={
+            "quadratic": Zoo(300),
+            "rosenbrock": Zoo(500, {"k": 1}),
+            "logistic": Zoo(200),
+            "mlp": Zoo(100),
+        },
+    ),
 }
 
 
