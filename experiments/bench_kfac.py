@@ -59,6 +59,7 @@ def worker(name: str, inputs: str, out: str, task_name: str) -> None:
     import jaxopt2
 
     jaxopt2.apply_cpu_deadlock_workaround()
+    jaxopt2.limit_lapack_threads()
     import digits_autoencoder
     import jax
     import jax.numpy as jnp

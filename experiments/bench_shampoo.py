@@ -67,6 +67,7 @@ def worker(name: str, inputs: str, out: str) -> None:
     import jaxopt2
 
     jaxopt2.apply_cpu_deadlock_workaround()
+    jaxopt2.limit_lapack_threads()
     import digits_autoencoder as task
     import optax
 

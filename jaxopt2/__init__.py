@@ -7,7 +7,7 @@ are pure functions of matrix-free products. Importing jaxopt2 initializes no jax
 """
 
 from jaxopt2 import curvature, linalg, optimizers, solvers
-from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround
+from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround, limit_lapack_threads
 from jaxopt2.curvature.tags import tag_loss
 from jaxopt2.optimizers import (
     adafactor,
@@ -62,6 +62,7 @@ __all__ = [
     "kfac_layers",
     "lamb",
     "least_squares",
+    "limit_lapack_threads",
     "linalg",
     "lion",
     "minimize",

@@ -297,9 +297,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jaxopt2`` console script; returns the exit code."""
-    from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround
+    from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround, limit_lapack_threads
 
     apply_cpu_deadlock_workaround()
+    limit_lapack_threads()
     parser = _parser()
     # Overrides may come after options (`run cfg --run-dir d steps=5`): argparse leaves such
     # positionals unparsed, so collect the KEY=VALUE ones here.

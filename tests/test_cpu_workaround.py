@@ -81,3 +81,12 @@ def test_multi_shape_eigh_refresh_does_not_hang():
         pytest.fail("a multi-shape eigh refresh hung for 120 s: the CPU deadlock is back")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "finished" in out.stdout
+
+
+def test_limit_lapack_threads_sets_one_thread_unless_the_user_chose():
+    env = {}
+    assert cw.limit_lapack_threads(env) and env == {cw.LAPACK_THREADS_VAR: "1"}
+    env = {cw.LAPACK_THREADS_VAR: "4"}
+    assert not cw.limit_lapack_threads(env) and env[cw.LAPACK_THREADS_VAR] == "4"
+    env = {"JAXOPT2_NO_CPU_WORKAROUND": "1"}
+    assert not cw.limit_lapack_threads(env) and cw.LAPACK_THREADS_VAR not in env

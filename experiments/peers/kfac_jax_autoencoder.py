@@ -47,6 +47,10 @@ import sys
 
 # XLA's concurrency-optimized CPU scheduler can deadlock programs with several eigh/matmul
 # branches; turn it off before jax loads (jaxopt2's contenders run with it too).
+# jax's CPU LAPACK runs on scipy's OpenBLAS, whose idle threads spin after each call and
+# slow the next steps on few cores: one thread, as jaxopt2's contenders run (a user's
+# setting wins).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 ).strip()
