@@ -275,13 +275,14 @@ def sophia(
       >>> import jax, jax.numpy as jnp, optax, jaxopt2
       >>> loss_fn = lambda w, a: 0.5 * jnp.sum(a * w ** 2)
       >>> a = jnp.array([1.0, 10.0, 100.0])
-      >>> opt = jaxopt2.sophia(learning_rate=0.01, update_every=1)
+      >>> # clipped steps of at most lr per coordinate: a decaying lr lets it settle
+      >>> opt = jaxopt2.sophia(optax.cosine_decay_schedule(0.05, 300), update_every=1)
       >>> w = jnp.ones(3); state = opt.init(w)
       >>> step = jax.jit(lambda w, s, k: jaxopt2.value_and_update(opt, loss_fn, w, s, a, key=k))
       >>> for i in range(300):
       ...     loss, updates, state = step(w, state, jax.random.PRNGKey(i))
       ...     w = optax.apply_updates(w, updates)
-      >>> bool(loss < 1e-3)
+      >>> bool(loss_fn(w, a) < 1e-2)  # from 55.5
       True
     """
     check_hyperparameter(weight_decay, "weight_decay", low=0.0)
