@@ -4,19 +4,21 @@
 Task: scikit-learn's 8x8 digits, pixels / 16, shuffled with ``default_rng(0)``, the first
 1437 rows, as ``[N, 8, 8, 1]`` images (NHWC) with their integer labels. Model: conv 3x3
 1 -> 16 (SAME) tanh, conv 3x3 16 -> 32 (SAME) tanh, flatten (64·32 = 2048), dense 2048 -> 10;
-kernels HWIO (the layout flax uses and kfac-jax's conv blocks require), biases per channel, initialized like PyTorch (uniform in ``±1/sqrt(fan_in)``)
-from seed 0. Loss: softmax cross-entropy with the integer labels, mean over the batch.
-Batches of 256 rows, a fresh permutation per epoch (seed 1). Imports only jax, numpy and optax
-(scikit-learn lazily), so it runs in the peers' environments too.
+kernels HWIO (the layout flax uses and kfac-jax's conv blocks require), biases per channel,
+initialized like PyTorch (uniform in ``±1/sqrt(fan_in)``) from seed 0. Loss: softmax
+cross-entropy with the integer labels, mean over the batch. Batches of 256 rows, a fresh
+permutation per epoch (seed 1). Imports only jax, numpy and optax (scikit-learn lazily), so it
+runs in the peers' environments too.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 from digits_autoencoder import BATCH, NUM_TRAIN, state_bytes  # noqa: F401  (shared protocol)
 
 CHANNELS = (1, 16, 32)
@@ -26,7 +28,7 @@ SIDE = 8
 
 def _shapes() -> dict[str, tuple[int, ...]]:
     shapes = {}
-    for i, (c_in, c_out) in enumerate(zip(CHANNELS[:-1], CHANNELS[1:], strict=True), start=1):
+    for i, (c_in, c_out) in enumerate(itertools.pairwise(CHANNELS), start=1):
         shapes[f"k{i}"] = (3, 3, c_in, c_out)
         shapes[f"b{i}"] = (c_out,)
     shapes["w"] = (CHANNELS[-1] * SIDE * SIDE, NUM_CLASSES)

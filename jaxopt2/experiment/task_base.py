@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from jaxopt2.curvature.tags import tag_loss
+
 __all__ = ["F32", "Task", "TaskSpec", "classifier_metrics", "softmax_classifier"]
 
 F32 = np.float32

@@ -177,7 +177,8 @@ def test_bad_input_is_a_clear_error():
     tied = _mse_loss(lambda p, x: (x @ p["w"]) @ p["w"].T @ p["w"])
     p3 = {"w": jnp.ones((4, 4))}
     x4 = jnp.ones((8, 4))
-    with pytest.raises(ValueError, match=r"parameter \['w'\] is the weight of 3 products \(tied weights"):
+    msg = r"parameter \['w'\] is the weight of 3 products \(tied weights"
+    with pytest.raises(ValueError, match=msg):
         opt.update(p3, opt.init(p3), p3, value_fn=lambda p: tied(p, x4, jnp.ones((8, 4))))
     with pytest.raises(ValueError, match="fisher must be one of"):
         kfac(fisher="true")
@@ -337,8 +338,11 @@ def test_explicit_dense_tags_give_the_discovered_layers_and_factors(capsys):
     x = jax.random.normal(jax.random.PRNGKey(0), (10, 4))
     y = jnp.arange(10) % 3
     k1, k2 = jax.random.split(jax.random.PRNGKey(1))
-    p = {"w1": jax.random.normal(k1, (4, 6)), "b1": jnp.zeros(6),
-         "w2": jax.random.normal(k2, (3, 6))}  # fmt: skip  (w2 stored [out, in])
+    p = {
+        "w1": jax.random.normal(k1, (4, 6)),
+        "b1": jnp.zeros(6),
+        "w2": jax.random.normal(k2, (3, 6)),
+    }  # fmt: skip  (w2 stored [out, in])
 
     def loss(p, x, y, tag):
         h = x @ p["w1"] + p["b1"]
@@ -351,8 +355,8 @@ def test_explicit_dense_tags_give_the_discovered_layers_and_factors(capsys):
 
     found = kfac_layers(lambda p, x, y: loss(p, x, y, False), p, x, y)
     tagged = kfac_layers(lambda p, x, y: loss(p, x, y, True), p, x, y)
-    key = lambda d: [(l.name, l.bias, l.weight_perm, l.in_features, l.out_features)
-                     for l in d.layers]  # fmt: skip
+    key = lambda d: [(x.name, x.bias, x.weight_perm, x.in_features, x.out_features)
+                     for x in d.layers]  # fmt: skip
     assert key(found) == key(tagged)
     assert all(layer.tagged for layer in tagged.layers)
     assert "(tagged)" in capsys.readouterr().out
@@ -393,7 +397,7 @@ def test_tag_shape_errors_name_the_problem():
     x, w = jnp.ones((5, 4)), jnp.ones((4, 3))
     with pytest.raises(ValueError, match=r"tag_dense: a weight of shape \(4, 3\) does not map"):
         jaxopt2.tag_dense(jnp.ones((5, 2)), x, w)
-    with pytest.raises(ValueError, match="tag_dense: the weight .* is square"):
+    with pytest.raises(ValueError, match=r"tag_dense: the weight .* is square"):
         jaxopt2.tag_dense(jnp.ones((5, 4)), x, jnp.ones((4, 4)))
     with pytest.raises(ValueError, match=r"tag_conv2d: convolving inputs \(2, 3, 8, 8\)"):
         jaxopt2.tag_conv2d(jnp.ones((2, 5, 8, 8)), jnp.ones((2, 3, 8, 8)), jnp.ones((5, 3, 3, 3)))
@@ -407,8 +411,8 @@ def test_tag_shape_errors_name_the_problem():
 def _naive_conv_factors(x, kernel_oihw, out_grads, pad):
     """KFC by loops: A = mean over (example, position) of patch patchᵀ (patch: channel-major
     [c, kh, kw] then 1); G = Σ_positions g gᵀ averaged over examples."""
-    n, c, h, wd = x.shape
-    o, _, kh, kw = kernel_oihw.shape
+    n, _, h, wd = x.shape
+    kh, kw = kernel_oihw.shape[2:]
     xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     rows, grows = [], []
     for i in range(n):
@@ -573,7 +577,9 @@ def test_ekfac_converges_on_the_tagged_mlp_regression():
 
     problem = zoo.mlp_regression()
     opt = jaxopt2.registry.get("kfac").factory(ekfac=True)
-    f_final, _, _, state = cases.run_scan(opt, problem, cases.CASES["kfac"].zoo["mlp_regression"].steps)
+    f_final, _, _, state = cases.run_scan(
+        opt, problem, cases.CASES["kfac"].zoo["mlp_regression"].steps
+    )
     assert problem.converged(float(f_final)), problem.rel_gap(float(f_final))
     assert int(state.num_failed_inverses) == 0 and int(state.num_nonfinite) == 0
 
@@ -607,7 +613,7 @@ def test_layers_inside_lax_scan_gather_every_iteration(capsys):
 
     scan_loss, loop_loss = _mse_loss(scanned), _mse_loss(unrolled)
     disc = kfac_layers(scan_loss, p, x, y)
-    assert {(l.name, l.calls) for l in disc.layers} == {("['w']", t), ("['u']", t), ("['v']", 1)}
+    assert {(x.name, x.calls) for x in disc.layers} == {("['w']", t), ("['u']", t), ("['v']", 1)}
     assert "4 scan iterations" in capsys.readouterr().out
     f_scan = _factors_of(_exact_opt(), p, lambda q: scan_loss(q, x, y))
     f_loop = _factors_of(_exact_opt(), p, lambda q: loop_loss(q, x, y))
@@ -631,7 +637,7 @@ def test_loss_tag_inside_a_scan_is_refused():
 
         return jax.lax.scan(body, 0.0, xs)[0]
 
-    with pytest.raises(ValueError, match="tag_loss is inside a lax.scan body"):
+    with pytest.raises(ValueError, match=r"tag_loss is inside a lax\.scan body"):
         kfac_layers(loss, {"w": jnp.ones((3, 2))}, jnp.ones((4, 5, 3)))
 
 

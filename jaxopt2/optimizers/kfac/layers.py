@@ -188,7 +188,8 @@ class Discovery:
             bias = "" if layer.bias is None else f" + bias {self.leaf_names[layer.bias]}"
             if layer.kind == "conv2d":
                 k = "x".join(str(s) for s in layer.op[2])
-                size = f"{layer.in_features // math.prod(layer.op[2])}ch x {k} -> {layer.out_features}ch"
+                channels = layer.in_features // math.prod(layer.op[2])
+                size = f"{channels}ch x {k} -> {layer.out_features}ch"
             else:
                 size = f"{layer.in_features} -> {layer.out_features}"
             how = "tagged" if layer.tagged else "found"

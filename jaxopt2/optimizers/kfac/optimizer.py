@@ -461,7 +461,9 @@ def scale_by_kfac(
         if not adaptive:
             if norm_constraint is not None:
                 lr = learning_rate(t) if callable(learning_rate) else learning_rate
-                sq = lr**2 * jnp.abs(sum(jnp.sum(d * g) for d, g in zip(direction, grads)))
+                sq = lr**2 * jnp.abs(
+                    sum(jnp.sum(d * g) for d, g in zip(direction, grads, strict=True))
+                )
                 coeff = jnp.minimum(1.0, jnp.sqrt(norm_constraint / jnp.maximum(sq, 1e-30)))
                 direction = [coeff * d for d in direction]
             new_updates = [

@@ -139,7 +139,11 @@ def tag_dense(
             f"tag_dense: inputs {inputs.shape} and outputs {outputs.shape} must share their "
             "leading (row) axes."
         )
-    fits = [lay for lay, s in zip(_LAYOUTS, ((d_in, d_out), (d_out, d_in))) if weight.shape == s]
+    fits = [
+        lay
+        for lay, s in zip(_LAYOUTS, ((d_in, d_out), (d_out, d_in)), strict=True)
+        if weight.shape == s
+    ]
     if not fits:
         raise ValueError(
             f"tag_dense: a weight of shape {weight.shape} does not map inputs with {d_in} "
@@ -197,8 +201,8 @@ def tag_conv2d(
     if isinstance(padding, str):
         in_sp = [inputs.shape[d] for d in dn.lhs_spec[2:]]
         k_sp = [kernel.shape[d] for d in dn.rhs_spec[2:]]
-        dilated_in = [(s - 1) * d + 1 for s, d in zip(in_sp, lhs_dil)]
-        dilated_k = [(s - 1) * d + 1 for s, d in zip(k_sp, rhs_dil)]
+        dilated_in = [(s - 1) * d + 1 for s, d in zip(in_sp, lhs_dil, strict=True)]
+        dilated_k = [(s - 1) * d + 1 for s, d in zip(k_sp, rhs_dil, strict=True)]
         pads = tuple(jax.lax.padtype_to_pads(dilated_in, dilated_k, strides, padding))
     else:
         pads = tuple(tuple(int(v) for v in p) for p in padding)
