@@ -148,10 +148,19 @@ def run_timed(
         jax.block_until_ready((params, state, loss))
         times.append(time.perf_counter() - t0)
     losses.append([steps, float(full_loss(params, x_train))])
+    record = timing_record(times, losses, compile_s, state, params_np)
+    return {**record, "versions": {"jax": jax.__version__, "optax": optax.__version__}}
+
+
+def timing_record(
+    times: list[float], losses: list[list[float]], compile_s: float, state: Any, params_np: Any
+) -> dict[str, Any]:
+    """The per-contender result every benchmark reports: step-time statistics, losses, the
+    optimizer state's bytes per parameter."""
     arr = np.asarray(times)
-    num_params = sum(int(np.size(v)) for v in params_np.values())
+    num_params = sum(int(np.size(v)) for v in jax.tree.leaves(params_np))
     return {
-        "steps": steps,
+        "steps": len(times),
         "mean_step_s": float(arr.mean()),
         "median_step_s": float(np.median(arr)),
         "p99_step_s": float(np.percentile(arr, 99)),
@@ -162,7 +171,6 @@ def run_timed(
         "final_loss": losses[-1][1],
         "state_bytes_per_param": state_bytes(state) / num_params,
         "num_params": num_params,
-        "versions": {"jax": jax.__version__, "optax": optax.__version__},
     }
 
 

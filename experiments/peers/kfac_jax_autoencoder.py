@@ -276,20 +276,8 @@ def run_timed(inputs: str, *, loss_every: int = 25) -> dict:
     finally:
         jax.monitoring.unregister_event_duration_listener(on_event)
     losses.append([steps, float(full_loss(params, x_train))])
-    arr = np.asarray(times)
-    num_params = sum(int(np.size(v)) for v in params_np.values())
     return {
-        "steps": steps,
-        "mean_step_s": float(arr.mean()),
-        "median_step_s": float(np.median(arr)),
-        "p99_step_s": float(np.percentile(arr, 99)),
-        "max_step_s": float(arr.max()),
-        "compile_s": compile_s,
-        "step_times_s": times,
-        "losses": losses,
-        "final_loss": losses[-1][1],
-        "state_bytes_per_param": task.state_bytes(state) / num_params,
-        "num_params": num_params,
+        **digits_autoencoder.timing_record(times, losses, compile_s, state, params_np),
         "warmup": warmup,
         "compiles_during_timing": compiles_during_timing,
         "step_stats_columns": ["step", *STEP_STATS],
