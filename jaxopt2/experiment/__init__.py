@@ -3,8 +3,8 @@
 Submodules (none imported here, so ``import jaxopt2.experiment`` stays cheap and starts no
 jax backend):
 
-* :mod:`~jaxopt2.experiment.config` — YAML configs validated into typed dataclasses;
-  :mod:`~jaxopt2.experiment.bundle` mirrors ``configs/*.yaml`` into ``_bundled.py``.
+* :mod:`~jaxopt2.experiment.config` — YAML configs validated into typed dataclasses; the
+  bundled ones are the repository's ``configs/``, installed as the package ``jaxopt2.configs``.
 * :mod:`~jaxopt2.experiment.tasks` (built on :mod:`~jaxopt2.experiment.task_base`; the user's
   own data files in :mod:`~jaxopt2.experiment.file_tasks` and
   :mod:`~jaxopt2.experiment.loaders`), :mod:`~jaxopt2.experiment.models` and

@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+from importlib import resources
+from importlib.resources import abc as resources_abc
 from pathlib import Path
 from typing import Any
 
@@ -134,15 +136,16 @@ class ResolvedConfig:
 # ----------------------------------------------------------------------------- locating
 
 
-def _bundled() -> dict[str, str]:
-    from jaxopt2.experiment._bundled import CONFIGS
-
-    return CONFIGS
+def _bundled_dir() -> resources_abc.Traversable:
+    """The folder of configs shipped with the package (the repository's ``configs/``)."""
+    return resources.files("jaxopt2.configs")
 
 
 def bundled_config_names() -> list[str]:
     """Names of the configs shipped inside the package (``jaxopt2 run <name>``)."""
-    return sorted(_bundled())
+    return sorted(
+        p.name[: -len(".yaml")] for p in _bundled_dir().iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def locate_config(spec: str) -> tuple[str, str, str]:
@@ -160,8 +163,9 @@ def locate_config(spec: str) -> tuple[str, str, str]:
     if path.is_dir():
         raise ConfigError(f"config {spec} is a directory, not a YAML file")
     name = path.name[:-5] if path.name.endswith(".yaml") else path.name
-    if path.parent == Path(".") and name in _bundled():
-        return _bundled()[name], name, f"<bundled {name}>"
+    if path.parent == Path(".") and name in bundled_config_names():
+        text = (_bundled_dir() / f"{name}.yaml").read_text(encoding="utf-8")
+        return text, name, f"<bundled {name}>"
     raise ConfigError(
         f"config file not found: {spec} (bundled configs: {', '.join(bundled_config_names())})"
     )

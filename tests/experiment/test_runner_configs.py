@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxopt2.experiment import bundle
 from jaxopt2.experiment.config import load_config
 from jaxopt2.experiment.errors import NonFiniteError
 from jaxopt2.experiment.rundir import prepare_run_dir, read_metrics
@@ -43,16 +42,6 @@ def test_configs_exist_for_every_task_and_optimizer():
             assert not any(f"name: {task}" in t for t in texts.values()), task
             continue
         assert any(f"name: {task}" in t for t in texts.values()), f"no config for task {task}"
-
-
-def test_bundled_configs_match_the_files():
-    from jaxopt2.experiment._bundled import CONFIGS as BUNDLED
-
-    files = {p.stem: p.read_text(encoding="utf-8") for p in CONFIGS}
-    assert BUNDLED == files, (
-        "jaxopt2/experiment/_bundled.py is out of date: run `python -m jaxopt2.experiment.bundle`"
-    )
-    assert bundle.render(ROOT / "configs")  # the generator itself works
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
