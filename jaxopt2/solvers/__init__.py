@@ -1,8 +1,9 @@
 """Second-order solvers for small and medium unconstrained problems.
 
 :func:`minimize` (Newton with damping and line search, exact trust region, Newton-CG, cubic
-regularization, lazy-Hessian cubic Newton, AICN damped Newton, saddle-free Newton) and
-:func:`least_squares` (Gauss-Newton, Levenberg-Marquardt). Each solve is one
+regularization, lazy-Hessian cubic Newton, damped Newton with the O(k⁻³) Root Newton or the
+AICN step-size schedule, saddle-free Newton) and :func:`least_squares` (Gauss-Newton,
+Levenberg-Marquardt). Each solve is one
 ``lax.while_loop`` over flat vectors, so it runs under ``jax.jit`` and ``jax.vmap``; the
 solution is differentiable with respect to the extra arguments by implicit differentiation.
 """

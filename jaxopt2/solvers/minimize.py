@@ -77,10 +77,14 @@ def minimize(
     * ``"lazy_newton"``: the cubic step with a Hessian recomputed only every
       ``hessian_every`` iterations (default 5) and a fresh gradient every iteration
       (Doikov, Chayti & Jaggi 2023). Options as ``cubic`` plus ``hessian_every``.
-    * ``"damped_newton"``: ``x - α H⁻¹∇f`` with the AICN step size
-      ``α = 2 / (1 + √(1 + 2 L G))``, ``G = √(∇fᵀH⁻¹∇f)`` (Hanzely et al. 2022).
-      Options ``lipschitz`` (the semi-strong self-concordance constant ``L``; default None:
-      estimated by backtracking from ``lipschitz_init = 1``), ``max_backtracks`` (60).
+    * ``"damped_newton"``: ``x - α H⁻¹∇f`` with an explicit step size, no line search on
+      ``f``. ``schedule="root"`` (default): ``α = 1/(1+θ)`` with
+      ``θ = (9 M_q)^{1/(q-1)} G^{(q-2)/(q-1)}``, ``G = √(∇fᵀH⁻¹∇f)``, the global O(k⁻³)
+      schedule for a Lipschitz third derivative (Hanzely, Abdukhakimov & Takáč 2024).
+      Options ``smoothness`` (``M_q``; default None: ``θ = σ G^{(q-2)/(q-1)}`` with ``σ``
+      backtracked from ``sigma_init = 1``), ``order`` (``q ∈ [2, 4]``, 4). ``schedule="aicn"``:
+      ``α = 2/(1+√(1+2LG))`` (Hanzely et al. 2022, O(k⁻²)); options ``lipschitz`` (``L``;
+      default None: backtracked from ``lipschitz_init = 1``). ``max_backtracks`` (60).
     * ``"saddle_free"``: ``-|H|⁻¹∇f`` with ``|H|`` from the eigendecomposition, eigenvalue
       magnitudes floored at ``damping · max|λ|`` (``damping = 1e-8``), Armijo line search
       (Dauphin et al. 2014). Options ``damping``, ``c1``, ``max_backtracks``.
