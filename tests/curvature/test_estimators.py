@@ -454,70 +454,153 @@ def test_density_on_grid_is_a_gaussian_mixture():
 # --------------------------------------------------------------------------- bad input
 
 
+_INT_LIKE = r"like\['a'\] has dtype int32; curvature products need floating-point leaves"
+
+
 def test_bad_inputs_raise_at_trace_time_naming_the_argument():
     like = _like(30)
     mv = lambda v: v
     key = jax.random.PRNGKey(0)
     int_like = {"a": jnp.zeros((4, 5), jnp.int32), "b": jnp.zeros((10,))}
     cases = [
-        (TypeError, "like", lambda: hutchinson_diagonal(mv, int_like, key, 4)),
-        (TypeError, "like", lambda: hutchinson_trace(mv, int_like, key, 4)),
-        (TypeError, "like", lambda: hutchpp_trace(mv, int_like, key, 6)),
-        (TypeError, "like", lambda: power_iteration(mv, int_like, key)),
-        (TypeError, "like", lambda: lanczos(mv, int_like, key, 4)),
-        (TypeError, "like", lambda: top_k_eigenpairs(mv, int_like, key, 2)),
-        (TypeError, "like", lambda: spectral_density(mv, int_like, key, num_iters=3, num_probes=2)),
-        (TypeError, "like", lambda: hutchinson_trace(mv, jnp.zeros(3, jnp.complex64), key, 4)),
-        (ValueError, "like", lambda: hutchinson_trace(mv, {}, key, 4)),
-        (ValueError, "num_probes", lambda: hutchinson_diagonal(mv, like, key, 0)),
-        (ValueError, "num_probes", lambda: hutchinson_trace(mv, like, key, -2)),
-        (ValueError, "num_probes", lambda: hutchinson_trace(mv, like, key, 2.0)),
-        (ValueError, "dist", lambda: hutchinson_trace(mv, like, key, 4, dist="uniform")),
-        (ValueError, "dist", lambda: hutchinson_diagonal(mv, like, key, 4, dist="normal")),
-        (ValueError, "num_matvecs", lambda: hutchpp_trace(mv, like, key, 0)),
-        (ValueError, "num_matvecs", lambda: hutchpp_trace(mv, like, key, 2)),
-        (ValueError, "num_iters", lambda: power_iteration(mv, like, key, num_iters=0)),
-        (ValueError, "tol", lambda: power_iteration(mv, like, key, tol=-1.0)),
-        (ValueError, "num_iters", lambda: lanczos(mv, like, key, 0)),
-        (ValueError, "num_iters", lambda: lanczos(mv, like, key, 31)),
-        (ValueError, "k", lambda: top_k_eigenpairs(mv, like, key, 0)),
-        (ValueError, "k", lambda: top_k_eigenpairs(mv, like, key, 31)),
-        (ValueError, "num_iters", lambda: top_k_eigenpairs(mv, like, key, 5, num_iters=4)),
-        (ValueError, "num_iters", lambda: top_k_eigenpairs(mv, like, key, 5, num_iters=31)),
-        (ValueError, "which", lambda: top_k_eigenpairs(mv, like, key, 2, which="middle")),
+        (TypeError, _INT_LIKE, lambda: hutchinson_diagonal(mv, int_like, key, 4)),
+        (TypeError, _INT_LIKE, lambda: hutchinson_trace(mv, int_like, key, 4)),
+        (TypeError, _INT_LIKE, lambda: hutchpp_trace(mv, int_like, key, 6)),
+        (TypeError, _INT_LIKE, lambda: power_iteration(mv, int_like, key)),
+        (TypeError, _INT_LIKE, lambda: lanczos(mv, int_like, key, 4)),
+        (TypeError, _INT_LIKE, lambda: top_k_eigenpairs(mv, int_like, key, 2)),
+        (
+            TypeError,
+            _INT_LIKE,
+            lambda: spectral_density(mv, int_like, key, num_iters=3, num_probes=2),
+        ),
+        (
+            TypeError,
+            "like is complex",
+            lambda: hutchinson_trace(mv, jnp.zeros(3, jnp.complex64), key, 4),
+        ),
+        (ValueError, "like is an empty pytree", lambda: hutchinson_trace(mv, {}, key, 4)),
         (
             ValueError,
-            "num_iters",
+            "num_probes must be a positive integer, got 0",
+            lambda: hutchinson_diagonal(mv, like, key, 0),
+        ),
+        (
+            ValueError,
+            "num_probes must be a positive integer, got -2",
+            lambda: hutchinson_trace(mv, like, key, -2),
+        ),
+        (
+            ValueError,
+            "num_probes must be a positive integer, got 2.0",
+            lambda: hutchinson_trace(mv, like, key, 2.0),
+        ),
+        (
+            ValueError,
+            "dist must be one of .* got 'uniform'",
+            lambda: hutchinson_trace(mv, like, key, 4, dist="uniform"),
+        ),
+        (
+            ValueError,
+            "dist must be one of .* got 'normal'",
+            lambda: hutchinson_diagonal(mv, like, key, 4, dist="normal"),
+        ),
+        (
+            ValueError,
+            "num_matvecs must be a positive integer",
+            lambda: hutchpp_trace(mv, like, key, 0),
+        ),
+        (
+            ValueError,
+            "num_matvecs must be at least 3 for Hutch",
+            lambda: hutchpp_trace(mv, like, key, 2),
+        ),
+        (
+            ValueError,
+            "num_iters must be a positive integer, got 0",
+            lambda: power_iteration(mv, like, key, num_iters=0),
+        ),
+        (
+            ValueError,
+            r"tol must lie in \[0.0, inf\], got -1.0",
+            lambda: power_iteration(mv, like, key, tol=-1.0),
+        ),
+        (
+            ValueError,
+            "num_iters must be a positive integer, got 0",
+            lambda: lanczos(mv, like, key, 0),
+        ),
+        (
+            ValueError,
+            r"num_iters=31 exceeds the dimension of like \(30\)",
+            lambda: lanczos(mv, like, key, 31),
+        ),
+        (
+            ValueError,
+            "k must be a positive integer, got 0",
+            lambda: top_k_eigenpairs(mv, like, key, 0),
+        ),
+        (
+            ValueError,
+            r"k=31 exceeds the dimension of like \(30\)",
+            lambda: top_k_eigenpairs(mv, like, key, 31),
+        ),
+        (
+            ValueError,
+            "num_iters=4 is below k=5",
+            lambda: top_k_eigenpairs(mv, like, key, 5, num_iters=4),
+        ),
+        (
+            ValueError,
+            r"num_iters=31 exceeds the dimension of like \(30\)",
+            lambda: top_k_eigenpairs(mv, like, key, 5, num_iters=31),
+        ),
+        (
+            ValueError,
+            "which must be one of .* got 'middle'",
+            lambda: top_k_eigenpairs(mv, like, key, 2, which="middle"),
+        ),
+        (
+            ValueError,
+            "num_iters must be a positive integer, got 0",
             lambda: spectral_density(mv, like, key, num_iters=0, num_probes=2),
         ),
         (
             ValueError,
-            "num_iters",
+            r"num_iters=31 exceeds the dimension of like \(30\)",
             lambda: spectral_density(mv, like, key, num_iters=31, num_probes=1),
         ),
         (
             ValueError,
-            "num_probes",
+            "num_probes must be a positive integer, got 0",
             lambda: spectral_density(mv, like, key, num_iters=3, num_probes=0),
         ),
         (
             ValueError,
-            "sigma",
+            r"sigma must lie in \(0.0, inf\], got 0.0",
             lambda: density_on_grid(jnp.ones(3), jnp.ones(3), jnp.ones(4), sigma=0.0),
         ),
         (
             ValueError,
-            "weights",
+            r"weights must have the shape of nodes; got nodes \(3,\) and weights \(2,\)",
             lambda: density_on_grid(jnp.ones(3), jnp.ones(2), jnp.ones(4), sigma=1.0),
         ),
-        (ValueError, "matvec", lambda: hutchinson_trace(lambda v: v["a"], like, key, 2)),
-        (ValueError, "matvec", lambda: lanczos(lambda v: {"a": v["a"], "b": v["a"]}, like, key, 3)),
+        (
+            ValueError,
+            r"matvec\(v\) must have the same pytree structure as like",
+            lambda: hutchinson_trace(lambda v: v["a"], like, key, 2),
+        ),
+        (
+            ValueError,
+            r"matvec\(v\)\['b'\] has shape \(4, 5\) but like has shape \(10,\)",
+            lambda: lanczos(lambda v: {"a": v["a"], "b": v["a"]}, like, key, 3),
+        ),
     ]
     for error, name, call in cases:
         with pytest.raises(error, match=name):
             call()
     # ... and under jit, at trace time.
-    with pytest.raises(ValueError, match="num_iters"):
+    with pytest.raises(ValueError, match="num_iters=2 is below k=3"):
         jax.jit(lambda key: top_k_eigenpairs(mv, like, key, 3, num_iters=2))(key)
 
 

@@ -178,28 +178,29 @@ def test_products_reject_bad_inputs(problem):
     fn = lambda p: jnp.sum(model(p) ** 2)
     v = jax.tree.map(jnp.zeros_like, params)
     int_params = jax.tree.map(lambda x: x.astype(jnp.int32), params)
-    with pytest.raises(TypeError, match="params"):
+    with pytest.raises(TypeError, match=r"params\['b0'\] has dtype int32; curvature products need"):
         hvp(fn, int_params, v)
-    with pytest.raises(TypeError, match="params"):
+    with pytest.raises(TypeError, match=r"params\['b0'\] has dtype int32; curvature products need"):
         hessian_operator(fn, int_params)
     bad_v = {**v, "w0": jnp.zeros((3, 3))}
-    with pytest.raises(ValueError, match="v"):
+    shape_msg = r"v\['w0'\] has shape \(3, 3\) but params has shape \(8, 32\) there"
+    with pytest.raises(ValueError, match=shape_msg):
         hvp(fn, params, bad_v)
-    with pytest.raises(ValueError, match="v"):
+    with pytest.raises(ValueError, match=shape_msg):
         hessian_operator(fn, params)(bad_v)
-    with pytest.raises(ValueError, match="v"):
+    with pytest.raises(ValueError, match="v must have the same pytree structure as params"):
         ggn_vp(model, lambda o: jnp.sum(o**2), params, {"w0": v["w0"]})
-    with pytest.raises(ValueError, match="loss"):
+    with pytest.raises(ValueError, match=r"loss must be one of .*got 'hinge'"):
         fisher_vp(model, params, v, loss="hinge", kind="exact")
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match=r"kind must be one of .*got 'true'"):
         fisher_vp(model, params, v, loss="squared_error", kind="true")
-    with pytest.raises(ValueError, match="targets"):
+    with pytest.raises(ValueError, match=r"kind='empirical'\) needs the true targets"):
         fisher_vp(model, params, v, loss="squared_error", kind="empirical")
-    with pytest.raises(ValueError, match="key"):
+    with pytest.raises(ValueError, match=r"kind='mc'\) needs a PRNG key"):
         fisher_vp(model, params, v, loss="squared_error", kind="mc")
-    with pytest.raises(ValueError, match="targets"):
+    with pytest.raises(ValueError, match="targets have batch size 5 but outputs 48"):
         fisher_vp(
             model, params, v, loss="squared_error", kind="empirical", targets=jnp.zeros((5, 3))
         )
-    with pytest.raises(ValueError, match="loss"):
+    with pytest.raises(ValueError, match=r"loss must be one of .*got 'hinge'"):
         output_loss("hinge", jnp.zeros((2, 3)), jnp.zeros((2, 3)))
