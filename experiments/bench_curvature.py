@@ -21,9 +21,10 @@ an ``.npz`` file.
 
 Measurements:
 
-1. ``hvp_time``: float32, W = 128. ``jaxopt2.curvature.hvp``, ``jax.grad`` alone and a
-   hand-written ``jax.jvp(jax.grad(f), (p,), (v,))[1]``, each jitted with the batch as an
-   argument. Targets: hvp / grad <= 2.5 and |hvp / hand-written - 1| <= 0.10.
+1. ``hvp_time``: float32, W = 128. ``jaxopt2.curvature.hvp`` and ``jax.grad`` alone, each
+   jitted with the batch as an argument. Target: hvp / grad <= 2.5. (``hvp`` is the
+   forward-over-reverse idiom itself, so timing it against a hand-written copy of that idiom
+   would measure nothing that can differ.)
 2. ``top5_*``: the five algebraically largest Hessian eigenvalues at W = 128. Reference:
    ``scipy.sparse.linalg.eigsh(which="LA", k=5, tol=1e-10)`` on a ``LinearOperator`` that
    calls a jitted float64 HVP (time and matvec count reported). jaxopt2:
@@ -138,21 +139,13 @@ def bench_hvp(args) -> dict[str, Any]:
 
     grad_fn = jax.jit(jax.grad(loss))
     lib_fn = jax.jit(lambda p, v, x, y: hvp(lambda q: loss(q, x, y), p, v))
-    hand_fn = jax.jit(lambda p, v, x, y: jax.jvp(jax.grad(lambda q: loss(q, x, y)), (p,), (v,))[1])
     calls = {
         "grad": lambda: grad_fn(params, x, y),
         "hvp": lambda: lib_fn(params, v, x, y),
-        "handwritten": lambda: hand_fn(params, v, x, y),
     }
     outs, first = {}, {}
     for name, fn in calls.items():
         outs[name], first[name] = timing.first_call(fn)
-    diff = max(
-        float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(
-            jax.tree.leaves(outs["hvp"]), jax.tree.leaves(outs["handwritten"]), strict=True
-        )
-    )
     samples = timing.interleaved(calls, rounds=args.hvp_rounds, inner=args.hvp_inner)
     med = {k: timing.median(s) for k, s in samples.items()}
     return emit(
@@ -169,9 +162,6 @@ def bench_hvp(args) -> dict[str, Any]:
                 "first_call_s": first,
                 "hvp_over_grad": timing.paired_ratio(samples["hvp"], samples["grad"]),
                 "hvp_over_grad_of_medians": med["hvp"] / med["grad"],
-                "hvp_over_handwritten": timing.paired_ratio(samples["hvp"], samples["handwritten"]),
-                "hvp_over_handwritten_of_medians": med["hvp"] / med["handwritten"],
-                "max_abs_diff_hvp_vs_handwritten": diff,
                 "load_average": timing.load_average(),
             }
         )
@@ -838,14 +828,6 @@ def main(argv=None) -> int:
     targets = []
     if hvp_res:
         targets.append(target("hvp_over_grad", hvp_res["hvp_over_grad"], "<=", 2.5))
-        targets.append(
-            target(
-                "abs(hvp_over_handwritten - 1)",
-                abs(hvp_res["hvp_over_handwritten"] - 1),
-                "<=",
-                0.10,
-            )
-        )
     if top5_res:
         worst = top5_res["jaxopt2"]["max_rel_err_over_timed_keys"]
         targets.append(
