@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxopt2._tree import check_choice, check_inexact, check_like
 
@@ -103,20 +104,23 @@ def ggn_vp(
 
 
 def output_loss(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """The named loss of `outputs` against `targets`, a mean over the batch axis."""
+    """The named loss of `outputs` against `targets` (optax's), a mean over the batch axis.
+
+    ``softmax_cross_entropy`` takes integer labels or probabilities, ``sigmoid_cross_entropy``
+    labels in [0, 1], ``squared_error`` is ``optax.l2_loss`` (half the squared error); the
+    per-example losses are summed over any other axes.
+    """
     check_choice(loss, "loss", LOSSES)
-    n = outputs.shape[0]
     if loss == "softmax_cross_entropy":
-        logp = jax.nn.log_softmax(outputs, axis=-1)
         if jnp.issubdtype(jnp.result_type(targets), jnp.integer):
-            nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)
-            return jnp.sum(nll) / n
-        return -jnp.sum(targets * logp) / n
-    if loss == "sigmoid_cross_entropy":
-        # log σ(f) = -softplus(-f), log(1-σ(f)) = -softplus(f): stable for large |f|.
-        per = targets * jax.nn.softplus(-outputs) + (1 - targets) * jax.nn.softplus(outputs)
-        return jnp.sum(per) / n
-    return 0.5 * jnp.sum((outputs - targets) ** 2) / n
+            per = optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
+        else:
+            per = optax.softmax_cross_entropy(outputs, targets)
+    elif loss == "sigmoid_cross_entropy":
+        per = optax.sigmoid_binary_cross_entropy(outputs, targets)
+    else:
+        per = optax.l2_loss(outputs, targets)
+    return jnp.sum(per) / outputs.shape[0]
 
 
 def output_fisher_vp(loss: str, outputs: jax.Array, u: jax.Array) -> jax.Array:
