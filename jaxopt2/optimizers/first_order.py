@@ -1,7 +1,10 @@
 """First-order optimizers, re-exported from optax (never re-implemented).
 
 ``muon`` is ``optax.contrib.muon`` (Newton-Schulz orthogonalized momentum on matrices, Adam on
-the other leaves).
+the other leaves). ``schedule_free_adamw`` is ``optax.contrib.schedule_free_adamw`` (Defazio et
+al., 2024: no learning-rate schedule, the iterate is an interpolation of an average); its
+entry carries ``optax.contrib.schedule_free_eval_params``, so the runner evaluates and saves
+the averaged parameters while its checkpoints keep the training state.
 
 They are registered in :mod:`jaxopt2.optimizers.registry` so the shared checks and the
 runner treat them exactly like jaxopt2's own optimizers. They keep optax's behaviour,
@@ -24,6 +27,7 @@ adagrad = optax.adagrad
 adafactor = optax.adafactor
 lamb = optax.lamb
 muon = optax.contrib.muon
+schedule_free_adamw = optax.contrib.schedule_free_adamw
 
 __all__ = [
     "adafactor",
@@ -35,6 +39,7 @@ __all__ = [
     "muon",
     "nadam",
     "rmsprop",
+    "schedule_free_adamw",
     "sgd",
 ]
 
@@ -55,7 +60,16 @@ _STATIC = {
         "muon_weight_dimension_numbers",
         "consistent_rms",
     ),
+    "schedule_free_adamw": ("warmup_steps", "state_dtype"),
 }
 
+# Optimizers whose evaluation parameters differ from their training iterate.
+_EVAL_PARAMS = {"schedule_free_adamw": optax.contrib.schedule_free_eval_params}
+
 for _name in __all__:
-    registry.register(_name, globals()[_name], static_args=_STATIC.get(_name, ()))
+    registry.register(
+        _name,
+        globals()[_name],
+        static_args=_STATIC.get(_name, ()),
+        eval_params=_EVAL_PARAMS.get(_name),
+    )

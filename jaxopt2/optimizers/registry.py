@@ -35,6 +35,10 @@ class OptimizerEntry:
       needs_value_fn: the update needs the extra arg ``value_fn`` (a loss on the batch).
       needs_key: the update uses the extra arg ``key`` (falls back to a key in the state).
       static_args: argument names that are structural (not traceable numbers).
+      eval_params: for an optimizer whose training iterate is not the point to evaluate
+        (averaged or interpolated parameters, e.g. schedule-free): ``eval_params(state,
+        params) -> params`` maps its own state and the training parameters to the
+        evaluation parameters. None: evaluate at the training parameters.
     """
 
     name: str
@@ -42,6 +46,7 @@ class OptimizerEntry:
     needs_value_fn: bool = False
     needs_key: bool = False
     static_args: tuple[str, ...] = ()
+    eval_params: Callable[[Any, Any], Any] | None = None
 
     def __call__(self, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
         return self.factory(**kwargs)
@@ -69,6 +74,7 @@ def register(
     needs_value_fn: bool = False,
     needs_key: bool = False,
     static_args: tuple[str, ...] = (),
+    eval_params: Callable[[Any, Any], Any] | None = None,
 ) -> OptimizerEntry:
     """Register an optimizer factory under `name` and return its entry.
 
@@ -80,7 +86,9 @@ def register(
         raise ValueError(f"optimizer name must be a non-empty string, got {name!r}.")
     if name in _REGISTRY:
         raise ValueError(f"an optimizer named {name!r} is already registered.")
-    entry = OptimizerEntry(name, factory, bool(needs_value_fn), bool(needs_key), tuple(static_args))
+    entry = OptimizerEntry(
+        name, factory, bool(needs_value_fn), bool(needs_key), tuple(static_args), eval_params
+    )
     unknown = [a for a in entry.static_args if a not in entry.arguments()]
     if unknown:
         raise ValueError(f"static_args {unknown} are not arguments of {name!r}'s factory.")
