@@ -6,7 +6,8 @@ resumes or reuses finished sub-runs). Each uses its registry defaults plus the c
 learning rate, schedule, weight decay and clipping; the optimizer arguments written in the
 config apply only to the optimizer the config names. ``name:lr`` sets one optimizer's rate.
 An optimizer whose step size is adaptive by default (its factory's ``learning_rate`` defaults
-to None, as K-FAC's) keeps that default unless ``name:lr`` or the config itself names it.
+to None, as K-FAC's: :func:`~jaxopt2.experiment.optim.uses_own_step_size`) keeps that default
+unless ``name:lr`` or the config itself names it.
 
 Outputs in the run directory: ``compare.png`` (train loss vs step and vs training wall time),
 ``compare.md`` and ``compare.json`` (final loss, steps and seconds to reach the target loss,
@@ -26,6 +27,10 @@ from typing import Any, TextIO
 
 from jaxopt2.experiment.config import ResolvedConfig, from_dict
 from jaxopt2.experiment.errors import ConfigError, NonFiniteError
+from jaxopt2.experiment.optim import uses_own_step_size
+from jaxopt2.experiment.plots import plot_compare
+from jaxopt2.experiment.rundir import read_metrics
+from jaxopt2.experiment.trainer import run_config
 
 __all__ = ["CompareResult", "compare", "parse_optimizers"]
 
@@ -71,7 +76,7 @@ def _sub_config(rc: ResolvedConfig, name: str, lr: float | None) -> ResolvedConf
         "clip_grad_norm",
     )
     opt = {"name": name, **{k: base[k] for k in runner}}
-    if name != base["name"] and _adaptive_step(name):
+    if name != base["name"] and uses_own_step_size(name):
         # keep its adaptive step (a schedule would have nothing to scale)
         opt.update(learning_rate=None, schedule="constant", warmup_steps=0, min_lr_ratio=0.0)
     if name == base["name"]:
@@ -83,17 +88,6 @@ def _sub_config(rc: ResolvedConfig, name: str, lr: float | None) -> ResolvedConf
         return from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"optimizer {name}: {e}") from None
-
-
-def _adaptive_step(name: str) -> bool:
-    """The optimizer `name` takes its step size from curvature unless given a learning rate."""
-    from jaxopt2.optimizers import registry
-
-    try:
-        arg = registry.get(name).arguments().get("learning_rate")
-    except ValueError:
-        return False  # an unknown name is reported by the config check
-    return arg is not None and arg.default is None
 
 
 def _reach(rows: list[dict[str, Any]], target: float) -> tuple[int | None, float | None]:
@@ -147,12 +141,8 @@ def compare(
     stream: TextIO | str | None = "stdout",
 ) -> CompareResult:
     """Train `rc` under each optimizer and write the comparison into `run_dir`."""
-    from jaxopt2.experiment.plots import plot_compare
-
     if stream == "stdout":
         stream = sys.stdout
-    from jaxopt2.experiment.rundir import read_metrics
-    from jaxopt2.experiment.trainer import run_config
 
     subs = []
     seen: set[str] = set()

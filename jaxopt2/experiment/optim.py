@@ -10,6 +10,11 @@ The built transformation is ``chain(observe_grad_norm, [clip], optimizer, [weigh
 * decoupled weight decay ``-lr(t) * weight_decay * params`` when ``optimizer.weight_decay`` is
   set and the factory has no ``weight_decay`` argument of its own (if it has one, the value is
   passed to it).
+
+:func:`member_config` puts (possibly traced) hyperparameter values into a config, so one
+program builds every member's optimizer of a sweep; :func:`uses_own_step_size` is the rule
+that an optimizer whose factory's ``learning_rate`` defaults to None (K-FAC) keeps its
+adaptive step unless a learning rate is named for it.
 """
 
 from __future__ import annotations
@@ -24,8 +29,19 @@ import optax
 
 from jaxopt2.experiment.config import OptimizerConfig, ResolvedConfig
 from jaxopt2.experiment.errors import ConfigError
+from jaxopt2.optimizers import registry
 
-__all__ = ["BuiltOptimizer", "build_optimizer", "make_schedule"]
+__all__ = [
+    "SWEEPABLE_RUNNER_FIELDS",
+    "BuiltOptimizer",
+    "build_optimizer",
+    "make_schedule",
+    "member_config",
+    "uses_own_step_size",
+]
+
+# The runner's own optimizer fields that a sweep may vary (the others are optimizer arguments).
+SWEEPABLE_RUNNER_FIELDS = ("learning_rate", "weight_decay", "clip_grad_norm", "min_lr_ratio")
 
 
 def global_norm(tree: Any) -> jax.Array:
@@ -121,12 +137,40 @@ class BuiltOptimizer:
     name: str
     needs_value_fn: bool
     needs_key: bool
+    # (chained state, training params) -> evaluation params; None: the training params
+    eval_params: Callable[[Any, Any], Any] | None = None
+
+
+def uses_own_step_size(name: str) -> bool:
+    """The optimizer `name` takes its step size from curvature unless given a learning rate
+    (its factory's ``learning_rate`` defaults to None); False for an unknown name."""
+    try:
+        arg = registry.get(name).arguments().get("learning_rate")
+    except ValueError:
+        return False  # an unknown name is reported by the config check
+    return arg is not None and arg.default is None
+
+
+def member_config(base: ResolvedConfig, hyper: dict[str, Any]) -> ResolvedConfig:
+    """`base` with the values of `hyper` (``{"optimizer.<name>": value}``, traced values in a
+    sweep's program) put into its optimizer fields or arguments."""
+    if not hyper:
+        return base
+    runner: dict[str, Any] = {}
+    args = dict(base.optimizer_args)
+    for key, v in hyper.items():
+        name = key.partition(".")[2]
+        if name in SWEEPABLE_RUNNER_FIELDS:
+            runner[name] = v
+        else:
+            args[name] = v
+    return dataclasses.replace(
+        base, optimizer=dataclasses.replace(base.optimizer, **runner), optimizer_args=args
+    )
 
 
 def build_optimizer(rc: ResolvedConfig) -> BuiltOptimizer:
     """Build the chained optimizer of a resolved config."""
-    from jaxopt2.optimizers import registry
-
     cfg = rc.optimizer
     entry = registry.get(cfg.name)
     factory_args = entry.arguments()
@@ -145,11 +189,16 @@ def build_optimizer(rc: ResolvedConfig) -> BuiltOptimizer:
     parts: list[optax.GradientTransformation] = [observe_grad_norm()]
     if cfg.clip_grad_norm is not None:
         parts.append(optax.clip_by_global_norm(_number(cfg.clip_grad_norm)))
+    inner_at = len(parts)
     parts.append(inner)
     wd = cfg.weight_decay
     if wd is not None and not own_decay and (isinstance(wd, jax.Array) or wd != 0):
         lr_fn = sched if sched is not None else optax.constant_schedule(1.0)
         parts.append(decoupled_weight_decay(_number(wd), lr_fn))
+    eval_params = None
+    if entry.eval_params is not None:
+        own = entry.eval_params
+        eval_params = lambda state, params: own(state[inner_at], params)
     return BuiltOptimizer(
-        optax.chain(*parts), sched, cfg.name, entry.needs_value_fn, entry.needs_key
+        optax.chain(*parts), sched, cfg.name, entry.needs_value_fn, entry.needs_key, eval_params
     )

@@ -33,9 +33,15 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import OmegaConf
 
+from jaxopt2.experiment.checkpoint import Checkpointer
 from jaxopt2.experiment.config import ResolvedConfig, bundled_config_names, from_dict, load_config
+from jaxopt2.experiment.diagnostics import hessian_spectrum
+from jaxopt2.experiment.engine import Engine
 from jaxopt2.experiment.errors import UserError
 from jaxopt2.experiment.rundir import atomic_write
+from jaxopt2.experiment.setup import build_setup
+from jaxopt2.experiment.sweep import build_engine
+from jaxopt2.experiment.sweep_grid import prepare_sweep
 
 __all__ = ["SpectrumResult", "load_source", "run_spectrum", "spectrum_of"]
 
@@ -63,7 +69,6 @@ class SpectrumResult:
 
 def _sweep_source(path: Path, member: int | None) -> Source:
     """Member `member` of the sweep in `path` (its config rebuilt from config.yaml + grid.yaml)."""
-    from jaxopt2.experiment.sweep_grid import prepare_sweep
 
     try:
         grid = OmegaConf.to_container(OmegaConf.load(path / "grid.yaml"))
@@ -160,10 +165,6 @@ def spectrum_of(
     probe_batch: int | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Compute the spectrum of `source`; returns ``(json-able dict, trace count)``."""
-    from jaxopt2.experiment.checkpoint import Checkpointer
-    from jaxopt2.experiment.diagnostics import hessian_spectrum
-    from jaxopt2.experiment.trainer import Trainer
-
     _check_count("--top-k", top_k)
     _check_count("--trace-probes", trace_probes, 2)
     _check_count("--density-iters", density_iters)
@@ -172,18 +173,19 @@ def spectrum_of(
         _check_count("--probe-batch", probe_batch)
     n_batches = _parse_batches(batches)
     rc = source.rc
-    trainer = Trainer(rc, source.run_dir or Path("."), progress=False, stream=None, plots=False)
-    params = trainer.init_carry["params"]
+    setup = build_setup(rc)
+    params = setup.params
     step = 0
     if source.run_dir is not None:
         ckpt_dir = source.run_dir / "checkpoints"
         restored = None
-        like = trainer.init_carry if source.member is None else _sweep_carry(source.sweep_plan)
+        # the engine that wrote the checkpoint gives its layout
+        engine = Engine(rc, [setup]) if source.member is None else build_engine(source.sweep_plan)
         if ckpt_dir.is_dir():
             ckpt = Checkpointer(ckpt_dir, rc.run.checkpoint.keep, read_only=True)
             try:
                 if ckpt.steps():
-                    restored = ckpt.restore(like)
+                    restored = engine.restore(ckpt)
             finally:
                 ckpt.close()
         if restored is None:
@@ -192,32 +194,31 @@ def spectrum_of(
                 "`jaxopt2 run`, or pass a config for its initial parameters"
             )
         carry, meta = restored
-        params, step = carry["params"], int(meta["step"])
-        if source.member is not None:
-            params = jax.tree.map(lambda a: a[source.member], params)
+        member = 0 if source.member is None else source.member
+        params, step = jax.tree.map(lambda a: a[member], carry["params"]), int(meta["step"])
 
-    dim = trainer.n_params
+    dim = setup.n_params
     if top_k > dim:
         raise UserError(f"--top-k {top_k} exceeds the number of parameters ({dim})")
     density_iters = min(density_iters, dim)
 
     # The loss: the full training set, or the first N batches of the run, stacked.
-    data = trainer.train_data
-    n = trainer.task.n_train
+    data = setup.train_data
+    n = setup.task.n_train
     if not data:
         rows, desc = 0, "no data (deterministic objective)"
         stacked = False
-    elif n_batches is None or not trainer.sampled:
+    elif n_batches is None or not setup.sampled:
         rows, desc = n, f"full batch ({n} rows)"
         stacked = False
     else:
-        batch_list = [trainer.batch(data, jnp.asarray(s, jnp.int32)) for s in range(n_batches)]
+        batch_list = [setup.batch(data, jnp.asarray(s, jnp.int32)) for s in range(n_batches)]
         data = tuple(jnp.stack(parts) for parts in zip(*batch_list, strict=True))
-        rows = n_batches * trainer.batch_size
-        desc = f"{n_batches} batch{'es' if n_batches > 1 else ''} of {trainer.batch_size} rows"
+        rows = n_batches * setup.batch_size
+        desc = f"{n_batches} batch{'es' if n_batches > 1 else ''} of {setup.batch_size} rows"
         stacked = True
 
-    loss_fn = trainer.loss_fn
+    loss_fn = setup.loss_fn
     traces = 0
 
     def program(p, d, key):
@@ -289,14 +290,6 @@ def spectrum_of(
         "time_s": elapsed,
     }
     return result, traces
-
-
-def _sweep_carry(plan: Any) -> dict[str, Any]:
-    """A freshly initialized state of every member of a sweep (the checkpoint's structure)."""
-    from jaxopt2.experiment.sweep import SweepProgram
-
-    prog = SweepProgram(plan)
-    return jax.jit(prog._init)(prog.params0, prog.hyper)
 
 
 def _smoothed(nodes: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:

@@ -13,22 +13,31 @@ from collections.abc import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from jaxopt2.experiment import config as C
-from jaxopt2.experiment import sweep_report as R
 from jaxopt2.experiment.config import ResolvedConfig
 from jaxopt2.experiment.errors import ConfigError
+from jaxopt2.experiment.optim import SWEEPABLE_RUNNER_FIELDS, build_optimizer
 
 __all__ = [
     "SWEEPABLE_RUNNER_FIELDS",
     "Grid",
     "Member",
     "SweepPlan",
+    "fmt_values",
     "is_grid_item",
     "parse_sweep_args",
     "prepare_sweep",
 ]
 
-# Runner fields of the optimizer section that are numbers used inside the step.
-SWEEPABLE_RUNNER_FIELDS = ("learning_rate", "weight_decay", "clip_grad_norm", "min_lr_ratio")
+
+def fmt_values(values: dict[str, float], seed: int | None = None) -> str:
+    """``lr=0.001 b1=0.9 seed=0``: a member's or point's values, short."""
+    parts = [f"{k.rpartition('.')[2]}={v:g}" for k, v in values.items()]
+    if seed is not None:
+        parts.append(f"seed={seed}")
+    return " ".join(parts) or "(base)"
+
+
+# The fields of the run section (the top-level config keys).
 _RUN_FIELDS = tuple(f.name for f in dataclasses.fields(C.RunConfig))
 
 
@@ -191,8 +200,6 @@ def prepare_sweep(spec: str, items: list[str] | tuple[str, ...]) -> SweepPlan:
     """Parse and validate a sweep: every member's config is checked like ``jaxopt2 run``
     would check it, and its optimizer is built once with concrete values (so the
     optimizer's own hyperparameter checks apply)."""
-    from jaxopt2.experiment.optim import build_optimizer
-
     raw = _raw_config(spec, [item for item in items if not is_grid_item(item)])
     opt_name = OmegaConf.select(raw, "optimizer.name", default=None)
     opt_name = opt_name if isinstance(opt_name, str) else ""
@@ -211,7 +218,7 @@ def prepare_sweep(spec: str, items: list[str] | tuple[str, ...]) -> SweepPlan:
             for key, v in values.items():
                 OmegaConf.update(m_raw, key, v, force_add=True)
             OmegaConf.update(m_raw, "seed", seed, force_add=True)
-            label = R.fmt_values(values, seed)
+            label = fmt_values(values, seed)
             try:
                 rc = C.resolve(m_raw)
                 build_optimizer(rc)

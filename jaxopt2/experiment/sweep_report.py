@@ -3,19 +3,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from jaxopt2.experiment.sweep import SweepPlan, SweepResult
+from jaxopt2.experiment.sweep_grid import SweepPlan, fmt_values
 
 __all__ = [
+    "SweepResult",
     "aggregate",
     "best_point",
-    "fmt_values",
     "format_sweep_summary",
     "grid_data",
     "plot_sweep",
@@ -25,11 +25,22 @@ __all__ = [
 ]
 
 
-def fmt_values(values: dict[str, float], seed: int | None = None) -> str:
-    parts = [f"{k.rpartition('.')[2]}={v:g}" for k, v in values.items()]
-    if seed is not None:
-        parts.append(f"seed={seed}")
-    return " ".join(parts) or "(base)"
+@dataclasses.dataclass
+class SweepResult:
+    """How a sweep ended. `exit_code` 0: complete; 128 + signum: interrupted (a checkpoint
+    holds the state; members, points and best are then empty)."""
+
+    exit_code: int
+    members: list[dict[str, Any]]
+    points: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    train_time_s: float
+    compile_time_s: float
+    wall_time_s: float
+    traces: int  # how often the training program was traced (1: one program)
+    num_params: int = 0  # of one member
+    steps: int = 0  # the steps done (the shared step counter)
+    resumed_from: int | None = None  # the checkpoint step it resumed from
 
 
 def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
