@@ -118,12 +118,6 @@ class Trainer:
         """The initial state in the layout of a run's checkpoints (no member axis)."""
         return self.engine.saved_state(self.engine.init())
 
-    def _chunk(self, carry: dict[str, Any], data: tuple[Any, ...], n_active: Any):
-        """The engine's chunk function on a state in the checkpoint layout (kept for the
-        program-inspection test)."""
-        eng = self.engine
-        return eng.chunk_fn(eng.from_saved(carry), eng.hyper, eng.k_data, eng.k_opt, data, n_active)
-
     def compile(self) -> None:
         """Compile the fused train step (and the evaluation, diagnostics) once; idempotent."""
         self.engine.compile()

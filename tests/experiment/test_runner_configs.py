@@ -80,8 +80,9 @@ def test_train_step_compiles_once_and_takes_the_data_as_arguments(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert (tmp_path / "params.npz").is_file()
     # the training set is an argument of the program, not a baked-in constant
-    carry = trainer.init_carry
-    jaxpr = jax.make_jaxpr(trainer._chunk)(carry, trainer.train_data, np.int32(5))
+    eng = trainer.engine
+    args = (eng.init(), eng.hyper, eng.k_data, eng.k_opt, trainer.train_data, np.int32(5))
+    jaxpr = jax.make_jaxpr(eng.chunk_fn)(*args)
     n = trainer.task.n_train
     big = [c for c in jaxpr.consts if getattr(c, "ndim", 0) and c.shape[0] == n]
     assert not big
