@@ -48,6 +48,7 @@ __all__ = [
     "ResolvedConfig",
     "RunConfig",
     "bundled_config_names",
+    "first_line",
     "load_config",
     "locate_config",
     "resolve",
@@ -174,7 +175,8 @@ def locate_config(spec: str) -> tuple[str, str, str]:
 # ----------------------------------------------------------------------------- validation
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message (its type name if empty)."""
     msg = getattr(e, "msg", None) or str(e)
     return str(msg).strip().splitlines()[0] if str(msg).strip() else type(e).__name__
 
@@ -197,7 +199,7 @@ def _merge_typed(schema: Any, values: Any, prefix: str, defaults: Any = None) ->
             valid = [f.name for f in dataclasses.fields(owner)]
             hint = f"; valid keys: {', '.join(valid)}" if valid else " (it takes no fields)"
             raise ConfigError(f"unknown config key '{full}'{hint}") from None
-        line = _first_line(e)
+        line = first_line(e)
         if "is not a ListConfig" in line:
             line = "expected a list"
         elif "is not a DictConfig" in line or ("Cannot assign" in line and "Dict" in line):
@@ -435,7 +437,7 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
-            raise ConfigError(f"bad override {item!r}: {_first_line(e)}") from None
+            raise ConfigError(f"bad override {item!r}: {first_line(e)}") from None
     return merged
 
 
@@ -451,7 +453,7 @@ def load_config(
     try:
         raw = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
     except Exception as e:  # yaml.YAMLError and OmegaConf's own errors
-        line = _first_line(e)
+        line = first_line(e)
         raise ConfigError(f"cannot parse {source}: {line}") from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{source}: a config must be a YAML mapping of keys to values")

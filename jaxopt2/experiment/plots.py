@@ -6,10 +6,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_compare", "plot_run", "plot_sharpness"]
+__all__ = ["plot_compare", "plot_run", "plot_sharpness", "pyplot"]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -34,7 +35,7 @@ def _positive(ys: list[float]) -> bool:
 
 def plot_run(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """loss.png-style figure: losses, accuracy (if any), norms and learning rate vs step."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax = axes[0]
     for key, label in (("loss_mean", "train loss (window mean)"), ("eval_loss", "eval loss")):
@@ -81,7 +82,7 @@ def plot_sharpness(rows: list[dict[str, Any]], path: Path, title: str = "") -> N
     of stability, Cohen et al. 2021). The line uses each row's learning rate, so it follows a
     schedule. Panels for the trace and the gradient's top-k share are added when logged.
     """
-    plt = _pyplot()
+    plt = pyplot()
     extra = [k for k in ("trace", "grad_topk_share") if _series(rows, k)[0]]
     fig, axes = plt.subplots(1, 1 + len(extra), figsize=(6.5 * (1 + len(extra)), 4.2))
     axes = list(axes) if extra else [axes]
@@ -126,7 +127,7 @@ def plot_compare(
     runs: dict[str, list[dict[str, Any]]], path: Path, title: str = "", target: float | None = None
 ) -> None:
     """Overlay of several runs: train loss vs step and vs training wall time."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     all_pos = True
     for name, rows in runs.items():

@@ -33,11 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import OmegaConf
 
+from jaxopt2.curvature import density_on_grid
 from jaxopt2.experiment.checkpoint import Checkpointer
 from jaxopt2.experiment.config import ResolvedConfig, bundled_config_names, from_dict, load_config
 from jaxopt2.experiment.diagnostics import hessian_spectrum
 from jaxopt2.experiment.engine import Engine
 from jaxopt2.experiment.errors import UserError
+from jaxopt2.experiment.plots import pyplot
 from jaxopt2.experiment.rundir import atomic_write
 from jaxopt2.experiment.setup import build_setup
 from jaxopt2.experiment.sweep import build_engine
@@ -294,8 +296,6 @@ def spectrum_of(
 
 def _smoothed(nodes: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """The SLQ measure smoothed with a Gaussian kernel on a grid spanning the nodes."""
-    from jaxopt2.curvature import density_on_grid
-
     lo, hi = float(nodes.min()), float(nodes.max())
     span = hi - lo
     if not span > 0:
@@ -308,9 +308,7 @@ def _smoothed(nodes: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def plot_spectrum(data: dict[str, Any], path: Path) -> None:
     """The smoothed spectral density (log y) with the top eigenvalues marked."""
-    from jaxopt2.experiment.plots import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     grid = np.asarray(data["density_grid"])
     density = np.asarray(data["density"])
     floor = max(float(density.max()) * 1e-8, 1e-300) if density.size else 1e-300

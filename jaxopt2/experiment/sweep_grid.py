@@ -130,7 +130,7 @@ def _raw_config(spec: str, overrides: list[str]) -> DictConfig:
     try:
         raw = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
     except Exception as e:  # yaml.YAMLError and OmegaConf's own errors
-        raise ConfigError(f"cannot parse {source}: {C._first_line(e)}") from None
+        raise ConfigError(f"cannot parse {source}: {C.first_line(e)}") from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{source}: a config must be a YAML mapping of keys to values")
     return OmegaConf.merge(raw, C.parse_overrides(list(overrides)))
