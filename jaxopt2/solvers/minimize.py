@@ -96,10 +96,11 @@ def minimize(
         ``jax.flatten_util.ravel_pytree``; the solution comes back in the same structure).
       *args: extra arguments of `fun`. They are traced, so the solve works under
         ``jax.jit`` and ``jax.vmap`` over `x0` and `args` (a batch member that has finished
-        stays frozen while the others continue), and differentiable: ``jax.grad`` of a
-        function of the solution with respect to `args` uses implicit differentiation at
-        the optimum, ``dx*/da = -H⁻¹ ∂ₐ∇ₓf`` (reverse mode only; the loop itself is not
-        differentiated, values closed over by `fun` are treated as constants).
+        stays frozen while the others continue), and differentiable: ``jax.grad``,
+        ``jax.jvp``, ``jax.jacfwd`` / ``jacrev`` of a function of the solution with respect
+        to `args` use implicit differentiation at the optimum, ``dx*/da = -H⁻¹ ∂ₐ∇ₓf``, in
+        forward and reverse mode (the loop itself is not differentiated; values closed over
+        by `fun` are treated as constants).
       method: one of the names above (a static Python string).
       tol: stop when ``‖∇f(x)‖₂ <= tol``. Default by the dtype of the flattened `x0`:
         1e-8 for float64, 1e-5 for float32, 1e-2 for float16/bfloat16.

@@ -1,4 +1,4 @@
-"""jit, vmap (frozen members) and implicit differentiation of solutions."""
+"""jit, vmap (frozen members) and implicit differentiation of solutions (both modes)."""
 
 import functools
 
@@ -103,6 +103,38 @@ def test_implicit_gradient_matches_finite_differences(method):
     np.testing.assert_allclose(glam, fd_lam, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("method", ["newton", "newton_cg"])
+def test_forward_mode_through_a_solution_equals_reverse_mode(method):
+    """jax.jvp / jax.jacfwd of a solution (dense and CG solves) equal jax.grad and finite
+    differences: x*(c, λ) and f*(c, λ) as functions of both arguments."""
+    c = jnp.asarray(_RNG.standard_normal(4))
+    lam = jnp.asarray(0.7)
+
+    def solution(c, lam):
+        sol = minimize(_smooth_convex, jnp.zeros(4), c, lam, method=method, tol=1e-13)
+        return sol.x, sol.value
+
+    # jacfwd / jacrev with two arguments: (dx/dc, dx/dλ), (df*/dc, df*/dλ).
+    (x_c, x_lam), (v_c, v_lam) = jax.jit(jax.jacfwd(solution, argnums=(0, 1)))(c, lam)
+    (rx_c, rx_lam), (rv_c, rv_lam) = jax.jit(jax.jacrev(solution, argnums=(0, 1)))(c, lam)
+    for fwd, rev in [(x_c, rx_c), (x_lam, rx_lam), (v_c, rv_c), (v_lam, rv_lam)]:
+        np.testing.assert_allclose(fwd, rev, rtol=1e-10, atol=1e-12)
+    f = jax.jit(solution)
+    h = 1e-5
+    fd_x = np.stack(
+        [(f(c + h * e, lam)[0] - f(c - h * e, lam)[0]) / (2 * h) for e in np.eye(4)], axis=1
+    )
+    np.testing.assert_allclose(x_c, fd_x, rtol=1e-6, atol=1e-9)
+    fd_x_lam = (f(c, lam + h)[0] - f(c, lam - h)[0]) / (2 * h)
+    np.testing.assert_allclose(x_lam, fd_x_lam, rtol=1e-6, atol=1e-9)
+    fd_value = (f(c, lam + h)[1] - f(c, lam - h)[1]) / (2 * h)
+    np.testing.assert_allclose(v_lam, fd_value, rtol=1e-6, atol=1e-9)
+    # The envelope theorem: df*/dc = ∂f/∂c = -x*, df*/dλ = ½‖x*‖².
+    x_star = f(c, lam)[0]
+    np.testing.assert_allclose(v_c, -x_star, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(v_lam, 0.5 * jnp.sum(x_star**2), rtol=1e-9)
+
+
 def test_implicit_gradient_of_a_least_squares_fit():
     t = jnp.linspace(0.0, 2.0, 15)
 
@@ -119,6 +151,10 @@ def test_implicit_gradient_of_a_least_squares_fit():
     h = 1e-6
     fd = np.array([(f(y + h * e) - f(y - h * e)) / (2 * h) for e in np.eye(15)])
     np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-9)
+    # Forward mode: one JVP along a direction equals the gradient's inner product with it.
+    u = jnp.asarray(np.random.default_rng(2).standard_normal(15))
+    _, along = jax.jvp(outer, (y,), (u,))
+    np.testing.assert_allclose(along, g @ u, rtol=1e-9)
 
 
 @pytest.mark.parametrize("method", ["newton", "trust_region", "newton_cg", "cubic", "saddle_free"])
