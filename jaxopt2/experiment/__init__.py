@@ -11,11 +11,13 @@ jax backend):
   :mod:`~jaxopt2.experiment.modular` — small registries of offline tasks (synthetic problems,
   scikit-learn's bundled data sets, data files, grokking) and equinox models.
 * :mod:`~jaxopt2.experiment.optim` — optimizers built from configs through the registry.
-* :mod:`~jaxopt2.experiment.step` — the pieces of one training step (batches, the optimizer
-  step), shared by runs and sweeps.
-* :mod:`~jaxopt2.experiment.trainer` — the training loop, checkpoints
-  (:mod:`~jaxopt2.experiment.checkpoint`) and exact resume;
-  :mod:`~jaxopt2.experiment.rundir` — run directories and the metrics file.
+* :mod:`~jaxopt2.experiment.engine` — THE training engine: one compiled chunk function over a
+  leading member axis and one host loop (metrics, evaluation, diagnostics, checkpoints in
+  :mod:`~jaxopt2.experiment.checkpoint`, signals, exact resume, the non-finite policy);
+  :mod:`~jaxopt2.experiment.setup` — the pure setup it starts from (task, model, initial
+  parameters, keys, loss, batches); :mod:`~jaxopt2.experiment.step` — the pieces of one step.
+* :mod:`~jaxopt2.experiment.trainer` — ``jaxopt2 run``: the engine with one member, its
+  summary and plots; :mod:`~jaxopt2.experiment.rundir` — run directories and the metrics file.
 * :mod:`~jaxopt2.experiment.compare` — several optimizers on the same task, overlaid.
 * :mod:`~jaxopt2.experiment.sweep` — a grid in one vmapped program
   (:mod:`~jaxopt2.experiment.sweep_grid` parses it, :mod:`~jaxopt2.experiment.sweep_report`
