@@ -1,7 +1,7 @@
-"""The pieces of one training step, pure functions shared by ``jaxopt2 run`` and
-``jaxopt2 sweep`` (which vmaps them over grid members), so a sweep member computes exactly
-what a run computes: the epoch order, the batch of a step, the optimizer step, and the
-conversion of curvature diagnostics into metric-row fields."""
+"""The pieces of one training step, pure functions used by the engine
+(:mod:`jaxopt2.experiment.engine`, which maps them over its members) and the setup: the
+epoch order, the batch of a step, the optimizer step, and the conversion of curvature
+diagnostics into metric-row fields."""
 
 from __future__ import annotations
 
