@@ -18,9 +18,10 @@ In the first steps ``v̂`` rests on one or a few Hutchinson samples, so a coordi
 estimate happens to be near zero can take a large step (the ``eps`` floor bounds it); a
 learning-rate warmup, as the paper uses, or ``num_probes > 1`` smooths this out.
 
-The Hessian-vector products come from the extra argument ``value_fn`` (``params -> loss`` on
-the current batch) and the probes from the extra argument ``key``, falling back to a key
-carried in the state. :func:`jaxopt2.value_and_update` passes both.
+The estimate is :func:`jaxopt2.curvature.estimators.hutchinson_diagonal` (Rademacher probes,
+batched as that estimator batches them) of the Hessian of the extra argument ``value_fn``
+(``params -> loss`` on the current batch); the probes come from the extra argument ``key``,
+falling back to a key carried in the state. :func:`jaxopt2.value_and_update` passes both.
 
 References:
   Yao, Gholami, Shen, Mustafa, Keutzer, Mahoney. "ADAHESSIAN: An Adaptive Second Order
@@ -35,12 +36,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt2._tree import (
-    check_choice,
-    check_hyperparameter,
-    check_positive_int,
-    random_probes,
-)
+from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
+from jaxopt2.curvature.estimators import hutchinson_diagonal
+from jaxopt2.curvature.products import hessian_operator
 from jaxopt2.optimizers import registry
 from jaxopt2.optimizers.contract import require_value_fn, resolve_key
 
@@ -142,15 +140,13 @@ def scale_by_adahessian(
         use_key, next_key = resolve_key(key, state.key)
 
         def estimate(_):
-            probes = random_probes(use_key, params, num_probes)
-            grad_fn = jax.grad(value_fn)
-            hz = jax.vmap(lambda z: jax.jvp(grad_fn, (params,), (z,))[1])(probes)
-            d = jax.tree.map(
-                lambda z, h: jnp.abs(jnp.mean(z.astype(stats_dtype) * h.astype(stats_dtype), 0)),
-                probes,
-                hz,
-            )
-            d = jax.tree.map(lambda x: _spatial_average(x, spatial_averaging), d)
+            # jaxopt2.curvature's Hutchinson estimator (Rademacher probes, batched as it
+            # batches them), in stats_dtype; the Hessian sees the probes in the params' dtypes.
+            hessian = hessian_operator(value_fn, params)
+            like = jax.tree.map(lambda p: jnp.asarray(p, stats_dtype), params)
+            matvec = lambda v: hessian(jax.tree.map(lambda x, p: x.astype(p.dtype), v, params))
+            d = hutchinson_diagonal(matvec, like, use_key, num_probes)
+            d = jax.tree.map(lambda x: _spatial_average(jnp.abs(x), spatial_averaging), d)
             finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(d)]))
             # A non-finite estimate is discarded: the last good one is kept and counted.
             d = jax.tree.map(lambda new, old: jnp.where(finite, new, old), d, state.hessian_diag)

@@ -1,5 +1,7 @@
 """AdaHessian against a naive loop written here, plus its error handling and fallbacks."""
 
+import chex
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,8 +152,7 @@ def test_key_fallback_and_explicit_key():
     s0 = opt.init(params)
     _, s1 = opt.update(g, s0, params, value_fn=f)
     _, s1_again = opt.update(g, s0, params, value_fn=f)
-    chex_equal = jax.tree.map(lambda x, y: bool(jnp.all(x == y)), s1, s1_again)
-    assert all(jax.tree.leaves(chex_equal)), "fallback key must make updates deterministic"
+    chex.assert_trees_all_equal(s1, s1_again, custom_message="fallback key: not deterministic")
     assert not np.array_equal(s1.key, s0.key), "the carried key advances without an explicit key"
     _, s2 = opt.update(g, s0, params, value_fn=f, key=jax.random.PRNGKey(7))
     np.testing.assert_array_equal(s2.key, s0.key)  # explicit key: the carried key stays put
@@ -191,3 +192,45 @@ def test_traced_hyperparameters_pass_unchecked():
 
     out = jax.vmap(run)(jnp.array([0.9, 0.99, 0.999]))
     assert out.shape == (3, 3) and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_spatial_averaging_reaches_the_runners_cnn_kernels():
+    """One estimate on the runner's digits CNN against a dense Hessian and averaging by hand."""
+    from sklearn.datasets import load_digits
+
+    from jaxopt2.experiment.models import CNNConfig, build_cnn
+
+    model = build_cnn(CNNConfig(channels=[2, 3], kernel_size=3), 8, 10, jax.random.PRNGKey(0))
+    params, static = eqx.partition(model, eqx.is_array)
+    digits = load_digits()
+    x, y = digits.data[:24] / 16.0, digits.target[:24]
+
+    def loss_fn(p):
+        logits = jax.vmap(eqx.combine(p, static))(jnp.asarray(x, p.head.weight.dtype))
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    kernels = [c.weight for c in params.convs]
+    assert [k.shape for k in kernels] == [(2, 1, 3, 3), (3, 2, 3, 3)]  # (out, in, h, w)
+    key, num_probes = jax.random.PRNGKey(5), 2
+    opt = scale_by_adahessian(num_probes=num_probes)
+    update = jax.jit(
+        lambda p: opt.update(jax.grad(loss_fn)(p), opt.init(p), p, key=key, value_fn=loss_fn)[1]
+    )
+    state = update(params)
+
+    params64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    flat, unravel = ravel_pytree(params64)
+    hess = np.asarray(jax.jit(jax.hessian(lambda f: loss_fn(unravel(f))))(flat))
+    zs = random_probes(key, params, num_probes)
+    zs = [np.asarray(ravel_pytree(jax.tree.map(lambda a: a[s], zs))[0]) for s in range(num_probes)]
+    raw = unravel(jnp.asarray(np.abs(np.mean([z * (hess @ z) for z in zs], axis=0))))
+    expected = jax.tree.map(np.asarray, raw)
+    for i, conv in enumerate(expected.convs):
+        window_mean = conv.weight.mean(axis=(2, 3), keepdims=True)
+        expected.convs[i] = eqx.tree_at(
+            lambda c: c.weight, conv, np.broadcast_to(window_mean, conv.weight.shape)
+        )
+    chex.assert_trees_all_close(state.hessian_diag, expected, rtol=2e-4, atol=1e-7)
+    # The averaging changed the estimate: every kernel's raw diagonal varies over its window.
+    for conv in raw.convs:
+        assert np.all(np.ptp(np.asarray(conv.weight), axis=(2, 3)) > 1e-6)
