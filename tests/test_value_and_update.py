@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,7 @@ def _problem(dtype: Any = jnp.float32) -> zoo.Problem:
 
 
 def _close(a: Any, b: Any, **kw: Any) -> None:
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw), a, b)
+    chex.assert_trees_all_close(a, b, **kw)
 
 
 def _recorder(log: dict[str, Any]) -> optax.GradientTransformationExtraArgs:

@@ -1,6 +1,7 @@
 """Probe groups (batch_size) give the same estimates as one vmap over all probes; "auto"
 chooses cache-sized groups on a CPU and one vmap for small matvecs."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,8 +42,7 @@ def test_batched_probes_match_vmap(operator, batch_size):
     np.testing.assert_allclose(grouped, full, rtol=1e-12)
     d_full = hutchinson_diagonal(matvec, like, key, 7, dist="gaussian", batch_size=None)
     d_grouped = hutchinson_diagonal(matvec, like, key, 7, dist="gaussian", batch_size=batch_size)
-    for a, b in zip(jax.tree.leaves(d_grouped), jax.tree.leaves(d_full), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12)
+    chex.assert_trees_all_close(d_grouped, d_full, rtol=1e-12)
     pp_full = hutchpp_trace(matvec, like, key, 10, batch_size=None)
     pp_grouped = hutchpp_trace(matvec, like, key, 10, batch_size=batch_size)
     np.testing.assert_allclose(pp_grouped, pp_full, rtol=1e-10)
