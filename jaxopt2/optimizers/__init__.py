@@ -13,6 +13,7 @@ from jaxopt2.optimizers.first_order import (
     muon,
     nadam,
     rmsprop,
+    schedule_free_adamw,
     sgd,
 )
 from jaxopt2.optimizers.fosi import fosi, scale_by_fosi
@@ -48,6 +49,7 @@ __all__ = [
     "scale_by_shampoo",
     "scale_by_soap",
     "scale_by_sophia",
+    "schedule_free_adamw",
     "sgd",
     "shampoo",
     "soap",
