@@ -198,12 +198,8 @@ def _check_not_above_dim(value: int, name: str, dim: int) -> None:
         )
 
 
-def _norm(x: jax.Array, axis: int | None = None, keepdims: bool = False) -> jax.Array:
-    return jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=keepdims))
-
-
 def _safe_normalize(x: jax.Array) -> jax.Array:
-    n = _norm(x)
+    n = jnp.linalg.norm(x)
     return x / jnp.where(n > 0, n, 1)
 
 
@@ -445,7 +441,7 @@ def power_iteration(
 
     def body(carry):
         i, v, w, lam, _ = carry
-        norm_w = _norm(w)
+        norm_w = jnp.linalg.norm(w)
         v_new = jnp.where(norm_w > 0, w / jnp.where(norm_w > 0, norm_w, 1), v)
         w_new = mv(v_new)
         lam_new = jnp.dot(v_new, w_new, precision=_HIGHEST)
@@ -489,10 +485,10 @@ def _lanczos_flat(
         v = basis[j]
         w = mv(v)
         alpha = jnp.dot(v, w, precision=_HIGHEST)
-        scale = jnp.maximum(scale, _norm(w))
+        scale = jnp.maximum(scale, jnp.linalg.norm(w))
         # The rows after j are still zero, so this projects out exactly v_0 .. v_j.
         w = _orthogonalize(w, basis)
-        beta = _norm(w)
+        beta = jnp.linalg.norm(w)
         breakdown = beta <= breakdown_tol * scale
         w = jax.lax.cond(breakdown, fresh_vector, lambda j, basis: w, j, basis)
         basis = basis.at[j + 1].set(_safe_normalize(w))
@@ -625,7 +621,7 @@ def top_k_eigenpairs(
     else:
         idx = np.arange(k - 1, -1, -1)
     vectors = jnp.matmul(s[:, idx].T, basis, precision=_HIGHEST)  # [k, dim]
-    vectors = vectors / _norm(vectors, axis=1, keepdims=True)
+    vectors = vectors / jnp.linalg.norm(vectors, axis=1, keepdims=True)
     return ritz_values[idx], jax.vmap(space.unravel)(vectors)
 
 
@@ -683,7 +679,7 @@ def spectral_density(
     space = _FlatSpace(like)
     _check_not_above_dim(num_iters, "num_iters", space.dim)
     probes = jax.vmap(space.ravel)(random_probes(key, like, num_probes, "rademacher"))
-    starts = probes / _norm(probes, axis=1, keepdims=True)
+    starts = probes / jnp.linalg.norm(probes, axis=1, keepdims=True)
     restart_keys = jax.random.split(jax.random.fold_in(key, 1), num_probes)
     mv = space.operator(matvec)
     batch_size = _check_batch_size(batch_size)
