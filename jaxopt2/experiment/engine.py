@@ -425,19 +425,24 @@ class Engine:
         )
         every = base.checkpoint.every
         mf = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if run_dir is not None else None
+        # The halted flags after each chunk come back with its metrics (one host transfer per
+        # chunk); the flags before a chunk are the previous chunk's.
+        halted = np.asarray(jax.device_get(carry["halted"]))
         try:
             with StopSignals(handle_signals) as signals:
                 while step < steps and signals.received is None:
                     n = min(self.chunk_len, steps - step)
                     t0 = time.perf_counter()
-                    was_halted = np.asarray(jax.device_get(carry["halted"]))
+                    was_halted = halted
                     carry, mt = self.chunk(carry, n)
-                    mt = jax.device_get(mt)
+                    mt, halted, diverged_at, nonfinite = jax.device_get(
+                        (mt, carry["halted"], carry["diverged_at"], carry["nonfinite"])
+                    )
+                    halted, diverged_at, nonfinite = (
+                        np.asarray(a) for a in (halted, diverged_at, nonfinite)
+                    )
                     dt = time.perf_counter() - t0
                     train_time += dt
-                    halted = np.asarray(jax.device_get(carry["halted"]))
-                    diverged_at = np.asarray(jax.device_get(carry["diverged_at"]))
-                    nonfinite = np.asarray(jax.device_get(carry["nonfinite"]))
                     members = [
                         self._member_fields(
                             mt, j, n, step, was_halted[j], diverged_at[j], nonfinite[j]
