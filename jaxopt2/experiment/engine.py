@@ -44,12 +44,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from jaxopt2.experiment.checkpoint import Checkpointer
 from jaxopt2.experiment.config import ResolvedConfig
 from jaxopt2.experiment.errors import UserError
-from jaxopt2.experiment.optim import build_optimizer, global_norm, member_config
+from jaxopt2.experiment.optim import build_optimizer, member_config
 from jaxopt2.experiment.rundir import StopSignals, atomic_write, clean, read_metrics
 from jaxopt2.experiment.setup import Setup
 from jaxopt2.experiment.step import diagnostics_row, epoch_order, train_step
@@ -189,8 +190,8 @@ class Engine:
             metrics = {
                 "loss": loss.astype(F32),
                 "grad_norm": new_opt[0].grad_norm.astype(F32),
-                "update_norm": global_norm(updates),
-                "param_norm": global_norm(params),
+                "update_norm": optax.tree.norm(updates).astype(F32),
+                "param_norm": optax.tree.norm(params).astype(F32),
                 "lr": jnp.asarray(lr, F32),
                 "bad": live & ~finite,
             }

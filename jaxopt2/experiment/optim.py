@@ -44,14 +44,6 @@ __all__ = [
 SWEEPABLE_RUNNER_FIELDS = ("learning_rate", "weight_decay", "clip_grad_norm", "min_lr_ratio")
 
 
-def global_norm(tree: Any) -> jax.Array:
-    """The l2 norm of all leaves of `tree` together, in float32."""
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.zeros((), jnp.float32)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
-
 class GradNormState(NamedTuple):
     grad_norm: jax.Array
 
@@ -69,7 +61,7 @@ def observe_grad_norm() -> optax.GradientTransformationExtraArgs:
 
     def update(updates, state, params=None, **extra):
         del state, params, extra
-        return updates, GradNormState(global_norm(updates))
+        return updates, GradNormState(optax.tree.norm(updates).astype(jnp.float32))
 
     return optax.GradientTransformationExtraArgs(init, update)
 
