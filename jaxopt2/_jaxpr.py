@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.extend import core
 
 __all__ = ["EqnPath", "evaluate", "inner_jaxpr", "walk"]
@@ -56,8 +57,6 @@ def _consts(eqn: core.JaxprEqn) -> Sequence[Any]:
 
 def _unrolled_scan(eqn, invals, hook, enter, path) -> list[Any]:
     """A ``scan`` evaluated iteration by iteration with the hook (its outputs stacked)."""
-    import jax.numpy as jnp
-
     p = eqn.params
     n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
     body = p["jaxpr"]

@@ -33,12 +33,14 @@ from importlib.resources import abc as resources_abc
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jaxopt2.experiment import models as M
 from jaxopt2.experiment import tasks as T
 from jaxopt2.experiment.errors import ConfigError
+from jaxopt2.optimizers import registry
 
 __all__ = [
     "SCHEDULES",
@@ -256,8 +258,6 @@ def _convert_arg(opt: str, name: str, param: inspect.Parameter, value: Any) -> A
     if "dtype" in name.lower() or "dtype" in ann.lower():
         if not isinstance(value, str):
             raise wrong("a dtype name such as float32")
-        import numpy as np
-
         try:
             return np.dtype(value).type
         except TypeError:
@@ -303,8 +303,6 @@ def _check_diagnostics(d: DiagnosticsConfig) -> None:
 
 def resolve(raw: Any) -> ResolvedConfig:
     """Validate a raw (untyped) config mapping into a :class:`ResolvedConfig`."""
-    from jaxopt2.optimizers import registry
-
     if not isinstance(raw, DictConfig | dict):
         raise ConfigError("a config must be a YAML mapping of keys to values")
     top: RunConfig = _merge_typed(RunConfig, raw, "")

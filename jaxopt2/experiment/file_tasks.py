@@ -14,6 +14,8 @@ import jax
 import numpy as np
 
 from jaxopt2.experiment import models as M
+from jaxopt2.experiment.errors import ConfigError, DataFileError
+from jaxopt2.experiment.loaders import DataError, load_cifar10, load_idx_dataset, load_npz
 from jaxopt2.experiment.task_base import F32, Task, softmax_classifier
 
 __all__ = ["ImageDirConfig", "NpzConfig", "build_cifar10", "build_idx", "build_npz"]
@@ -36,9 +38,6 @@ class NpzConfig:
 
 def _load(what: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Call a loader; its DataError (missing/malformed file) becomes the runner's UserError."""
-    from jaxopt2.experiment.errors import DataFileError
-    from jaxopt2.experiment.loaders import DataError
-
     try:
         return fn(*args)
     except DataError as e:
@@ -46,8 +45,6 @@ def _load(what: str, fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _required_path(key: str, value: str, what: str) -> str:
-    from jaxopt2.experiment.errors import ConfigError
-
     if not value:
         raise ConfigError(f"{key} is required for task {what}: {_DATA_HELP[what]}")
     return os.path.expanduser(value)
@@ -63,8 +60,6 @@ _DATA_HELP = {
 
 
 def _subset(key: str, n: int, total: int) -> int:
-    from jaxopt2.experiment.errors import ConfigError
-
     if n < 0:
         raise ConfigError(f"{key} must be >= 0 (0: all), got {n}")
     return min(n, total) if n else total
@@ -93,8 +88,6 @@ def _image_classifier(
 
 def build_idx(what: str):
     def build(cfg: ImageDirConfig, model_name: str, model_cfg: Any, key: jax.Array):
-        from jaxopt2.experiment.loaders import load_idx_dataset
-
         data_dir = _required_path("task.data_dir", cfg.data_dir, what)
         ds = _load(what, load_idx_dataset, data_dir)
         return _image_classifier(cfg, ds, 28, 1, model_name, model_cfg, key)
@@ -103,17 +96,12 @@ def build_idx(what: str):
 
 
 def build_cifar10(cfg: ImageDirConfig, model_name: str, model_cfg: Any, key: jax.Array):
-    from jaxopt2.experiment.loaders import load_cifar10
-
     data_dir = _required_path("task.data_dir", cfg.data_dir, "cifar10")
     ds = _load("cifar10", load_cifar10, data_dir)
     return _image_classifier(cfg, ds, 32, 3, model_name, model_cfg, key)
 
 
 def build_npz(cfg: NpzConfig, model_name: str, model_cfg: Any, key: jax.Array):
-    from jaxopt2.experiment.errors import DataFileError
-    from jaxopt2.experiment.loaders import load_npz
-
     path = _required_path("task.path", cfg.path, "npz")
     ds = _load("npz", load_npz, path)
     arrays = {}

@@ -9,6 +9,7 @@ from typing import Any
 from jaxopt2.experiment import config as C
 from jaxopt2.experiment import models as M
 from jaxopt2.experiment import tasks as T
+from jaxopt2.optimizers import registry
 
 __all__ = ["listing"]
 
@@ -40,8 +41,6 @@ def _default_repr(p: inspect.Parameter) -> str:
 
 
 def listing() -> str:
-    from jaxopt2.optimizers import registry
-
     lines = ["tasks (task.name; task fields with defaults; models, first is the default):"]
     for name in sorted(T.TASKS):
         spec = T.TASKS[name]

@@ -18,6 +18,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from jaxopt2.experiment.errors import ConfigError
+
 __all__ = ["MODELS", "ModelSpec", "get_model"]
 
 F32 = jnp.float32
@@ -32,8 +34,6 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    from jaxopt2.experiment.errors import ConfigError
-
     try:
         return _ACTIVATIONS[name]
     except KeyError:
@@ -220,8 +220,6 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def get_model(name: str) -> ModelSpec:
-    from jaxopt2.experiment.errors import ConfigError
-
     try:
         return MODELS[name]
     except KeyError:

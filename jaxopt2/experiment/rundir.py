@@ -15,6 +15,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from omegaconf import OmegaConf
 
@@ -116,7 +117,6 @@ def clean(v: Any) -> Any:
 def save_params(run_dir: Path, params: Any) -> None:
     """``params.npz`` in `run_dir`: one array per leaf, named by its pytree path (``w1``,
     ``layers[0].weight``, ...), written atomically."""
-    import jax
 
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     arrays = {jax.tree_util.keystr(p).lstrip("."): np.asarray(v) for p, v in flat}

@@ -16,6 +16,7 @@ from jaxopt2.experiment import config as C
 from jaxopt2.experiment.config import ResolvedConfig
 from jaxopt2.experiment.errors import ConfigError
 from jaxopt2.experiment.optim import SWEEPABLE_RUNNER_FIELDS, build_optimizer
+from jaxopt2.optimizers import registry
 
 __all__ = [
     "SWEEPABLE_RUNNER_FIELDS",
@@ -145,8 +146,6 @@ def _static(key: str, why: str) -> ConfigError:
 
 def _check_axis(key: str, opt_name: str) -> None:
     """Refuse grid keys that are not numeric in-program hyperparameters."""
-    from jaxopt2.optimizers import registry
-
     head, _, rest = key.partition(".")
     if head in _RUN_FIELDS and head != "optimizer":
         if rest:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxopt2.experiment.rundir import atomic_write
 from jaxopt2.experiment.sweep_grid import SweepPlan, fmt_values
 
 __all__ = [
@@ -161,8 +162,6 @@ def write_outputs(
     plan: SweepPlan, result: SweepResult, rows: list[dict[str, Any]], run_dir: Path, plots: bool
 ) -> None:
     """``results.json``, ``results.md`` and (if `plots`) ``sweep.png`` in `run_dir`."""
-    from jaxopt2.experiment.rundir import atomic_write
-
     data = {
         "task": plan.base.task_spec.name,
         "model": plan.base.model_name,

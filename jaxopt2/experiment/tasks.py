@@ -51,6 +51,7 @@ import optax
 
 from jaxopt2.curvature.tags import tag_loss
 from jaxopt2.experiment import models as M
+from jaxopt2.experiment.errors import ConfigError
 from jaxopt2.experiment.file_tasks import (
     ImageDirConfig,
     NpzConfig,
@@ -58,6 +59,7 @@ from jaxopt2.experiment.file_tasks import (
     build_idx,
     build_npz,
 )
+from jaxopt2.experiment.modular import OPERATIONS, ModularTransformer, modular_arithmetic_data
 from jaxopt2.experiment.task_base import (
     F32,
     Task,
@@ -138,15 +140,11 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    from jaxopt2.experiment.errors import ConfigError
-
     if value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
 
 
 def _check_positive(key: str, value: float) -> None:
-    from jaxopt2.experiment.errors import ConfigError
-
     if not value > 0:
         raise ConfigError(f"{key} must be positive, got {value!r}")
 
@@ -159,8 +157,6 @@ def _build_quadratic(cfg: QuadraticConfig, model_name: str, model_cfg: Any, key:
     _check_positive("task.num_samples", cfg.num_samples)
     _check_choice("task.spectrum", cfg.spectrum, ("log", "linear"))
     if not cfg.condition_number >= 1:
-        from jaxopt2.experiment.errors import ConfigError
-
         raise ConfigError(f"task.condition_number must be >= 1, got {cfg.condition_number}")
     rng = np.random.default_rng(cfg.data_seed)
     if cfg.spectrum == "log":
@@ -191,8 +187,6 @@ def _build_quadratic(cfg: QuadraticConfig, model_name: str, model_cfg: Any, key:
 
 def _build_rosenbrock(cfg: RosenbrockConfig, model_name: str, model_cfg: Any, key: jax.Array):
     if cfg.dim < 2:
-        from jaxopt2.experiment.errors import ConfigError
-
         raise ConfigError(f"task.dim must be >= 2 for rosenbrock, got {cfg.dim}")
     a, b = cfg.a, cfg.b
 
@@ -274,7 +268,6 @@ def _normal_init(model: eqx.Module, key: jax.Array) -> eqx.Module:
 def _build_digits_regression(
     cfg: DigitsRegressionConfig, model_name: str, model_cfg: Any, key: jax.Array
 ):
-    from jaxopt2.experiment.errors import ConfigError
 
     _check_choice("task.init", cfg.init, ("normal", "default"))
     xtr, ytr, xev, yev = _digits_split()
@@ -356,9 +349,6 @@ def _float32_model(model: eqx.Module) -> eqx.Module:
 
 
 def _build_modular(cfg: ModularConfig, model_name: str, model_cfg: Any, key: jax.Array):
-    from jaxopt2.experiment.errors import ConfigError
-    from jaxopt2.experiment.modular import OPERATIONS, ModularTransformer, modular_arithmetic_data
-
     _check_choice("task.operation", cfg.operation, OPERATIONS)
     if cfg.p < 2:
         raise ConfigError(f"task.p must be an integer >= 2, got {cfg.p}")
@@ -484,8 +474,6 @@ TASKS: dict[str, TaskSpec] = {
 
 
 def get_task(name: str) -> TaskSpec:
-    from jaxopt2.experiment.errors import ConfigError
-
     try:
         return TASKS[name]
     except KeyError:

@@ -98,7 +98,6 @@ def register(
 
 def get(name: str) -> OptimizerEntry:
     """The entry registered under `name`; a ValueError listing the known names otherwise."""
-    _ensure_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -109,11 +108,4 @@ def get(name: str) -> OptimizerEntry:
 
 def names() -> list[str]:
     """All registered optimizer names, sorted."""
-    _ensure_builtins()
     return sorted(_REGISTRY)
-
-
-def _ensure_builtins() -> None:
-    # The library's own optimizers register themselves on import of jaxopt2.optimizers;
-    # importing it here makes `registry.get` work even if only this module was imported.
-    import jaxopt2.optimizers  # noqa: F401

@@ -48,6 +48,7 @@ from jaxopt2 import _jaxpr
 from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
 from jaxopt2.curvature.products import (
     output_fisher_vp,
+    output_loss,
     output_residual,
     sample_targets,
 )
@@ -156,7 +157,6 @@ def kfac_layers(loss_fn: Callable[..., jax.Array], params: Any, *batch: Any) -> 
     outputs and targets and reports the difference (parameter-only terms such as an L2
     penalty are allowed; a wrong loss name or a sum instead of a mean shows up here).
     """
-    from jaxopt2.curvature.products import output_loss
 
     closed, disc = _discover(lambda p: loss_fn(p, *batch), params)
     leaves = jax.tree.leaves(params)
