@@ -1,16 +1,22 @@
-"""`jaxopt2 spectrum`: known eigenvalues of the quadratic task, files written, short errors."""
+"""`jaxopt2 spectrum`: known eigenvalues of the quadratic task, the dense Hessian of trained
+parameters (a run's checkpoint, a sweep member), files written, short errors."""
 
 from __future__ import annotations
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from jaxopt2.cli import main
 from jaxopt2.experiment.config import load_config
 from jaxopt2.experiment.rundir import prepare_run_dir
+from jaxopt2.experiment.setup import build_setup
 from jaxopt2.experiment.spectrum import run_spectrum
+from jaxopt2.experiment.sweep import sweep
 from tests.experiment.helpers import assert_user_error
 
 pytestmark = pytest.mark.timeout(180)
@@ -56,9 +62,50 @@ def test_spectrum_of_initial_params_recovers_the_quadratic_eigenvalues(tmp_path,
     assert "top-4 eigvals" in printed and "trace" in printed
 
 
+def _params_row(path, like, member=None):
+    """The parameters stored in a params.npz (row `member` of a sweep's stacked one), in
+    float64, with the pytree structure of `like`."""
+    flat = jax.tree_util.tree_flatten_with_path(like)[0]
+    with np.load(path) as z:
+        leaves = []
+        for p, _ in flat:
+            a = z[jax.tree_util.keystr(p).lstrip(".")]
+            leaves.append(jnp.asarray(a if member is None else a[member], jnp.float64))
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def _dense_top(setup, params, batches, k):
+    """The k largest eigenvalues of the dense float64 Hessian of the mean loss over
+    `batches` (tuples of arrays) at `params`."""
+    flat, unravel = ravel_pytree(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params))
+    b64 = [
+        tuple(jnp.asarray(a) if a.dtype.kind in "iub" else jnp.asarray(a, jnp.float64) for a in b)
+        for b in batches
+    ]
+
+    def loss(v):
+        return sum(setup.loss_fn(unravel(v), *b) for b in b64) / len(b64)
+
+    return np.sort(np.linalg.eigvalsh(np.asarray(jax.hessian(loss)(flat))))[::-1][:k]
+
+
+DIGITS_RUN = [
+    "model.hidden=[4]",
+    "batch_size=32",
+    "steps=20",
+    "log_every=10",
+    "optimizer.learning_rate=0.3",
+]
+
+
 def test_spectrum_of_a_run_checkpoint_via_the_cli(tmp_path, capsys):
+    """The spectrum of a run directory is that of its checkpoint's parameters on the run's
+    first batches: on the digits classifier, whose Hessian changes with the parameters, its
+    top eigenvalues equal the dense float64 Hessian's at the run's params.npz on the same two
+    batches, and those differ from the ones at the initial parameters (so analysing the wrong
+    parameters would fail)."""
     run_dir = tmp_path / "run"
-    assert main(["run", *QUAD, "steps=3", "log_every=3", "--run-dir", str(run_dir)]) == 0
+    assert main(["run", "task_digits_classifier", *DIGITS_RUN, "--run-dir", str(run_dir)]) == 0
     capsys.readouterr()
     rc = main(
         [
@@ -78,11 +125,18 @@ def test_spectrum_of_a_run_checkpoint_via_the_cli(tmp_path, capsys):
     )
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "step 3" in printed and "2 batches of 16 rows" in printed
+    assert "step 20" in printed and "2 batches of 32 rows" in printed
     data = json.loads((run_dir / "spectrum.json").read_text())
-    assert data["params"] == "checkpoint" and data["step"] == 3 and data["rows"] == 32
-    np.testing.assert_allclose(data["top_eigenvalues"], EXPECTED[:3], rtol=1e-4)
+    assert data["params"] == "checkpoint" and data["step"] == 20 and data["rows"] == 64
     assert (run_dir / "spectrum.png").stat().st_size > 0
+
+    rcfg, _ = load_config("task_digits_classifier", DIGITS_RUN)
+    setup = build_setup(rcfg)
+    batches = [setup.batch(setup.train_data, jnp.asarray(s, jnp.int32)) for s in range(2)]
+    trained = _dense_top(setup, _params_row(run_dir / "params.npz", setup.params), batches, 3)
+    initial = _dense_top(setup, setup.params, batches, 3)
+    assert np.max(np.abs(trained / initial - 1.0)) > 0.05  # the fixture tells them apart
+    np.testing.assert_allclose(data["top_eigenvalues"], trained, rtol=1e-4)
 
 
 def test_spectrum_user_errors_are_short(tmp_path, capsys):
@@ -143,13 +197,6 @@ def test_spectrum_of_a_sweep_member_matches_its_dense_hessian(tmp_path, capsys):
     """--member J reads member J's parameters from the sweep's stacked checkpoint: its top
     eigenvalues equal those of the dense float64 Hessian at that member's params.npz row (the
     two members trained at different learning rates, so slicing the wrong one would show)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.flatten_util import ravel_pytree
-
-    from jaxopt2.experiment.sweep import sweep
-    from jaxopt2.experiment.trainer import Trainer
-
     args = ["steps=20", "log_every=10", "model.hidden=[4]", "optimizer.learning_rate=0.01,0.3"]
     sweep("task_digits_classifier", args, tmp_path / "s", progress=False, stream=None)
 
@@ -167,17 +214,7 @@ def test_spectrum_of_a_sweep_member_matches_its_dense_hessian(tmp_path, capsys):
     assert data["member"] == j and data["step"] == 20
 
     member_rc, _ = load_config("task_digits_classifier", [*args[:3], "optimizer.learning_rate=0.3"])
-    trainer = Trainer(member_rc, tmp_path / "unused", progress=False, stream=None)
-    like = trainer.init_carry["params"]
-    with np.load(tmp_path / "s" / "params.npz") as z:
-        names = [
-            jax.tree_util.keystr(p).lstrip(".")
-            for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]
-        ]
-        leaves = [jnp.asarray(z[name][j], jnp.float64) for name in names]
-    params = jax.tree.unflatten(jax.tree.structure(like), leaves)
-    flat, unravel = ravel_pytree(params)
-    data64 = tuple(jnp.asarray(a) for a in trainer.train_data)
-    dense = jax.hessian(lambda v: trainer.loss_fn(unravel(v), *data64))(flat)
-    top = np.sort(np.linalg.eigvalsh(np.asarray(dense)))[::-1][:3]
+    setup = build_setup(member_rc)
+    params = _params_row(tmp_path / "s" / "params.npz", setup.params, member=j)
+    top = _dense_top(setup, params, [setup.train_data], 3)
     np.testing.assert_allclose(data["top_eigenvalues"], top, rtol=1e-4)
