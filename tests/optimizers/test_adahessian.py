@@ -180,18 +180,25 @@ def test_clear_errors():
 
 
 def test_traced_hyperparameters_pass_unchecked():
-    # A vmapped grid over b2 (including values the constructor would check) must trace.
-    params = jnp.ones(3)
-    f = lambda p: jnp.sum(jnp.arange(1.0, 4.0) * p**2)
+    """A vmapped grid over b2 traces (the constructor's range check is skipped for traced
+    values) and each row equals the run with that b2 as a Python float. Two steps on a quartic,
+    whose Hessian diagonal changes between them, so b2 changes the result."""
+    params = jnp.array([1.0, -0.5, 0.8])
+    f = lambda p: jnp.sum(jnp.arange(1.0, 4.0) * p**4)
 
     def run(b2):
         opt = jaxopt2.adahessian(0.1, b2=b2)
-        s = opt.init(params)
-        u, _ = opt.update(jax.grad(f)(params), s, params, value_fn=f, key=jax.random.PRNGKey(0))
-        return u
+        p, s = params, opt.init(params)
+        for i in range(2):
+            _, u, s = jaxopt2.value_and_update(opt, f, p, s, key=jax.random.PRNGKey(i))
+            p = optax.apply_updates(p, u)
+        return p
 
-    out = jax.vmap(run)(jnp.array([0.9, 0.99, 0.999]))
-    assert out.shape == (3, 3) and bool(jnp.all(jnp.isfinite(out)))
+    grid = (0.5, 0.9, 0.999)
+    out = jax.vmap(run)(jnp.array(grid))
+    for row, b2 in zip(out, grid, strict=True):
+        np.testing.assert_allclose(row, run(b2), rtol=1e-6)  # float32 statistics
+    assert not np.allclose(out[0], out[2], rtol=1e-4)  # b2 matters on this problem
 
 
 def test_spatial_averaging_reaches_the_runners_cnn_kernels():

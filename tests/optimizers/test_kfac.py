@@ -2,6 +2,7 @@
 
 import textwrap
 
+import chex
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -195,8 +196,7 @@ def test_nonfinite_statistics_keep_the_last_good_factors():
     bad_fn = lambda p: loss_fn(p, bad_x, y)
     _, s2 = opt.update(jax.grad(bad_fn)(p), s1, p, value_fn=bad_fn)
     inner1, inner2 = s1[0], s2[0]
-    for a, b in zip(jax.tree.leaves(inner1.factors), jax.tree.leaves(inner2.factors), strict=True):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(inner1.factors, inner2.factors)
     assert int(inner2.num_nonfinite) == 1
 
 
@@ -362,8 +362,7 @@ def test_explicit_dense_tags_give_the_discovered_layers_and_factors(capsys):
     assert "(tagged)" in capsys.readouterr().out
     f_found = _factors_of(_exact_opt(), p, lambda q: loss(q, x, y, False))
     f_tagged = _factors_of(_exact_opt(), p, lambda q: loss(q, x, y, True))
-    for a, b in zip(jax.tree.leaves(f_found), jax.tree.leaves(f_tagged), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    chex.assert_trees_all_close(f_found, f_tagged, rtol=1e-12, atol=1e-14)
 
 
 def test_tied_weight_tagged_at_each_use_gathers_both_uses():
@@ -464,11 +463,14 @@ def test_conv_layers_equinox_flax_and_tagged_match_naive_patches():
 
     tp = {"b": params.bias.reshape(-1), "k": params.weight}
     tagged_loss = _mse_loss(tagged_out)
-    assert kfac_layers(tagged_loss, tp, x, y).layers[0].tagged
+    (tagged_layer,) = kfac_layers(tagged_loss, tp, x, y).layers
+    assert tagged_layer.tagged
     tv = lambda p: tagged_loss(p, x, y)
     _, ts = opt.update(jax.grad(tv)(tp), opt.init(tp), tp, value_fn=tv)
-    for a, b in zip(jax.tree.leaves(state.factors), jax.tree.leaves(ts.factors), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    # Factors sit at the weight's leaf: equinox orders (weight, bias), the dict (b, k).
+    chex.assert_trees_all_close(
+        state.factors[layer.weight], ts.factors[tagged_layer.weight], rtol=1e-10, atol=1e-12
+    )
 
     class Net(nnx.Module):
         def __init__(self, rngs):
@@ -617,8 +619,7 @@ def test_layers_inside_lax_scan_gather_every_iteration(capsys):
     assert "4 scan iterations" in capsys.readouterr().out
     f_scan = _factors_of(_exact_opt(), p, lambda q: scan_loss(q, x, y))
     f_loop = _factors_of(_exact_opt(), p, lambda q: loop_loss(q, x, y))
-    for a, b in zip(jax.tree.leaves(f_scan), jax.tree.leaves(f_loop), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    chex.assert_trees_all_close(f_scan, f_loop, rtol=1e-10, atol=1e-13)
 
     def over_layers(p, x):  # two stacked layers: each iteration a slice of p["ws"]
         hs, _ = jax.lax.scan(lambda hs, w: (jnp.tanh(hs @ w), None), x, p["ws"])
