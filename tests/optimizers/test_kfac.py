@@ -589,7 +589,7 @@ def test_ekfac_converges_on_the_tagged_mlp_regression():
 def test_layers_inside_lax_scan_gather_every_iteration(capsys):
     """An RNN cell inside lax.scan (weights closed over by the body) is found, and its factors
     equal those of the same network unrolled in Python with each use tagged (tied weights);
-    a weight sliced from a stacked parameter (scan over layers) stays diagonal."""
+    (a weight sliced from a stacked parameter, a scan over layers: the next test)."""
     n, t, d, h, k = 6, 4, 3, 5, 2
     x = jax.random.normal(jax.random.PRNGKey(0), (n, t, d))
     y = jax.random.normal(jax.random.PRNGKey(1), (n, k))
@@ -621,13 +621,85 @@ def test_layers_inside_lax_scan_gather_every_iteration(capsys):
     f_loop = _factors_of(_exact_opt(), p, lambda q: loop_loss(q, x, y))
     chex.assert_trees_all_close(f_scan, f_loop, rtol=1e-10, atol=1e-13)
 
-    def over_layers(p, x):  # two stacked layers: each iteration a slice of p["ws"]
-        hs, _ = jax.lax.scan(lambda hs, w: (jnp.tanh(hs @ w), None), x, p["ws"])
-        return hs @ p["v"]
 
-    q = {"ws": jnp.ones((2, d, d)) / d, "v": jnp.ones((d, k))}
-    stacked = kfac_layers(_mse_loss(over_layers), q, x[:, 0], y)
-    assert [layer.name for layer in stacked.layers] == ["['v']"]
+def _two_kfac_steps(loss_fn, params, x, y, ekfac):
+    """Two exact-Fisher K-FAC steps with a fixed learning rate (EMA and refresh each step)."""
+    opt = scale_by_kfac(learning_rate=1.0, fisher="exact", stats_decay=0.5, invert_every=1,
+                        ekfac=ekfac, stats_dtype=jnp.float64)  # fmt: skip
+    value_fn = lambda q: loss_fn(q, x, y)
+    state = opt.init(params)
+    for _ in range(2):
+        d, state = opt.update(jax.grad(value_fn)(params), state, params, value_fn=value_fn)
+        params = jax.tree.map(lambda p, u: p - 0.1 * u, params, d)
+    return d, state
+
+
+@pytest.mark.parametrize(
+    "reverse,timed,ekfac",
+    [(False, False, False), (True, True, False), (True, True, True)],
+    ids=["forward", "reversed-with-time-loop", "ekfac"],
+)
+def test_scan_over_layers_gives_each_slice_its_own_factors(reverse, timed, ekfac, capsys):
+    """Stacked weights ``[L, d, d]`` and biases ``[L, d]`` applied by lax.scan (the
+    scan-over-layers pattern; forwards, backwards, and with a time loop inside each layer) are
+    L layers: slice l's factors, inverses (or eigenbases and scaling) and direction equal those
+    of layer l of the same network unrolled with separate leaves."""
+    n, t, d, k, depth = 8, 2, 3, 2, 3
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, t, d))
+    y = jax.random.normal(jax.random.PRNGKey(1), (n, k))
+    ks = jax.random.split(jax.random.PRNGKey(2), 3)
+    p = {"ws": jax.random.normal(ks[0], (depth, d, d)) / 2,
+         "bs": 0.1 * jax.random.normal(ks[1], (depth, d)),
+         "v": jax.random.normal(ks[2], (d, k))}  # fmt: skip
+    q = {"v": p["v"], **{f"w{i}": p["ws"][i] for i in range(depth)},
+         **{f"b{i}": p["bs"][i] for i in range(depth)}}  # fmt: skip
+
+    def layer(h, w, b, timed):
+        if not timed:
+            return jnp.tanh(h @ w + b)
+        # a loop over time inside the layer: the slice is the inner scan's loop invariant
+        step = lambda c, ht: (c, jnp.tanh(ht @ w + b))
+        return jnp.swapaxes(jax.lax.scan(step, 0.0, jnp.swapaxes(h, 0, 1))[1], 0, 1)
+
+    def head(h, v):
+        return jnp.mean(h, axis=1) @ v
+
+    def scanned(p, x):
+        body = lambda h, wb: (layer(h, *wb, timed), None)
+        h, _ = jax.lax.scan(body, x, (p["ws"], p["bs"]), reverse=reverse)
+        return head(h, p["v"])
+
+    def unrolled(q, x):
+        h = x
+        for i in range(depth - 1, -1, -1) if reverse else range(depth):
+            h = layer(h, q[f"w{i}"], q[f"b{i}"], timed)
+        return head(h, q["v"])
+
+    disc = kfac_layers(_mse_loss(scanned), p, x, y)
+    stacked = {ly.name: ly for ly in disc.layers}["['ws']"]
+    assert stacked.stack == (depth, t if timed else 1, reverse)
+    assert disc.leaf_names[stacked.bias] == "['bs']"
+    assert f"stacked: {depth} layers of a scan" in capsys.readouterr().out
+
+    d_s, s_s = _two_kfac_steps(_mse_loss(scanned), p, x, y, ekfac)
+    d_u, s_u = _two_kfac_steps(_mse_loss(unrolled), q, x, y, ekfac)
+    names_p = [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(p)]
+    names_q = [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(q)]
+    ip, iq = names_p.index("['ws']"), {nm: j for j, nm in enumerate(names_q)}
+    for i in range(depth):
+        j = iq[f"['w{i}']"]
+        for axis in (0, 1):
+            for field in ("factors", "inverses"):
+                np.testing.assert_allclose(
+                    getattr(s_s, field)[ip][axis][i], getattr(s_u, field)[j][axis],
+                    rtol=1e-9, atol=1e-12, err_msg=f"{field} slice {i} axis {axis}",
+                )  # fmt: skip
+        if ekfac:
+            np.testing.assert_allclose(s_s.scaling[ip][i], s_u.scaling[j], rtol=1e-9,
+                                       atol=1e-12)  # fmt: skip
+        np.testing.assert_allclose(d_s["ws"][i], d_u[f"w{i}"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(d_s["bs"][i], d_u[f"b{i}"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(d_s["v"], d_u["v"], rtol=1e-9, atol=1e-12)
 
 
 def test_loss_tag_inside_a_scan_is_refused():
@@ -664,3 +736,41 @@ def test_weight_also_used_with_the_data_elsewhere_is_refused_unless_tagged():
         kfac_layers(lambda p, ids: loss(p, ids, False), p, ids)
     layers = kfac_layers(lambda p, ids: loss(p, ids, True), p, ids).layers
     assert {(layer.name, layer.tagged) for layer in layers} == {("['emb']", True), ("['w']", False)}
+
+
+def test_equinox_scan_over_layers_is_found_and_trains(capsys):
+    """The equinox idiom: layers built by eqx.filter_vmap, applied by lax.scan over their
+    array part. The stacked Linear's weight and bias are one stacked layer; kfac() trains."""
+    depth, d, n = 3, 4, 16
+    keys = jax.random.split(jax.random.PRNGKey(0), depth + 1)
+    stack = eqx.filter_vmap(lambda k: eqx.nn.Linear(d, d, key=k))(keys[:depth])
+    model = (stack, eqx.nn.Linear(d, 2, key=keys[-1]))
+    params, static = eqx.partition(model, eqx.is_array)
+    x = jax.random.normal(jax.random.PRNGKey(1), (n, d))
+    y = jax.random.normal(jax.random.PRNGKey(2), (n, 2))
+
+    def out(p, x):
+        stack, head = eqx.combine(p, static)
+        dyn, st = eqx.partition(stack, eqx.is_array)
+        body = lambda h, layer: (jnp.tanh(jax.vmap(eqx.combine(layer, st))(h)), None)
+        h, _ = jax.lax.scan(body, x, dyn)
+        return jax.vmap(head)(h)
+
+    loss_fn = _mse_loss(out)
+    disc = kfac_layers(loss_fn, params, x, y)
+    found = {ly.name: ly for ly in disc.layers}
+    assert set(found) == {"[0].weight", "[1].weight"}
+    assert found["[0].weight"].stack == (depth, 1, False)
+    assert disc.leaf_names[found["[0].weight"].bias] == "[0].bias"
+    assert "stacked: 3 layers of a scan" in capsys.readouterr().out
+
+    opt = kfac()
+    step = jax.jit(lambda p, s, k: jaxopt2.value_and_update(opt, loss_fn, p, s, x, y, key=k))
+    state = opt.init(params)
+    first = None
+    for i in range(10):
+        loss, u, state = step(params, state, jax.random.PRNGKey(i))
+        params = optax.apply_updates(params, u)
+        first = float(loss) if first is None else first
+    assert float(loss_fn(params, x, y)) < 0.5 * first
+    assert int(state.num_nonfinite) == 0 and int(state.num_failed_inverses) == 0

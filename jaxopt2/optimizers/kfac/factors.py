@@ -63,6 +63,8 @@ def eigenbases(mats: list[jax.Array]) -> list[tuple[jax.Array, jax.Array, jax.Ar
 
 
 def ema_into(slot: jax.Array, stat: jax.Array, decay: Any) -> jax.Array:
-    """EMA of `stat` into the top-left corner of `slot` (the rest stays zero)."""
-    padded = jnp.zeros_like(slot).at[: stat.shape[0], : stat.shape[1]].set(stat.astype(slot.dtype))
+    """EMA of `stat` into the top-left corner of `slot` (the rest stays zero); leading axes
+    (a stack of factors) are matched as they are."""
+    rows, cols = stat.shape[-2:]
+    padded = jnp.zeros_like(slot).at[..., :rows, :cols].set(stat.astype(slot.dtype))
     return decay * slot + (1 - decay) * padded

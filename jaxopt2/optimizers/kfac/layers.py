@@ -14,8 +14,11 @@ flax.nnx models (``nnx.Linear``, ``nnx.Conv``) without any change to the model.
 Loops. Inside ``lax.scan`` (entered through nested calls too), a weight the body closes over
 (a loop invariant: an RNN cell, a layer applied at every step) is one layer whose statistics
 gather every iteration, like the rows of a sequence; the curvature pass unrolls the loop. A
-weight sliced from a stacked parameter (``xs``: scan over layers) is not a layer and gets the
-diagonal preconditioner.
+weight sliced from a stacked parameter (a scan over layers: a ``[L, in, out]`` leaf scanned
+along its first axis as one of the scan's ``xs``, as ``eqx.filter_vmap``-built layers are) is
+a stack of ``L`` layers: slice ``l`` gets its own factors, from the iteration that uses it
+(with its bias, a ``[L, out]`` leaf scanned alongside). Stacked convolution kernels are not
+layers (diagonal preconditioner).
 
 Tags. :func:`jaxopt2.tag_dense` and :func:`jaxopt2.tag_conv2d` (module :mod:`.tags`) name a
 layer explicitly and override discovery for their weight. A weight in two discovered products
@@ -29,10 +32,11 @@ preconditioned diagonally by the optimizer.
 
 Factor slots follow from parameter shapes alone (``init`` sees nothing else): a rank-2 leaf
 ``[d0, d1]`` gets factors of sizes ``d0 + 1`` and ``d1 + 1`` (either axis may be the input; the
-``+ 1`` is the bias's homogeneous coordinate); a rank-4 kernel gets ``in·kh·kw + 1`` and
-``out``, laid out OIHW (equinox, ``jax.lax``) or HWIO (flax): the window is the pair of axes
-of equal sizes (a square window), else the pair with the smaller product; where shapes cannot
-tell, both layouts fit.
+``+ 1`` is the bias's homogeneous coordinate); a rank-3 leaf ``[L, d0, d1]`` gets ``L``
+such pairs (stacked ``[L, d, d]``: a possible scan over layers); a rank-4 kernel gets
+``in·kh·kw + 1`` and ``out``, laid out OIHW (equinox, ``jax.lax``) or HWIO (flax): the window
+is the pair of axes of equal sizes (a square window), else the pair with the smaller product;
+where shapes cannot tell, both layouts fit.
 """
 
 from __future__ import annotations
@@ -50,15 +54,24 @@ from jaxopt2 import _jaxpr
 from jaxopt2.curvature.tags import find_loss_tag
 from jaxopt2.optimizers.kfac.tags import ConvSpec, layer_tag_p
 
-__all__ = ["Discovery", "Layer", "discover", "factor_sizes"]
+__all__ = ["Discovery", "Layer", "discover", "factor_sizes", "factor_stack"]
 
 # Ops that move or recast data without mixing entries: a parameter passes through them.
 _LAYOUT = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
 _RESHAPE = {"reshape", "broadcast_in_dim", "squeeze", "expand_dims"}
 
 
+def factor_stack(shape: tuple[int, ...]) -> int | None:
+    """How many factor pairs a leaf of this shape gets stacked (``L`` for a rank-3 leaf
+    ``[L, d0, d1]``, a possible scan over layers; None: one pair, unstacked)."""
+    return int(shape[0]) if len(shape) == 3 else None
+
+
 def factor_sizes(shape: tuple[int, ...]) -> tuple[int, int] | None:
-    """The two factor sizes allocated for a leaf of this shape (None: not a layer shape)."""
+    """The two factor sizes allocated for a leaf of this shape (None: not a layer shape); for
+    a rank-3 leaf, those of each of its :func:`factor_stack` slices."""
+    if len(shape) == 3:
+        return shape[1] + 1, shape[2] + 1
     if len(shape) == 2:
         return shape[0] + 1, shape[1] + 1
     if len(shape) == 4:
@@ -93,6 +106,10 @@ class Layer:
         for a tagged dense layer.
       calls: how many times the equation runs per evaluation (the product of the lengths of
         the ``lax.scan`` loops around it; 1 outside loops).
+      stack: for a weight sliced from a stacked ``[L, ...]`` leaf by a scan over layers,
+        ``(L, inner, reverse)``: ``inner`` calls of the equation per iteration of that scan
+        (loops nested inside it) and whether it runs backwards; None otherwise.
+        ``weight_perm`` then refers to the slice's axes.
     """
 
     name: str
@@ -107,6 +124,16 @@ class Layer:
     out_features: int
     op: Any
     calls: int = 1
+    stack: tuple[int, int, bool] | None = None
+
+    def slice_of(self, call: int) -> int:
+        """Which slice of a stacked weight the `call`-th run of the equation uses (the
+        evaluator unrolls loops in iteration order); 0 for an unstacked weight."""
+        if self.stack is None:
+            return 0
+        length, inner, reverse = self.stack
+        k = (call // inner) % length
+        return length - 1 - k if reverse else k
 
     @property
     def in_axis(self) -> int:
@@ -194,7 +221,10 @@ class Discovery:
                 size = f"{layer.in_features} -> {layer.out_features}"
             how = "tagged" if layer.tagged else "found"
             how += f", {len(uses)} uses" if len(uses) > 1 else ""
-            how += f", {layer.calls} scan iterations" if layer.calls > 1 else ""
+            if layer.stack is not None:
+                how += f", stacked: {layer.stack[0]} layers of a scan"
+            elif layer.calls > 1:
+                how += f", {layer.calls} scan iterations"
             lines.append(f"{layer.kind} {layer.name}: {size}{bias} ({how})")
         rest = [n for i, n in enumerate(self.leaf_names) if i not in self.layer_leaves]
         if rest:
@@ -205,7 +235,10 @@ class Discovery:
 @dataclasses.dataclass
 class _Param:
     leaf: int
-    perm: tuple[int, ...]  # operand axis -> leaf axis
+    perm: tuple[int, ...]  # operand axis -> leaf axis (of the slice, when stacked)
+    # sliced from the stacked leaf by a scan over its first axis: (length, calls of the scan's
+    # body per evaluation, reverse); the value is then one slice ``leaf[l]``
+    stack: tuple[int, int, bool] | None = None
 
 
 @dataclasses.dataclass
@@ -220,6 +253,22 @@ class _Derived:
 
 def _vector_like(shape: tuple[int, ...]) -> bool:
     return len(shape) >= 1 and max(shape) == math.prod(shape)
+
+
+def _shape(x: _Param, leaf_shapes: list[tuple]) -> tuple[int, ...]:
+    """The shape of the parameter value `x` stands for (one slice of a stacked leaf)."""
+    shape = tuple(leaf_shapes[x.leaf])
+    return shape[1:] if x.stack is not None else shape
+
+
+def _sliced(x: Any, length: int, body_calls: int, reverse: bool, leaf_shapes) -> Any:
+    """What a scan's body sees of its ``xs`` input `x`: a slice of a parameter scanned along
+    its first axis (a scan over layers), or nothing known."""
+    if not isinstance(x, _Param) or x.stack is not None or not x.perm or x.perm[0] != 0:
+        return None
+    if len(leaf_shapes[x.leaf]) not in (2, 3):  # stacked biases and dense weights
+        return None
+    return _Param(x.leaf, tuple(a - 1 for a in x.perm[1:]), (length, body_calls, reverse))
 
 
 def discover(
@@ -243,9 +292,16 @@ def discover(
             sub = _jaxpr.inner_jaxpr(eqn)
             if sub is not None:
                 repeat = 1
-                if name == "scan":  # only loop invariants keep their meaning in the body
-                    ins = [x if j < eqn.params["num_consts"] else None for j, x in enumerate(ins)]
-                    repeat = eqn.params["length"]
+                if name == "scan":  # loop invariants, and slices of scanned parameters
+                    p = eqn.params
+                    repeat, first_x = p["length"], p["num_consts"] + p["num_carry"]
+                    ins = [
+                        x if j < p["num_consts"]
+                        else _sliced(x, repeat, calls * repeat, p["reverse"], leaf_shapes)
+                        if j >= first_x
+                        else None
+                        for j, x in enumerate(ins)
+                    ]  # fmt: skip
                 sub_env = {sv: x for sv, x in zip(sub.invars, ins, strict=True) if x}
                 visit(sub, sub_env, here, calls * repeat)
                 continue
@@ -259,6 +315,10 @@ def discover(
             if layer is not None:
                 layer["path"] = here
                 layer["calls"] = calls
+                stack = layer.pop("param_stack", None)
+                if stack is not None:  # (L, calls of the slicing scan's body, reverse)
+                    layer["stack"] = (stack[0], calls // stack[1], stack[2])
+                    layer["param_stack"] = stack
                 found.append(layer)
                 env[out] = _Out(len(found) - 1)
             elif name in _LAYOUT and ins[0] is not None:
@@ -266,13 +326,14 @@ def discover(
             elif name == "transpose" and ins[0] is not None:
                 perm = eqn.params["permutation"]
                 if isinstance(ins[0], _Param):
-                    env[out] = _Param(ins[0].leaf, tuple(ins[0].perm[p] for p in perm))
+                    x = ins[0]
+                    env[out] = _Param(x.leaf, tuple(x.perm[p] for p in perm), x.stack)
                 else:
                     env[out] = ins[0]
             elif name in _RESHAPE:
                 x = ins[0]
                 if isinstance(x, _Out) or (
-                    isinstance(x, _Param) and _vector_like(leaf_shapes[x.leaf])
+                    isinstance(x, _Param) and _vector_like(_shape(x, leaf_shapes))
                 ):
                     env[out] = x  # a layer's output, or a bias vector being broadcast
             elif name == "add":
@@ -280,10 +341,11 @@ def discover(
                     if (
                         isinstance(o, _Out)
                         and isinstance(p, _Param)
-                        and _vector_like(leaf_shapes[p.leaf])
-                        and math.prod(leaf_shapes[p.leaf]) == found[o.layer]["out_features"]
+                        and _vector_like(_shape(p, leaf_shapes))
+                        and math.prod(_shape(p, leaf_shapes)) == found[o.layer]["out_features"]
                         and found[o.layer]["bias"] is None
                         and not found[o.layer]["tagged"]
+                        and _same_stack(p.stack, found[o.layer].get("param_stack"))
                     ):
                         found[o.layer]["bias"] = p.leaf
                         env[out] = o
@@ -315,6 +377,8 @@ def discover(
         v: _Param(i, tuple(range(len(leaf_shapes[i])))) for i, v in enumerate(closed.jaxpr.invars)
     }
     visit(closed.jaxpr, env0, (), 1)
+    for f in found:
+        f.pop("param_stack", None)
     layers = _resolve([Layer(name=names[f["weight"]], **f) for f in found], names, leaf_shapes)
     for layer in layers:
         if not layer.tagged and layer.weight in data_uses:
@@ -326,6 +390,11 @@ def discover(
                 "the layer use with jaxopt2.tag_dense / tag_conv2d to accept it, or untie it."
             )
     return Discovery(layers, loss_eqn.params["loss"], loss_path, names)
+
+
+def _same_stack(bias_stack: Any, layer_stack: Any) -> bool:
+    """A bias belongs to a layer only if both are unstacked, or sliced by the same scan."""
+    return bias_stack == layer_stack
 
 
 def _resolve(
@@ -348,7 +417,9 @@ def _resolve(
         first = group[0]
         for other in group[1:]:
             same = (other.kind, other.weight_perm, other.in_features, other.out_features)
-            if same != (first.kind, first.weight_perm, first.in_features, first.out_features):
+            if same != (first.kind, first.weight_perm, first.in_features, first.out_features) or (
+                (other.stack is None) != (first.stack is None)
+            ):
                 raise ValueError(
                     f"parameter {names[leaf]} is tagged as different layers ({first.kind} "
                     f"{first.in_features}->{first.out_features} and {other.kind} "
@@ -360,6 +431,8 @@ def _resolve(
                     "give every use the same bias (or none)."
                 )
         sizes = factor_sizes(leaf_shapes[leaf])
+        if (factor_stack(leaf_shapes[leaf]) is None) != (first.stack is None):
+            sizes = None  # a rank-3 leaf is a layer only as a stack (scan over layers)
         fits = sizes is not None and (
             first.in_features + 1 <= sizes[first.a_slot]
             and first.out_features <= sizes[1 - first.a_slot]
@@ -369,7 +442,8 @@ def _resolve(
                 f"parameter {names[leaf]} of shape {leaf_shapes[leaf]} is a {first.kind} layer "
                 f"with {first.in_features} inputs and {first.out_features} outputs, which does "
                 f"not fit the factors allocated from its shape ({sizes}): rank-4 kernels must "
-                "be laid out OIHW or HWIO."
+                "be laid out OIHW or HWIO, and a rank-3 leaf is a stack of dense layers sliced "
+                "by a scan over its first axis."
             )
     return tuple(sorted(layers, key=lambda layer: layer.path))
 
@@ -383,11 +457,12 @@ def _dense(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple]) -> dict[str,
         return None
     w = 0 if params[0] else 1
     ref: _Param = ins[w]
-    shape = leaf_shapes[ref.leaf]
+    shape = _shape(ref, leaf_shapes)
     if len(shape) != 2 or batch[w] or len(contract[w]) != 1:
         return None
     in_axis = ref.perm[contract[w][0]]
     return {
+        "param_stack": ref.stack,
         "kind": "dense",
         "weight": ref.leaf,
         "bias": None,
@@ -420,7 +495,7 @@ def _conv(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple]) -> dict[str, 
     """The layer a ``conv_general_dilated`` makes: a rank-4 parameter kernel on data."""
     lhs, rhs = ins
     p = eqn.params
-    if isinstance(lhs, _Param) or not isinstance(rhs, _Param):
+    if isinstance(lhs, _Param) or not isinstance(rhs, _Param) or rhs.stack is not None:
         return None
     if len(leaf_shapes[rhs.leaf]) != 4 or p["feature_group_count"] != 1:
         return None
@@ -448,11 +523,21 @@ def _tagged(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple], names) -> d
             f"tag_{kind}: its weight is not a parameter of value_fn (pass the parameter leaf "
             "itself, or its transpose or dtype cast, not a value computed from it)."
         )
+    if weight.stack is not None and kind != "dense":
+        raise ValueError(
+            f"tag_{kind} for {names[weight.leaf]}: a kernel sliced from a stacked parameter "
+            "(a scan over layers) is not supported; K-FAC stacks dense layers only."
+        )
     bias = None
     if len(ins) > 3:
         if not isinstance(ins[3], _Param):
             raise ValueError(
                 f"tag_{kind} for {names[weight.leaf]}: its bias is not a parameter of value_fn."
+            )
+        if ins[3].stack != weight.stack:
+            raise ValueError(
+                f"tag_{kind} for {names[weight.leaf]}: the weight and its bias must both be "
+                "plain parameters or both be sliced by the same scan over layers."
             )
         bias = ins[3].leaf
     if kind == "dense":
@@ -460,6 +545,7 @@ def _tagged(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple], names) -> d
         d_out = int(eqn.invars[0].aval.shape[-1])
         ops = (0, 1) if eqn.params["layout"] == "in_out" else (1, 0)
         layer = {
+            "param_stack": weight.stack,
             "kind": "dense",
             "weight": weight.leaf,
             "weight_perm": tuple(weight.perm[a] for a in ops),

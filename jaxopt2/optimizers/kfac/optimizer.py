@@ -56,7 +56,7 @@ from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers import registry
 from jaxopt2.optimizers.contract import require_value_fn, resolve_key
 from jaxopt2.optimizers.kfac import factors as fx
-from jaxopt2.optimizers.kfac.layers import Discovery, discover, factor_sizes
+from jaxopt2.optimizers.kfac.layers import Discovery, Layer, discover, factor_sizes, factor_stack
 
 __all__ = ["ScaleByKfacState", "kfac", "kfac_layers", "scale_by_kfac"]
 
@@ -70,8 +70,9 @@ class ScaleByKfacState(NamedTuple):
       count: updates taken (int32).
       factors: per leaf, for rank-2 and rank-4 leaves a pair of square factors of the sizes
         :func:`~jaxopt2.optimizers.kfac.layers.factor_sizes` gives (one holds ``A`` and the
-        other ``G`` once discovery says which leaves are layers; unused ones stay zero), None
-        for other leaves. EMAs in ``stats_dtype``.
+        other ``G`` once discovery says which leaves are layers; unused ones stay zero), for
+        rank-3 leaves ``[L, ...]`` such a pair stacked ``[L, d, d]`` (a scan over layers),
+        None for other leaves. EMAs in ``stats_dtype``.
       inverses: the damped inverses of ``factors`` (same layout); with ``ekfac=True`` the
         factors' eigenvectors instead (in the slots' top-left corners).
       scaling: ``ekfac=True`` only: per layer leaf the ``[size_A, size_G]`` EMA of the
@@ -245,19 +246,19 @@ def scale_by_kfac(
 
     def init_fn(params):
         def factor_pair(p):
-            sizes = factor_sizes(tuple(jnp.shape(p)))
+            shape = tuple(jnp.shape(p))
+            sizes = factor_sizes(shape)
             if sizes is None:
                 return None
-            return tuple(jnp.zeros((d, d), stats_dtype) for d in sizes)
+            lead = () if factor_stack(shape) is None else (factor_stack(shape),)
+            return tuple(jnp.zeros((*lead, d, d), stats_dtype) for d in sizes)
 
         factors = tuple(factor_pair(p) for p in jax.tree.leaves(params))
-        inverses = tuple(
-            None if f is None else tuple(jnp.eye(x.shape[0], dtype=stats_dtype) for x in f)
-            for f in factors
-        )
+        eye = lambda x: jnp.broadcast_to(jnp.eye(x.shape[-1], dtype=stats_dtype), x.shape)
+        inverses = tuple(None if f is None else tuple(eye(x) for x in f) for f in factors)
         scaling = tuple(
             None if f is None or not ekfac
-            else jnp.zeros((f[0].shape[0], f[1].shape[0]), stats_dtype)
+            else jnp.zeros((*f[0].shape[:-2], f[0].shape[-1], f[1].shape[-1]), stats_dtype)
             for f in factors
         )  # fmt: skip
         zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), stats_dtype), params)
@@ -323,8 +324,14 @@ def scale_by_kfac(
         index = {layer.path: i for i, layer in enumerate(disc.layers)}
         unit_rows: dict[int, list[tuple[jax.Array, jax.Array]]] = {}
         for leaf, uses in units.items():
+            if uses[0].stack is not None:  # a scan over layers: factors per slice
+                new_factors[leaf] = _stacked_statistics(
+                    uses, index, inputs, out_grads, new_factors[leaf], n, decay, stats_dtype,
+                    unit_rows,
+                )  # fmt: skip
+                continue
             sum_a, rows_a, sum_g = 0.0, 0, 0.0
-            unit_rows[leaf] = []
+            unit_rows[leaf] = [[]]
             for layer in uses:
                 i = index[layer.path]
                 xs = jnp.stack(inputs[i])  # [calls, ...]: one entry per call (scan iteration)
@@ -339,7 +346,7 @@ def scale_by_kfac(
                     in_axes=(None, 0),
                 )(xs, out_grads[i]).astype(stats_dtype)  # [columns, calls, M, out]
                 for c in range(layer.calls):
-                    unit_rows[leaf].append((a[c], g[:, c]))
+                    unit_rows[leaf][0].append((a[c], g[:, c]))
                 a = a.reshape(-1, a.shape[-1])
                 sum_a, rows_a = sum_a + kr.mm(a.T, a), rows_a + a.shape[0]
                 g = g.reshape(-1, g.shape[-1])
@@ -369,47 +376,59 @@ def scale_by_kfac(
         corner = lambda layer: (layer.in_features + (layer.bias is not None), layer.out_features)
 
         def refresh(inverses, scaling, failed):
+            # One matrix per factor (per slice of a stacked layer), batched by size in fx.
             mats, slots = [], []
             for layer in heads:
                 sa = layer.a_slot
-                fa = factors[layer.weight][sa] / correction
-                fg = factors[layer.weight][1 - sa] / correction
-                dim_a = layer.in_features + (layer.bias is not None)
-                if ekfac:  # eigenbases of the used corners
-                    ka, kg = corner(layer)
-                    mats += [fa[:ka, :ka], fg[:kg, :kg]]
-                    slots += [(layer.weight, sa), (layer.weight, 1 - sa)]
-                    continue
-                pi = jnp.sqrt(
-                    (jnp.trace(fa) / dim_a) / jnp.maximum(jnp.trace(fg) / layer.out_features, 1e-30)
-                )
-                pi = jnp.where(jnp.isfinite(pi) & (pi > 0), pi, 1.0)
-                for f, gamma, axis in ((fa, pi * jnp.sqrt(lam), sa),
-                                       (fg, jnp.sqrt(lam) / pi, 1 - sa)):  # fmt: skip
-                    mats.append(f + gamma * jnp.eye(f.shape[0], dtype=f.dtype))
-                    slots.append((layer.weight, axis))
-            new = [list(x) if x is not None else None for x in inverses]
-            new_scaling = list(scaling)
+                for k in range(_slices(layer)):
+                    fa = _slice(factors[layer.weight][sa], layer, k) / correction
+                    fg = _slice(factors[layer.weight][1 - sa], layer, k) / correction
+                    dim_a = layer.in_features + (layer.bias is not None)
+                    if ekfac:  # eigenbases of the used corners
+                        ka, kg = corner(layer)
+                        mats += [fa[:ka, :ka], fg[:kg, :kg]]
+                        slots += [(layer, k, sa), (layer, k, 1 - sa)]
+                        continue
+                    pi = jnp.sqrt(
+                        (jnp.trace(fa) / dim_a)
+                        / jnp.maximum(jnp.trace(fg) / layer.out_features, 1e-30)
+                    )
+                    pi = jnp.where(jnp.isfinite(pi) & (pi > 0), pi, 1.0)
+                    for f, gamma, axis in ((fa, pi * jnp.sqrt(lam), sa),
+                                           (fg, jnp.sqrt(lam) / pi, 1 - sa)):  # fmt: skip
+                        mats.append(f + gamma * jnp.eye(f.shape[0], dtype=f.dtype))
+                        slots.append((layer, k, axis))
+            new: dict[tuple[int, int], list[Any]] = {}  # (leaf, axis) -> one entry per slice
+            new_scaling: dict[int, list[Any]] = {}
             if not ekfac:
-                for (leaf, axis), (inv, ok) in zip(slots, fx.inverses(mats), strict=True):
-                    new[leaf][axis] = jnp.where(ok, inv, inverses[leaf][axis])
+                for (layer, k, axis), (inv, ok) in zip(slots, fx.inverses(mats), strict=True):
+                    old = _slice(inverses[layer.weight][axis], layer, k)
+                    new.setdefault((layer.weight, axis), []).append(jnp.where(ok, inv, old))
                     failed = failed + (~ok).astype(jnp.int32)
             else:
                 bases = fx.eigenbases(mats)
-                for j, layer in enumerate(heads):
-                    (qa, wa, oka), (qg, wg, okg) = bases[2 * j], bases[2 * j + 1]
+                for j in range(0, len(slots), 2):
+                    (layer, k, sa), (qa, wa, oka), (qg, wg, okg) = slots[j], *bases[j : j + 2]
                     ok = oka & okg
-                    leaf, sa = layer.weight, layer.a_slot
+                    leaf = layer.weight
                     for q, axis in ((qa, sa), (qg, 1 - sa)):
-                        slot = inverses[leaf][axis]
+                        slot = _slice(inverses[leaf][axis], layer, k)
                         placed = jnp.zeros_like(slot).at[: q.shape[0], : q.shape[1]].set(q)
-                        new[leaf][axis] = jnp.where(ok, placed, slot)
+                        new.setdefault((leaf, axis), []).append(jnp.where(ok, placed, slot))
                     # K-FAC's eigenvalues in the new basis start the EMA of the scaling.
                     s0 = jnp.outer(jnp.maximum(wa, 0.0), jnp.maximum(wg, 0.0))
-                    placed = jnp.zeros_like(scaling[leaf]).at[: s0.shape[0], : s0.shape[1]].set(s0)
-                    new_scaling[leaf] = jnp.where(ok, placed, scaling[leaf])
+                    old = _slice(scaling[leaf], layer, k)
+                    placed = jnp.zeros_like(old).at[: s0.shape[0], : s0.shape[1]].set(s0)
+                    new_scaling.setdefault(leaf, []).append(jnp.where(ok, placed, old))
                     failed = failed + (~oka).astype(jnp.int32) + (~okg).astype(jnp.int32)
-            return tuple(None if x is None else tuple(x) for x in new), tuple(new_scaling), failed
+            out = [list(x) if x is not None else None for x in inverses]
+            out_scaling = list(scaling)
+            for layer in heads:
+                for axis in (0, 1):
+                    out[layer.weight][axis] = _unslice(new[(layer.weight, axis)], layer)
+                if ekfac:
+                    out_scaling[layer.weight] = _unslice(new_scaling[layer.weight], layer)
+            return tuple(None if x is None else tuple(x) for x in out), tuple(out_scaling), failed
 
         inverses, scaling, failed = jax.lax.cond(
             (t % invert_every == 0) & finite,
@@ -425,11 +444,14 @@ def scale_by_kfac(
             for layer in heads:
                 leaf, sa = layer.weight, layer.a_slot
                 ka, kg = corner(layer)
-                qa = inverses[leaf][sa][:ka, :ka]
-                qg = inverses[leaf][1 - sa][:kg, :kg]
-                s_t = _ekfac_scaling(unit_rows[leaf], qa, qg, n_examples, layer)
+                per_slice = []
+                for k in range(_slices(layer)):
+                    qa = _slice(inverses[leaf][sa], layer, k)[:ka, :ka]
+                    qg = _slice(inverses[leaf][1 - sa], layer, k)[:kg, :kg]
+                    per_slice.append(_ekfac_scaling(unit_rows[leaf][k], qa, qg, n_examples, layer))
+                s_t = _unslice(per_slice, layer)
                 old = scaling[leaf]
-                pad = jnp.zeros_like(old).at[:ka, :kg].set(s_t)
+                pad = jnp.zeros_like(old).at[..., :ka, :kg].set(s_t)
                 new_scaling[leaf] = jnp.where(finite, decay * old + (1 - decay) * pad, old)
             scaling = tuple(new_scaling)
 
@@ -441,22 +463,37 @@ def scale_by_kfac(
             if i not in in_layer:
                 direction[i] = grads[i] / (diag_hat[i] + lam)
         for layer in heads:
-            v = layer.to_matrix(grads[layer.weight])
-            if layer.bias is not None:
-                v = jnp.concatenate([v, grads[layer.bias].reshape(1, -1)], axis=0)
             sa = layer.a_slot
-            m_a = inverses[layer.weight][sa][: v.shape[0], : v.shape[0]]
-            m_g = inverses[layer.weight][1 - sa][: v.shape[1], : v.shape[1]]
-            if ekfac:  # m_a, m_g are the eigenbases
-                s_hat = scaling[layer.weight][: v.shape[0], : v.shape[1]]
-                rotated = kr.mm(kr.mm(m_a.T, v), m_g) / (s_hat + lam)
-                pre = kr.mm(kr.mm(m_a, rotated), m_g.T)
-            else:
-                pre = kr.mm(kr.mm(m_a, v), m_g)
-            shape = grads[layer.weight].shape
-            direction[layer.weight] = layer.from_matrix(pre[: layer.in_features], shape)
+
+            def precondition(gw, gb, inv_a, inv_g, s_leaf, layer=layer):
+                """One layer (one slice of a stacked one): its preconditioned gradient."""
+                v = layer.to_matrix(gw)
+                if gb is not None:
+                    v = jnp.concatenate([v, gb.reshape(1, -1)], axis=0)
+                m_a = inv_a[: v.shape[0], : v.shape[0]]
+                m_g = inv_g[: v.shape[1], : v.shape[1]]
+                if ekfac:  # m_a, m_g are the eigenbases
+                    s_hat = s_leaf[: v.shape[0], : v.shape[1]]
+                    rotated = kr.mm(kr.mm(m_a.T, v), m_g) / (s_hat + lam)
+                    pre = kr.mm(kr.mm(m_a, rotated), m_g.T)
+                else:
+                    pre = kr.mm(kr.mm(m_a, v), m_g)
+                d_w = layer.from_matrix(pre[: layer.in_features], gw.shape)
+                d_b = None if gb is None else pre[-1].reshape(gb.shape)
+                return d_w, d_b
+
+            args = (
+                grads[layer.weight],
+                None if layer.bias is None else grads[layer.bias],
+                inverses[layer.weight][sa],
+                inverses[layer.weight][1 - sa],
+                scaling[layer.weight] if ekfac else None,
+            )
+            fn = precondition if layer.stack is None else jax.vmap(precondition)
+            d_w, d_b = fn(*args)
+            direction[layer.weight] = d_w
             if layer.bias is not None:
-                direction[layer.bias] = pre[-1].reshape(grads[layer.bias].shape)
+                direction[layer.bias] = d_b
 
         if not adaptive:
             if norm_constraint is not None:
@@ -550,6 +587,59 @@ def scale_by_kfac(
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _slices(layer: Layer) -> int:
+    """How many layers a weight leaf holds (``L`` for a stacked leaf, else 1)."""
+    return 1 if layer.stack is None else layer.stack[0]
+
+
+def _slice(arr: jax.Array, layer: Layer, k: int) -> jax.Array:
+    """Slice `k` of a stacked layer's per-slice array (the array itself if unstacked)."""
+    return arr if layer.stack is None else arr[k]
+
+
+def _unslice(parts: list[jax.Array], layer: Layer) -> jax.Array:
+    """Inverse of :func:`_slice` over all slices."""
+    return parts[0] if layer.stack is None else jnp.stack(parts)
+
+
+def _stacked_statistics(
+    uses, index, inputs, out_grads, pair, n, decay, stats_dtype, unit_rows
+) -> tuple[jax.Array, jax.Array]:
+    """The factor EMAs of a stacked weight (a scan over layers): slice ``l``'s factors from
+    the calls that use slice ``l`` (``Layer.slice_of``), as if each slice were its own layer.
+    Fills ``unit_rows[leaf][l]`` with those calls' rows (EKFAC)."""
+    head = uses[0]
+    length = head.stack[0]
+    leaf = head.weight
+    unit_rows[leaf] = [[] for _ in range(length)]
+    sum_a = sum_g = 0.0
+    rows_a = np.zeros(length)
+    for layer in uses:
+        i = index[layer.path]
+        xs = jnp.stack(inputs[i])  # [calls, ...]
+        a, g = jax.vmap(
+            jax.vmap(lambda x, og, layer=layer: layer.rows(x, og), in_axes=(None, 0)),
+            in_axes=(0, 1),
+        )(xs, out_grads[i])  # a: [calls, columns, M, in], g: [calls, columns, M, out]
+        a = a[:, 0].astype(stats_dtype)
+        g = g.astype(stats_dtype)
+        if layer.bias is not None:
+            a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
+        ids = np.array([layer.slice_of(c) for c in range(layer.calls)])
+        for c, k in enumerate(ids):
+            unit_rows[leaf][k].append((a[c], g[c]))
+        gram_a = jnp.einsum("cmi,cmj->cij", a, a, precision=kr.HIGHEST)
+        gram_g = jnp.einsum("ckmo,ckmp->cop", g, g, precision=kr.HIGHEST)
+        sum_a = sum_a + jax.ops.segment_sum(gram_a, ids, num_segments=length)
+        sum_g = sum_g + jax.ops.segment_sum(gram_g, ids, num_segments=length)
+        rows_a += np.bincount(ids, minlength=length) * a.shape[1]
+    sa = head.a_slot
+    out = list(pair)
+    out[sa] = fx.ema_into(pair[sa], sum_a / jnp.asarray(rows_a[:, None, None], stats_dtype), decay)
+    out[1 - sa] = fx.ema_into(pair[1 - sa], sum_g / n, decay)
+    return tuple(out)
 
 
 def _ekfac_scaling(rows, qa, qg, n, layer) -> jax.Array:
