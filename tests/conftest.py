@@ -4,12 +4,36 @@ The jax 0.10 CPU deadlock workaround must be in XLA_FLAGS before jax creates its
 so it is applied here, at conftest import, before any test runs a computation. float64 is
 enabled for the dense references; tests that check float32/bfloat16 behaviour ask for those
 dtypes explicitly.
+
+Compiles are most of the suite's time, and many tests compile the same programs (a run in
+process and the same run from the command line, a run and its resume in child processes).
+XLA's persistent compilation cache, in a directory made for this session (or the one the user
+set in ``JAX_COMPILATION_CACHE_DIR``), lets every process of the session, pytest-xdist
+workers and the command-line children included (they inherit the environment), reuse them.
+A cached executable is the one a fresh compile would give.
 """
+
+import atexit
+import os
+import shutil
+import tempfile
 
 from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround
 
 apply_cpu_deadlock_workaround()
 
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="jaxopt2-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+# jax may have read its environment before the lines above (importing jaxopt2 imports it).
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")),
+)
