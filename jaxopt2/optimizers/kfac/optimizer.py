@@ -77,7 +77,8 @@ class ScaleByKfacState(NamedTuple):
         factors' eigenvectors instead (in the slots' top-left corners).
       scaling: ``ekfac=True`` only: per layer leaf the ``[size_A, size_G]`` EMA of the
         squared per-example gradients in the eigenbasis (None otherwise).
-      diag: EMA of the sampled Fisher's diagonal, like the parameters.
+      diag: EMA of the sampled Fisher's diagonal, like the parameters (the parameters in no
+        layer use it; the entries of layer parameters stay zero).
       damping: the current λ.
       prev_update: the previous step ``δ`` (adaptive mode).
       key: fallback PRNG key (target sampling).
@@ -304,8 +305,20 @@ def scale_by_kfac(
             for layer, a in zip(disc.layers, eps_avals, strict=True)
         ]
         eps0 = zero_eps()
-        fwd = lambda lv, eps: _trace(closed, lv, eps, disc)
-        outputs, vjp_fn, (inputs, targets, value) = jax.vjp(fwd, leaves, eps0, has_aux=True)
+        # The backward pass differentiates the layer outputs (for G) and only the parameters in
+        # no layer (their diagonal Fisher): the layers' own weight gradients are not needed.
+        in_layer = disc.layer_leaves
+        free = [i for i in range(len(leaves)) if i not in in_layer]
+
+        def fwd(free_leaves, eps):
+            lv = list(leaves)
+            for i, x in zip(free, free_leaves, strict=True):
+                lv[i] = x
+            return _trace(closed, lv, eps, disc)
+
+        outputs, vjp_fn, (inputs, targets, value) = jax.vjp(
+            fwd, [leaves[i] for i in free], eps0, has_aux=True
+        )
         n = outputs.shape[0]
         if fisher == "exact":
             sqrt_f = _output_fisher_sqrt(disc.loss, jax.lax.stop_gradient(outputs))
@@ -356,13 +369,11 @@ def scale_by_kfac(
             pair[sa] = fx.ema_into(pair[sa], sum_a / rows_a, decay)
             pair[1 - sa] = fx.ema_into(pair[1 - sa], sum_g / n, decay)
             new_factors[leaf] = tuple(pair)
-        diag_sample = [jnp.sum(jnp.square(g), axis=0) / n for g in leaf_grads]
-        diag = treedef.unflatten(
-            [
-                decay * d + (1 - decay) * s.astype(stats_dtype)
-                for d, s in zip(jax.tree.leaves(state.diag), diag_sample, strict=True)
-            ]
-        )
+        diag_leaves = list(jax.tree.leaves(state.diag))  # layer leaves' entries stay zero
+        for i, g in zip(free, leaf_grads, strict=True):
+            sample = jnp.sum(jnp.square(g), axis=0) / n
+            diag_leaves[i] = decay * diag_leaves[i] + (1 - decay) * sample.astype(stats_dtype)
+        diag = treedef.unflatten(diag_leaves)
         finite = kr.all_finite((new_factors, diag, grads))
         keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(finite, x, y), new, old)
         factors = keep(tuple(new_factors), state.factors)
@@ -458,10 +469,8 @@ def scale_by_kfac(
         # --- the preconditioned gradient -----------------------------------------------------
         direction = list(grads)
         diag_hat = [d / correction for d in jax.tree.leaves(diag)]
-        in_layer = disc.layer_leaves
-        for i in range(len(leaves)):
-            if i not in in_layer:
-                direction[i] = grads[i] / (diag_hat[i] + lam)
+        for i in free:
+            direction[i] = grads[i] / (diag_hat[i] + lam)
         for layer in heads:
             sa = layer.a_slot
 
@@ -523,8 +532,13 @@ def scale_by_kfac(
         prev = [p.astype(stats_dtype) for p in jax.tree.leaves(state.prev_update)]
         model = lambda lv: _trace(closed, lv, zero_eps(), disc)[0]
         cast = lambda vs: [v.astype(jnp.result_type(x)) for v, x in zip(vs, leaves, strict=True)]
-        out0, j_delta = jax.jvp(model, (leaves,), (cast(delta),))
-        _, j_prev = jax.jvp(model, (leaves,), (cast(prev),))
+        # Both Jacobian-vector products in one batched JVP: one primal pass, the two tangents
+        # as one batch (the primal does not depend on the tangent, so it comes out unbatched).
+        tangents = [jnp.stack([a, b]) for a, b in zip(cast(delta), cast(prev), strict=True)]
+        out0, j_both = jax.vmap(lambda tv: jax.jvp(model, (leaves,), (tv,)), out_axes=(None, 0))(
+            tangents
+        )
+        j_delta, j_prev = j_both[0], j_both[1]
         fq = lambda u, v: jnp.sum(u * output_fisher_vp(disc.loss, out0, v)) / n
         dot = lambda u, v: sum(jnp.sum(x * y) for x, y in zip(u, v, strict=True))
         c11, c12, c22 = fq(j_delta, j_delta), fq(j_delta, j_prev), fq(j_prev, j_prev)
