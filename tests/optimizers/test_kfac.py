@@ -321,6 +321,24 @@ def test_discovery_flax_nnx_and_inside_remat():
         ("['w2']", False),
     }
 
+    # The product inside a jitted function, its bias added outside: followed out of the call,
+    # the bias is found, and the factors are those of the same model written inline.
+    def jit_loss(p, x, y, inline):
+        s = x @ p["w1"] if inline else jax.jit(jnp.matmul)(x, p["w1"])
+        out = jaxopt2.tag_loss("squared_error", jnp.tanh(s + p["b1"]) @ p["w2"], y)
+        return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, -1))
+
+    x, y = jax.random.normal(jax.random.PRNGKey(0), (8, 4)), jnp.ones((8, 2))
+    p = {**p, "w1": jax.random.normal(jax.random.PRNGKey(1), (4, 6))}
+    disc = kfac_layers(lambda q, x, y: jit_loss(q, x, y, False), p, x, y)
+    assert {(layer.name, layer.bias is not None) for layer in disc.layers} == {
+        ("['w1']", True),
+        ("['w2']", False),
+    }
+    f_jit = _factors_of(_exact_opt(), p, lambda q: jit_loss(q, x, y, False))
+    f_inline = _factors_of(_exact_opt(), p, lambda q: jit_loss(q, x, y, True))
+    chex.assert_trees_all_close(f_jit, f_inline, rtol=1e-12, atol=1e-14)
+
 
 def _factors_of(opt, params, value_fn):
     """One exact-Fisher K-FAC update from a fresh state; the new state's factors."""

@@ -2,7 +2,7 @@
 
 Discovery. A parameter leaf that reaches a product with the data as one operand (through
 transposes, dtype casts, copies and call boundaries such as ``jit``/``pjit``, ``remat`` and
-custom-derivative wrappers) is a layer's weight:
+custom-derivative wrappers, into their bodies and back out) is a layer's weight:
   * a rank-2 leaf in a ``dot_general``: a dense layer;
   * a rank-4 leaf as the kernel of a ``conv_general_dilated`` (no feature groups): a 2-D
     convolution, whose statistics come from image patches (Grosse & Martens, 2016).
@@ -304,6 +304,10 @@ def discover(
                     ]  # fmt: skip
                 sub_env = {sv: x for sv, x in zip(sub.invars, ins, strict=True) if x}
                 visit(sub, sub_env, here, calls * repeat)
+                if name != "scan":  # a call's outputs are its body's: follow them out
+                    for ov, sv in zip(eqn.outvars, sub.outvars, strict=True):
+                        if not isinstance(sv, core.Literal) and sv in sub_env:
+                            env[ov] = sub_env[sv]
                 continue
             layer = None
             if eqn.primitive is layer_tag_p:
