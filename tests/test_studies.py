@@ -1,0 +1,60 @@
+"""Smoke versions of the studies under experiments/studies/: they run, write their outputs,
+and the quantity each one plots agrees with a dense reference on a model small enough for it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jaxopt2.experiment.config import load_config
+from jaxopt2.experiment.setup import build_setup
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(240)
+
+
+def _study(name: str):
+    path = ROOT / "experiments" / "studies" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"study_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dense_top(setup, params_row):
+    """Top eigenvalue of the dense float64 Hessian of the full-batch loss at `params_row`."""
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params_row)
+    flat, unravel = ravel_pytree(params)
+    data = tuple(
+        jnp.asarray(a) if a.dtype.kind in "iub" else jnp.asarray(a, jnp.float64)
+        for a in setup.train_data
+    )
+    hess = jax.hessian(lambda v: setup.loss_fn(unravel(v), *data))(flat)
+    return float(np.linalg.eigvalsh(np.asarray(hess))[-1])
+
+
+def test_edge_of_stability_smoke(tmp_path):
+    study = _study("edge_of_stability")
+    summary = study.main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "edge_of_stability.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "edge_of_stability.json").read_text())
+    assert set(saved["cases"]) == {"squared", "cross_entropy"}
+    for loss, case in summary["cases"].items():
+        rc, _ = load_config(case["config"], case["overrides"][:-1])  # without the lr grid
+        setup = build_setup(rc)
+        flat = jax.tree_util.tree_flatten_with_path(setup.params)[0]
+        with np.load(tmp_path / "sweeps" / loss / "params.npz") as z:
+            for j, m in enumerate(case["members"]):
+                assert m["threshold_2_over_lr"] == pytest.approx(2.0 / m["learning_rate"])
+                leaves = [z[jax.tree_util.keystr(p).lstrip(".")][j] for p, _ in flat]
+                final = jax.tree.unflatten(jax.tree.structure(setup.params), leaves)
+                # the plotted quantity: the last logged sharpness is at the final parameters
+                top = _dense_top(setup, final)
+                np.testing.assert_allclose(m["curve"]["sharpness"][-1], top, rtol=1e-3)
