@@ -74,7 +74,8 @@ class DiagnosticsConfig:
     At the first chunk boundary at or past every multiple of ``every`` steps (and at the end),
     the run logs ``sharpness`` (the top Hessian eigenvalue, by Lanczos), optionally ``trace``
     and ``trace_stderr`` (Hutchinson) and ``grad_topk_share`` (the fraction of the gradient's
-    squared norm in the top-k eigenspace), on the batch the next step trains on
+    squared norm in the top-k eigenspace; with ``top_k > 1`` also ``grad_share_by_k``, that
+    fraction for the top 1..k), on the batch the next step trains on
     (``train_batch``) or on the whole training set (``full``). A disabled section is left out
     of the resolved config, so configs without it resolve (and resume) as before.
     """
@@ -83,7 +84,7 @@ class DiagnosticsConfig:
     top_k: int = 1  # eigenvalues computed; sharpness is the largest
     num_iters: int = 20  # Lanczos steps (clamped to the number of parameters)
     trace_probes: int = 0  # Hutchinson probes for the trace; 0: no trace
-    grad_share: bool = False  # log grad_topk_share
+    grad_share: bool = False  # log grad_topk_share (and grad_share_by_k)
     batch: str = "train_batch"  # train_batch | full
 
 

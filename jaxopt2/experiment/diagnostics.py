@@ -50,7 +50,8 @@ def curvature_metrics(
       key: PRNG key for the Lanczos start vector and the trace probes.
       top_k: eigenpairs computed; ``sharpness`` is the largest. With ``top_k > 1`` and a
         gradient, ``grad_topk_share`` is ``‖P_k g‖² / ‖g‖²``, the fraction of the gradient's
-        squared norm in the span of the top-k eigenvectors.
+        squared norm in the span of the top-k eigenvectors, and ``grad_share_by_k``
+        ``[top_k]`` the same fraction for the top 1, 2, ..., ``top_k`` (cumulative).
       num_iters: Lanczos iterations (at least ``top_k``).
       trace_probes: Rademacher probes for the trace estimate; 0 skips it.
       grad: the gradient at `params` (for ``grad_topk_share``); None skips it.
@@ -69,9 +70,10 @@ def curvature_metrics(
     if grad is not None:
         coeffs = jax.vmap(lambda v: optax.tree.vdot(v, grad))(evecs)
         gnorm2 = optax.tree.vdot(grad, grad)
-        out["grad_topk_share"] = jnp.sum(coeffs**2) / jnp.maximum(
-            gnorm2, jnp.finfo(gnorm2.dtype).tiny
-        )
+        by_k = jnp.cumsum(coeffs**2) / jnp.maximum(gnorm2, jnp.finfo(gnorm2.dtype).tiny)
+        out["grad_topk_share"] = by_k[-1]
+        if top_k > 1:
+            out["grad_share_by_k"] = by_k
     return out
 
 

@@ -42,10 +42,11 @@ def batch_at(
 
 def diagnostics_row(out: dict[str, Any], top_k: int) -> dict[str, Any]:
     """Metrics-row fields from one run's diagnostics output (host arrays): scalars as floats
-    (None if not finite), ``top_eigenvalues`` as a list when more than one was computed."""
+    (None if not finite), ``top_eigenvalues`` and ``grad_share_by_k`` as lists when more than
+    one eigenpair was computed."""
     row: dict[str, Any] = {}
     for k, v in out.items():
-        if k == "top_eigenvalues":
+        if k in ("top_eigenvalues", "grad_share_by_k"):
             if top_k > 1:
                 row[k] = [clean(float(x)) for x in np.asarray(v)]
         else:

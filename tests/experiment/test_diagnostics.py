@@ -52,4 +52,8 @@ def test_sharpness_and_gradient_share():
     top2 = vecs[:, -2:]
     share = np.sum((top2.T @ np.asarray(g)) ** 2) / np.sum(np.asarray(g) ** 2)
     np.testing.assert_allclose(out["grad_topk_share"], share, rtol=1e-8)
+    # cumulative: the top-1 share, then the top-2 share (eigh sorts ascending)
+    top1 = np.sum((vecs[:, -1:].T @ np.asarray(g)) ** 2) / np.sum(np.asarray(g) ** 2)
+    np.testing.assert_allclose(out["grad_share_by_k"], [top1, share], rtol=1e-8)
+    assert top1 < share
     assert np.isfinite(out["trace"]) and out["trace_stderr"] > 0
