@@ -58,3 +58,34 @@ def test_edge_of_stability_smoke(tmp_path):
                 # the plotted quantity: the last logged sharpness is at the final parameters
                 top = _dense_top(setup, final)
                 np.testing.assert_allclose(m["curve"]["sharpness"][-1], top, rtol=1e-3)
+
+
+def test_gradient_subspace_smoke(tmp_path):
+    """The plotted share of the full-batch gradient in the top-k Hessian eigenvectors, at the
+    last logged step (the final parameters), against a dense float64 eigendecomposition."""
+    study = _study("gradient_subspace")
+    summary = study.main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "gradient_subspace.png").stat().st_size > 10_000
+    for name, res in summary["optimizers"].items():
+        rc, _ = load_config(study.CONFIG, res["overrides"])
+        setup = build_setup(rc)
+        flat = jax.tree_util.tree_flatten_with_path(setup.params)[0]
+        with np.load(tmp_path / "runs" / name / "params.npz") as z:
+            leaves = [jnp.asarray(z[jax.tree_util.keystr(p).lstrip(".")]) for p, _ in flat]
+        params = jax.tree.map(
+            lambda a: jnp.asarray(a, jnp.float64),
+            jax.tree.unflatten(jax.tree.structure(setup.params), leaves),
+        )
+        vec, unravel = ravel_pytree(params)
+        data = tuple(
+            jnp.asarray(a) if a.dtype.kind in "iub" else jnp.asarray(a, jnp.float64)
+            for a in setup.train_data
+        )
+        loss = lambda v: setup.loss_fn(unravel(v), *data)
+        g = np.asarray(jax.grad(loss)(vec))
+        _, vecs = np.linalg.eigh(np.asarray(jax.hessian(loss)(vec)))
+        coeffs = vecs[:, ::-1][:, :20].T @ g
+        dense = np.cumsum(coeffs**2) / np.sum(g**2)
+        logged = res["curve"]
+        for k in study.KS:
+            np.testing.assert_allclose(logged[f"k{k}"][-1], dense[k - 1], rtol=0.02, atol=1e-3)
