@@ -335,40 +335,11 @@ def scale_by_kfac(
         new_factors = list(state.factors)
         units = disc.units
         index = {layer.path: i for i, layer in enumerate(disc.layers)}
-        unit_rows: dict[int, list[tuple[jax.Array, jax.Array]]] = {}
+        unit_rows: dict[int, list[list[tuple[jax.Array, jax.Array]]]] = {}  # leaf -> slices
         for leaf, uses in units.items():
-            if uses[0].stack is not None:  # a scan over layers: factors per slice
-                new_factors[leaf] = _stacked_statistics(
-                    uses, index, inputs, out_grads, new_factors[leaf], n, decay, stats_dtype,
-                    unit_rows,
-                )  # fmt: skip
-                continue
-            sum_a, rows_a, sum_g = 0.0, 0, 0.0
-            unit_rows[leaf] = [[]]
-            for layer in uses:
-                i = index[layer.path]
-                xs = jnp.stack(inputs[i])  # [calls, ...]: one entry per call (scan iteration)
-                a = jax.vmap(lambda x, og, layer=layer: layer.rows(x, og)[0])(
-                    xs, out_grads[i][0]
-                ).astype(stats_dtype)
-                if layer.bias is not None:
-                    a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
-                # One [M, out] block per call and output-Fisher column (one unless "exact").
-                g = jax.vmap(
-                    jax.vmap(lambda x, og, layer=layer: layer.rows(x, og)[1], in_axes=(0, 0)),
-                    in_axes=(None, 0),
-                )(xs, out_grads[i]).astype(stats_dtype)  # [columns, calls, M, out]
-                for c in range(layer.calls):
-                    unit_rows[leaf][0].append((a[c], g[:, c]))
-                a = a.reshape(-1, a.shape[-1])
-                sum_a, rows_a = sum_a + kr.mm(a.T, a), rows_a + a.shape[0]
-                g = g.reshape(-1, g.shape[-1])
-                sum_g = sum_g + kr.mm(g.T, g)
-            pair = list(new_factors[leaf])
-            sa = uses[0].a_slot
-            pair[sa] = fx.ema_into(pair[sa], sum_a / rows_a, decay)
-            pair[1 - sa] = fx.ema_into(pair[1 - sa], sum_g / n, decay)
-            new_factors[leaf] = tuple(pair)
+            new_factors[leaf] = _unit_statistics(
+                uses, index, inputs, out_grads, new_factors[leaf], n, decay, stats_dtype, unit_rows
+            )
         diag_leaves = list(jax.tree.leaves(state.diag))  # layer leaves' entries stay zero
         for i, g in zip(free, leaf_grads, strict=True):
             sample = jnp.sum(jnp.square(g), axis=0) / n
@@ -618,41 +589,47 @@ def _unslice(parts: list[jax.Array], layer: Layer) -> jax.Array:
     return parts[0] if layer.stack is None else jnp.stack(parts)
 
 
-def _stacked_statistics(
+def _unit_statistics(
     uses, index, inputs, out_grads, pair, n, decay, stats_dtype, unit_rows
 ) -> tuple[jax.Array, jax.Array]:
-    """The factor EMAs of a stacked weight (a scan over layers): slice ``l``'s factors from
-    the calls that use slice ``l`` (``Layer.slice_of``), as if each slice were its own layer.
-    Fills ``unit_rows[leaf][l]`` with those calls' rows (EKFAC)."""
+    """The factor EMAs of one weight leaf from all its uses: ``A`` from the inputs (with the
+    bias's homogeneous coordinate) over the rows of every call, ``G`` from the output
+    gradients. A stacked weight (a scan over layers) gets one pair per slice, from the calls
+    that use that slice (``Layer.slice_of``), as if each slice were its own layer. Fills
+    ``unit_rows[leaf][slice]`` with each call's rows (EKFAC)."""
     head = uses[0]
-    length = head.stack[0]
+    slices = _slices(head)
     leaf = head.weight
-    unit_rows[leaf] = [[] for _ in range(length)]
-    sum_a = sum_g = 0.0
-    rows_a = np.zeros(length)
+    unit_rows[leaf] = [[] for _ in range(slices)]
+    sum_a, sum_g, rows_a = [0.0] * slices, [0.0] * slices, [0] * slices
     for layer in uses:
         i = index[layer.path]
-        xs = jnp.stack(inputs[i])  # [calls, ...]
-        a, g = jax.vmap(
-            jax.vmap(lambda x, og, layer=layer: layer.rows(x, og), in_axes=(None, 0)),
-            in_axes=(0, 1),
-        )(xs, out_grads[i])  # a: [calls, columns, M, in], g: [calls, columns, M, out]
-        a = a[:, 0].astype(stats_dtype)
-        g = g.astype(stats_dtype)
+        xs = jnp.stack(inputs[i])  # [calls, ...]: one entry per call (scan iteration)
+        a = jax.vmap(lambda x, og, layer=layer: layer.rows(x, og)[0])(xs, out_grads[i][0]).astype(
+            stats_dtype
+        )
         if layer.bias is not None:
             a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
-        ids = np.array([layer.slice_of(c) for c in range(layer.calls)])
-        for c, k in enumerate(ids):
-            unit_rows[leaf][k].append((a[c], g[c]))
-        gram_a = jnp.einsum("cmi,cmj->cij", a, a, precision=kr.HIGHEST)
-        gram_g = jnp.einsum("ckmo,ckmp->cop", g, g, precision=kr.HIGHEST)
-        sum_a = sum_a + jax.ops.segment_sum(gram_a, ids, num_segments=length)
-        sum_g = sum_g + jax.ops.segment_sum(gram_g, ids, num_segments=length)
-        rows_a += np.bincount(ids, minlength=length) * a.shape[1]
+        # One [M, out] block per call and output-Fisher column (one unless "exact").
+        g = jax.vmap(
+            jax.vmap(lambda x, og, layer=layer: layer.rows(x, og)[1], in_axes=(0, 0)),
+            in_axes=(None, 0),
+        )(xs, out_grads[i]).astype(stats_dtype)  # [columns, calls, M, out]
+        owner = [layer.slice_of(c) for c in range(layer.calls)]
+        for c, k in enumerate(owner):
+            unit_rows[leaf][k].append((a[c], g[:, c]))
+        for k in range(slices):
+            calls = [c for c, o in enumerate(owner) if o == k]
+            a_k, g_k = (a, g) if slices == 1 else (a[np.array(calls)], g[:, np.array(calls)])
+            a_k = a_k.reshape(-1, a_k.shape[-1])
+            g_k = g_k.reshape(-1, g_k.shape[-1])
+            sum_a[k], rows_a[k] = sum_a[k] + kr.mm(a_k.T, a_k), rows_a[k] + a_k.shape[0]
+            sum_g[k] = sum_g[k] + kr.mm(g_k.T, g_k)
     sa = head.a_slot
     out = list(pair)
-    out[sa] = fx.ema_into(pair[sa], sum_a / jnp.asarray(rows_a[:, None, None], stats_dtype), decay)
-    out[1 - sa] = fx.ema_into(pair[1 - sa], sum_g / n, decay)
+    stat_a = _unslice([sa_k / r for sa_k, r in zip(sum_a, rows_a, strict=True)], head)
+    out[sa] = fx.ema_into(pair[sa], stat_a, decay)
+    out[1 - sa] = fx.ema_into(pair[1 - sa], _unslice([sg / n for sg in sum_g], head), decay)
     return tuple(out)
 
 
