@@ -6,6 +6,9 @@
 * :func:`hessian_spectrum` — what ``jaxopt2 spectrum`` reports for a checkpoint: top-k
   eigenvalues, the trace with its standard error, and the stochastic-Lanczos-quadrature
   density (nodes, weights, and a smoothed density on a grid).
+* :func:`minibatch_sharpness` — the top Hessian eigenvalue of the loss on random minibatches
+  of a given size (rows drawn without replacement), one Lanczos run per minibatch: how much
+  the curvature a step of batch size B sees exceeds the full-batch one.
 
 Edge of stability (Cohen et al., 2021): full-batch gradient descent with step size η is
 stable on a quadratic only while the sharpness stays below ``2/η``; in practice the sharpness
@@ -29,7 +32,7 @@ from jaxopt2 import curvature
 
 PyTree = Any
 
-__all__ = ["curvature_metrics", "hessian_spectrum"]
+__all__ = ["curvature_metrics", "hessian_spectrum", "minibatch_sharpness"]
 
 
 def curvature_metrics(
@@ -116,3 +119,54 @@ def hessian_spectrum(
         "density_nodes": nodes,
         "density_weights": weights,
     }
+
+
+def minibatch_sharpness(
+    loss_fn: Callable[..., jax.Array],
+    params: PyTree,
+    data: tuple[jax.Array, ...],
+    key: jax.Array,
+    *,
+    batch_size: int,
+    num_batches: int,
+    num_iters: int = 20,
+) -> tuple[jax.Array, jax.Array]:
+    """Top Hessian eigenvalue of ``loss_fn(params, *batch)`` on random minibatches.
+
+    Each of the `num_batches` minibatches holds `batch_size` rows of `data` drawn without
+    replacement (a fresh draw per minibatch); its top eigenvalue is computed by Lanczos
+    (`num_iters` steps, clamped to the number of parameters). The minibatches run one after
+    the other (``lax.map``), so memory is that of one. Jit-able (`batch_size` and
+    `num_batches` static).
+
+    Args:
+      loss_fn: ``(params, *batch) -> loss``, a mean over the batch's rows.
+      params: where the Hessians are taken.
+      data: the arrays to draw rows from (leading axis: rows, the same for all).
+      key: PRNG key for the rows and the Lanczos start vectors.
+      batch_size: rows per minibatch (at most the number of rows; equal to it: the full
+        batch, the same for every draw).
+      num_batches: minibatches drawn.
+      num_iters: Lanczos steps per minibatch.
+
+    Returns:
+      ``(eigenvalues [num_batches], rows [num_batches, batch_size])``: each minibatch's top
+      eigenvalue and the indices of its rows.
+    """
+    n = data[0].shape[0]
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in 1..{n} (the rows of data), got {batch_size}")
+    if num_batches < 1:
+        raise ValueError(f"num_batches must be at least 1, got {num_batches}")
+    dim = sum(int(x.size) for x in jax.tree.leaves(params))
+    iters = max(1, min(num_iters, dim))
+
+    def one(k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        k_rows, k_eig = jax.random.split(k)
+        rows = jax.random.permutation(k_rows, n)[:batch_size]
+        batch = tuple(a[rows] for a in data)
+        matvec = curvature.hessian_operator(lambda p: loss_fn(p, *batch), params)
+        evals, _ = curvature.top_k_eigenpairs(matvec, params, k_eig, 1, num_iters=iters)
+        return evals[0], rows
+
+    return jax.lax.map(one, jax.random.split(key, num_batches))
