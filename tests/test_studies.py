@@ -89,3 +89,41 @@ def test_gradient_subspace_smoke(tmp_path):
         logged = res["curve"]
         for k in study.KS:
             np.testing.assert_allclose(logged[f"k{k}"][-1], dense[k - 1], rtol=0.02, atol=1e-3)
+
+
+def _dense_hessian(setup, params, rows=None):
+    """Dense float64 Hessian of the training loss (on `rows` of the training set, or all)."""
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+    vec, unravel = ravel_pytree(params)
+    data = tuple(
+        jnp.asarray(a) if a.dtype.kind in "iub" else jnp.asarray(a, jnp.float64)
+        for a in setup.train_data
+    )
+    if rows is not None:
+        data = tuple(a[np.asarray(rows)] for a in data)
+    return np.asarray(jax.hessian(lambda v: setup.loss_fn(unravel(v), *data))(vec))
+
+
+def test_sgd_trace_smoke(tmp_path):
+    """The plotted tr(H) (Hutchinson) and lambda_max (Lanczos) at the final parameters of every
+    sweep member, against the trace and top eigenvalue of a dense float64 Hessian."""
+    study = _study("sgd_trace")
+    summary = study.main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "sgd_trace.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "sgd_trace.json").read_text())
+    assert set(saved["reproduced"]) >= {"sgd_trace_le_2_over_lr", "gd_lambda_max_le_2_over_lr"}
+    for res in summary["batch_sizes"]:
+        setup = build_setup(load_config(study.CONFIG, res["overrides"])[0])
+        for j, m in enumerate(res["members"]):
+            final = study.final_params(setup, tmp_path / "sweeps" / f"b{res['batch_size']}"
+                                       / "params.npz", j)  # fmt: skip
+            hess = _dense_hessian(setup, final)
+            evals = np.linalg.eigvalsh(hess)
+            np.testing.assert_allclose(m["lambda_max"], evals[-1], rtol=1e-3)
+            # Hutchinson, 200 probes: within 4 standard errors, and the error bar is tight
+            assert abs(m["trace"] - np.trace(hess)) <= 4 * m["trace_stderr"]
+            assert m["trace_stderr"] < 0.1 * np.trace(hess)
+            assert m["two_over_lr"] == pytest.approx(2 / m["learning_rate"])
+            assert m["trace_le_2_over_lr"] == (m["trace"] <= 2 / m["learning_rate"])
+            loss = float(setup.loss_fn(final, *setup.train_data))
+            assert m["final_loss"] == pytest.approx(loss, rel=1e-5)
