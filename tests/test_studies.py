@@ -127,3 +127,33 @@ def test_sgd_trace_smoke(tmp_path):
             assert m["trace_le_2_over_lr"] == (m["trace"] <= 2 / m["learning_rate"])
             loss = float(setup.loss_fn(final, *setup.train_data))
             assert m["final_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_batch_size_curvature_smoke(tmp_path):
+    """The plotted minibatch top eigenvalues (each draw, on the rows the study recorded) and
+    the full-batch one, at the parameters the study used (the initial ones), against dense
+    float64 Hessians; and the lr_max table's bookkeeping."""
+    study = _study("batch_size_curvature")
+    summary = study.main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "batch_size_curvature.png").stat().st_size > 10_000
+    spec = summary["a_minibatch_spectrum"]
+    setup = build_setup(load_config(study.CONFIG, spec["overrides"])[0])
+    for t in spec["table"]:
+        rows = t["rows"]
+        assert all(len(set(r)) == t["batch_size"] for r in rows)
+        dense = [np.linalg.eigvalsh(_dense_hessian(setup, setup.params, r))[-1] for r in rows]
+        np.testing.assert_allclose(t["eigenvalues"], dense, rtol=2e-3)
+        assert t["mean"] == pytest.approx(np.mean(dense), rel=2e-3)
+    full = np.linalg.eigvalsh(_dense_hessian(setup, setup.params))[-1]
+    assert spec["full_batch"] == pytest.approx(full, rel=2e-3)
+    assert spec["above_full_at_every_B"] == all(
+        t["mean"] > spec["full_batch"] for t in spec["table"] if t["batch_size"] < setup.n_train
+    )
+    for res in summary["b_lr_max"].values():
+        for t in res["table"]:
+            ok = [r["learning_rate"] for r in t["runs"] if r["succeeded"]]
+            assert t["lr_max"] == (max(ok) if ok else None)
+            assert all(
+                r["succeeded"] == (r["final_loss"] is not None and r["final_loss"] <= 0.5)
+                for r in t["runs"]
+            )
