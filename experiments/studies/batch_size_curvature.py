@@ -29,8 +29,8 @@ Outputs in ``--out`` (default ``experiments/results/studies/batch_size_curvature
 line; right: lr_max against B for both optimizers, with slope-1 and slope-1/2 guides),
 ``batch_size_curvature.json`` (both tables, the fits, the verdicts), sweeps under ``sweeps/``.
 
-    python experiments/studies/batch_size_curvature.py            # the study (minutes)
-    python experiments/studies/batch_size_curvature.py --smoke    # seconds: tiny model
+    python experiments/studies/batch_size_curvature.py            # the study (about 3 minutes)
+    python experiments/studies/batch_size_curvature.py --smoke    # under a minute: tiny model
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ Outputs in ``--out`` (default ``experiments/results/studies/sgd_trace``): ``sgd_
 the ratios, the bound checks; the verdicts), and the sweeps under ``sweeps/``.
 
     python experiments/studies/sgd_trace.py            # the study (about 2 minutes)
-    python experiments/studies/sgd_trace.py --smoke    # seconds: tiny model, few steps
+    python experiments/studies/sgd_trace.py --smoke    # under a minute: tiny model, 40 steps
 """
 
 from __future__ import annotations
