@@ -97,5 +97,5 @@ def test_minibatch_sharpness_matches_dense_per_batch():
         loss, w, (x, y), jax.random.PRNGKey(1), batch_size=40, num_batches=2, num_iters=16
     )
     np.testing.assert_allclose(same, [full, full], rtol=1e-8)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match=r"batch_size must be in 1\.\.40"):
         minibatch_sharpness(loss, w, (x, y), jax.random.PRNGKey(0), batch_size=41, num_batches=1)
