@@ -6,7 +6,7 @@ are pure functions of matrix-free products. Importing jaxopt2 initializes no jax
 (Unrelated to the deprecated ``google/jaxopt`` package.)
 """
 
-from jaxopt2 import curvature, linalg, optimizers, solvers
+from jaxopt2 import curvature, linalg, optimizers, sharding, solvers
 from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround, limit_lapack_threads
 from jaxopt2.curvature.tags import tag_loss
 from jaxopt2.optimizers import (
@@ -43,6 +43,7 @@ from jaxopt2.optimizers import (
     tag_dense,
     value_and_update,
 )
+from jaxopt2.sharding import state_memory, state_sharding
 from jaxopt2.solvers import Solution, least_squares, minimize
 
 __version__ = "0.1.0"
@@ -84,9 +85,12 @@ __all__ = [
     "schedule_free_adamw",
     "sgd",
     "shampoo",
+    "sharding",
     "soap",
     "solvers",
     "sophia",
+    "state_memory",
+    "state_sharding",
     "tag_conv2d",
     "tag_dense",
     "tag_loss",

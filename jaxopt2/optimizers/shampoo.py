@@ -52,6 +52,7 @@ from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
 from jaxopt2.linalg.roots import inverse_root_spectrum, matrix_inverse_root, symmetric_eigh
 from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers import lowbit, registry
+from jaxopt2.sharding import gather_rows, map_rows, padded_rows
 
 __all__ = ["GRAFTS", "ScaleByShampooState", "scale_by_shampoo", "shampoo"]
 
@@ -69,7 +70,9 @@ class ScaleByShampooState(NamedTuple):
         preconditioned), in ``stats_dtype``.
       roots: the inverse roots of every factor, zero-padded to ``D × D``, ``[N, D, D]`` (KL:
         the eigenbases); a :class:`~jaxopt2.optimizers.lowbit.QuantizedBasis` with
-        ``precondition_bits < 32``.
+        ``precondition_bits < 32``. Built under a device mesh (``jax.set_mesh``), ``N`` is
+        rounded up to a multiple of its device count with identity rows, and the stack is
+        sharded along ``N``: each device refreshes its own rows (see :mod:`jaxopt2.sharding`).
       graft_nu: the diagonal second moment of the graft (None for ``sgd`` / ``none``).
       mu: momentum of the final update.
       num_failed_roots: factor roots that failed (non-finite / not converged) and were kept.
@@ -83,6 +86,8 @@ class ScaleByShampooState(NamedTuple):
     mu: Any
     num_failed_roots: jax.Array
     num_nonfinite: jax.Array
+
+    sharded_rows = ("roots",)  # stacked blocks, sharded along their first axis over a mesh
 
 
 def _check_exponent(exponent: Any, root_method: str) -> None:
@@ -209,7 +214,7 @@ def scale_by_shampoo(
 
     def num_root_rows(plan: kr.Plan) -> int:
         if not stagger:
-            return plan.num_factors
+            return padded_rows(plan.num_factors)
         return -(-plan.num_factors // k) * k  # a whole number of equal slices
 
     def initial_roots(rows, dim):
@@ -287,8 +292,12 @@ def scale_by_shampoo(
             roots = jax.tree.map(put, roots, new)
             real = (first + jnp.arange(size)) < plan.num_factors
             return roots, failed + jnp.sum(real & ~ok).astype(jnp.int32)
-        new, ok = factor_transform(stack)
-        return select(ok, new, roots), failed + jnp.sum(~ok).astype(jnp.int32)
+        if rows > stack.shape[0]:  # identity rows up to the sharded stack's length
+            extra = kr.identity_stack(rows - stack.shape[0], stack.shape[-1], stack.dtype)
+            stack = jnp.concatenate([stack, extra])
+        new, ok = map_rows(factor_transform, stack)
+        real = jnp.arange(rows) < plan.num_factors
+        return select(ok, new, roots), failed + jnp.sum(real & ~ok).astype(jnp.int32)
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -308,7 +317,7 @@ def scale_by_shampoo(
         if plan.num_factors:
             if statistics == "kl":
                 prev = 1.0 - b2 ** jnp.maximum(t, 1).astype(stats_dtype)
-                bases = matrices(plan, roots)
+                bases = matrices(plan, gather_rows(roots))
                 new = kr.kl_statistics(plan, blocks, stats, bases, t == 0, prev, b2, damping)
             else:
                 new = kr.shampoo_statistics(blocks, stats, b2)
@@ -336,7 +345,7 @@ def scale_by_shampoo(
         # Shampoo's direction on the blocks, with the graft's per-block norm.
         if plan.num_factors:
             graft_blocks = kr.to_blocks(plan, directions, stats_dtype)
-            dense = matrices(plan, roots)
+            dense = matrices(plan, gather_rows(roots))
             if statistics == "kl":
                 raw = kl_precondition(plan, blocks, stats, dense, stats_correction)
             else:

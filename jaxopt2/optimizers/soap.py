@@ -41,6 +41,7 @@ import optax
 from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
 from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers import registry
+from jaxopt2.sharding import gather_rows, map_rows, padded_rows
 
 __all__ = ["ScaleBySoapState", "scale_by_soap", "soap"]
 
@@ -54,7 +55,9 @@ class ScaleBySoapState(NamedTuple):
       count: updates taken (int32).
       stats: per block group ``(L [n, r, r], R [n, c, c])`` (None for an unpreconditioned side).
       bases: eigenbases of every factor, padded to ``D × D``, ``[N, D, D]``; columns sorted by
-        eigenvalue, descending.
+        eigenvalue, descending. Built under a device mesh (``jax.set_mesh``), ``N`` is rounded
+        up to a multiple of its device count with identity rows, and the stack is sharded
+        along ``N``: each device refreshes its own rows (see :mod:`jaxopt2.sharding`).
       mu: Adam's first moment, in the parameter basis (like the parameters).
       nu: Adam's second moment: per block group ``[n, r, c]`` in the eigenbasis, then per leaf
         for leaves without blocks (None for leaves with blocks).
@@ -69,6 +72,8 @@ class ScaleBySoapState(NamedTuple):
     nu: tuple
     num_failed_refreshes: jax.Array
     num_nonfinite: jax.Array
+
+    sharded_rows = ("bases",)  # stacked blocks, sharded along their first axis over a mesh
 
 
 def scale_by_soap(
@@ -132,7 +137,7 @@ def scale_by_soap(
         return ScaleBySoapState(
             count=jnp.zeros([], jnp.int32),
             stats=kr.zero_statistics(plan, stats_dtype),
-            bases=kr.identity_stack(plan.num_factors, max(plan.dim, 1), stats_dtype),
+            bases=kr.identity_stack(padded_rows(plan.num_factors), max(plan.dim, 1), stats_dtype),
             mu=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), stats_dtype), params),
             nu=(nu_blocks, nu_leaves),
             num_failed_refreshes=jnp.zeros([], jnp.int32),
@@ -142,12 +147,15 @@ def scale_by_soap(
     def new_bases(plan, stats, bases, t):
         """Refreshed padded eigenbases (descending columns) and per-factor ok flags."""
         stack = kr.pad_factors(plan, stats, for_eigenvectors=True)
+        if bases.shape[0] > stack.shape[0]:  # identity rows up to the sharded stack's length
+            extra = kr.identity_stack(bases.shape[0] - stack.shape[0], plan.dim, stack.dtype)
+            stack = jnp.concatenate([stack, extra])
 
-        def full(_):
+        def full(stack):
             _, q, ok = kr.descending_eigh(stack)
             return q, ok
 
-        def power_qr(_):
+        def power_qr(stack, bases):
             # Sort the old columns by their Rayleigh quotients (descending), then one step of
             # subspace iteration. Padded coordinates have the lowest values: they stay last.
             est = jnp.sum(bases * kr.mm(stack, bases), axis=-2)
@@ -157,23 +165,27 @@ def scale_by_soap(
             return q, jnp.all(jnp.isfinite(q), axis=(-2, -1))
 
         if refresh == "eigh":
-            return full(None)
-        return jax.lax.cond(t == 0, full, power_qr, None)
+            return map_rows(full, stack)
+        return jax.lax.cond(
+            t == 0, lambda: map_rows(full, stack), lambda: map_rows(power_qr, stack, bases)
+        )
 
     def refresh_step(plan, stats, bases, nu_blocks, failed, t):
         q, ok = new_bases(plan, stats, bases, t)
         q = jnp.where(ok[:, None, None], q, bases).astype(bases.dtype)
         # Carry the second moment into the new bases: the diagonal of the rotated covariance.
         rotated = []
+        old_q, new_q = gather_rows(bases), gather_rows(q)
         for v, (ol, or_), (nl, nr) in zip(
-            nu_blocks, kr.factor_slices(plan, bases), kr.factor_slices(plan, q), strict=True
+            nu_blocks, kr.factor_slices(plan, old_q), kr.factor_slices(plan, new_q), strict=True
         ):
             if ol is not None:
                 v = kr.mm(jnp.square(kr.tmm(nl, ol)), v)
             if or_ is not None:
                 v = kr.mmt(v, jnp.square(kr.tmm(nr, or_)))
             rotated.append(v)
-        return q, tuple(rotated), failed + jnp.sum(~ok).astype(jnp.int32)
+        real = jnp.arange(q.shape[0]) < plan.num_factors
+        return q, tuple(rotated), failed + jnp.sum(real & ~ok).astype(jnp.int32)
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -194,7 +206,7 @@ def scale_by_soap(
             if statistics == "kl":
                 prev = 1.0 - factor_decay ** jnp.maximum(t, 1).astype(stats_dtype)
                 new = kr.kl_statistics(
-                    plan, blocks, stats, bases, t == 0, prev, factor_decay, damping
+                    plan, blocks, stats, gather_rows(bases), t == 0, prev, factor_decay, damping
                 )
             else:
                 new = kr.shampoo_statistics(blocks, stats, factor_decay)
@@ -214,7 +226,7 @@ def scale_by_soap(
         new_nu_blocks, steps = [], []
         mu_blocks = kr.to_blocks(plan, mu, stats_dtype)
         for g, m, v, (ql, qr) in zip(
-            blocks, mu_blocks, nu_blocks, kr.factor_slices(plan, bases), strict=True
+            blocks, mu_blocks, nu_blocks, kr.factor_slices(plan, gather_rows(bases)), strict=True
         ):
             rot = lambda x, ql=ql, qr=qr: kr.precondition(
                 x, None if ql is None else jnp.swapaxes(ql, -1, -2), qr

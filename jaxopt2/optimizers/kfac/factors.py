@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxopt2.sharding import gather_rows, map_rows, padded_rows
+
 __all__ = ["eigenbases", "ema_into", "inverses"]
 
 
@@ -21,6 +23,10 @@ def _in_sequence(
     result is NaN), so the batches cannot run concurrently: two batched LAPACK calls at once
     deadlock jax 0.10's CPU thread pool, and ``lax.optimization_barrier`` does not prevent it
     there (seen: potrf and trsm of different batches blocked together).
+
+    Under a device mesh (``jax.set_mesh``) each stack is padded with identity matrices to a
+    multiple of the device count and split across the devices along its stack axis (each
+    inverts its own share); the results are gathered (see :mod:`jaxopt2.sharding`).
     """
     by_size: dict[int, list[int]] = {}
     for i, m in enumerate(mats):
@@ -32,7 +38,11 @@ def _in_sequence(
         if previous is not None:
             dep = jnp.minimum(jnp.abs(jnp.ravel(previous)[0]), 0.0)
             stack = stack + jnp.where(jnp.isnan(dep), 0.0, dep).astype(stack.dtype)
-        results = fn(stack)
+        rows = padded_rows(len(idx))
+        if rows > len(idx):
+            eye = jnp.eye(stack.shape[-1], dtype=stack.dtype)
+            stack = jnp.concatenate([stack, jnp.broadcast_to(eye, (rows - len(idx), *eye.shape))])
+        results = gather_rows(map_rows(fn, stack))
         previous = results[0]
         for j, i in enumerate(idx):
             out[i] = tuple(r[j] for r in results)

@@ -57,6 +57,7 @@ from jaxopt2.optimizers import registry
 from jaxopt2.optimizers.contract import require_value_fn, resolve_key
 from jaxopt2.optimizers.kfac import factors as fx
 from jaxopt2.optimizers.kfac.layers import Discovery, Layer, discover, factor_sizes, factor_stack
+from jaxopt2.sharding import explicit_mesh
 
 __all__ = ["ScaleByKfacState", "kfac", "kfac_layers", "scale_by_kfac"]
 
@@ -280,6 +281,12 @@ def scale_by_kfac(
     def update_fn(updates, state, params=None, *, value_fn=None, key=None, **extra):
         del extra
         value_fn = require_value_fn(value_fn, "kfac")
+        if explicit_mesh():
+            raise ValueError(
+                "kfac runs under a device mesh with Auto axes only: this mesh has Explicit "
+                "axes. Make it with jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * "
+                "len(shape)); the batch and parameters may stay sharded as they are."
+            )
         if params is None:
             raise ValueError("kfac needs params: call update(grads, state, params, value_fn=...).")
         closed, disc = _discover(value_fn, params)
@@ -609,7 +616,7 @@ def _unit_statistics(
             stats_dtype
         )
         if layer.bias is not None:
-            a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
+            a = jnp.concatenate([a, jnp.ones_like(a[..., :1])], axis=-1)
         # One [M, out] block per call and output-Fisher column (one unless "exact").
         g = jax.vmap(
             jax.vmap(lambda x, og, layer=layer: layer.rows(x, og)[1], in_axes=(0, 0)),

@@ -1,0 +1,237 @@
+"""Sharding: optimizer state laid out over a device mesh, and what it costs per device.
+
+jaxopt2 distributes with JAX's own sharding and nothing else. The library's side of it:
+
+* **The ambient mesh.** Under ``jax.set_mesh(mesh)`` (or ``jax.sharding.use_mesh``) the
+  optimizers that batch an expensive refresh — Shampoo's inverse roots, SOAP's eigenbases,
+  K-FAC's factor inversions — split that batch across every device of the mesh: the stack is
+  padded to a multiple of the device count and its leading (stack) axis is sharded, so each
+  device decomposes its own subset of the blocks and XLA gathers the results where they are
+  used. Without a mesh (or on one device) nothing changes: the same optimizer object runs the
+  same program as before. Both of JAX's sharding modes work: with ``Explicit`` mesh axes the
+  stacks are moved with ``jax.sharding.reshard``, with ``Auto`` axes they are constrained
+  with ``jax.lax.with_sharding_constraint``. K-FAC needs ``Auto`` axes: its statistics
+  contract activations over the sharded batch, which explicit mode asks every such product
+  to annotate; it says so instead of failing inside jax.
+* **State follows the parameters.** :func:`state_sharding` gives the sharding of every leaf
+  of an optimizer's state from the parameters' shardings: a subtree shaped like the
+  parameters (a moment, a diagonal) takes the parameters' shardings leaf by leaf; the stacked
+  preconditioner blocks a state declares (its ``sharded_rows`` fields) are sharded along the
+  stack axis; everything else (counters, keys, per-group statistics) is replicated. Use it as
+  ``jax.jit(opt.init, out_shardings=state_sharding(opt, params, shardings))(params)`` to
+  build a sharded state without materializing it on one device.
+* **Sizing a job.** :func:`state_memory` is the optimizer state's bytes on the fullest device,
+  from ``jax.eval_shape`` and those shardings alone (parameters may be
+  ``jax.ShapeDtypeStruct``\\ s): nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+__all__ = [
+    "explicit_mesh",
+    "gather_rows",
+    "map_rows",
+    "mesh_size",
+    "padded_rows",
+    "shard_rows",
+    "state_memory",
+    "state_sharding",
+]
+
+
+def _mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def mesh_size() -> int:
+    """Devices in the ambient mesh (1 when no mesh is set)."""
+    mesh = _mesh()
+    return 1 if mesh is None else int(mesh.size)
+
+
+def padded_rows(n: int) -> int:
+    """``n`` rounded up to a multiple of the ambient mesh's device count."""
+    size = mesh_size()
+    return -(-n // size) * size if n else n
+
+
+def _move(x: jax.Array, spec: PartitionSpec) -> jax.Array:
+    mesh = _mesh()
+    if all(t == AxisType.Explicit for t in mesh.axis_types):
+        return jax.sharding.reshard(x, spec)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def shard_rows(tree: Any) -> Any:
+    """Shard the leading (stack) axis of every leaf over all axes of the ambient mesh.
+
+    A no-op without a mesh, on one device, and for a leaf whose leading axis is not a multiple
+    of the device count (pad it first: :func:`padded_rows`).
+    """
+    mesh = _mesh()
+    if mesh is None or mesh.size == 1:
+        return tree
+
+    def one(x):
+        if jnp.ndim(x) == 0 or x.shape[0] % mesh.size:
+            return x
+        return _move(x, PartitionSpec(tuple(mesh.axis_names)))
+
+    return jax.tree.map(one, tree)
+
+
+def map_rows(fn: Callable[..., Any], *stacks: jax.Array) -> Any:
+    """``fn(*stacks)`` for a function that works row by row on stacks of blocks (a batched
+    ``eigh``, inverse or QR), with the rows split across the ambient mesh: each device computes
+    its share and the outputs come back sharded along their first axis.
+
+    With ``Explicit`` mesh axes `fn` runs with those axes made automatic
+    (``jax.sharding.auto_axes``), so a decomposition whose batch rule is missing in explicit
+    mode still partitions. Without a mesh, on one device, or when the rows do not divide
+    evenly, it is just ``fn(*stacks)``.
+    """
+    mesh = _mesh()
+    if mesh is None or mesh.size == 1 or any(x.shape[0] % mesh.size for x in stacks):
+        return fn(*stacks)
+    spec = PartitionSpec(tuple(mesh.axis_names))
+    stacks = tuple(shard_rows(x) for x in stacks)
+    if all(t == AxisType.Explicit for t in mesh.axis_types):
+        out_shape = jax.eval_shape(fn, *stacks)
+        out_sharding = jax.tree.map(lambda _: spec, out_shape)
+        return jax.sharding.auto_axes(fn, out_sharding=out_sharding)(*stacks)
+    return shard_rows(fn(*stacks))
+
+
+def explicit_mesh() -> bool:
+    """Whether the ambient mesh has ``Explicit`` axes (sharding in the types)."""
+    mesh = _mesh()
+    return mesh is not None and any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def gather_rows(tree: Any) -> Any:
+    """Every leaf replicated over the ambient mesh (the stacks' results, gathered for use)."""
+    mesh = _mesh()
+    if mesh is None or mesh.size == 1:
+        return tree
+    return jax.tree.map(lambda x: _move(x, PartitionSpec()), tree)
+
+
+# --- state layout ------------------------------------------------------------------------
+
+
+def _is_param_shaped(node: Any, treedef, shapes) -> bool:
+    try:
+        if jax.tree.structure(node) != treedef:
+            return False
+    except Exception:
+        return False
+    leaves = jax.tree.leaves(node)
+    return all(tuple(np.shape(x)) == s for x, s in zip(leaves, shapes, strict=True))
+
+
+def _param_sharding_tree(params: Any, shardings: Any) -> Any:
+    """The parameters' shardings as a tree shaped like `params` (one sharding may stand for
+    all of them)."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda _: shardings, params)
+    return shardings
+
+
+def _mesh_of(shardings: Any):
+    for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)):
+        if isinstance(s, NamedSharding):
+            return s.mesh
+    return None
+
+
+def state_sharding(optimizer, params: Any, shardings: Any, *, mesh=None) -> Any:
+    """The sharding of every leaf of ``optimizer.init(params)``, as a tree shaped like it.
+
+    Args:
+      optimizer: an ``optax.GradientTransformation`` (any optax or jaxopt2 optimizer, chains
+        and wrappers included).
+      params: the parameters, or ``jax.ShapeDtypeStruct``\\ s of them.
+      shardings: the parameters' ``NamedSharding``\\ s (a tree shaped like `params`, or one
+        sharding for all of them).
+      mesh: the mesh (default: the one the shardings name).
+
+    Returns:
+      ``NamedSharding``\\ s: a param-shaped subtree of the state gets `shardings`; the stacked
+      preconditioner blocks of Shampoo/SOAP are sharded along their stack axis over every mesh
+      axis (``init`` runs under the mesh, so they are padded to a multiple of its size);
+      other leaves are replicated.
+    """
+    mesh = mesh if mesh is not None else _mesh_of(shardings)
+    if mesh is None:
+        raise ValueError(
+            "state_sharding needs a mesh: pass NamedShardings of the parameters or mesh=."
+        )
+    per_param = _param_sharding_tree(params, shardings)
+    treedef = jax.tree.structure(params)
+    shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(params)]
+    with jax.set_mesh(mesh):
+        state = jax.eval_shape(optimizer.init, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rows = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+
+    def assign(node: Any, stacked: bool) -> Any:
+        if stacked and hasattr(node, "shape"):
+            return rows if len(node.shape) >= 1 and node.shape[0] % mesh.size == 0 else replicated
+        if _is_param_shaped(node, treedef, shapes) and jax.tree.leaves(node):
+            return per_param
+        if isinstance(node, tuple) and hasattr(node, "_fields"):  # a NamedTuple state
+            marked = set(getattr(type(node), "sharded_rows", ()))
+            return type(node)(
+                *(
+                    assign(v, stacked or f in marked)
+                    for f, v in zip(node._fields, node, strict=True)
+                )
+            )
+        if isinstance(node, (tuple, list)):
+            return type(node)(assign(v, stacked) for v in node)
+        if isinstance(node, dict):
+            return {k: assign(v, stacked) for k, v in node.items()}
+        if node is None:
+            return None
+        if hasattr(node, "shape"):
+            return replicated
+        # any other pytree node (an equinox module, a custom container): recurse generically
+        children, sub = jax.tree.flatten(node, is_leaf=lambda x: x is not node)
+        return jax.tree.unflatten(sub, [assign(c, stacked) for c in children])
+
+    return assign(state, False)
+
+
+def _shard_bytes(x: Any, sharding: Any) -> int:
+    shape = sharding.shard_shape(tuple(x.shape)) if sharding is not None else tuple(x.shape)
+    return int(math.prod(shape)) * jnp.dtype(x.dtype).itemsize
+
+
+def state_memory(optimizer, params: Any, shardings: Any = None) -> int:
+    """Bytes of ``optimizer.init(params)`` on the fullest device.
+
+    From ``jax.eval_shape`` and the layout of :func:`state_sharding`: nothing is allocated, so
+    `params` may be ``jax.ShapeDtypeStruct``\\ s of a model far larger than the machine.
+    Without `shardings` (one device) it is the whole state's size.
+    """
+    if shardings is None:
+        state = jax.eval_shape(optimizer.init, params)
+        return sum(_shard_bytes(x, None) for x in jax.tree.leaves(state))
+    layout = state_sharding(optimizer, params, shardings)
+    mesh = _mesh_of(shardings)
+    with jax.set_mesh(mesh):
+        state = jax.eval_shape(optimizer.init, params)
+    is_sharding: Callable[[Any], bool] = lambda s: isinstance(s, jax.sharding.Sharding)
+    layouts = jax.tree.leaves(layout, is_leaf=is_sharding)
+    leaves = jax.tree.leaves(state)
+    return sum(_shard_bytes(x, s) for x, s in zip(leaves, layouts, strict=True))

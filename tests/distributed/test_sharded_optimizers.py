@@ -1,0 +1,162 @@
+"""Sharded training matches one device, state follows the parameters' layout, and the
+preconditioner refreshes are split across devices (8 simulated devices)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxopt2
+from jaxopt2.sharding import state_memory, state_sharding
+from tests.distributed.common import (
+    DEVICES,
+    SHAPES,
+    lapack_batches,
+    make_problem,
+    max_relative_error,
+    needs_devices,
+    train,
+)
+
+pytestmark = [needs_devices, pytest.mark.timeout(240)]
+STEPS = 20
+
+OPTIMIZERS = {
+    "sgd": lambda: optax.sgd(0.1, momentum=0.9),
+    "adam": lambda: optax.adam(1e-2),
+    "shampoo": lambda: jaxopt2.shampoo(1e-2, block_size=8, precondition_every=5),
+    # eps well above float32 noise: Adam in the eigenbasis divides rotated gradient entries
+    # that are ~1e-7 (round-off) by their own RMS, which turns round-off into +-1 steps; a
+    # different reduction order (the sharded batch) then changes the step at O(lr).
+    "soap": lambda: jaxopt2.soap(3e-3, block_size=8, precondition_every=5, eps=1e-3),
+    "kfac": lambda: jaxopt2.kfac(invert_every=5),
+    "hessian_free": lambda: jaxopt2.hessian_free(max_cg_iters=10),
+}
+
+
+def _mesh(shape=(DEVICES,), names=("data",), kind=AxisType.Explicit):
+    return jax.make_mesh(shape, names, axis_types=(kind,) * len(shape))
+
+
+# K-FAC runs on Auto mesh axes only (it refuses Explicit ones, tested below); the others are
+# tested on jax.make_mesh's default, Explicit axes, and Shampoo on Auto axes too.
+KIND = {"kfac": AxisType.Auto}
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    """20 steps of every optimizer on one device (the reference), computed once."""
+    return {name: train(make(), STEPS) for name, make in OPTIMIZERS.items()}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_data_parallel_matches_one_device(name, single_device):
+    params1, _, losses1, _ = single_device[name]
+    mesh = _mesh(kind=KIND.get(name, AxisType.Explicit))
+    params8, _, losses8, _ = train(OPTIMIZERS[name](), STEPS, mesh=mesh)
+    assert losses1[-1] < 0.7 * losses1[0]  # the reference trains
+    assert max_relative_error(params1, params8) <= 1e-4
+    np.testing.assert_allclose(losses8, losses1, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["shampoo", "soap"])
+def test_stacked_blocks_are_padded_sharded_and_refreshed_per_device(name, single_device):
+    _, state1, _, hlo1 = single_device[name]
+    _, state8, _, hlo8 = train(OPTIMIZERS[name](), STEPS, mesh=_mesh())
+    field = "roots" if name == "shampoo" else "bases"
+    one, eight = getattr(state1[0], field), getattr(state8[0], field)
+    # 8x8 blocks: w1 6, w2 6, w3 2, a left and a right factor each: 28 factors
+    assert one.shape == (28, 8, 8)
+    assert eight.shape == (32, 8, 8)  # padded to a multiple of 8 devices
+    assert eight.sharding.spec == P(("data",))
+    assert {s.data.shape for s in eight.addressable_shards} == {(4, 8, 8)}
+    np.testing.assert_allclose(np.asarray(eight)[:28], np.asarray(one), atol=2e-4)
+    # the padding rows are decompositions of identities: finite, and no failed refresh counted
+    assert np.all(np.isfinite(np.asarray(eight)[28:]))
+    failed = "num_failed_roots" if name == "shampoo" else "num_failed_refreshes"
+    assert int(getattr(state8[0], failed)) == 0
+    # the refresh's batched eigh: all 28 factors on one device, 4 rows per device on 8
+    assert lapack_batches(hlo1, "syevd") == [(28, 8, 8)]
+    assert lapack_batches(hlo8, "syevd") == [(4, 8, 8)]
+
+
+def test_kfac_inversions_are_split_across_devices(single_device):
+    _, _, _, hlo1 = single_device["kfac"]
+    _, _, _, hlo8 = train(OPTIMIZERS["kfac"](), 1, mesh=_mesh(kind=AxisType.Auto))
+    # factor slots (inputs + 1, outputs + 1): w1 (17, 25), w2 (25, 17), w3 (17, 9); one
+    # batched Cholesky per size, the sizes one after another
+    assert sorted(lapack_batches(hlo1, "potrf")) == [(1, 9, 9), (2, 25, 25), (3, 17, 17)]
+    # on 8 devices each stack is padded to 8 and every device factors one matrix of it
+    assert sorted(lapack_batches(hlo8, "potrf")) == [(1, 9, 9), (1, 17, 17), (1, 25, 25)]
+
+
+def test_shampoo_on_auto_axes_matches_too(single_device):
+    params1, *_ = single_device["shampoo"]
+    params8, _, _, hlo = train(OPTIMIZERS["shampoo"](), STEPS, mesh=_mesh(kind=AxisType.Auto))
+    assert max_relative_error(params1, params8) <= 1e-4
+    assert lapack_batches(hlo, "syevd") == [(4, 8, 8)]
+
+
+def test_kfac_refuses_explicit_axes_by_name():
+    with pytest.raises(ValueError, match="kfac runs under a device mesh with Auto axes only"):
+        train(OPTIMIZERS["kfac"](), 1, mesh=_mesh(kind=AxisType.Explicit))
+
+
+FSDP = {"w1": P(None, "model"), "b1": P("model"), "w2": P(None, "model"), "b2": P("model"),
+        "w3": P("model", None), "b3": P(None)}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["adam", "shampoo"])
+def test_parameter_sharded_state_follows_parameters(name, single_device):
+    # Auto axes: with Explicit ones the model's own products over a sharded contracting
+    # dimension would need out_sharding annotations (jax's rule, not the optimizer's)
+    mesh = _mesh((4, 2), ("data", "model"), kind=AxisType.Auto)
+    params1, *_ = single_device[name]
+    params8, state8, _, _ = train(OPTIMIZERS[name](), STEPS, mesh=mesh, param_spec=FSDP)
+    assert max_relative_error(params1, params8) <= 1e-4
+    moments = state8[0].mu
+    for k, spec in FSDP.items():
+        assert params8[k].sharding.spec == spec
+        assert moments[k].sharding.spec == spec
+        shard = {s.data.shape for s in moments[k].addressable_shards}
+        assert shard == {NamedSharding(mesh, spec).shard_shape(SHAPES[k])}
+
+
+def test_state_sharding_layout():
+    mesh = _mesh((4, 2), ("data", "model"))
+    params, _, _ = make_problem()
+    pshard = {k: NamedSharding(mesh, FSDP[k]) for k in params}
+    opt = jaxopt2.shampoo(1e-2, block_size=8, precondition_every=5)
+    layout = state_sharding(opt, params, pshard)
+    inner = layout[0]
+    assert inner.mu == pshard and inner.graft_nu == pshard
+    assert inner.roots.spec == P(("data", "model"))
+    assert inner.count.spec == P() and inner.num_failed_roots.spec == P()
+    assert all(s.spec == P() for s in jax.tree.leaves(inner.stats))
+    # an optax chain: adam's moments take the parameters' shardings, its count is replicated
+    adam = state_sharding(optax.adam(1e-3), params, pshard)
+    assert adam[0].mu == pshard and adam[0].nu == pshard and adam[0].count.spec == P()
+
+
+def test_state_memory_matches_the_allocated_shards():
+    mesh = _mesh((4, 2), ("data", "model"))
+    params, _, _ = make_problem()
+    pshard = {k: NamedSharding(mesh, FSDP[k]) for k in params}
+    for opt in (optax.adam(1e-3), jaxopt2.shampoo(1e-2, block_size=8), jaxopt2.kfac()):
+        with jax.set_mesh(mesh):
+            state = jax.jit(opt.init, out_shardings=state_sharding(opt, params, pshard))(params)
+        device = mesh.devices.flat[0]
+        on_device = sum(
+            s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards
+            if s.device == device
+        )  # fmt: skip
+        shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+        assert state_memory(opt, shapes, pshard) == on_device
+        abstract = jax.tree.leaves(jax.eval_shape(opt.init, params))
+        total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in abstract)
+        assert state_memory(opt, shapes) == total
+        assert on_device < total
