@@ -102,6 +102,24 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a run dir that holds a different config"
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="multi-process job: the coordinator's address (process 0 listens there); "
+        "default JAXOPT2_COORDINATOR",
+    )
+    r.add_argument(
+        "--num-processes",
+        type=_positive_int,
+        metavar="N",
+        help="multi-process job: processes in it (default JAXOPT2_NUM_PROCESSES)",
+    )
+    r.add_argument(
+        "--process-id",
+        type=int,
+        metavar="I",
+        help="multi-process job: this process, 0..N-1 (default JAXOPT2_PROCESS_ID)",
+    )
 
     c = sub.add_parser(
         "compare",
@@ -223,8 +241,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from jaxopt2.experiment.config import load_config
+    from jaxopt2.experiment.distributed import initialize_processes
     from jaxopt2.experiment.trainer import run_config
 
+    initialize_processes(args.coordinator, args.num_processes, args.process_id)
     rc, stem = load_config(args.config, args.overrides)
     run_dir = args.run_dir if args.run_dir is not None else Path("runs") / stem
     result = run_config(

@@ -6,6 +6,13 @@ state of the same config, so optimizer states made of any pytree nodes (named tu
 states) round-trip without orbax needing to know them. A small JSON item carries the step and
 the cumulative training time.
 
+A checkpoint restores onto another device layout (a mesh of another size, or one device):
+orbax reads every array into the sharding of the fresh state's leaf. The one shape that
+depends on the layout is the length of a stacked preconditioner (Shampoo's roots, SOAP's
+bases are padded to a multiple of the device count, with rows that are never used): a
+saved leaf whose shape differs from the fresh one in a single axis is read as saved, and its
+first rows are kept, the fresh state's padding rows filling the rest.
+
 Writes are synchronous and atomic: orbax writes into a temporary directory and renames it
 when complete, and only finalized step directories are listed. A checkpoint that still fails
 to load is skipped in favour of the previous one.
@@ -29,6 +36,31 @@ def _to_saveable(x: Any) -> Any:
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(x)
     return x
+
+
+def _one_axis_differs(saved: tuple[int, ...] | None, shape: tuple[int, ...]) -> bool:
+    if saved is None or len(saved) != len(shape) or tuple(saved) == tuple(shape):
+        return False
+    return sum(a != b for a, b in zip(saved, shape, strict=True)) == 1
+
+
+def _replicated(x: Any) -> Any:
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding
+
+
+def _fit_rows(saved: Any, fresh: Any) -> Any:
+    """`saved` cut or padded along the one axis where its shape differs from `fresh`'s: its
+    first rows, then `fresh`'s rows beyond them; laid out like `fresh`."""
+    axis = next(i for i, (a, b) in enumerate(zip(saved.shape, fresh.shape, strict=True)) if a != b)
+    n = min(saved.shape[axis], fresh.shape[axis])
+    keep = jax.lax.slice_in_dim(saved, 0, n, axis=axis)
+    rest = jax.lax.slice_in_dim(fresh, n, fresh.shape[axis], axis=axis)
+    out = jax.numpy.concatenate([jax.numpy.asarray(keep, fresh.dtype), rest], axis=axis)
+    sharding = getattr(fresh, "sharding", None)
+    return jax.device_put(out, sharding) if sharding is not None else out
 
 
 class Checkpointer:
@@ -76,19 +108,20 @@ class Checkpointer:
         """
         ocp = self._ocp
         leaves, treedef = jax.tree.flatten(like)
-        abstract = {
-            "leaves": {
-                f"{i:05d}": jax.ShapeDtypeStruct(
-                    np.shape(_to_saveable(x)),
-                    _to_saveable(x).dtype,
-                    sharding=getattr(x, "sharding", None),
-                )
-                for i, x in enumerate(leaves)
-            }
-        }
         candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
         for s in candidates:
             try:
+                saved_shapes = self._saved_shapes(s)
+                abstract = {"leaves": {}}
+                for i, x in enumerate(leaves):
+                    shape = np.shape(_to_saveable(x))
+                    key = f"{i:05d}"
+                    resized = _one_axis_differs(saved_shapes.get(key), shape)
+                    abstract["leaves"][key] = jax.ShapeDtypeStruct(
+                        saved_shapes[key] if resized else shape,
+                        _to_saveable(x).dtype,
+                        sharding=_replicated(x) if resized else getattr(x, "sharding", None),
+                    )
                 out = self._manager.restore(
                     s,
                     args=ocp.args.Composite(
@@ -101,11 +134,23 @@ class Checkpointer:
             restored = []
             for i, x in enumerate(leaves):
                 r = out["state"]["leaves"][f"{i:05d}"]
+                if np.shape(r) != np.shape(_to_saveable(x)):
+                    r = _fit_rows(r, x)
                 if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
                     r = jax.random.wrap_key_data(r, impl=jax.random.key_impl(x))
                 restored.append(r)
             return jax.tree.unflatten(treedef, restored), dict(out["meta"])
         return None
+
+    def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """The shapes of the leaves saved at `step` (from orbax's metadata)."""
+        try:
+            with self._ocp.StandardCheckpointer() as reader:
+                meta = reader.metadata(self.directory / str(step) / "state")
+            tree = meta.item_metadata.tree["leaves"]
+        except Exception:  # no metadata: restore with the fresh shapes
+            return {}
+        return {k: tuple(getattr(v, "shape", ())) for k, v in tree.items()}
 
     def close(self) -> None:
         self._manager.close()

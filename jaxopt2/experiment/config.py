@@ -15,6 +15,7 @@ A config has top-level run settings and three named sections::
     checkpoint: {every: 500, keep: 2}
     diagnostics: {every: 0, top_k: 1, num_iters: 20, trace_probes: 0, grad_share: false,
                   batch: train_batch}   # curvature logged during training; every: 0 = off
+    mesh: {data: 0, model: 1}   # devices: data-parallel x parameter-sharded; data: 0 = off
 
 ``optimizer`` holds the runner's fields (:class:`OptimizerConfig`) and, beside them, any
 argument of the registered optimizer's factory (``b1: 0.95``); those are checked against the
@@ -46,6 +47,7 @@ __all__ = [
     "SCHEDULES",
     "CheckpointConfig",
     "DiagnosticsConfig",
+    "MeshConfig",
     "OptimizerConfig",
     "ResolvedConfig",
     "RunConfig",
@@ -89,6 +91,23 @@ class DiagnosticsConfig:
 
 
 @dataclasses.dataclass
+class MeshConfig:
+    """The device mesh a run trains on (off by default: one device, as without the section).
+
+    ``data`` devices split every batch (data parallelism: ``batch_size`` is the global batch
+    and must divide evenly); ``model`` devices split each parameter along its largest
+    dimension that they divide, with the optimizer state laid out like the parameters
+    (FSDP style) and Shampoo/SOAP's stacked blocks over all devices. ``data: -1`` takes every
+    device left after ``model``. The section is left out of the resolved config when off, and
+    a run dir resumes under a different mesh (the same run on other devices: checkpoints are
+    restored onto the new layout).
+    """
+
+    data: int = 0  # devices along the batch; 0: no mesh; -1: all the devices (after model)
+    model: int = 1  # devices along the parameters (1: parameters replicated)
+
+
+@dataclasses.dataclass
 class RunConfig:
     steps: int = 1000
     seed: int = 0
@@ -102,6 +121,7 @@ class RunConfig:
     optimizer: dict[str, Any] = dataclasses.field(default_factory=dict)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
 
 @dataclasses.dataclass
@@ -318,6 +338,15 @@ def resolve(raw: Any) -> ResolvedConfig:
     _check(top.checkpoint.every >= 1, f"checkpoint.every must be >= 1, got {top.checkpoint.every}")
     _check(top.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {top.checkpoint.keep}")
     _check_diagnostics(top.diagnostics)
+    _check(
+        top.mesh.data == -1 or top.mesh.data >= 0,
+        f"mesh.data must be a device count, 0 (no mesh) or -1 (all devices), got {top.mesh.data}",
+    )
+    _check(top.mesh.model >= 1, f"mesh.model must be >= 1, got {top.mesh.model}")
+    _check(
+        top.mesh.data != 0 or top.mesh.model == 1,
+        f"mesh.model = {top.mesh.model} needs mesh.data (a device count, or -1 for the rest)",
+    )
 
     # task
     task_raw = _section(top, "task")
@@ -420,6 +449,8 @@ def resolve(raw: Any) -> ResolvedConfig:
     }
     if top.diagnostics.every > 0:  # disabled: left out, so older run dirs still resume
         data["diagnostics"] = dataclasses.asdict(top.diagnostics)
+    if top.mesh.data != 0:  # likewise
+        data["mesh"] = dataclasses.asdict(top.mesh)
     return ResolvedConfig(top, spec, task_cfg, model_name, model_cfg, opt_cfg, args, data)
 
 

@@ -29,10 +29,15 @@
   parameters, e.g. ``schedule_free_adamw``) is evaluated, and its ``params.npz`` written, at
   ``eval_params(state, params)``; checkpoints keep the training state, so resume is exact.
   Diagnostics and ``jaxopt2 spectrum`` measure the training parameters.
+* A device mesh (the config's ``mesh`` section, :mod:`jaxopt2.experiment.distributed`): the
+  same program, traced under the mesh and compiled with the layout's shardings (parameters
+  and optimizer state as laid out there, each batch split over the ``data`` axis, everything
+  else replicated); checkpoints hold the sharded arrays and restore onto the current layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -49,6 +54,7 @@ from tqdm.auto import tqdm
 
 from jaxopt2.experiment.checkpoint import Checkpointer
 from jaxopt2.experiment.config import ResolvedConfig
+from jaxopt2.experiment.distributed import Layout, build_mesh, is_writer
 from jaxopt2.experiment.errors import UserError
 from jaxopt2.experiment.optim import build_optimizer, member_config
 from jaxopt2.experiment.rundir import StopSignals, atomic_write, clean, read_metrics
@@ -144,6 +150,30 @@ class Engine:
         self.trace_count = self.eval_trace_count = self.diag_trace_count = 0
         self.compile_time = 0.0
         self._compiled: dict[str, Any] = {}
+        self.train_data, self.eval_data = s0.train_data, s0.eval_data
+        self.mesh = build_mesh(base.run.mesh, s0.batch_size)
+        self.layout: Layout | None = None
+        if self.mesh is not None:
+            with jax.set_mesh(self.mesh):
+                tx = self.optimizer({k: v[0] for k, v in self.hyper.items()}).tx
+                self.layout = Layout(self.mesh, tx, jax.tree.map(lambda x: x[0], self.params0))
+            rep = self.layout.replicated
+            put = lambda t: self.layout.place(t, jax.tree.map(lambda _: rep, t))
+            self.hyper, self.k_data, self.k_opt, self.k_diag = put(
+                (self.hyper, self.k_data, self.k_opt, self.k_diag)
+            )
+            self.train_data = put(s0.train_data)
+            self.eval_data = None if s0.eval_data is None else put(s0.eval_data)
+            self.params0 = self.layout.place(self.params0, self.layout.members(self.layout.params1))
+
+    def _traced(self):
+        """The context the program is traced in: under the mesh when there is one."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _jit(self, fn, in_shardings=None, out_shardings=None, **kw):
+        if self.layout is None:
+            return jax.jit(fn, **kw)
+        return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, **kw)
 
     # ------------------------------------------------------------------ the program
 
@@ -175,6 +205,8 @@ class Engine:
         def member(params, opt_state, halted, h, k_o, perm, step, active):
             opt = self.optimizer(h)
             batch = s0.batch(data, step, perm) if sampled else data
+            if self.layout is not None:
+                batch = self.layout.constrain_batch(batch)
             key = jax.random.fold_in(k_o, step)
             loss, updates, new_params, new_opt, finite = train_step(
                 opt.tx, s0.loss_fn, params, opt_state, batch, key
@@ -262,38 +294,54 @@ class Engine:
         if "chunk" in self._compiled:
             return
         t0 = time.perf_counter()
-        s0, c = self.setup, self._compiled
+        c = self._compiled
         self._compile_init()
-        like = jax.eval_shape(self.init_fn, self.params0, self.hyper)
-        c["chunk"] = (
-            jax.jit(self.chunk_fn, donate_argnums=(0,))
-            .lower(
-                like,
-                self.hyper,
-                self.k_data,
-                self.k_opt,
-                s0.train_data,
-                jnp.asarray(self.chunk_len, I32),
-            )
-            .compile()
-        )
-        if s0.eval_data is not None:
-            c["eval"] = (
-                jax.jit(self.eval_fn)
-                .lower(like["params"], like["opt_state"], s0.eval_data)
+        with self._traced():
+            like = jax.eval_shape(self.init_fn, self.params0, self.hyper)
+        lay = self.layout
+        cs = lay.carry() if lay is not None else None
+        r = lay.replicated if lay is not None else None
+        n_active = self._scalar(self.chunk_len)
+        with self._traced():
+            c["chunk"] = (
+                self._jit(self.chunk_fn, (cs, r, r, r, r, r), (cs, r), donate_argnums=(0,))
+                .lower(like, self.hyper, self.k_data, self.k_opt, self.train_data, n_active)
                 .compile()
             )
-        if self.diag_every:
-            c["diag"] = (
-                jax.jit(self.diag_fn)
-                .lower(like["params"], s0.train_data, jnp.asarray(0, I32), self.k_data, self.k_diag)
-                .compile()
-            )
+            if self.eval_data is not None:
+                ins = None if cs is None else (cs["params"], cs["opt_state"], r)
+                c["eval"] = (
+                    self._jit(self.eval_fn, ins, r)
+                    .lower(like["params"], like["opt_state"], self.eval_data)
+                    .compile()
+                )
+            if self.diag_every:
+                ins = None if cs is None else (cs["params"], r, r, r, r)
+                c["diag"] = (
+                    self._jit(self.diag_fn, ins, r)
+                    .lower(
+                        like["params"], self.train_data, self._scalar(0), self.k_data, self.k_diag
+                    )
+                    .compile()
+                )
         self.compile_time = time.perf_counter() - t0
+
+    def _scalar(self, value: int) -> jax.Array:
+        """An int32 scalar argument (replicated on the mesh)."""
+        x = jnp.asarray(value, I32)
+        if self.layout is None:
+            return x
+        return self.layout.place(x, self.layout.replicated)
 
     def _compile_init(self) -> None:
         if "init" not in self._compiled:
-            self._compiled["init"] = jax.jit(self.init_fn).lower(self.params0, self.hyper).compile()
+            lay = self.layout
+            cs = lay.carry() if lay is not None else None
+            ins = None if lay is None else (lay.members(lay.params1), lay.replicated)
+            with self._traced():
+                self._compiled["init"] = (
+                    self._jit(self.init_fn, ins, cs).lower(self.params0, self.hyper).compile()
+                )
 
     def init(self) -> dict[str, Any]:
         """A fresh initial state (its own buffers: the chunk donates its carry)."""
@@ -301,10 +349,15 @@ class Engine:
         params = jax.tree.map(lambda x: jnp.array(x, copy=True), self.params0)
         return self._compiled["init"](params, self.hyper)
 
+    def placed(self, carry: dict[str, Any]) -> dict[str, Any]:
+        """`carry` laid out as the program expects it (a restored or rebuilt state)."""
+        if self.layout is None:
+            return carry
+        return self.layout.place(carry, self.layout.carry())
+
     def chunk(self, carry: dict[str, Any], n: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        s0 = self.setup
         return self._compiled["chunk"](
-            carry, self.hyper, self.k_data, self.k_opt, s0.train_data, jnp.asarray(n, I32)
+            carry, self.hyper, self.k_data, self.k_opt, self.train_data, self._scalar(n)
         )
 
     def evaluate(self, carry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -312,7 +365,7 @@ class Engine:
         if "eval" not in self._compiled:
             return [{} for _ in range(self.n_members)]
         out = jax.device_get(
-            self._compiled["eval"](carry["params"], carry["opt_state"], self.setup.eval_data)
+            self._compiled["eval"](carry["params"], carry["opt_state"], self.eval_data)
         )
         return [
             {f"eval_{k}": clean(float(v[i])) for k, v in out.items()} for i in range(self.n_members)
@@ -325,7 +378,7 @@ class Engine:
         t0 = time.perf_counter()
         out = jax.device_get(
             self._compiled["diag"](
-                params, self.setup.train_data, jnp.asarray(step, I32), self.k_data, self.k_diag
+                params, self.train_data, self._scalar(step), self.k_data, self.k_diag
             )
         )
         dt = time.perf_counter() - t0
@@ -375,7 +428,7 @@ class Engine:
         if restored is None:
             return None
         state, meta = restored
-        return self.from_saved(state), meta
+        return self.placed(self.from_saved(state)), meta
 
     # ------------------------------------------------------------------ the host loop
 
@@ -411,7 +464,8 @@ class Engine:
                 carry = jax.tree.map(lambda x: jnp.array(x, copy=True), carry)  # donated below
             metrics_path = run_dir / "metrics.jsonl"
             rows = read_metrics(metrics_path, max_step=step)  # rows after it: lost work
-            atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+            if is_writer():
+                atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         saved_step = step if resumed_from is not None else None
         status, received = "complete", None
         bar = tqdm(
@@ -425,7 +479,8 @@ class Engine:
             leave=False,
         )
         every = base.checkpoint.every
-        mf = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if run_dir is not None else None
+        writes = run_dir is not None and is_writer()
+        mf = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if writes else None
         # The halted flags after each chunk come back with its metrics (one host transfer per
         # chunk); the flags before a chunk are the previous chunk's.
         halted = np.asarray(jax.device_get(carry["halted"]))

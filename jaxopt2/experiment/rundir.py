@@ -68,6 +68,10 @@ def prepare_run_dir(run_dir: Path, rc: ResolvedConfig, overwrite: bool = False) 
             saved = None
         if saved == rc.data:
             return True
+        without_mesh = lambda d: {k: v for k, v in d.items() if k != "mesh"}
+        if isinstance(saved, dict) and without_mesh(saved) == without_mesh(rc.data):
+            atomic_write(cfg_path, rc.to_yaml())  # the same run on another device layout
+            return True
         if not overwrite:
             diff = _first_difference(saved, rc.data) if isinstance(saved, dict) else None
             raise UserError(

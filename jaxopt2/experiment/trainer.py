@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import jax
 
 from jaxopt2.experiment.config import ResolvedConfig
+from jaxopt2.experiment.distributed import barrier, host_values, is_writer
 from jaxopt2.experiment.engine import Engine
 from jaxopt2.experiment.errors import ConfigError, NonFiniteError
 from jaxopt2.experiment.optim import build_optimizer
@@ -148,7 +149,9 @@ class Trainer:
             exit_code = 128 + int(res.signal)
         self.final_carry = eng.saved_state(res.carry)
         if status == "complete":
-            save_params(self.run_dir, jax.tree.map(lambda x: x[0], eng.eval_params(res.carry)))
+            final = host_values(jax.tree.map(lambda x: x[0], eng.eval_params(res.carry)))
+            if is_writer():
+                save_params(self.run_dir, final)
         summary = self.write_summary(status, step, saved_step)
         if status == "nonfinite":
             where = (
@@ -211,6 +214,8 @@ class Trainer:
             if rc.optimizer.schedule == "constant":
                 lr = rc.optimizer.learning_rate
             summary["final_stability_threshold"] = 2.0 / lr if lr else None
+        if not is_writer():
+            return summary
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         if self.plots and rows:
             title = f"{rc.task_spec.name} / {rc.model_name} / {rc.optimizer.name}"
@@ -277,8 +282,12 @@ def run_config(
     """Prepare the run directory and train (resuming when it holds the same config)."""
     # Build the task first: a missing or malformed data file is reported before the run dir
     # (and its config.yaml) exists, so fixing the path does not make it a "different config".
+    if not is_writer():  # one process of a job writes the run dir; the others train along
+        stream, progress = None, False
     trainer = Trainer(rc, run_dir, progress=progress, stream=stream, label=label)
-    prepare_run_dir(run_dir, rc, overwrite=overwrite)
+    if is_writer():
+        prepare_run_dir(run_dir, rc, overwrite=overwrite)
+    barrier("run dir prepared")
     if on_trainer is not None:
         on_trainer(trainer)
     return trainer.train(handle_signals=handle_signals)

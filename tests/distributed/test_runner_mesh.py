@@ -1,0 +1,90 @@
+"""The runner on a mesh (the config's ``mesh`` section): a run on 8 simulated devices matches
+the same run on one device, and its checkpoints restore onto 4 devices and onto one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxopt2.cli import main
+from tests.distributed.common import needs_devices
+
+pytestmark = [needs_devices, pytest.mark.timeout(300)]
+
+CONFIG = """\
+steps: 40
+seed: 2
+batch_size: 64
+log_every: 10
+eval_every: 40
+task: {name: digits_classifier}
+model: {name: mlp, hidden: [24]}
+optimizer: {name: shampoo, learning_rate: 0.01, block_size: 8, precondition_every: 5}
+checkpoint: {every: 20, keep: 3}
+"""
+
+
+def _run(tmp: Path, name: str, *overrides: str) -> Path:
+    cfg = tmp / "mesh.yaml"
+    if not cfg.exists():
+        cfg.write_text(CONFIG)
+    run_dir = tmp / name
+    assert main(["run", str(cfg), *overrides, "--run-dir", str(run_dir), "--no-progress"]) == 0
+    return run_dir
+
+
+def _params(run_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(run_dir / "params.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def _assert_close(a: dict, b: dict, rtol: float = 1e-4) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        scale = np.max(np.abs(a[k]))
+        assert np.max(np.abs(a[k] - b[k])) <= rtol * scale, k
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mesh")
+    return tmp, _run(tmp, "one_device"), _run(tmp, "eight", "mesh.data=-1")
+
+
+def test_mesh_run_matches_one_device(runs):
+    _, one, eight = runs
+    _assert_close(_params(one), _params(eight))
+    saved = (eight / "config.yaml").read_text()
+    assert "mesh:" in saved and "data: -1" in saved
+    assert "mesh:" not in (one / "config.yaml").read_text()  # off: left out, as before
+    l1 = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
+    l8 = [json.loads(x)["loss"] for x in (eight / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(l8, l1, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", [["mesh.data=4"], []], ids=["on_4_devices", "on_1_device"])
+def test_checkpoint_from_8_devices_restores_elsewhere(runs, layout, capsys):
+    tmp, _, eight = runs
+    moved = tmp / f"moved_{len(layout)}"
+    shutil.copytree(eight, moved)
+    shutil.rmtree(moved / "checkpoints" / "40")  # as if killed after the step-20 checkpoint
+    (moved / "params.npz").unlink()
+    capsys.readouterr()
+    _run(tmp, moved.name, *layout)
+    assert "resumed from step 20" in capsys.readouterr().out
+    _assert_close(_params(eight), _params(moved))
+
+
+def test_mesh_errors_name_the_problem(tmp_path, capsys):
+    cfg = tmp_path / "mesh.yaml"
+    cfg.write_text(CONFIG)
+    base = ["run", str(cfg), "--run-dir", str(tmp_path / "r"), "--no-progress"]
+    assert main([*base, "mesh.data=16"]) == 2
+    err = capsys.readouterr().err
+    assert "mesh.data x mesh.model = 16 x 1 = 16 devices, but there are 8" in err
+    assert main([*base, "mesh.data=8", "batch_size=60"]) == 2
+    assert "batch_size = 60 does not split over mesh.data = 8 devices" in capsys.readouterr().err
