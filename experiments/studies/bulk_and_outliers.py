@@ -40,6 +40,9 @@ window-mean training loss is at most the 10-class run's final one (the same seed
 lr, so the prefix of the same trajectory); its bulk width over the 10-class one is reported
 with the same [0.8, 1.25] band, beside the primary verdict, not instead of it.
 
+Run time: 6 min 53 s on 2 CPU cores shared with other work (the spectrum of the 301k-parameter
+model is 5 of them); the smoke version 30-110 s, depending on that load.
+
 Outputs in ``--out`` (default ``experiments/results/studies/bulk_and_outliers``):
 ``bulk_and_outliers.png`` (the smoothed densities, log scale, for (a) and (b); the top 20
 eigenvalues of every run with its outlier cut), ``bulk_and_outliers.json`` (per run: the top
@@ -47,7 +50,7 @@ eigenvalues of every run with its outlier cut), ``bulk_and_outliers.json`` (per 
 and weights, the final loss and accuracy; the verdicts), and the run directories under
 ``runs/``.
 
-    python experiments/studies/bulk_and_outliers.py            # the study (a few minutes)
+    python experiments/studies/bulk_and_outliers.py            # the study (about 7 minutes)
     python experiments/studies/bulk_and_outliers.py --smoke    # seconds: 3 tiny runs, 20 steps
 """
 
@@ -257,6 +260,11 @@ def verdicts(runs: dict) -> dict:
     }
 
 
+def color_of(name: str) -> str:
+    """One color per run in every panel."""
+    return f"C{[n for n, _, _ in CASES].index(name) if name != MATCHED else len(CASES)}"
+
+
 def label_of(r: dict) -> str:
     return f"{r['num_classes']} classes, w {r['width']}, {r['steps']} steps"
 
@@ -284,9 +292,9 @@ def plot(runs: dict, path: Path) -> None:
             r = runs[n]
             d = smoothed(x, np.asarray(r["slq"]["weights"]), grid, sigma)
             label = f"{label_of(r)} ({r['num_outliers']} outliers)"
-            (line,) = ax.plot(grid, np.maximum(d, 1e-8), lw=1.1, label=label)
+            ax.plot(grid, np.maximum(d, 1e-8), lw=1.1, label=label, color=color_of(n))
             for v in r["top_eigenvalues"][: r["num_outliers"]]:
-                ax.axvline(v, color=line.get_color(), ls=":", lw=0.7)
+                ax.axvline(v, color=color_of(n), ls=":", lw=0.7)
         ax.set_yscale("log")
         ax.set_ylim(1e-6, None)
         ax.set_xlabel("eigenvalue")
@@ -294,11 +302,11 @@ def plot(runs: dict, path: Path) -> None:
         ax.set_title(title + "; dotted: the outliers")
         ax.legend(fontsize=8)
     ax = axes[1, 0]
-    for r in runs.values():
+    for n, r in runs.items():
         top = np.asarray(r["top_eigenvalues"])
-        (line,) = ax.semilogy(np.arange(1, len(top) + 1), np.maximum(top, 1e-6), "o-", ms=3,
-                              label=label_of(r))  # fmt: skip
-        ax.axvline(r["num_outliers"] + 0.5, color=line.get_color(), ls="--", lw=0.8)
+        ax.semilogy(np.arange(1, len(top) + 1), np.maximum(top, 1e-6), "o-", ms=3,
+                    label=label_of(r), color=color_of(n))  # fmt: skip
+        ax.axvline(r["num_outliers"] + 0.5, color=color_of(n), ls="--", lw=0.8)
     ax.set_xticks(range(1, TOP_K + 1, 2))
     ax.set_xlabel("index i")
     ax.set_ylabel("λ_i (Lanczos)")
@@ -307,7 +315,7 @@ def plot(runs: dict, path: Path) -> None:
     ax = axes[1, 1]
     names = list(runs)
     x = np.arange(len(names))
-    ax.bar(x, [runs[n]["bulk_width"] for n in names], color=[f"C{i}" for i in range(len(names))])
+    ax.bar(x, [runs[n]["bulk_width"] for n in names], color=[color_of(n) for n in names])
     ax.set_xticks(
         x, [f"{runs[n]['num_classes']}c w{runs[n]['width']}\n{runs[n]['steps']} st" for n in names]
     )
