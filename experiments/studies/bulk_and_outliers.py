@@ -12,8 +12,8 @@ What runs: ``task_digits_classifier`` (MLP 64-w-w-k tanh, softmax cross-entropy)
 SGD (lr 0.1, batch 128, constant lr, ``--steps`` steps) through the runner, in four runs:
 (a) k = 10 classes and k = 5 (``task.classes=[0,1,2,3,4]``, the same model otherwise) at
 width w = 128, and (b) widths w = 32, 128, 512 at 10 classes (3.5k, 26k and 301k
-parameters). At each run's final parameters
-(``params.npz``), on the whole training set, in float32: the top 20 eigenvalues by Lanczos
+parameters). At each run's final parameters (``params.npz``), on the whole training set,
+in float32: the top 20 eigenvalues by Lanczos
 (``top_k_eigenpairs``, 120 steps) and the SLQ spectral measure (``spectral_density``, 16
 Rademacher probes x 100 Lanczos steps, key ``PRNGKey(0)`` split into the Lanczos and SLQ keys),
 smoothed by ``density_on_grid`` for the plot.
@@ -40,8 +40,14 @@ window-mean training loss is at most the 10-class run's final one (the same seed
 lr, so the prefix of the same trajectory); its bulk width over the 10-class one is reported
 with the same [0.8, 1.25] band, beside the primary verdict, not instead of it.
 
+Result (3000 steps; numbers in the JSON and the README): not reproduced by either rule. The
+largest gap gives 6 outliers at 10 classes (every width) and 3 at 5 classes; the bulk width
+falls 36x from w = 32 to w = 512, but the 5-class bulk is 0.13x the 10-class one (0.78x at
+matched loss, just outside the band).
+
 Run time: 6 min 53 s on 2 CPU cores shared with other work (the spectrum of the 301k-parameter
-model is 5 of them); the smoke version 30-110 s, depending on that load.
+model is 5 of them); the smoke version about a minute (48 s alone, 60 s in the test suite;
+more when the cores are busier).
 
 Outputs in ``--out`` (default ``experiments/results/studies/bulk_and_outliers``):
 ``bulk_and_outliers.png`` (the smoothed densities, log scale, for (a) and (b); the top 20
@@ -51,7 +57,7 @@ and weights, the final loss and accuracy; the verdicts), and the run directories
 ``runs/``.
 
     python experiments/studies/bulk_and_outliers.py            # the study (about 7 minutes)
-    python experiments/studies/bulk_and_outliers.py --smoke    # seconds: 3 tiny runs, 20 steps
+    python experiments/studies/bulk_and_outliers.py --smoke    # about a minute: 3 tiny runs
 """
 
 from __future__ import annotations
