@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from jaxopt2._tree import random_probes
 from jaxopt2.experiment.config import load_config
 from jaxopt2.experiment.setup import build_setup
 
@@ -157,3 +158,51 @@ def test_batch_size_curvature_smoke(tmp_path):
                 r["succeeded"] == (r["final_loss"] is not None and r["final_loss"] <= 0.5)
                 for r in t["runs"]
             )
+
+
+def test_bulk_and_outliers_smoke(tmp_path):
+    """What the study plots, at each run's final parameters, against the dense float64 Hessian
+    of the full-batch loss: the top 20 eigenvalues (and the outlier count read from them), and
+    the SLQ measure: its weights and nodes reproduce, probe by probe, the moments
+    vᵀ Hʲ v (j = 0, 1, 2) of the same Rademacher start vectors, and its central-99% bulk
+    interval holds most of the dense eigenvalues."""
+    study = _study("bulk_and_outliers")
+    summary = study.main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "bulk_and_outliers.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "bulk_and_outliers.json").read_text())
+    assert set(saved["reproduced"]) >= {"outliers_track_classes", "bulk_set_by_model_not_data"}
+    assert summary["runs"]["c5_w128"]["num_classes"] == 5
+    for name, res in summary["runs"].items():
+        rc, _ = load_config(study.CONFIG, res["overrides"])
+        setup = build_setup(rc)
+        params32 = study.final_params(setup, tmp_path / "runs" / name)
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params32)
+        vec, unravel = ravel_pytree(params)
+        data = tuple(
+            jnp.asarray(a) if a.dtype.kind in "iub" else jnp.asarray(a, jnp.float64)
+            for a in setup.train_data
+        )
+        assert int(jnp.max(data[1])) + 1 == res["num_classes"]
+        hess = np.asarray(jax.hessian(lambda v: setup.loss_fn(unravel(v), *data))(vec))
+        dense = np.linalg.eigvalsh(hess)[::-1]
+        scale = dense[0]
+        np.testing.assert_allclose(res["top_eigenvalues"], dense[:20], rtol=2e-3, atol=1e-4 * scale)
+        assert res["num_outliers"] == study.outlier_count(dense[:20])[0]
+
+        slq = res["slq"]
+        nodes, weights = np.asarray(slq["nodes"]), np.asarray(slq["weights"])
+        _, k_den = jax.random.split(jax.random.PRNGKey(slq["seed"]))
+        probes = jax.vmap(lambda t: ravel_pytree(t)[0])(
+            random_probes(k_den, params32, slq["slq_probes"], "rademacher")
+        )
+        v = np.asarray(probes, np.float64)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        hv = v @ hess
+        per_probe = weights * slq["slq_probes"]  # each probe's weights sum to 1
+        for j, exact in enumerate([np.ones(len(v)), np.sum(v * hv, 1), np.sum(hv * hv, 1)]):
+            np.testing.assert_allclose(
+                np.sum(per_probe * nodes**j, axis=1), exact, rtol=1e-3, atol=1e-4 * scale**j
+            )
+        lo, hi = res["bulk_interval"]
+        assert res["bulk_width"] == pytest.approx(hi - lo)
+        assert np.mean((dense >= lo - 1e-6) & (dense <= hi + 1e-6)) >= 0.9

@@ -436,7 +436,11 @@ def resolve(raw: Any) -> ResolvedConfig:
         "eval_every": top.eval_every,
         "nonfinite": top.nonfinite,
         "target_loss": top.target_loss,
-        "task": {"name": task_name, **dataclasses.asdict(task_cfg)},
+        # a task field left at null is left out, so run dirs from before it existed resume
+        "task": {
+            "name": task_name,
+            **{k: v for k, v in dataclasses.asdict(task_cfg).items() if v is not None},
+        },
         "model": {"name": model_name, **dataclasses.asdict(model_cfg)},
         "optimizer": {
             **dataclasses.asdict(opt_cfg),

@@ -16,7 +16,9 @@ Tasks:
 * ``least_squares`` — 0.5 mean (x^T w - y)^2 on Gaussian features, held-out eval rows.
 * ``digits_classifier`` — scikit-learn digits, pixels/16, rows permuted with
   ``np.random.default_rng(0)``; first 1437 rows train, last 360 eval; softmax cross-entropy.
-  Models: ``mlp`` (64-128-128-10 tanh) or ``cnn``.
+  Models: ``mlp`` (64-128-128-10 tanh) or ``cnn``. ``classes`` (e.g. ``[0, 1, 2, 3, 4]``)
+  keeps only the rows of those digits, in both splits, and relabels digit ``classes[i]`` as
+  ``i``; the model has ``len(classes)`` outputs (null: all 10 digits).
 * ``digits_regression`` — the edge-of-stability setup of Cohen et al. (2021): the first
   ``num_train`` rows of the same training split (default 200), squared loss
   0.5 mean_batch sum_outputs (f(x) - onehot(y))^2; MLP 64-64-64-10 tanh with weights
@@ -105,6 +107,13 @@ class DigitsConfig:
 
 
 @dataclasses.dataclass
+class DigitsClassifierConfig:
+    """The split is fixed; ``classes`` picks a subset of the digits (null: all 10)."""
+
+    classes: list[int] | None = None  # digit classes[i] becomes label i; len(classes) outputs
+
+
+@dataclasses.dataclass
 class DigitsRegressionConfig:
     num_train: int = 200  # the first rows of the fixed training split (0: all 1437)
     init: str = "normal"  # normal: weights N(0, 1/fan_in), zero biases | default: equinox's
@@ -137,6 +146,31 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     perm = np.random.default_rng(0).permutation(len(x))
     tr, ev = perm[:1437], perm[1437:]
     return x[tr], y[tr], x[ev], y[ev]
+
+
+def _class_subset(
+    key: str, classes: list[int] | None, n_classes: int, *splits: tuple[np.ndarray, np.ndarray]
+) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]]:
+    """Keep the rows whose label is in `classes`, relabelled ``classes[i] -> i``; returns the
+    number of classes and the filtered ``(x, y)`` splits (all of them for ``None``)."""
+    if classes is None:
+        return n_classes, list(splits)
+    classes = list(classes)
+    if len(classes) < 2:
+        raise ConfigError(f"{key} must list at least 2 classes (null: all), got {classes}")
+    bad = [c for c in classes if not 0 <= c < n_classes]
+    if bad:
+        raise ConfigError(f"{key}: {bad} out of range; classes are 0..{n_classes - 1}")
+    if len(set(classes)) != len(classes):
+        dup = sorted({c for c in classes if classes.count(c) > 1})
+        raise ConfigError(f"{key}: {dup} listed more than once")
+    relabel = np.full(n_classes, -1, np.int32)
+    relabel[classes] = np.arange(len(classes), dtype=np.int32)
+    out = []
+    for x, y in splits:
+        keep = relabel[y] >= 0
+        out.append((x[keep], relabel[y[keep]]))
+    return len(classes), out
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -229,8 +263,13 @@ def _digits_model(model_name: str, model_cfg: Any, n_out: int, key: jax.Array) -
     return M.build_mlp(model_cfg, 64, n_out, key)
 
 
-def _build_digits_classifier(cfg: DigitsConfig, model_name: str, model_cfg: Any, key: jax.Array):
+def _build_digits_classifier(
+    cfg: DigitsClassifierConfig, model_name: str, model_cfg: Any, key: jax.Array
+):
     xtr, ytr, xev, yev = _digits_split()
+    n_out, [(xtr, ytr), (xev, yev)] = _class_subset(
+        "task.classes", cfg.classes, 10, (xtr, ytr), (xev, yev)
+    )
 
     def loss(model, xb, yb):
         logits = tag_loss("softmax_cross_entropy", jax.vmap(model)(xb), yb)
@@ -239,7 +278,7 @@ def _build_digits_classifier(cfg: DigitsConfig, model_name: str, model_cfg: Any,
     def eval_metrics(model, xb, yb):
         return classifier_metrics(model, xb, yb)
 
-    model = _digits_model(model_name, model_cfg, 10, key)
+    model = _digits_model(model_name, model_cfg, n_out, key)
     return Task(model, (xtr, ytr), (xev, yev), loss, eval_metrics)
 
 
@@ -401,10 +440,11 @@ TASKS: dict[str, TaskSpec] = {
         ),
         TaskSpec(
             "digits_classifier",
-            DigitsConfig,
+            DigitsClassifierConfig,
             ("mlp", "cnn"),
             _build_digits_classifier,
-            "scikit-learn digits, 10-way softmax classifier (1437 train / 360 eval)",
+            "scikit-learn digits, softmax classifier over 10 (or task.classes) digits "
+            "(1437 train / 360 eval)",
         ),
         TaskSpec(
             "digits_regression",

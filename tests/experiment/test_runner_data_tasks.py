@@ -1,4 +1,5 @@
-"""Tasks on files the user has (mnist, fashion_mnist, cifar10, npz) and modular arithmetic.
+"""Tasks on files the user has (mnist, fashion_mnist, cifar10, npz), modular arithmetic and
+the digits classifier's class subset (``task.classes``).
 
 No data ship with the package, so tiny valid files are written here and trained on for two
 steps through the command line; missing or malformed files are short user errors.
@@ -155,3 +156,58 @@ def test_modular_arithmetic_config_errors():
         rc, _ = load_config("task_modular_arithmetic", ["task.p=5", override])
         with pytest.raises(ConfigError, match=key):
             Trainer(rc, "unused", stream=None)
+
+
+def test_digits_classifier_class_subset(tmp_path, capsys):
+    """task.classes keeps only those digits in both splits, relabelled in the order given, and
+    the model's output width follows; the default (all 10) resolves without the key."""
+    from sklearn.datasets import load_digits
+
+    classes = [7, 0, 3, 4, 9]
+    full, _ = load_config("task_digits_classifier")
+    assert "classes" not in full.data["task"]  # null is left out: older run dirs resume
+    t_full = Trainer(full, tmp_path / "unused", stream=None)
+    rc, _ = load_config("task_digits_classifier", [f"task.classes={classes}"])
+    assert rc.data["task"]["classes"] == classes
+    t = Trainer(rc, tmp_path / "unused", stream=None)
+    assert t.task.model.layers[-1].weight.shape[0] == 5
+    assert t_full.task.model.layers[-1].weight.shape[0] == 10
+    digits = load_digits()
+    for (x, y), (x_all, y_all) in [
+        (t.train_data, t_full.train_data),
+        (t.eval_data, t_full.eval_data),
+    ]:
+        x, y, x_all, y_all = map(np.asarray, (x, y, x_all, y_all))
+        keep = np.isin(y_all, classes)
+        assert x.shape == (keep.sum(), 64) and y.shape == (keep.sum(),) and y.dtype == np.int32
+        assert sorted(np.unique(y).tolist()) == [0, 1, 2, 3, 4]
+        np.testing.assert_array_equal(x, x_all[keep])  # same rows, same order
+        np.testing.assert_array_equal(np.asarray(classes)[y], y_all[keep])  # i is classes[i]
+        for xi, yi in zip(x[:20], y[:20], strict=True):  # each row is an image of its digit
+            row = np.flatnonzero((digits.data / 16.0 == xi).all(axis=1))[0]
+            assert digits.target[row] == classes[yi]
+    cfg = _config(tmp_path, {"name": "digits_classifier", "classes": [2, 5]}, {"hidden": [4]})
+    assert main(["run", cfg, *FAST, "--run-dir", str(tmp_path / "run")]) == 0
+    _trained(tmp_path / "run", 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("classes", "words"),
+    [
+        ("[3]", "at least 2"),
+        ("[]", "at least 2"),
+        ("[1,2,1]", "more than once"),
+        ("[0,10]", "out of range"),
+        ("[-1,2]", "out of range"),
+        ("3", "expected a list"),
+    ],
+)
+def test_digits_classifier_class_subset_errors(classes, words, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=rf"task\.classes.*{words}"):
+        rc, _ = load_config("task_digits_classifier", [f"task.classes={classes}"])
+        Trainer(rc, tmp_path / "unused", stream=None)
+    run_dir = tmp_path / "run"
+    code = main(
+        ["run", "task_digits_classifier", f"task.classes={classes}", "--run-dir", str(run_dir)]
+    )
+    assert_user_error(capsys, code, "task.classes", words)
