@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 
 from jaxopt2.experiment.config import load_config  # noqa: E402
 from jaxopt2.experiment.diagnostics import minibatch_sharpness  # noqa: E402
+from jaxopt2.experiment.rundir import load_params  # noqa: E402
 from jaxopt2.experiment.setup import build_setup  # noqa: E402
 from jaxopt2.experiment.sweep import sweep  # noqa: E402
 
@@ -121,13 +122,6 @@ def spectrum_part(batches: list[int], draws: int, seed: int = 0, smoke: bool = F
     }
 
 
-def final_params(setup, path: Path, j: int):
-    flat = jax.tree_util.tree_flatten_with_path(setup.params)[0]
-    with np.load(path) as z:
-        leaves = [z[jax.tree_util.keystr(p).lstrip(".")][j] for p, _ in flat]
-    return jax.tree.unflatten(jax.tree.structure(setup.params), leaves)
-
-
 def lr_max_part(opt: str, batches: list[int], lrs: list[float], steps: int, out: Path,
                 smoke: bool) -> dict:  # fmt: skip
     """(b): for each batch size, the largest grid lr whose run succeeds; the log-log slope."""
@@ -148,7 +142,9 @@ def lr_max_part(opt: str, batches: list[int], lrs: list[float], steps: int, out:
             lr = m["optimizer.learning_rate"]
             loss = None
             if not m["diverged"]:
-                loss = float(full_loss(final_params(setup, run_dir / "params.npz", m["member"])))
+                loss = float(
+                    full_loss(load_params(run_dir / "params.npz", setup.params, m["member"]))
+                )
                 loss = loss if np.isfinite(loss) else None
             ok = loss is not None and loss <= LOSS_OK
             runs.append({"learning_rate": lr, "diverged": m["diverged"], "final_loss": loss,

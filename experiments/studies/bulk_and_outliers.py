@@ -83,7 +83,7 @@ from jaxopt2.curvature import (  # noqa: E402
     top_k_eigenpairs,
 )
 from jaxopt2.experiment.config import load_config  # noqa: E402
-from jaxopt2.experiment.rundir import read_metrics  # noqa: E402
+from jaxopt2.experiment.rundir import load_params, read_metrics  # noqa: E402
 from jaxopt2.experiment.setup import build_setup  # noqa: E402
 from jaxopt2.experiment.trainer import run_config  # noqa: E402
 
@@ -121,11 +121,8 @@ def overrides_for(classes: list[int] | None, width: int, steps: int) -> list[str
 
 
 def final_params(setup, run_dir: Path):
-    """The parameters in ``params.npz`` (one array per leaf, named by its pytree path)."""
-    flat = jax.tree_util.tree_flatten_with_path(setup.params)[0]
-    with np.load(run_dir / "params.npz") as z:
-        leaves = [jnp.asarray(z[jax.tree_util.keystr(p).lstrip(".")]) for p, _ in flat]
-    return jax.tree.unflatten(jax.tree.structure(setup.params), leaves)
+    """The run's parameters (its ``params.npz``) as device arrays in the setup's pytree."""
+    return jax.tree.map(jnp.asarray, load_params(run_dir / "params.npz", setup.params))
 
 
 def spectrum(setup, params, seed: int = 0) -> dict:

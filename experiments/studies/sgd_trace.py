@@ -52,9 +52,9 @@ from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround
 apply_cpu_deadlock_workaround()
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from jaxopt2.experiment.config import load_config  # noqa: E402
+from jaxopt2.experiment.rundir import load_params  # noqa: E402
 from jaxopt2.experiment.setup import build_setup  # noqa: E402
 from jaxopt2.experiment.sweep import sweep  # noqa: E402
 
@@ -90,14 +90,6 @@ def base_overrides(batch: int, steps: int, smoke: bool) -> list[str]:
     ]
 
 
-def final_params(setup, path: Path, j: int):
-    """Member `j`'s final parameters from a sweep's params.npz (as the setup's pytree)."""
-    flat = jax.tree_util.tree_flatten_with_path(setup.params)[0]
-    with np.load(path) as z:
-        leaves = [z[jax.tree_util.keystr(p).lstrip(".")][j] for p, _ in flat]
-    return jax.tree.unflatten(jax.tree.structure(setup.params), leaves)
-
-
 def run_batch(batch: int, lrs: list[float], steps: int, out: Path, smoke: bool) -> dict:
     overrides = base_overrides(batch, steps, smoke)
     run_dir = out / "sweeps" / f"b{batch}"
@@ -122,7 +114,7 @@ def run_batch(batch: int, lrs: list[float], steps: int, out: Path, smoke: bool) 
             rec.update(interpolated=False, trace_le_2_over_lr=None, lambda_max_le_2_over_lr=None)
             table.append(rec)
             continue
-        loss = float(full_loss(final_params(setup, run_dir / "params.npz", j)))
+        loss = float(full_loss(load_params(run_dir / "params.npz", setup.params, j)))
         tr, se, lam = last["trace"][j], last["trace_stderr"][j], last["sharpness"][j]
         rec.update(
             final_loss=loss,

@@ -26,6 +26,7 @@ __all__ = [
     "StopSignals",
     "atomic_write",
     "clean",
+    "load_params",
     "prepare_run_dir",
     "read_metrics",
     "save_params",
@@ -127,6 +128,15 @@ def save_params(run_dir: Path, params: Any) -> None:
     tmp = run_dir / ".params.tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, run_dir / "params.npz")
+
+
+def load_params(path: Path, like: Any, member: int | None = None) -> Any:
+    """The parameters in a ``params.npz`` written by :func:`save_params`, as a pytree shaped
+    like `like` (host arrays; row `member` of a sweep's stacked file)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+    with np.load(path) as z:
+        leaves = [z[jax.tree_util.keystr(p).lstrip(".")] for p, _ in flat]
+    return jax.tree.unflatten(treedef, [x if member is None else x[member] for x in leaves])
 
 
 class StopSignals:

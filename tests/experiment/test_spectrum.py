@@ -13,7 +13,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxopt2.cli import main
 from jaxopt2.experiment.config import load_config
-from jaxopt2.experiment.rundir import prepare_run_dir
+from jaxopt2.experiment.rundir import load_params, prepare_run_dir
 from jaxopt2.experiment.setup import build_setup
 from jaxopt2.experiment.spectrum import run_spectrum
 from jaxopt2.experiment.sweep import sweep
@@ -65,13 +65,7 @@ def test_spectrum_of_initial_params_recovers_the_quadratic_eigenvalues(tmp_path,
 def _params_row(path, like, member=None):
     """The parameters stored in a params.npz (row `member` of a sweep's stacked one), in
     float64, with the pytree structure of `like`."""
-    flat = jax.tree_util.tree_flatten_with_path(like)[0]
-    with np.load(path) as z:
-        leaves = []
-        for p, _ in flat:
-            a = z[jax.tree_util.keystr(p).lstrip(".")]
-            leaves.append(jnp.asarray(a if member is None else a[member], jnp.float64))
-    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), load_params(path, like, member))
 
 
 def _dense_top(setup, params, batches, k):
