@@ -15,7 +15,8 @@ A config has top-level run settings and three named sections::
     checkpoint: {every: 500, keep: 2}
     diagnostics: {every: 0, top_k: 1, num_iters: 20, trace_probes: 0, grad_share: false,
                   batch: train_batch}   # curvature logged during training; every: 0 = off
-    mesh: {data: 0, model: 1}   # devices: data-parallel x parameter-sharded; data: 0 = off
+    mesh: {data: 0, model: 1, feed: auto}   # devices: data-parallel x parameter-sharded;
+                                            # data: 0 = off; feed: auto | device | host
 
 ``optimizer`` holds the runner's fields (:class:`OptimizerConfig`) and, beside them, any
 argument of the registered optimizer's factory (``b1: 0.95``); those are checked against the
@@ -60,6 +61,7 @@ __all__ = [
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear")
 NONFINITE = ("stop", "skip")
+MESH_FEEDS = ("auto", "device", "host")
 DIAGNOSTIC_BATCHES = ("train_batch", "full")
 
 
@@ -101,10 +103,20 @@ class MeshConfig:
     device left after ``model``. The section is left out of the resolved config when off, and
     a run dir resumes under a different mesh (the same run on other devices: checkpoints are
     restored onto the new layout).
+
+    ``feed`` says where the batches come from. ``device``: the training set sits on every
+    device and each step draws its batch inside the compiled program (no host work per
+    step). ``host``: each process builds the rows of every batch that its own devices hold,
+    from its host copy of the data, and contributes them to the global batch
+    (``jax.make_array_from_process_local_data``): no device holds the training set, and a
+    process reads only its slice of each batch. ``auto``: ``host`` in a multi-process job,
+    ``device`` otherwise. Both draw the same rows (the order is a function of seed and epoch),
+    so a run is the same run whichever feeds it.
     """
 
     data: int = 0  # devices along the batch; 0: no mesh; -1: all the devices (after model)
     model: int = 1  # devices along the parameters (1: parameters replicated)
+    feed: str = "auto"  # where batches are built: auto | device | host
 
 
 @dataclasses.dataclass
@@ -346,6 +358,14 @@ def resolve(raw: Any) -> ResolvedConfig:
     _check(
         top.mesh.data != 0 or top.mesh.model == 1,
         f"mesh.model = {top.mesh.model} needs mesh.data (a device count, or -1 for the rest)",
+    )
+    _check(
+        top.mesh.feed in MESH_FEEDS,
+        f"mesh.feed must be one of {', '.join(MESH_FEEDS)}, got {top.mesh.feed!r}",
+    )
+    _check(
+        top.mesh.data != 0 or top.mesh.feed == "auto",
+        f"mesh.feed = {top.mesh.feed} needs mesh.data (a device count, or -1 for all devices)",
     )
 
     # task

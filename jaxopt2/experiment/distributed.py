@@ -15,13 +15,22 @@ Mesh axes are ``Auto`` (XLA propagates shardings from the ones given here), whic
 optimizer supports. The mesh is the ambient one (``jax.set_mesh``) while the engine traces, so
 Shampoo, SOAP and K-FAC split their refreshes across all of its devices.
 
+Where batches come from (``mesh.feed``): either the training set is replicated and each step
+draws its rows inside the compiled program (``device``), or each process builds, from its host
+copy of the data, only the rows of each chunk's batches that its own devices hold and the
+global batch is assembled from those slices (``host``, :meth:`Layout.rows_of`, with
+``jax.make_array_from_process_local_data``): no device then holds the training set, and full
+arrays (evaluation data, a full-batch training set) are split by rows over ``data`` too.
+
 Several processes (one per host, or several on one machine) form one job through
 ``jax.distributed.initialize`` (:func:`initialize_processes`); the mesh then spans every
-process's devices and ``batch_size`` stays the global batch.
+process's devices, ``batch_size`` stays the global batch and the feed is ``host`` unless the
+config says otherwise.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -128,6 +137,48 @@ class Layout:
             return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 
         return jax.tree.map(one, tree, shardings)
+
+    def split(self, ndim: int, axis: int) -> NamedSharding:
+        """The sharding of an `ndim`-dimensional array whose `axis` is split over ``data``."""
+        spec: list[Any] = [None] * ndim
+        spec[axis] = "data"
+        return NamedSharding(self.mesh, P(*spec))
+
+    def local_range(self, sharding: NamedSharding, shape: tuple[int, ...], axis: int):
+        """The ``[lo, hi)`` positions along `axis` that this process's devices hold."""
+        spans = set()
+        for idx in sharding.addressable_devices_indices_map(shape).values():
+            sl = idx[axis]
+            spans.add((sl.start or 0, shape[axis] if sl.stop is None else sl.stop))
+        spans = sorted(spans)
+        lo, hi = spans[0][0], spans[-1][1]
+        if any(a[1] != b[0] for a, b in itertools.pairwise(spans)):
+            raise RuntimeError(
+                f"this process's devices hold non-adjacent parts {spans} of the data axis; "
+                "order the mesh's devices by process"
+            )
+        return lo, hi
+
+    def rows_of(self, host: np.ndarray, rows: np.ndarray, axis: int) -> jax.Array:
+        """The global array ``host[rows]``, split over ``data`` along `axis` of `rows` (an index
+        array of rows of `host`). This process gathers only the rows its devices hold and
+        contributes them (``jax.make_array_from_process_local_data``)."""
+        shape = rows.shape + host.shape[1:]
+        sharding = self.split(len(shape), axis)
+        lo, hi = self.local_range(sharding, shape, axis)
+        local = host[np.take(rows, np.arange(lo, hi), axis=axis)]
+        return jax.make_array_from_process_local_data(sharding, local, shape)
+
+    def full_rows(self, data: tuple[np.ndarray, ...]) -> tuple[jax.Array, ...]:
+        """Whole arrays (every row) split by rows over ``data`` (each process contributing its
+        own rows); an array whose row count the axis does not divide is replicated."""
+        d = self.mesh.shape["data"]
+        return tuple(
+            self.rows_of(a, np.arange(a.shape[0]), 0)
+            if a.ndim and a.shape[0] % d == 0
+            else self.place(a, self.replicated)
+            for a in (np.asarray(x) for x in data)
+        )
 
     def constrain_batch(self, batch: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         """The batch's rows over the ``data`` axis (inside the traced step)."""

@@ -153,18 +153,100 @@ class Engine:
         self.train_data, self.eval_data = s0.train_data, s0.eval_data
         self.mesh = build_mesh(base.run.mesh, s0.batch_size)
         self.layout: Layout | None = None
+        self.host_feed = self.fed = self.diag_fed = False
         if self.mesh is not None:
             with jax.set_mesh(self.mesh):
                 tx = self.optimizer({k: v[0] for k, v in self.hyper.items()}).tx
-                self.layout = Layout(self.mesh, tx, jax.tree.map(lambda x: x[0], self.params0))
-            rep = self.layout.replicated
-            put = lambda t: self.layout.place(t, jax.tree.map(lambda _: rep, t))
+                first = jax.tree.map(lambda x: x[0], self.params0)
+                self.layout = lay = Layout(self.mesh, tx, first)
+            feed = base.run.mesh.feed
+            self.host_feed = feed == "host" or (feed == "auto" and jax.process_count() > 1)
+            keys = self.k_data  # this process's own copy (the host feed draws the orders)
+            rep = lay.replicated
+            put = lambda t: lay.place(t, jax.tree.map(lambda _: rep, t))
             self.hyper, self.k_data, self.k_opt, self.k_diag = put(
                 (self.hyper, self.k_data, self.k_opt, self.k_diag)
             )
-            self.train_data = put(s0.train_data)
-            self.eval_data = None if s0.eval_data is None else put(s0.eval_data)
-            self.params0 = self.layout.place(self.params0, self.layout.members(self.layout.params1))
+            if self.host_feed:
+                self._init_host_feed(keys)
+            else:
+                self.train_data = put(s0.train_data)
+                self.eval_data = None if s0.eval_data is None else put(s0.eval_data)
+            self.params0 = lay.place(self.params0, lay.members(lay.params1))
+
+    def _init_host_feed(self, keys: jax.Array) -> None:
+        """The host feed (``mesh.feed``): batches built on the host from the orders the program
+        would draw; whole arrays split by rows over ``data`` and only where needed."""
+        s0, lay, m = self.setup, self.layout, self.n_members
+        spe, n = s0.steps_per_epoch, s0.n_train
+        host = lambda arrays, like: tuple(
+            np.asarray(a, dtype=b.dtype) for a, b in zip(arrays, like, strict=True)
+        )
+        self._host_train = host(s0.task.train, s0.train_data)
+        self.fed = s0.sampled  # the chunk gets its steps' batches
+        self.diag_fed = self.fed and self.base.run.diagnostics.batch != "full"
+        whole = not self.fed or (self.diag_every and not self.diag_fed)
+        self.train_data = lay.full_rows(self._host_train) if whole else None
+        if s0.eval_data is not None:
+            self.eval_data = lay.full_rows(host(s0.task.eval, s0.eval_data))
+        self._keys_local = keys
+        self._orders = jax.jit(over_members(lambda k, t: epoch_order(k, t, spe, n), m, (0, None)))
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _epoch_perm(self, epoch: int) -> np.ndarray:
+        """Every member's row order of `epoch` ([members, rows], as the program draws it)."""
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            t = jnp.asarray(epoch * self.setup.steps_per_epoch, I32)
+            self._perms[epoch] = np.asarray(self._orders(self._keys_local, t))
+        return self._perms[epoch]
+
+    def batch_rows(self, steps: np.ndarray) -> np.ndarray:
+        """The training rows of each step's batch for every member ([steps, members, batch])."""
+        s0 = self.setup
+        spe, bs = s0.steps_per_epoch, s0.batch_size
+        epochs = steps // spe
+        out = np.empty((len(steps), self.n_members, bs), np.int32)
+        for e in np.unique(epochs):
+            at = np.nonzero(epochs == e)[0]
+            idx = (steps[at] % spe)[:, None] * bs + np.arange(bs)
+            out[at] = np.moveaxis(self._epoch_perm(int(e))[:, idx], 0, 1)
+        return out
+
+    def chunk_data(self, step: int) -> tuple[jax.Array, ...]:
+        """The chunk's data argument when it starts at `step`: the training arrays, or (host
+        feed) the batches of its steps ([steps, members, batch, ...], split over ``data``)."""
+        if not self.fed:
+            return self.train_data
+        rows = self.batch_rows(step + np.arange(self.chunk_len))
+        return tuple(self.layout.rows_of(a, rows, 2) for a in self._host_train)
+
+    def diag_data(self, step: int) -> tuple[jax.Array, ...]:
+        """The diagnostics' data argument at `step` (host feed: that step's batches)."""
+        if not self.diag_fed:
+            return self.train_data
+        rows = self.batch_rows(np.array([step]))[0]
+        return tuple(self.layout.rows_of(a, rows, 1) for a in self._host_train)
+
+    def _data_like(self, data_fn) -> Any:
+        """`data_fn`'s arrays as shapes for lowering (host feed: without building a batch)."""
+        if not self.host_feed:
+            return data_fn(0)
+        T, m, bs = self.chunk_len, self.n_members, self.setup.batch_size
+        fed_shape = {self.chunk_data: (T, m, bs), self.diag_data: (m, bs)}[data_fn]
+        fed = {self.chunk_data: self.fed, self.diag_data: self.diag_fed}[data_fn]
+        if not fed:
+            return data_fn(0)
+        lead = len(fed_shape) - 1
+        return tuple(
+            jax.ShapeDtypeStruct(
+                fed_shape + a.shape[1:],
+                a.dtype,
+                sharding=self.layout.split(len(fed_shape) + a.ndim - 1, lead),
+            )
+            for a in self._host_train
+        )
 
     def _traced(self):
         """The context the program is traced in: under the mesh when there is one."""
@@ -199,12 +281,13 @@ class Engine:
         self.trace_count += 1
         s0, m = self.setup, self.n_members
         spe, n, _bs = s0.steps_per_epoch, s0.n_train, s0.batch_size
-        sampled, skip_mode = s0.sampled, self.skip_mode
+        sampled, skip_mode, fed = s0.sampled, self.skip_mode, self.fed
         orders = over_members(lambda k, s: epoch_order(k, s, spe, n), m, (0, None))
 
-        def member(params, opt_state, halted, h, k_o, perm, step, active):
+        def member(params, opt_state, halted, h, k_o, src, step, active):
+            # src: the member's batch (host feed) or its epoch order (batch drawn here)
             opt = self.optimizer(h)
-            batch = s0.batch(data, step, perm) if sampled else data
+            batch = src if fed else s0.batch(data, step, src) if sampled else data
             if self.layout is not None:
                 batch = self.layout.constrain_batch(batch)
             key = jax.random.fold_in(k_o, step)
@@ -231,16 +314,17 @@ class Engine:
 
         step_all = over_members(member, m, (0, 0, 0, 0, 0, 0 if sampled else None, None, None))
 
-        def body(c_perm, i):
-            c, perm = c_perm
+        def body(c_perm, xs):
+            (c, perm), (i, batch) = c_perm, xs
             step = c["step"]
             active = i < n_active
-            if sampled:  # a new epoch starts: draw every member's order (once per epoch)
+            if sampled and not fed:  # a new epoch starts: draw every member's order (once)
                 perm = jax.lax.cond(
                     step % spe == 0, lambda s: orders(k_data, s), lambda s: perm, step
                 )
+            src = batch if fed else perm
             params, opt_state, metrics = step_all(
-                c["params"], c["opt_state"], c["halted"], hyper, k_opt, perm, step, active
+                c["params"], c["opt_state"], c["halted"], hyper, k_opt, src, step, active
             )
             bad = metrics["bad"]
             halt = bad & (not skip_mode)
@@ -254,10 +338,9 @@ class Engine:
             }
             return (out, perm), metrics
 
-        perm0 = orders(k_data, carry["step"]) if sampled else jnp.zeros((0,), I32)
-        (carry, _), metrics = jax.lax.scan(
-            body, (carry, perm0), jnp.arange(self.chunk_len, dtype=I32)
-        )
+        perm0 = orders(k_data, carry["step"]) if sampled and not fed else jnp.zeros((0,), I32)
+        xs = (jnp.arange(self.chunk_len, dtype=I32), data if fed else None)
+        (carry, _), metrics = jax.lax.scan(body, (carry, perm0), xs)
         return carry, metrics
 
     def eval_fn(self, params: Any, opt_state: Any, data: tuple[jax.Array, ...]):
@@ -275,10 +358,13 @@ class Engine:
         self.diag_trace_count += 1
         s0 = self.setup
 
-        def member(p, kd, kg):
-            return s0.diagnostics_metrics(p, data, step, kd, kg)
+        fed = self.diag_fed
 
-        return over_members(member, self.n_members)(params, k_data, k_diag)
+        def member(p, kd, kg, batch):
+            return s0.diagnostics_metrics(p, batch, step, kd, kg, drawn=fed)
+
+        axes = (0, 0, 0, 0 if fed else None)
+        return over_members(member, self.n_members, axes)(params, k_data, k_diag, data)
 
     def eval_params(self, carry: dict[str, Any]) -> Any:
         """Every member's evaluation parameters (the training ones unless the optimizer has
@@ -302,26 +388,29 @@ class Engine:
         cs = lay.carry() if lay is not None else None
         r = lay.replicated if lay is not None else None
         n_active = self._scalar(self.chunk_len)
+        shardings = lambda t: None if lay is None else jax.tree.map(lambda x: x.sharding, t)
+        data = self._data_like(self.chunk_data)
         with self._traced():
+            ins = (cs, r, r, r, shardings(data), r)
             c["chunk"] = (
-                self._jit(self.chunk_fn, (cs, r, r, r, r, r), (cs, r), donate_argnums=(0,))
-                .lower(like, self.hyper, self.k_data, self.k_opt, self.train_data, n_active)
+                self._jit(self.chunk_fn, ins, (cs, r), donate_argnums=(0,))
+                .lower(like, self.hyper, self.k_data, self.k_opt, data, n_active)
                 .compile()
             )
             if self.eval_data is not None:
-                ins = None if cs is None else (cs["params"], cs["opt_state"], r)
+                ev = shardings(self.eval_data)
+                ins = None if cs is None else (cs["params"], cs["opt_state"], ev)
                 c["eval"] = (
                     self._jit(self.eval_fn, ins, r)
                     .lower(like["params"], like["opt_state"], self.eval_data)
                     .compile()
                 )
             if self.diag_every:
-                ins = None if cs is None else (cs["params"], r, r, r, r)
+                data = self._data_like(self.diag_data)
+                ins = None if cs is None else (cs["params"], shardings(data), r, r, r)
                 c["diag"] = (
                     self._jit(self.diag_fn, ins, r)
-                    .lower(
-                        like["params"], self.train_data, self._scalar(0), self.k_data, self.k_diag
-                    )
+                    .lower(like["params"], data, self._scalar(0), self.k_data, self.k_diag)
                     .compile()
                 )
         self.compile_time = time.perf_counter() - t0
@@ -355,9 +444,12 @@ class Engine:
             return carry
         return self.layout.place(carry, self.layout.carry())
 
-    def chunk(self, carry: dict[str, Any], n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    def chunk(
+        self, carry: dict[str, Any], n: int, step: int
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """`n` steps of every member from `carry`, which is at `step`."""
         return self._compiled["chunk"](
-            carry, self.hyper, self.k_data, self.k_opt, self.train_data, self._scalar(n)
+            carry, self.hyper, self.k_data, self.k_opt, self.chunk_data(step), self._scalar(n)
         )
 
     def evaluate(self, carry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -378,7 +470,7 @@ class Engine:
         t0 = time.perf_counter()
         out = jax.device_get(
             self._compiled["diag"](
-                params, self.train_data, self._scalar(step), self.k_data, self.k_diag
+                params, self.diag_data(step), self._scalar(step), self.k_data, self.k_diag
             )
         )
         dt = time.perf_counter() - t0
@@ -490,7 +582,7 @@ class Engine:
                     n = min(self.chunk_len, steps - step)
                     t0 = time.perf_counter()
                     was_halted = halted
-                    carry, mt = self.chunk(carry, n)
+                    carry, mt = self.chunk(carry, n, step)
                     mt, halted, diverged_at, nonfinite = jax.device_get(
                         (mt, carry["halted"], carry["diverged_at"], carry["nonfinite"])
                     )

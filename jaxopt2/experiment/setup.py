@@ -90,11 +90,15 @@ class Setup:
         step: jax.Array,
         data_key: jax.Array,
         diag_key: jax.Array,
+        *,
+        drawn: bool = False,
     ) -> dict[str, jax.Array]:
         """Curvature diagnostics at `params` (config section ``diagnostics``) on the batch of
-        `step` from the data stream `data_key` (or the full set), probes from `diag_key`."""
+        `step` from the data stream `data_key` (or the full set), probes from `diag_key`.
+        `drawn`: `data` already is that batch (built outside the program)."""
         d = self.rc.run.diagnostics
-        batch = data if d.batch == "full" else self.batch(data, step, data_key=data_key)
+        full_or_drawn = d.batch == "full" or drawn
+        batch = data if full_or_drawn else self.batch(data, step, data_key=data_key)
 
         def value_fn(p):
             return self.loss_fn(p, *batch)

@@ -200,6 +200,13 @@ class Trainer:
             "last_checkpoint_step": saved_step,
             "resumed_from_step": self.resumed_from,
         }
+        eng = self.engine
+        if eng.mesh is not None:  # the layout it trained on (a resume may use another)
+            summary["mesh"] = {
+                **{k: int(v) for k, v in eng.mesh.shape.items()},
+                "processes": jax.process_count(),
+                "feed": "host" if eng.host_feed else "device",
+            }
         if evals:
             for k, v in evals[-1].items():
                 if k.startswith("eval_"):

@@ -1,6 +1,6 @@
 """Two processes on localhost form one data-parallel job (``jax.distributed`` over gloo, CPU
 collectives): ``jaxopt2 run`` started once per process trains the same run as one process on
-the same number of devices."""
+the same number of devices, each process building only its own rows of every batch."""
 
 from __future__ import annotations
 
@@ -71,6 +71,10 @@ def test_two_processes_train_like_one(tmp_path):
         assert a.files == b.files
         for k in a.files:
             assert np.max(np.abs(a[k] - b[k])) <= 1e-4 * np.max(np.abs(b[k])), k
+    # the job fed its batches from the processes' own slices (the default of a job)
+    summary = json.loads((job / "summary.json").read_text())
+    assert summary["mesh"] == {"data": 4, "model": 1, "processes": 2, "feed": "host"}
+    assert json.loads((single / "summary.json").read_text())["mesh"]["feed"] == "device"
     rows = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20, 30]  # one writer: no duplicated rows
     assert sorted(int(p.name) for p in (job / "checkpoints").iterdir()) == [20, 30]

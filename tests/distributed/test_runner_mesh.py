@@ -1,5 +1,6 @@
 """The runner on a mesh (the config's ``mesh`` section): a run on 8 simulated devices matches
-the same run on one device, and its checkpoints restore onto 4 devices and onto one."""
+the same run on one device, whether its batches are drawn on the devices or built by the host
+(``mesh.feed``), and its checkpoints restore onto 4 devices and onto one."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from jaxopt2.cli import main
+from jaxopt2.experiment.config import load_config
+from jaxopt2.experiment.engine import Engine
+from jaxopt2.experiment.setup import build_setup
 from tests.distributed.common import needs_devices
 
 pytestmark = [needs_devices, pytest.mark.timeout(300)]
@@ -55,6 +60,12 @@ def runs(tmp_path_factory):
     return tmp, _run(tmp, "one_device"), _run(tmp, "eight", "mesh.data=-1")
 
 
+@pytest.fixture(scope="module")
+def host_fed(runs):
+    tmp = runs[0]
+    return _run(tmp, "eight_host_fed", "mesh.data=-1", "mesh.feed=host")
+
+
 def test_mesh_run_matches_one_device(runs):
     _, one, eight = runs
     _assert_close(_params(one), _params(eight))
@@ -64,6 +75,41 @@ def test_mesh_run_matches_one_device(runs):
     l1 = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
     l8 = [json.loads(x)["loss"] for x in (eight / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(l8, l1, rtol=1e-4)
+
+
+def test_host_fed_run_is_the_same_run(runs, host_fed):
+    _, one, eight = runs
+    _assert_close(_params(one), _params(host_fed))
+    _assert_close(_params(eight), _params(host_fed), rtol=1e-6)  # the same rows, fed otherwise
+    rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows(host_fed)] == pytest.approx(
+        [r["loss"] for r in rows(eight)], rel=1e-6
+    )
+    assert "feed: host" in (host_fed / "config.yaml").read_text()
+
+
+def test_host_feed_builds_the_programs_batches_split_over_the_devices():
+    rc, _ = load_config("quickstart", ["model.hidden=[8]", "mesh.data=-1", "mesh.feed=host"])
+    rc_dev, _ = load_config("quickstart", ["model.hidden=[8]"])
+    setup = build_setup(rc_dev)
+    eng = Engine(rc, [build_setup(rc)])
+    assert eng.host_feed and eng.fed and eng.train_data is None  # no device holds the set
+    spe, bs, T = setup.steps_per_epoch, setup.batch_size, eng.chunk_len
+    start = spe - 3  # the chunk crosses into the next epoch (a new order)
+    fed = eng.chunk_data(start)
+    for a, full in zip(fed, setup.train_data, strict=True):
+        assert a.shape == (T, 1, bs, *full.shape[1:])
+        assert tuple(a.sharding.spec)[:3] == (None, None, "data")
+        assert {s.data.shape[2] for s in a.addressable_shards} == {bs // 8}
+        drawn = [np.asarray(setup.batch((full,), np.int32(start + t))[0]) for t in range(T)]
+        np.testing.assert_array_equal(np.asarray(a)[:, 0], np.stack(drawn))
+    # a chunk donates the parameters and optimizer state it is given (no second copy)
+    eng.compile()
+    carry = eng.init()
+    old = [x for x in jax.tree.leaves(carry) if isinstance(x, jax.Array)]
+    new, _ = eng.chunk(carry, T, 0)
+    assert old and all(x.is_deleted() for x in old)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(new))
 
 
 @pytest.mark.parametrize("layout", [["mesh.data=4"], []], ids=["on_4_devices", "on_1_device"])

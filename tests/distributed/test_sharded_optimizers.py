@@ -74,7 +74,9 @@ def test_stacked_blocks_are_padded_sharded_and_refreshed_per_device(name, single
     assert eight.shape == (32, 8, 8)  # padded to a multiple of 8 devices
     assert eight.sharding.spec == P(("data",))
     assert {s.data.shape for s in eight.addressable_shards} == {(4, 8, 8)}
-    np.testing.assert_allclose(np.asarray(eight)[:28], np.asarray(one), atol=2e-4)
+    # float32 roots: each block the same to float32 noise relative to its own scale
+    diff = np.abs(np.asarray(eight)[:28] - np.asarray(one)).max(axis=(1, 2))
+    assert np.all(diff <= 2e-5 * np.abs(np.asarray(one)).max(axis=(1, 2))), diff
     # the padding rows are decompositions of identities: finite, and no failed refresh counted
     assert np.all(np.isfinite(np.asarray(eight)[28:]))
     failed = "num_failed_roots" if name == "shampoo" else "num_failed_refreshes"
