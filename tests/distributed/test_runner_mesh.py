@@ -112,6 +112,21 @@ def test_host_feed_builds_the_programs_batches_split_over_the_devices():
     assert not any(x.is_deleted() for x in jax.tree.leaves(new))
 
 
+def test_sweep_on_the_mesh_matches_one_device(tmp_path):
+    cfg = tmp_path / "mesh.yaml"
+    cfg.write_text(CONFIG)
+    grid = ["optimizer.learning_rate=0.003,0.01", "seed=2,3", "steps=20", "checkpoint.every=20"]
+    out = {}
+    for name, mesh in {"one": [], "eight": ["mesh.data=-1", "mesh.feed=host"]}.items():
+        run_dir = tmp_path / name
+        assert (
+            main(["sweep", str(cfg), *grid, *mesh, "--run-dir", str(run_dir), "--no-progress"]) == 0
+        )
+        out[name] = _params(run_dir)
+    assert next(iter(out["one"].values())).shape[0] == 4  # every member, stacked
+    _assert_close(out["one"], out["eight"])
+
+
 @pytest.mark.parametrize("layout", [["mesh.data=4"], []], ids=["on_4_devices", "on_1_device"])
 def test_checkpoint_from_8_devices_restores_elsewhere(runs, layout, capsys):
     tmp, _, eight = runs
