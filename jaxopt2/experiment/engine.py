@@ -33,6 +33,9 @@
   same program, traced under the mesh and compiled with the layout's shardings (parameters
   and optimizer state as laid out there, each batch split over the ``data`` axis, everything
   else replicated); checkpoints hold the sharded arrays and restore onto the current layout.
+  Under ``mesh.feed: host`` (the default of a multi-process job) the chunk takes its steps'
+  batches as an argument instead of the training set: the host computes the same orders and
+  each process contributes the rows its devices hold (:meth:`Engine.chunk_data`).
 """
 
 from __future__ import annotations
@@ -131,8 +134,8 @@ class Engine:
         for s in setups[1:]:  # the data must not depend on the seed
             if s is s0:
                 continue
-            for a, b in zip(s.train_data, s0.train_data, strict=True):
-                if a.shape != b.shape or not bool(jnp.array_equal(a, b)):
+            for a, b in zip(s.task.train, s0.task.train, strict=True):
+                if a.shape != b.shape or not np.array_equal(a, b):
                     raise UserError("the task's training data depend on the seed; cannot sweep")
         self.n_members = len(setups)
         self.chunk_len = base.run.log_every
@@ -150,11 +153,12 @@ class Engine:
         self.trace_count = self.eval_trace_count = self.diag_trace_count = 0
         self.compile_time = 0.0
         self._compiled: dict[str, Any] = {}
-        self.train_data, self.eval_data = s0.train_data, s0.eval_data
         self.mesh = build_mesh(base.run.mesh, s0.batch_size)
         self.layout: Layout | None = None
         self.host_feed = self.fed = self.diag_fed = False
-        if self.mesh is not None:
+        if self.mesh is None:
+            self.train_data, self.eval_data = s0.train_data, s0.eval_data
+        else:
             with jax.set_mesh(self.mesh):
                 tx = self.optimizer({k: v[0] for k, v in self.hyper.items()}).tx
                 first = jax.tree.map(lambda x: x[0], self.params0)
@@ -179,16 +183,16 @@ class Engine:
         would draw; whole arrays split by rows over ``data`` and only where needed."""
         s0, lay, m = self.setup, self.layout, self.n_members
         spe, n = s0.steps_per_epoch, s0.n_train
-        host = lambda arrays, like: tuple(
-            np.asarray(a, dtype=b.dtype) for a, b in zip(arrays, like, strict=True)
+        # the dtypes the device copies would have (float64 data is float32 unless x64 is on)
+        host = lambda arrays: tuple(
+            np.asarray(a, dtype=jax.dtypes.canonicalize_dtype(np.asarray(a).dtype)) for a in arrays
         )
-        self._host_train = host(s0.task.train, s0.train_data)
+        self._host_train = host(s0.task.train)
         self.fed = s0.sampled  # the chunk gets its steps' batches
         self.diag_fed = self.fed and self.base.run.diagnostics.batch != "full"
         whole = not self.fed or (self.diag_every and not self.diag_fed)
         self.train_data = lay.full_rows(self._host_train) if whole else None
-        if s0.eval_data is not None:
-            self.eval_data = lay.full_rows(host(s0.task.eval, s0.eval_data))
+        self.eval_data = None if s0.task.eval is None else lay.full_rows(host(s0.task.eval))
         self._keys_local = keys
         self._orders = jax.jit(over_members(lambda k, t: epoch_order(k, t, spe, n), m, (0, None)))
         self._perms: dict[int, np.ndarray] = {}

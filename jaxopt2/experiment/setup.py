@@ -12,6 +12,7 @@ optimizer's per-step keys, the curvature diagnostics), so the batch of a step de
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -41,8 +42,6 @@ class Setup:
     data_key: jax.Array
     opt_key: jax.Array
     diag_key: jax.Array
-    train_data: tuple[jax.Array, ...]
-    eval_data: tuple[jax.Array, ...] | None
     batch_size: int
     steps_per_epoch: int
     n_params: int
@@ -52,10 +51,21 @@ class Setup:
     def n_train(self) -> int:
         return self.task.n_train
 
+    @functools.cached_property
+    def train_data(self) -> tuple[jax.Array, ...]:
+        """The training arrays on the default device (made on first use: a host-fed mesh run
+        never puts the whole set on a device)."""
+        return tuple(jnp.asarray(a) for a in self.task.train)
+
+    @functools.cached_property
+    def eval_data(self) -> tuple[jax.Array, ...] | None:
+        """The evaluation arrays on the default device (None: the task has none)."""
+        return None if self.task.eval is None else tuple(jnp.asarray(a) for a in self.task.eval)
+
     @property
     def sampled(self) -> bool:
         """True when steps see minibatches (False: every step sees the whole training set)."""
-        return bool(self.train_data) and self.batch_size < self.task.n_train
+        return bool(self.task.train) and self.batch_size < self.task.n_train
 
     def epoch_order(self, step: jax.Array, data_key: jax.Array | None = None) -> jax.Array:
         """The row order of the epoch that `step` is in (a function of seed and epoch only)."""
@@ -145,8 +155,6 @@ def build_setup(rc: ResolvedConfig) -> Setup:
         data_key=data_key,
         opt_key=opt_key,
         diag_key=diag_key,
-        train_data=tuple(jnp.asarray(a) for a in task.train),
-        eval_data=None if task.eval is None else tuple(jnp.asarray(a) for a in task.eval),
         batch_size=batch_size,
         steps_per_epoch=n // batch_size if n else 1,
         n_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),

@@ -88,11 +88,18 @@ class Trainer:
         self.opt = build_optimizer(rc)
         s = self.setup
         self.task, self.loss_fn, self.n_params = s.task, s.loss_fn, s.n_params
-        self.train_data, self.eval_data = s.train_data, s.eval_data
         self.batch_size, self.steps_per_epoch = s.batch_size, s.steps_per_epoch
         self.data_key, self.opt_key, self.diag_key = s.data_key, s.opt_key, s.diag_key
         self.batch = s.batch
         self.resumed_from: int | None = None
+
+    @property
+    def train_data(self) -> tuple[jax.Array, ...]:
+        return self.setup.train_data
+
+    @property
+    def eval_data(self) -> tuple[jax.Array, ...] | None:
+        return self.setup.eval_data
 
     @property
     def sampled(self) -> bool:

@@ -94,6 +94,7 @@ def test_host_feed_builds_the_programs_batches_split_over_the_devices():
     setup = build_setup(rc_dev)
     eng = Engine(rc, [build_setup(rc)])
     assert eng.host_feed and eng.fed and eng.train_data is None  # no device holds the set
+    assert "train_data" not in vars(eng.setup)  # not even a default-device copy
     spe, bs, T = setup.steps_per_epoch, setup.batch_size, eng.chunk_len
     start = spe - 3  # the chunk crosses into the next epoch (a new order)
     fed = eng.chunk_data(start)
@@ -109,6 +110,7 @@ def test_host_feed_builds_the_programs_batches_split_over_the_devices():
     old = [x for x in jax.tree.leaves(carry) if isinstance(x, jax.Array)]
     new, _ = eng.chunk(carry, T, 0)
     assert old and all(x.is_deleted() for x in old)
+    assert "train_data" not in vars(eng.setup) and "eval_data" not in vars(eng.setup)
     assert not any(x.is_deleted() for x in jax.tree.leaves(new))
 
 
