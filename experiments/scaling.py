@@ -46,6 +46,8 @@ Run (from the repository root)::
     python experiments/scaling.py            # all memory cells, collectives for 10M and 1B
     python experiments/scaling.py --quick    # 10M and 1B on 8 and 32 devices only
     python experiments/scaling.py --compile-sizes 10M,1B,10B   # everything (much longer)
+    python experiments/scaling.py --models 10B --devices 8 --compile-sizes 10B \
+        --optimizers shampoo --merge   # a few cells, merged into the written results
 
 Prints one JSON line per cell and writes ``experiments/results/scaling.json`` and
 ``experiments/results/scaling.md`` (the table) unless ``--no-write``. Time on 2 CPU cores:
@@ -75,6 +77,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -358,11 +361,22 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="10M and 1B on 8 and 32 devices")
     ap.add_argument("--compile-sizes", default="10M,1B", help="models whose step is compiled")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    ap.add_argument("--models", default=None, help="only these models (e.g. 10B)")
+    ap.add_argument("--devices", default=None, help="only these device counts (e.g. 8,32)")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace these cells in the written results and keep the others",
+    )
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     assert jax.device_count() >= _DEVICES, jax.device_count()
     models = ["10M", "1B"] if args.quick else list(MODELS)
     counts = (8, 32) if args.quick else DEVICE_COUNTS
+    if args.models:
+        models = args.models.split(",")
+    if args.devices:
+        counts = tuple(int(n) for n in args.devices.split(","))
     compile_sizes = set(args.compile_sizes.split(",")) if args.compile_sizes else set()
     optimizers = args.optimizers.split(",")
     start = time.perf_counter()
@@ -378,6 +392,21 @@ def main() -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     wall = time.perf_counter() - start
+    runs = [{"argv": sys.argv[1:], "wall_s": round(wall, 1)}]
+    if args.merge and (OUT / "scaling.json").exists():
+        old = json.loads((OUT / "scaling.json").read_text())
+        cell = lambda r: (r["optimizer"], r["model"], r["layout"], r["devices"])
+        new = {cell(r) for r in rows}
+        grid = [(o, m, lay, n) for m in MODELS for lay in LAYOUTS for n in DEVICE_COUNTS
+                for o in OPTIMIZERS]  # fmt: skip
+        kept = [r for r in old["rows"] if cell(r) not in new]
+        rows = sorted(kept + rows, key=lambda r: grid.index(cell(r)))
+        done = {f"{o} {m} {lay} {n}" for (o, m, lay, n) in new if m in compile_sizes}
+        missing = [x for x in old["missing"] if x.rsplit(":", 1)[0] not in done] + [
+            x for x in missing if x not in old["missing"]
+        ]
+        runs = old.get("runs", [{"argv": old["settings"]["argv"], "wall_s": old["wall_s"]}]) + runs
+        wall = sum(r["wall_s"] for r in runs)
     result = {
         "description": __doc__.split("\n")[0],
         "settings": {
@@ -400,6 +429,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
         },
         "wall_s": round(wall, 1),
+        "runs": runs,
         "missing": missing,
         "rows": rows,
     }
