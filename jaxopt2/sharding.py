@@ -3,21 +3,25 @@
 jaxopt2 distributes with JAX's own sharding and nothing else. The library's side of it:
 
 * **The ambient mesh.** Under ``jax.set_mesh(mesh)`` (or ``jax.sharding.use_mesh``) the
-  optimizers that batch an expensive refresh — Shampoo's inverse roots, SOAP's eigenbases,
-  K-FAC's factor inversions — split that batch across every device of the mesh: the stack is
-  padded to a multiple of the device count and its leading (stack) axis is sharded, so each
-  device decomposes its own subset of the blocks and XLA gathers the results where they are
-  used. Without a mesh (or on one device) nothing changes: the same optimizer object runs the
-  same program as before. Both of JAX's sharding modes work: with ``Explicit`` mesh axes the
-  stacks are moved with ``jax.sharding.reshard``, with ``Auto`` axes they are constrained
+  optimizers with per-block work split it across every device of the mesh. Shampoo and SOAP
+  own blocks (owner-computes, as Distributed Shampoo does): each per-group stack of blocks,
+  statistics and preconditioners is padded to a multiple of the device count and split
+  along its rows, so each device updates, decomposes (:func:`map_owned`: its own one batched
+  ``eigh``) and applies the preconditioners of its own blocks, and only the preconditioned
+  blocks are gathered — parameter-sized traffic per step, not preconditioner-sized. K-FAC
+  splits its batched factor inversions the same way (:func:`map_rows`) and gathers the
+  inverses. Without a mesh (or on one device) nothing changes: the same optimizer object runs
+  the same program as before. Both of JAX's sharding modes work: with ``Explicit`` mesh axes
+  the stacks are moved with ``jax.sharding.reshard``, with ``Auto`` axes they are constrained
   with ``jax.lax.with_sharding_constraint``. K-FAC needs ``Auto`` axes: its statistics
   contract activations over the sharded batch, which explicit mode asks every such product
   to annotate; it says so instead of failing inside jax.
 * **State follows the parameters.** :func:`state_sharding` gives the sharding of every leaf
   of an optimizer's state from the parameters' shardings: a subtree shaped like the
-  parameters (a moment, a diagonal) takes the parameters' shardings leaf by leaf; the stacked
-  preconditioner blocks a state declares (its ``sharded_rows`` fields) are sharded along the
-  stack axis; everything else (counters, keys, per-group statistics) is replicated. Use it as
+  parameters (a moment, a diagonal) takes the parameters' shardings leaf by leaf; the
+  per-block stacks a state declares (its ``sharded_rows``: field names, or ``(name, i)`` for
+  one element of a tuple field) are split along their rows, each device holding the blocks it
+  owns; everything else (counters, keys, per-group statistics) is replicated. Use it as
   ``jax.jit(opt.init, out_shardings=state_sharding(opt, params, shardings))(params)`` to
   build a sharded state without materializing it on one device.
 * **Sizing a job.** :func:`state_memory` is the optimizer state's bytes on the fullest device,
@@ -39,6 +43,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 __all__ = [
     "explicit_mesh",
     "gather_rows",
+    "map_owned",
     "map_rows",
     "mesh_size",
     "padded_rows",
@@ -112,6 +117,31 @@ def map_rows(fn: Callable[..., Any], *stacks: jax.Array) -> Any:
     return shard_rows(fn(*stacks))
 
 
+def map_owned(fn: Callable[[Any, Any], Any], rows: Any, whole: Any = ()) -> Any:
+    """``fn(rows, whole)`` run by each device on the rows it owns: every array leaf of `rows`
+    is split along its first axis over all axes of the ambient mesh (``jax.shard_map``), so
+    each device sees its own share of every stack and `whole` (small replicated values) in
+    full; every output leaf is a device's rows of a stack split the same way.
+
+    This is owner-computes: nothing is gathered, whatever `fn` concatenates, decomposes or
+    splits. Without a mesh or on one device it is just ``fn(rows, whole)``. Every leaf's
+    first axis must be a multiple of the device count (pad with :func:`padded_rows`).
+    """
+    mesh = _mesh()
+    if mesh is None or mesh.size == 1:
+        return fn(rows, whole)
+    uneven = [x.shape for x in jax.tree.leaves(rows) if jnp.ndim(x) == 0 or x.shape[0] % mesh.size]
+    if uneven:
+        raise ValueError(
+            f"map_owned splits stacks over {mesh.size} devices; these leading axes are not a "
+            f"multiple of it: {uneven}."
+        )
+    spec = PartitionSpec(tuple(mesh.axis_names))
+    return jax.shard_map(fn, in_specs=(spec, PartitionSpec()), out_specs=spec)(
+        shard_rows(rows), whole
+    )
+
+
 def explicit_mesh() -> bool:
     """Whether the ambient mesh has ``Explicit`` axes (sharding in the types)."""
     mesh = _mesh()
@@ -166,10 +196,10 @@ def state_sharding(optimizer, params: Any, shardings: Any, *, mesh=None) -> Any:
       mesh: the mesh (default: the one the shardings name).
 
     Returns:
-      ``NamedSharding``\\ s: a param-shaped subtree of the state gets `shardings`; the stacked
-      preconditioner blocks of Shampoo/SOAP are sharded along their stack axis over every mesh
-      axis (``init`` runs under the mesh, so they are padded to a multiple of its size);
-      other leaves are replicated.
+      ``NamedSharding``\\ s: a param-shaped subtree of the state gets `shardings`; the
+      per-block stacks of Shampoo/SOAP are split along their rows over every mesh axis
+      (``init`` runs under the mesh, so they are padded to a multiple of its size); other
+      leaves are replicated.
     """
     mesh = mesh if mesh is not None else _mesh_of(shardings)
     if mesh is None:
@@ -190,13 +220,17 @@ def state_sharding(optimizer, params: Any, shardings: Any, *, mesh=None) -> Any:
         if _is_param_shaped(node, treedef, shapes) and jax.tree.leaves(node):
             return per_param
         if isinstance(node, tuple) and hasattr(node, "_fields"):  # a NamedTuple state
-            marked = set(getattr(type(node), "sharded_rows", ()))
-            return type(node)(
-                *(
-                    assign(v, stacked or f in marked)
-                    for f, v in zip(node._fields, node, strict=True)
-                )
-            )
+            # a marked field: a name (the whole field) or (name, i) (its i-th element)
+            marked = getattr(type(node), "sharded_rows", ())
+            fields = []
+            for f, v in zip(node._fields, node, strict=True):
+                parts = {m[1] for m in marked if isinstance(m, tuple) and m[0] == f}
+                if parts and isinstance(v, (tuple, list)):
+                    v = type(v)(assign(x, stacked or i in parts) for i, x in enumerate(v))
+                    fields.append(v)
+                else:
+                    fields.append(assign(v, stacked or f in marked))
+            return type(node)(*fields)
         if isinstance(node, (tuple, list)):
             return type(node)(assign(v, stacked) for v in node)
         if isinstance(node, dict):

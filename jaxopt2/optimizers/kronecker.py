@@ -14,13 +14,21 @@ Conventions (fixed here once):
   ``(r, c)`` shape and the same preconditioned sides form a *group*, stacked ``[n, r, c]``
   across all leaves, so statistics and preconditioning are one batched matmul per group.
 * **Factors.** Each block has a left factor ``L = E[G Gᵀ]`` (``r × r``) and a right factor
-  ``R = E[Gᵀ G]`` (``c × c``) where its side is preconditioned. Statistics are kept per group,
-  unpadded. For the eigendecomposition every factor of every group is zero-padded to the
-  largest factor size ``D`` and stacked ``[N, D, D]``: **one** batched ``eigh`` per refresh,
-  whatever the mix of shapes. (Several differently shaped eigh in one XLA program is the
-  pattern that deadlocks jax 0.10's CPU runtime; one eigh cannot.) Zero padding is exact: the
-  padded coordinates decouple, and slicing ``[:r, :r]`` of any spectral function of the padded
-  matrix gives that function of the factor (same ``λ_max``, so the same relative damping).
+  ``R = E[Gᵀ G]`` (``c × c``) where its side is preconditioned. Statistics and the
+  preconditioners made from them (inverse roots, eigenbases) are kept per group and side,
+  ``[n, d, d]``, in the group's block order. For the eigendecomposition the factors are
+  zero-padded to the largest factor size ``D`` and stacked: **one** batched ``eigh`` per
+  refresh, whatever the mix of shapes. (Several differently shaped eigh in one XLA program is
+  the pattern that deadlocks jax 0.10's CPU runtime; one eigh cannot.) Zero padding is exact:
+  the padded coordinates decouple, and slicing ``[:d, :d]`` of any spectral function of the
+  padded matrix gives that function of the factor (same ``λ_max``, so the same relative
+  damping).
+* **Owners.** Under a device mesh every per-group stack (blocks, statistics, preconditioners,
+  moments in the eigenbasis) has its rows rounded up to a multiple of the device count
+  (:func:`stack_rows`) and split over the devices, the same rows on the same device: each
+  device updates the statistics of the blocks it owns, decomposes their factors (its own one
+  ``eigh``, :func:`jaxopt2.sharding.map_owned`) and preconditions them, and only the
+  preconditioned blocks are gathered (parameter-sized), as Distributed Shampoo does.
 
 Everything here is static Python over shapes (the plan) plus pure array functions of it.
 """
@@ -37,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt2.linalg.roots import symmetric_eigh
+from jaxopt2.sharding import padded_rows, shard_rows
 
 __all__ = [
     "Group",
@@ -44,11 +53,18 @@ __all__ = [
     "Plan",
     "Region",
     "descending_eigh",
-    "factor_slices",
     "from_blocks",
+    "identity_factors",
     "make_plan",
-    "pad_factors",
+    "pad_blocks",
+    "pair_sides",
     "plan_for_tree",
+    "real_rows",
+    "side_dims",
+    "sides",
+    "split_stack",
+    "stack_factors",
+    "stack_rows",
     "to_blocks",
     "zero_statistics",
 ]
@@ -212,16 +228,77 @@ def plan_for_tree(tree: Any, block_size: int, max_precondition_dim: int, one_sid
     )
 
 
+def stack_rows(group: Group) -> int:
+    """Rows of a group's stacks in the state: its block count, rounded up under a device mesh
+    to a multiple of the device count (the extra rows are padding, never used)."""
+    return padded_rows(group.count)
+
+
 def zero_statistics(plan: Plan, dtype: Any) -> tuple:
-    """Per group ``(L [n, r, r], R [n, c, c])`` of zeros (None for a side not preconditioned)."""
+    """Per group ``(L [n, r, r], R [n, c, c])`` of zeros (None for a side not preconditioned);
+    ``n`` is :func:`stack_rows`."""
     square = lambda n, d: jnp.zeros((n, d, d), dtype)
     return tuple(
         (
-            None if g.left is None else square(g.count, g.r),
-            None if g.right is None else square(g.count, g.c),
+            None if g.left is None else square(stack_rows(g), g.r),
+            None if g.right is None else square(stack_rows(g), g.c),
         )
         for g in plan.groups
     )
+
+
+def identity_factors(plan: Plan, dtype: Any, dim: int | None = None) -> tuple:
+    """Per group ``(left, right)`` stacks of identities shaped like :func:`zero_statistics`
+    (or ``dim × dim`` for every side when `dim` is given)."""
+    eye = lambda n, d: identity_stack(n, d if dim is None else dim, dtype)
+    return tuple(
+        (
+            None if g.left is None else eye(stack_rows(g), g.r),
+            None if g.right is None else eye(stack_rows(g), g.c),
+        )
+        for g in plan.groups
+    )
+
+
+def sides(pairs: Sequence[tuple[Any, Any]]) -> list:
+    """The preconditioned sides of per-group ``(left, right)`` pairs, in factor order."""
+    return [x for pair in pairs for x in pair if x is not None]
+
+
+def pair_sides(plan: Plan, items: Sequence[Any]) -> tuple:
+    """Inverse of :func:`sides`: per-group ``(left, right)`` pairs from a flat list."""
+    it = iter(items)
+    return tuple(
+        (None if g.left is None else next(it), None if g.right is None else next(it))
+        for g in plan.groups
+    )
+
+
+def _per_side(plan: Plan, value) -> list:
+    return sides([tuple(None if i is None else value(g) for i in (g.left, g.right))
+                  for g in plan.groups])  # fmt: skip
+
+
+def side_dims(plan: Plan) -> list[int]:
+    """The factor size (``r`` for a left side, ``c`` for a right one) of each side of
+    :func:`sides`."""
+    return sides([(None if g.left is None else g.r, None if g.right is None else g.c)
+                  for g in plan.groups])  # fmt: skip
+
+
+def real_rows(plan: Plan) -> list[jax.Array]:
+    """Per side of :func:`sides`, whether each row of its stack is a real block (not padding)."""
+    return _per_side(plan, lambda g: jnp.arange(stack_rows(g)) < g.count)
+
+
+def pad_blocks(plan: Plan, blocks: Sequence[jax.Array]) -> list[jax.Array]:
+    """Each group's ``[count, r, c]`` block stack zero-padded to :func:`stack_rows` rows and
+    split along its rows over the ambient mesh (each device holds the blocks it owns)."""
+    out = []
+    for g, b in zip(plan.groups, blocks, strict=True):
+        extra = stack_rows(g) - g.count
+        out.append(shard_rows(jnp.pad(b, ((0, extra), (0, 0), (0, 0))) if extra else b))
+    return out
 
 
 def to_blocks(plan: Plan, leaves: Sequence[jax.Array], dtype: Any) -> list[jax.Array]:
@@ -261,35 +338,36 @@ def from_blocks(plan: Plan, blocks: Sequence[jax.Array], leaves: Sequence[jax.Ar
     return out
 
 
-def pad_factors(
-    plan: Plan,
-    factors: Sequence[tuple[jax.Array | None, jax.Array | None]],
-    *,
-    for_eigenvectors: bool = False,
-):
-    """Per-group ``(L, R)`` factors padded to ``D × D`` and stacked ``[N, D, D]`` in the
-    plan's factor order (each group's left factors, then its right factors).
+def stack_factors(items: Sequence[jax.Array], dim: int, *, for_eigenvectors: bool = False):
+    """Square factor stacks ``[n_i, d_i, d_i]`` zero-padded to ``dim × dim`` and concatenated
+    ``[sum n_i, dim, dim]``: one stack for one batched decomposition.
 
-    Padding is zero, which is exact for spectral functions sliced back with ``[:n, :n]``
+    Padding is zero, which is exact for spectral functions sliced back with ``[:d, :d]``
     (inverse roots). With ``for_eigenvectors`` the padded diagonal is ``-(1 + tr X)`` instead:
     below every eigenvalue of the PSD factor, so that in :func:`descending_eigh` the padded
-    coordinates take the last columns and ``Q[:n, :n]`` holds the factor's eigenvectors.
+    coordinates take the last columns and ``Q[:d, :d]`` holds the factor's eigenvectors.
     """
-    d = plan.dim
     parts = []
-    for group, (left, right) in zip(plan.groups, factors, strict=True):
-        for idx, f in ((group.left, left), (group.right, right)):
-            if idx is None:
-                continue
-            n = f.shape[-1]
-            if n < d:
-                f = jnp.pad(f, ((0, 0), (0, d - n), (0, d - n)))
-                if for_eigenvectors:
-                    fill = -(1.0 + jnp.trace(f, axis1=-2, axis2=-1))[:, None]
-                    pad = jnp.where(jnp.arange(d) >= n, fill, 0.0)
-                    f = f + pad[:, :, None] * jnp.eye(d, dtype=f.dtype)
-            parts.append(f)
+    for f in items:
+        n = f.shape[-1]
+        if n < dim:
+            f = jnp.pad(f, ((0, 0), (0, dim - n), (0, dim - n)))
+            if for_eigenvectors:
+                fill = -(1.0 + jnp.trace(f, axis1=-2, axis2=-1))[:, None]
+                pad = jnp.where(jnp.arange(dim) >= n, fill, 0.0)
+                f = f + pad[:, :, None] * jnp.eye(dim, dtype=f.dtype)
+        parts.append(f)
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def split_stack(tree: Any, sizes: Sequence[int]) -> list:
+    """Inverse of :func:`stack_factors` along the rows: the pieces of every leaf of `tree`
+    (a stack or a pytree of stacks with the same leading axis), ``sizes[i]`` rows each."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(jax.tree.map(lambda x, a=start, n=n: x[a : a + n], tree))
+        start += n
+    return out
 
 
 def descending_eigh(stack: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -301,17 +379,6 @@ def descending_eigh(stack: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     w, q = w[..., ::-1], q[..., ::-1]
     ok = jnp.all(jnp.isfinite(q), axis=(-2, -1)) & jnp.all(jnp.isfinite(w), axis=-1)
     return w, q, ok
-
-
-def factor_slices(plan: Plan, stack: jax.Array) -> list[tuple[jax.Array | None, jax.Array | None]]:
-    """Per-group ``(left, right)`` matrices cut from a padded ``[N', D, D]`` stack (unpadded
-    ``[count, r, r]`` / ``[count, c, c]``; None for a side that is not preconditioned)."""
-    out = []
-    for g in plan.groups:
-        left = None if g.left is None else stack[g.left : g.left + g.count, : g.r, : g.r]
-        right = None if g.right is None else stack[g.right : g.right + g.count, : g.c, : g.c]
-        out.append((left, right))
-    return out
 
 
 def precondition(blocks: jax.Array, left: jax.Array | None, right: jax.Array | None):
@@ -348,17 +415,18 @@ def eig_power(q: jax.Array, s: jax.Array, power: float, damping: Any) -> jax.Arr
     return (d + floor) ** power
 
 
-def kl_statistics(plan, blocks, stats, bases, first, correction, decay, damping):
+def kl_statistics(blocks, stats, bases, first, correction, decay, damping):
     """KL-minimizing factor statistics (KL-Shampoo / KL-SOAP, arXiv:2509.03378).
 
     ``L ← β L + (1-β)/c · G R⁻¹ Gᵀ`` and ``R ← β R + (1-β)/r · Gᵀ L⁻¹ G``, where each inverse
-    is taken in the stored eigenbasis (``bases``, a padded stack) with eigenvalues re-estimated
-    from the bias-corrected statistics (``stats / correction``). On the ``first`` step there
+    is taken in the stored eigenbasis (``bases``: per group ``(Q_L, Q_R)`` like `stats`) with
+    eigenvalues re-estimated from the bias-corrected statistics (``stats / correction``). On
+    the ``first`` step there
     is no factor yet: the scalar inverses ``(r/‖G‖) I`` and ``(c/‖G‖) I`` make
     ``tr(L)·tr(R) = ‖G‖²``, the scale of the Kronecker product being estimated.
     """
     out = []
-    for g, (left, right), (ql, qr) in zip(blocks, stats, factor_slices(plan, bases), strict=True):
+    for g, (left, right), (ql, qr) in zip(blocks, stats, bases, strict=True):
         r, c = g.shape[-2:]
         gnorm = jnp.maximum(block_norms(g)[..., 0], jnp.finfo(g.dtype).tiny)  # [n, 1]
         new_l = new_r = None

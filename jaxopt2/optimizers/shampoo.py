@@ -52,7 +52,7 @@ from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
 from jaxopt2.linalg.roots import inverse_root_spectrum, matrix_inverse_root, symmetric_eigh
 from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers import lowbit, registry
-from jaxopt2.sharding import gather_rows, map_rows, padded_rows
+from jaxopt2.sharding import gather_rows, map_owned, shard_rows
 
 __all__ = ["GRAFTS", "ScaleByShampooState", "scale_by_shampoo", "shampoo"]
 
@@ -68,11 +68,13 @@ class ScaleByShampooState(NamedTuple):
       count: updates taken (int32).
       stats: per block group, ``(L [n, r, r], R [n, c, c])`` (None for a side that is not
         preconditioned), in ``stats_dtype``.
-      roots: the inverse roots of every factor, zero-padded to ``D × D``, ``[N, D, D]`` (KL:
-        the eigenbases); a :class:`~jaxopt2.optimizers.lowbit.QuantizedBasis` with
-        ``precondition_bits < 32``. Built under a device mesh (``jax.set_mesh``), ``N`` is
-        rounded up to a multiple of its device count with identity rows, and the stack is
-        sharded along ``N``: each device refreshes its own rows (see :mod:`jaxopt2.sharding`).
+      roots: per block group, the inverse roots ``(L^{-e} [n, r, r], R^{-e} [n, c, c])``
+        shaped like `stats` (KL: the eigenbases); with ``precondition_bits < 32`` each is a
+        :class:`~jaxopt2.optimizers.lowbit.QuantizedBasis` of ``D × D`` matrices (``D`` the
+        largest factor size). Built under a device mesh (``jax.set_mesh``), every stack's
+        ``n`` is the group's block count rounded up to a multiple of the device count and the
+        rows are split over the devices: each device refreshes and applies the roots of its
+        own blocks (see :mod:`jaxopt2.optimizers.kronecker`).
       graft_nu: the diagonal second moment of the graft (None for ``sgd`` / ``none``).
       mu: momentum of the final update.
       num_failed_roots: factor roots that failed (non-finite / not converged) and were kept.
@@ -87,7 +89,7 @@ class ScaleByShampooState(NamedTuple):
     num_failed_roots: jax.Array
     num_nonfinite: jax.Array
 
-    sharded_rows = ("roots",)  # stacked blocks, sharded along their first axis over a mesh
+    sharded_rows = ("stats", "roots")  # per-block stacks, split along their rows over a mesh
 
 
 def _check_exponent(exponent: Any, root_method: str) -> None:
@@ -212,16 +214,14 @@ def scale_by_shampoo(
     def plan_for(tree) -> kr.Plan:
         return kr.plan_for_tree(tree, block_size, max_precondition_dim, one_sided)
 
-    def num_root_rows(plan: kr.Plan) -> int:
-        if not stagger:
-            return padded_rows(plan.num_factors)
-        return -(-plan.num_factors // k) * k  # a whole number of equal slices
-
-    def initial_roots(rows, dim):
-        eye = kr.identity_stack(rows, dim, stats_dtype)
+    def initial_roots(plan):
         if bits == 32:
-            return eye
-        return lowbit.pack(eye, jnp.ones((rows, dim), jnp.float32), bits)
+            return kr.identity_factors(plan, stats_dtype)
+        eye = kr.identity_factors(plan, stats_dtype, dim=plan.dim)
+        return tuple(
+            tuple(None if e is None else lowbit.pack(e, jnp.ones(e.shape[:2]), bits) for e in pair)
+            for pair in eye
+        )
 
     def init_fn(params):
         plan = plan_for(params)
@@ -229,19 +229,17 @@ def scale_by_shampoo(
         return ScaleByShampooState(
             count=jnp.zeros([], jnp.int32),
             stats=kr.zero_statistics(plan, stats_dtype),
-            roots=initial_roots(num_root_rows(plan), max(plan.dim, 1)),
+            roots=initial_roots(plan),
             graft_nu=None if graft in ("sgd", "none") else like(),
             mu=like(),
             num_failed_roots=jnp.zeros([], jnp.int32),
             num_nonfinite=jnp.zeros([], jnp.int32),
         )
 
-    def kl_precondition(plan, blocks, stats, bases, correction):
+    def kl_precondition(blocks, stats, bases, correction):
         """``L^{-1/2} G R^{-1/2}`` in the stored eigenbases with re-estimated eigenvalues."""
         out = []
-        for g, (left, right), (ql, qr) in zip(
-            blocks, stats, kr.factor_slices(plan, bases), strict=True
-        ):
+        for g, (left, right), (ql, qr) in zip(blocks, stats, bases, strict=True):
             h = g if ql is None else kr.tmm(ql, g)
             h = h if qr is None else kr.mm(h, qr)
             if ql is not None:
@@ -253,7 +251,7 @@ def scale_by_shampoo(
         return out
 
     def factor_transform(stack):
-        """Stored preconditioners of a padded factor stack (inverse roots for Shampoo,
+        """Preconditioners of a padded ``[M, D, D]`` factor stack (inverse roots for Shampoo,
         eigenbases for KL; low-bit eigenvectors + spectrum with ``precondition_bits < 32``)
         and per-factor ok flags."""
         if statistics == "kl":
@@ -265,39 +263,76 @@ def scale_by_shampoo(
         spectrum, ok = inverse_root_spectrum(w, root_order, damping)
         return lowbit.pack(q, spectrum, bits), ok & jnp.all(jnp.isfinite(q), axis=(-2, -1))
 
+    def store(piece, d):
+        """A side's rows of the transformed stack as kept in the state: dense roots cut back
+        to ``d × d``; low-bit ones stay ``D × D`` (cut when they are rebuilt)."""
+        return piece[:, :d, :d] if bits == 32 else piece
+
     def select(ok, new, old):
         if bits == 32:
             return jnp.where(ok[:, None, None], new, old).astype(old.dtype)
         return lowbit.where(ok, new, old)
 
-    def matrices(plan, stored):
-        """The ``[N, D, D]`` inverse roots (or KL eigenbases) to precondition with."""
+    def dense(plan, roots):
+        """Per group ``(left, right)`` inverse roots (or KL eigenbases) to precondition with."""
         if bits == 32:
-            return stored
-        if statistics == "kl":
-            return lowbit.basis(stored, bits, plan.dim)
-        return lowbit.reconstruct(stored, bits, plan.dim)
+            return roots
+        rebuild = lowbit.basis if statistics == "kl" else lowbit.reconstruct
+        mats = [
+            rebuild(x, bits, plan.dim)[:, :d, :d]
+            for x, d in zip(kr.sides(roots), kr.side_dims(plan), strict=True)
+        ]
+        return kr.pair_sides(plan, mats)
 
     def refresh(plan, stats, roots, failed, t):
-        stack = kr.pad_factors(plan, stats, for_eigenvectors=statistics == "kl")
-        rows = jax.tree.leaves(roots)[0].shape[0]
-        if stagger:
-            size = rows // k
-            stack = jnp.pad(stack, ((0, rows - stack.shape[0]), (0, 0), (0, 0)))
-            first = ((t - start) % k) * size
-            cut = lambda x: jax.lax.dynamic_slice_in_dim(x, first, size)
-            new, ok = factor_transform(cut(stack))
-            new = select(ok, new, jax.tree.map(cut, roots))
-            put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, first, 0)
-            roots = jax.tree.map(put, roots, new)
-            real = (first + jnp.arange(size)) < plan.num_factors
-            return roots, failed + jnp.sum(real & ~ok).astype(jnp.int32)
-        if rows > stack.shape[0]:  # identity rows up to the sharded stack's length
-            extra = kr.identity_stack(rows - stack.shape[0], stack.shape[-1], stack.dtype)
-            stack = jnp.concatenate([stack, extra])
-        new, ok = map_rows(factor_transform, stack)
-        real = jnp.arange(rows) < plan.num_factors
-        return select(ok, new, roots), failed + jnp.sum(real & ~ok).astype(jnp.int32)
+        dims, real = kr.side_dims(plan), kr.real_rows(plan)
+        # Padding rows get identity factors: finite roots, never used.
+        factors = [
+            jnp.where(m[:, None, None], s, jnp.eye(d, dtype=s.dtype))
+            for s, m, d in zip(kr.sides(stats), real, dims, strict=True)
+        ]
+
+        def owned(rows, t):
+            """One device: decompose the factors of its own blocks (one batched eigh)."""
+            factors, old = rows
+            stack = kr.stack_factors(factors, plan.dim, for_eigenvectors=statistics == "kl")
+            m = stack.shape[0]
+            fresh = jnp.ones(m, bool)
+            if stagger:  # a 1/k slice of this device's factors, in turn
+                size = -(-m // k)
+                extra = kr.identity_stack(size * k - m, plan.dim, stack.dtype)
+                stack = jnp.concatenate([stack, extra]) if size * k > m else stack
+                first = ((t - start) % k) * size
+                new, ok = factor_transform(jax.lax.dynamic_slice_in_dim(stack, first, size))
+
+                def put(x):
+                    full = jnp.zeros((size * k, *x.shape[1:]), x.dtype)
+                    return jax.lax.dynamic_update_slice_in_dim(full, x, first, 0)[:m]
+
+                new, ok, fresh = jax.tree.map(put, new), put(ok), put(jnp.ones(size, bool))
+            else:
+                new, ok = factor_transform(stack)
+            sizes = [x.shape[0] for x in factors]
+            pieces = zip(
+                kr.split_stack(new, sizes),
+                kr.split_stack(ok, sizes),
+                kr.split_stack(fresh, sizes),
+                old,
+                dims,
+                strict=True,
+            )
+            out = [select(o & f, store(p, d), prev) for p, o, f, prev, d in pieces]
+            bad = [
+                f & ~o
+                for f, o in zip(
+                    kr.split_stack(fresh, sizes), kr.split_stack(ok, sizes), strict=True
+                )
+            ]
+            return out, bad
+
+        new, bad = map_owned(owned, (factors, kr.sides(roots)), t)
+        failed = failed + sum(jnp.sum(b & m) for b, m in zip(bad, real, strict=True))
+        return kr.pair_sides(plan, new), failed.astype(jnp.int32)
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -310,15 +345,17 @@ def scale_by_shampoo(
         grads = [g.astype(stats_dtype) for g in leaves]
 
         # Statistics (skipped on a non-finite gradient: the preconditioner stays unpoisoned).
-        blocks = kr.to_blocks(plan, grads, stats_dtype)
-        stats, roots, failed = state.stats, state.roots, state.num_failed_roots
+        # Each device holds (under a mesh) and works on the rows of the blocks it owns.
+        blocks = kr.pad_blocks(plan, kr.to_blocks(plan, grads, stats_dtype))
+        stats, roots = shard_rows(state.stats), shard_rows(state.roots)
+        failed = state.num_failed_roots
         fcount = count.astype(stats_dtype)
         stats_correction = 1.0 - b2**fcount  # KL's factors are used bias-corrected
         if plan.num_factors:
             if statistics == "kl":
                 prev = 1.0 - b2 ** jnp.maximum(t, 1).astype(stats_dtype)
-                bases = matrices(plan, gather_rows(roots))
-                new = kr.kl_statistics(plan, blocks, stats, bases, t == 0, prev, b2, damping)
+                bases = dense(plan, roots)
+                new = kr.kl_statistics(blocks, stats, bases, t == 0, prev, b2, damping)
             else:
                 new = kr.shampoo_statistics(blocks, stats, b2)
             stats = keep(new, stats)
@@ -344,14 +381,13 @@ def scale_by_shampoo(
 
         # Shampoo's direction on the blocks, with the graft's per-block norm.
         if plan.num_factors:
-            graft_blocks = kr.to_blocks(plan, directions, stats_dtype)
-            dense = matrices(plan, gather_rows(roots))
+            graft_blocks = kr.pad_blocks(plan, kr.to_blocks(plan, directions, stats_dtype))
+            mats = dense(plan, roots)
             if statistics == "kl":
-                raw = kl_precondition(plan, blocks, stats, dense, stats_correction)
+                raw = kl_precondition(blocks, stats, mats, stats_correction)
             else:
                 raw = [
-                    kr.precondition(g, lft, rgt)
-                    for g, (lft, rgt) in zip(blocks, kr.factor_slices(plan, dense), strict=True)
+                    kr.precondition(g, lft, rgt) for g, (lft, rgt) in zip(blocks, mats, strict=True)
                 ]
             pre = []
             for p, a in zip(raw, graft_blocks, strict=True):
@@ -359,7 +395,8 @@ def scale_by_shampoo(
                     pn = kr.block_norms(p)
                     p = p * jnp.where(pn > 0, kr.block_norms(a) / jnp.where(pn > 0, pn, 1), 0)
                 pre.append(p)
-            shampoo_leaves = kr.from_blocks(plan, pre, directions)
+            # Only the preconditioned blocks travel: gathered to rebuild the leaves.
+            shampoo_leaves = kr.from_blocks(plan, gather_rows(pre), directions)
             active = t >= (start + (k - 1 if stagger else 0))
             directions = [
                 jnp.where(active, s, a) for s, a in zip(shampoo_leaves, directions, strict=True)

@@ -41,7 +41,7 @@ import optax
 from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
 from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers import registry
-from jaxopt2.sharding import gather_rows, map_rows, padded_rows
+from jaxopt2.sharding import gather_rows, map_owned, shard_rows
 
 __all__ = ["ScaleBySoapState", "scale_by_soap", "soap"]
 
@@ -54,10 +54,12 @@ class ScaleBySoapState(NamedTuple):
     Attributes:
       count: updates taken (int32).
       stats: per block group ``(L [n, r, r], R [n, c, c])`` (None for an unpreconditioned side).
-      bases: eigenbases of every factor, padded to ``D × D``, ``[N, D, D]``; columns sorted by
-        eigenvalue, descending. Built under a device mesh (``jax.set_mesh``), ``N`` is rounded
-        up to a multiple of its device count with identity rows, and the stack is sharded
-        along ``N``: each device refreshes its own rows (see :mod:`jaxopt2.sharding`).
+      bases: per block group, the eigenbases ``(Q_L [n, r, r], Q_R [n, c, c])`` shaped like
+        `stats`, columns sorted by eigenvalue, descending. Built under a device mesh
+        (``jax.set_mesh``), every per-group stack (``stats``, ``bases``, the blocks' ``nu``)
+        has its ``n`` rounded up to a multiple of the device count and its rows split over the
+        devices: each device refreshes, rotates and steps its own blocks (see
+        :mod:`jaxopt2.optimizers.kronecker`).
       mu: Adam's first moment, in the parameter basis (like the parameters).
       nu: Adam's second moment: per block group ``[n, r, c]`` in the eigenbasis, then per leaf
         for leaves without blocks (None for leaves with blocks).
@@ -67,13 +69,14 @@ class ScaleBySoapState(NamedTuple):
 
     count: jax.Array
     stats: tuple
-    bases: jax.Array
+    bases: tuple
     mu: Any
     nu: tuple
     num_failed_refreshes: jax.Array
     num_nonfinite: jax.Array
 
-    sharded_rows = ("bases",)  # stacked blocks, sharded along their first axis over a mesh
+    # per-block stacks, split along their rows over a mesh (of nu: the blocks' part)
+    sharded_rows = ("stats", "bases", ("nu", 0))
 
 
 def scale_by_soap(
@@ -129,7 +132,7 @@ def scale_by_soap(
     def init_fn(params):
         plan = plan_for(params)
         leaves = jax.tree.leaves(params)
-        nu_blocks = tuple(jnp.zeros((g.count, g.r, g.c), stats_dtype) for g in plan.groups)
+        nu_blocks = tuple(jnp.zeros((kr.stack_rows(g), g.r, g.c), stats_dtype) for g in plan.groups)
         nu_leaves = tuple(
             jnp.zeros(jnp.shape(p), stats_dtype) if v.matrix is None else None
             for v, p in zip(plan.leaves, leaves, strict=True)
@@ -137,7 +140,7 @@ def scale_by_soap(
         return ScaleBySoapState(
             count=jnp.zeros([], jnp.int32),
             stats=kr.zero_statistics(plan, stats_dtype),
-            bases=kr.identity_stack(padded_rows(plan.num_factors), max(plan.dim, 1), stats_dtype),
+            bases=kr.identity_factors(plan, stats_dtype),
             mu=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), stats_dtype), params),
             nu=(nu_blocks, nu_leaves),
             num_failed_refreshes=jnp.zeros([], jnp.int32),
@@ -145,47 +148,68 @@ def scale_by_soap(
         )
 
     def new_bases(plan, stats, bases, t):
-        """Refreshed padded eigenbases (descending columns) and per-factor ok flags."""
-        stack = kr.pad_factors(plan, stats, for_eigenvectors=True)
-        if bases.shape[0] > stack.shape[0]:  # identity rows up to the sharded stack's length
-            extra = kr.identity_stack(bases.shape[0] - stack.shape[0], plan.dim, stack.dtype)
-            stack = jnp.concatenate([stack, extra])
+        """Refreshed eigenbases (descending columns), per side, and per-row failure flags."""
+        dims, real = kr.side_dims(plan), kr.real_rows(plan)
+        # Padding rows get identity factors: finite bases, never used.
+        factors = [
+            jnp.where(m[:, None, None], s, jnp.eye(d, dtype=s.dtype))
+            for s, m, d in zip(kr.sides(stats), real, dims, strict=True)
+        ]
 
-        def full(stack):
+        def full(stack, _):
             _, q, ok = kr.descending_eigh(stack)
             return q, ok
 
-        def power_qr(stack, bases):
+        def power_qr(stack, old):
             # Sort the old columns by their Rayleigh quotients (descending), then one step of
             # subspace iteration. Padded coordinates have the lowest values: they stay last.
-            est = jnp.sum(bases * kr.mm(stack, bases), axis=-2)
+            est = jnp.sum(old * kr.mm(stack, old), axis=-2)
             order = jnp.argsort(-est, axis=-1)
-            q_sorted = jnp.take_along_axis(bases, order[:, None, :], axis=-1)
+            q_sorted = jnp.take_along_axis(old, order[:, None, :], axis=-1)
             q, _ = jnp.linalg.qr(kr.mm(stack, q_sorted))
             return q, jnp.all(jnp.isfinite(q), axis=(-2, -1))
 
-        if refresh == "eigh":
-            return map_rows(full, stack)
-        return jax.lax.cond(
-            t == 0, lambda: map_rows(full, stack), lambda: map_rows(power_qr, stack, bases)
-        )
+        def owned(rows, t):
+            """One device: the bases of its own blocks (one batched eigh or QR)."""
+            factors, old = rows
+            stack = kr.stack_factors(factors, plan.dim, for_eigenvectors=True)
+            # the old bases padded to D x D with the identity on the padded coordinates
+            prev = jnp.concatenate(
+                [
+                    jnp.pad(q, ((0, 0), (0, plan.dim - d), (0, plan.dim - d)))
+                    + jnp.diag((jnp.arange(plan.dim) >= d).astype(q.dtype))
+                    for q, d in zip(old, dims, strict=True)
+                ]
+            )
+            if refresh == "eigh":
+                q, ok = full(stack, prev)
+            else:
+                q, ok = jax.lax.cond(t == 0, full, power_qr, stack, prev)
+            sizes = [x.shape[0] for x in factors]
+            pieces = zip(
+                kr.split_stack(q, sizes), kr.split_stack(ok, sizes), old, dims, strict=True
+            )
+            new = [
+                jnp.where(o[:, None, None], p[:, :d, :d], b).astype(b.dtype)
+                for p, o, b, d in pieces
+            ]
+            return new, [~o for o in kr.split_stack(ok, sizes)]
+
+        new, bad = map_owned(owned, (factors, kr.sides(bases)), t)
+        failed = sum(jnp.sum(b & m) for b, m in zip(bad, real, strict=True))
+        return kr.pair_sides(plan, new), failed
 
     def refresh_step(plan, stats, bases, nu_blocks, failed, t):
-        q, ok = new_bases(plan, stats, bases, t)
-        q = jnp.where(ok[:, None, None], q, bases).astype(bases.dtype)
+        new, bad = new_bases(plan, stats, bases, t)
         # Carry the second moment into the new bases: the diagonal of the rotated covariance.
         rotated = []
-        old_q, new_q = gather_rows(bases), gather_rows(q)
-        for v, (ol, or_), (nl, nr) in zip(
-            nu_blocks, kr.factor_slices(plan, old_q), kr.factor_slices(plan, new_q), strict=True
-        ):
+        for v, (ol, or_), (nl, nr) in zip(nu_blocks, bases, new, strict=True):
             if ol is not None:
                 v = kr.mm(jnp.square(kr.tmm(nl, ol)), v)
             if or_ is not None:
                 v = kr.mmt(v, jnp.square(kr.tmm(nr, or_)))
             rotated.append(v)
-        real = jnp.arange(q.shape[0]) < plan.num_factors
-        return q, tuple(rotated), failed + jnp.sum(real & ~ok).astype(jnp.int32)
+        return new, tuple(rotated), (failed + bad).astype(jnp.int32)
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -199,15 +223,16 @@ def scale_by_soap(
         grads = [g.astype(stats_dtype) for g in leaves]
         factor_decay = b2 if shampoo_b2 is None else shampoo_b2
 
-        blocks = kr.to_blocks(plan, grads, stats_dtype)
-        stats, bases, failed = state.stats, state.bases, state.num_failed_refreshes
+        # Each device holds (under a mesh) and works on the rows of the blocks it owns.
+        blocks = kr.pad_blocks(plan, kr.to_blocks(plan, grads, stats_dtype))
+        stats, bases = shard_rows(state.stats), shard_rows(state.bases)
+        failed = state.num_failed_refreshes
         nu_blocks, nu_leaves = state.nu
+        nu_blocks = shard_rows(nu_blocks)
         if plan.num_factors:
             if statistics == "kl":
                 prev = 1.0 - factor_decay ** jnp.maximum(t, 1).astype(stats_dtype)
-                new = kr.kl_statistics(
-                    plan, blocks, stats, gather_rows(bases), t == 0, prev, factor_decay, damping
-                )
+                new = kr.kl_statistics(blocks, stats, bases, t == 0, prev, factor_decay, damping)
             else:
                 new = kr.shampoo_statistics(blocks, stats, factor_decay)
             stats = keep(new, stats)
@@ -224,10 +249,8 @@ def scale_by_soap(
 
         # Adam in the eigenbasis, block by block.
         new_nu_blocks, steps = [], []
-        mu_blocks = kr.to_blocks(plan, mu, stats_dtype)
-        for g, m, v, (ql, qr) in zip(
-            blocks, mu_blocks, nu_blocks, kr.factor_slices(plan, gather_rows(bases)), strict=True
-        ):
+        mu_blocks = kr.pad_blocks(plan, kr.to_blocks(plan, mu, stats_dtype))
+        for g, m, v, (ql, qr) in zip(blocks, mu_blocks, nu_blocks, bases, strict=True):
             rot = lambda x, ql=ql, qr=qr: kr.precondition(
                 x, None if ql is None else jnp.swapaxes(ql, -1, -2), qr
             )
@@ -247,7 +270,8 @@ def scale_by_soap(
             v = b2 * v + (1.0 - b2) * jnp.square(g)
             diag.append((m / c1) / (jnp.sqrt(v / c2) + eps))
             new_nu_leaves.append(v)
-        out = kr.from_blocks(plan, steps, diag)
+        # Only the steps travel: gathered to rebuild the leaves.
+        out = kr.from_blocks(plan, gather_rows(steps), diag)
 
         new_updates = treedef.unflatten(
             [o.astype(g.dtype) for o, g in zip(out, leaves, strict=True)]

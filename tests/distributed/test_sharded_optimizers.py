@@ -3,6 +3,8 @@ preconditioner refreshes are split across devices (8 simulated devices)."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import optax
@@ -63,27 +65,45 @@ def test_data_parallel_matches_one_device(name, single_device):
     np.testing.assert_allclose(losses8, losses1, rtol=1e-4)
 
 
+def _gathers(hlo: str) -> list[str]:
+    """Result shapes of the all-gathers in compiled HLO (``f32[16,8,8]``, ...)."""
+    found = re.findall(r"= ([a-z0-9]+\[[0-9,]*\])\S* all-gather(?:-start)?\(", hlo)
+    return sorted(found)
+
+
 @pytest.mark.parametrize("name", ["shampoo", "soap"])
-def test_stacked_blocks_are_padded_sharded_and_refreshed_per_device(name, single_device):
+def test_blocks_are_owned_refreshed_and_applied_per_device(name, single_device):
     _, state1, _, hlo1 = single_device[name]
     _, state8, _, hlo8 = train(OPTIMIZERS[name](), STEPS, mesh=_mesh())
     field = "roots" if name == "shampoo" else "bases"
     one, eight = getattr(state1[0], field), getattr(state8[0], field)
-    # 8x8 blocks: w1 6, w2 6, w3 2, a left and a right factor each: 28 factors
-    assert one.shape == (28, 8, 8)
-    assert eight.shape == (32, 8, 8)  # padded to a multiple of 8 devices
-    assert eight.sharding.spec == P(("data",))
-    assert {s.data.shape for s in eight.addressable_shards} == {(4, 8, 8)}
-    # float32 roots: each block the same to float32 noise relative to its own scale
-    diff = np.abs(np.asarray(eight)[:28] - np.asarray(one)).max(axis=(1, 2))
-    assert np.all(diff <= 2e-5 * np.abs(np.asarray(one)).max(axis=(1, 2))), diff
-    # the padding rows are decompositions of identities: finite, and no failed refresh counted
-    assert np.all(np.isfinite(np.asarray(eight)[28:]))
+    # 8x8 blocks: w1 6, w2 6, w3 2 = one group of 14 blocks, a left and a right factor each
+    ((left1, right1),) = one
+    ((left8, right8),) = eight
+    assert left1.shape == right1.shape == (14, 8, 8)
+    for stack8, stack1 in ((left8, left1), (right8, right1)):
+        assert stack8.shape == (16, 8, 8)  # padded to a multiple of 8 devices
+        assert stack8.sharding.spec == P(("data",))
+        assert {s.data.shape for s in stack8.addressable_shards} == {(2, 8, 8)}
+        # float32: each block the same to float32 noise relative to its own scale
+        a, b = np.asarray(stack8)[:14], np.asarray(stack1)
+        diff = np.abs(a - b).max(axis=(1, 2))
+        assert np.all(diff <= 2e-5 * np.abs(b).max(axis=(1, 2))), diff
+        # the padding rows are decompositions of identities: finite
+        assert np.all(np.isfinite(np.asarray(stack8)[14:]))
+    # the statistics are split the same way: each device holds its blocks' factors
+    for stats in jax.tree.leaves(state8[0].stats):
+        assert stats.sharding.spec == P(("data",)) and stats.shape == (16, 8, 8)
     failed = "num_failed_roots" if name == "shampoo" else "num_failed_refreshes"
     assert int(getattr(state8[0], failed)) == 0
-    # the refresh's batched eigh: all 28 factors on one device, 4 rows per device on 8
+    # the refresh's batched eigh: all 28 factors on one device; on 8, each device's own 2 left
+    # and 2 right factors
     assert lapack_batches(hlo1, "syevd") == [(28, 8, 8)]
     assert lapack_batches(hlo8, "syevd") == [(4, 8, 8)]
+    # owner-computes: the only gather of the step is the preconditioned blocks (16 x 8 x 8,
+    # parameter-sized); the roots/bases (2 x 16 x 8 x 8) never travel
+    assert _gathers(hlo1) == []
+    assert _gathers(hlo8) == ["f32[16,8,8]"]
 
 
 def test_kfac_inversions_are_split_across_devices(single_device):
@@ -136,9 +156,16 @@ def test_state_sharding_layout():
     layout = state_sharding(opt, params, pshard)
     inner = layout[0]
     assert inner.mu == pshard and inner.graft_nu == pshard
-    assert inner.roots.spec == P(("data", "model"))
+    rows = P(("data", "model"))  # per-block stacks: split along their rows over all 8
+    assert [s.spec for s in jax.tree.leaves(inner.roots)] == [rows, rows]
+    assert [s.spec for s in jax.tree.leaves(inner.stats)] == [rows, rows]
     assert inner.count.spec == P() and inner.num_failed_roots.spec == P()
-    assert all(s.spec == P() for s in jax.tree.leaves(inner.stats))
+    # SOAP: the blocks' second moments are split too, the unblocked leaves' replicated
+    soap = state_sharding(jaxopt2.soap(1e-3, block_size=8), params, pshard)[0]
+    assert [s.spec for s in jax.tree.leaves(soap.bases)] == [rows, rows]
+    nu_blocks, nu_leaves = soap.nu
+    assert [s.spec for s in nu_blocks] == [rows]
+    assert [s.spec for s in nu_leaves if s is not None] == [P(), P(), P()]
     # an optax chain: adam's moments take the parameters' shardings, its count is replicated
     adam = state_sharding(optax.adam(1e-3), params, pshard)
     assert adam[0].mu == pshard and adam[0].nu == pshard and adam[0].count.spec == P()

@@ -91,8 +91,10 @@ def test_low_bit_shampoo_trains_like_full_precision(statistics):
     assert float(full[-1]) < 1e-5 * float(full[0])
     for bits in (8, 4):
         curve, state = run(bits)
-        assert isinstance(state[0].roots, lowbit.QuantizedBasis)
-        assert state[0].roots.codes.dtype == (jnp.int8 if bits == 8 else jnp.uint8)
+        ((left, right),) = state[0].roots  # one block group, both sides
+        for side in (left, right):
+            assert isinstance(side, lowbit.QuantizedBasis)
+            assert side.codes.dtype == (jnp.int8 if bits == 8 else jnp.uint8)
         assert float(curve[-1]) < 1e-3 * float(full[0]), bits
         if bits == 8:  # 8 bits tracks full precision (measured within ~10% on this problem)
             np.testing.assert_allclose(curve[:75], full[:75], rtol=0.05)
