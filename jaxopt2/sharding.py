@@ -5,10 +5,12 @@ jaxopt2 distributes with JAX's own sharding and nothing else. The library's side
 * **The ambient mesh.** Under ``jax.set_mesh(mesh)`` (or ``jax.sharding.use_mesh``) the
   optimizers with per-block work split it across every device of the mesh. Shampoo and SOAP
   own blocks (owner-computes, as Distributed Shampoo does): each per-group stack of blocks,
-  statistics and preconditioners is padded to a multiple of the device count and split
-  along its rows, so each device updates, decomposes (:func:`map_owned`: its own one batched
-  ``eigh``) and applies the preconditioners of its own blocks, and only the preconditioned
-  blocks are gathered — parameter-sized traffic per step, not preconditioner-sized. K-FAC
+  statistics and preconditioners with at least as many blocks as devices is padded to a
+  multiple of the device count and split along its rows, so each device updates, decomposes
+  (:func:`map_owned`: its own one batched ``eigh``) and applies the preconditioners of its
+  own blocks, and only the preconditioned blocks are gathered — parameter-sized traffic per
+  step, not preconditioner-sized. A smaller group is kept whole on every device (padding it
+  would multiply its memory and traffic) and computed beside the owned rows. K-FAC
   splits its batched factor inversions the same way (:func:`map_rows`) and gathers the
   inverses. Without a mesh (or on one device) nothing changes: the same optimizer object runs
   the same program as before. Both of JAX's sharding modes work: with ``Explicit`` mesh axes
@@ -117,18 +119,21 @@ def map_rows(fn: Callable[..., Any], *stacks: jax.Array) -> Any:
     return shard_rows(fn(*stacks))
 
 
-def map_owned(fn: Callable[[Any, Any], Any], rows: Any, whole: Any = ()) -> Any:
-    """``fn(rows, whole)`` run by each device on the rows it owns: every array leaf of `rows`
-    is split along its first axis over all axes of the ambient mesh (``jax.shard_map``), so
-    each device sees its own share of every stack and `whole` (small replicated values) in
-    full; every output leaf is a device's rows of a stack split the same way.
+def map_owned(fn: Callable[[Any, Any], tuple[Any, Any]], rows: Any, whole: Any = ()) -> Any:
+    """``fn(rows, whole) -> (rows_out, whole_out)`` run by each device on the rows it owns.
+
+    Every array leaf of `rows` is split along its first axis over all axes of the ambient
+    mesh (``jax.shard_map``): each device sees its own share of every stack, and `whole`
+    (replicated values) in full. ``rows_out`` leaves are a device's rows of stacks split the
+    same way; ``whole_out`` must be computed from `whole` alone, the same on every device
+    (it is returned replicated).
 
     This is owner-computes: nothing is gathered, whatever `fn` concatenates, decomposes or
     splits. Without a mesh or on one device it is just ``fn(rows, whole)``. Every leaf's
     first axis must be a multiple of the device count (pad with :func:`padded_rows`).
     """
     mesh = _mesh()
-    if mesh is None or mesh.size == 1:
+    if mesh is None or mesh.size == 1 or not jax.tree.leaves(rows):
         return fn(rows, whole)
     uneven = [x.shape for x in jax.tree.leaves(rows) if jnp.ndim(x) == 0 or x.shape[0] % mesh.size]
     if uneven:
@@ -137,9 +142,15 @@ def map_owned(fn: Callable[[Any, Any], Any], rows: Any, whole: Any = ()) -> Any:
             f"multiple of it: {uneven}."
         )
     spec = PartitionSpec(tuple(mesh.axis_names))
-    return jax.shard_map(fn, in_specs=(spec, PartitionSpec()), out_specs=spec)(
-        shard_rows(rows), whole
+    # whole_out is the same on every device but computed beside the device's own rows (one
+    # batched decomposition of both), so the per-device-value check is off
+    run = jax.shard_map(
+        fn,
+        in_specs=(spec, PartitionSpec()),
+        out_specs=(spec, PartitionSpec()),
+        check_vma=False,
     )
+    return run(shard_rows(rows), gather_rows(whole))
 
 
 def explicit_mesh() -> bool:

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt2.linalg.roots import symmetric_eigh
-from jaxopt2.sharding import padded_rows, shard_rows
+from jaxopt2.sharding import map_owned, mesh_size, padded_rows, shard_rows
 
 __all__ = [
     "Group",
@@ -228,10 +228,18 @@ def plan_for_tree(tree: Any, block_size: int, max_precondition_dim: int, one_sid
     )
 
 
+def owned(group: Group) -> bool:
+    """Whether a group's blocks are split over the ambient mesh: under a mesh, when it has at
+    least one block per device (a smaller group is kept whole on every device)."""
+    size = mesh_size()
+    return size > 1 and group.count >= size
+
+
 def stack_rows(group: Group) -> int:
-    """Rows of a group's stacks in the state: its block count, rounded up under a device mesh
-    to a multiple of the device count (the extra rows are padding, never used)."""
-    return padded_rows(group.count)
+    """Rows of a group's stacks in the state: its block count, rounded up to a multiple of
+    the device count when the group is :func:`owned` (the extra rows are padding, never
+    used)."""
+    return padded_rows(group.count) if owned(group) else group.count
 
 
 def zero_statistics(plan: Plan, dtype: Any) -> tuple:
@@ -284,6 +292,37 @@ def side_dims(plan: Plan) -> list[int]:
     :func:`sides`."""
     return sides([(None if g.left is None else g.r, None if g.right is None else g.c)
                   for g in plan.groups])  # fmt: skip
+
+
+def map_sides(plan: Plan, fn, factors: list, old: list, t: Any) -> tuple[list, list]:
+    """A refresh of every side's preconditioner, each device doing the sides of its own blocks.
+
+    ``fn(factors, old, dims, t) -> (new, bad)`` maps lists of per-side stacks (factors, the
+    stored preconditioners, the factor sizes) to the new preconditioners and per-row failure
+    flags. Under a mesh it runs once per device (:func:`jaxopt2.sharding.map_owned`) on that
+    device's rows of the owned groups' sides followed by the whole of the other groups' sides,
+    so one batched decomposition covers both. Returns ``(new, bad)`` in side order.
+    """
+    flags = _per_side(plan, owned)
+    split = lambda xs: (
+        [x for x, o in zip(xs, flags, strict=True) if o],
+        [x for x, o in zip(xs, flags, strict=True) if not o],
+    )
+    f_own, f_rest = split(factors)
+    o_own, o_rest = split(old)
+    d_own, d_rest = split(side_dims(plan))
+
+    def body(rows, whole):
+        (f1, o1), (f2, o2, t) = rows, whole
+        new, bad = fn(f1 + f2, o1 + o2, d_own + d_rest, t)
+        n = len(f1)
+        return (new[:n], bad[:n]), (new[n:], bad[n:])
+
+    (new1, bad1), (new2, bad2) = map_owned(body, (f_own, o_own), (f_rest, o_rest, t))
+    it = {True: (iter(new1), iter(bad1)), False: (iter(new2), iter(bad2))}
+    new = [next(it[o][0]) for o in flags]
+    bad = [next(it[o][1]) for o in flags]
+    return new, bad
 
 
 def real_rows(plan: Plan) -> list[jax.Array]:

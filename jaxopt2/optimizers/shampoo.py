@@ -52,7 +52,7 @@ from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
 from jaxopt2.linalg.roots import inverse_root_spectrum, matrix_inverse_root, symmetric_eigh
 from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers import lowbit, registry
-from jaxopt2.sharding import gather_rows, map_owned, shard_rows
+from jaxopt2.sharding import gather_rows, shard_rows
 
 __all__ = ["GRAFTS", "ScaleByShampooState", "scale_by_shampoo", "shampoo"]
 
@@ -285,16 +285,15 @@ def scale_by_shampoo(
         return kr.pair_sides(plan, mats)
 
     def refresh(plan, stats, roots, failed, t):
-        dims, real = kr.side_dims(plan), kr.real_rows(plan)
+        real = kr.real_rows(plan)
         # Padding rows get identity factors: finite roots, never used.
         factors = [
-            jnp.where(m[:, None, None], s, jnp.eye(d, dtype=s.dtype))
-            for s, m, d in zip(kr.sides(stats), real, dims, strict=True)
+            jnp.where(m[:, None, None], s, jnp.eye(s.shape[-1], dtype=s.dtype))
+            for s, m in zip(kr.sides(stats), real, strict=True)
         ]
 
-        def owned(rows, t):
+        def owned(factors, old, dims, t):
             """One device: decompose the factors of its own blocks (one batched eigh)."""
-            factors, old = rows
             stack = kr.stack_factors(factors, plan.dim, for_eigenvectors=statistics == "kl")
             m = stack.shape[0]
             fresh = jnp.ones(m, bool)
@@ -330,7 +329,7 @@ def scale_by_shampoo(
             ]
             return out, bad
 
-        new, bad = map_owned(owned, (factors, kr.sides(roots)), t)
+        new, bad = kr.map_sides(plan, owned, factors, kr.sides(roots), t)
         failed = failed + sum(jnp.sum(b & m) for b, m in zip(bad, real, strict=True))
         return kr.pair_sides(plan, new), failed.astype(jnp.int32)
 

@@ -41,7 +41,7 @@ import optax
 from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
 from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers import registry
-from jaxopt2.sharding import gather_rows, map_owned, shard_rows
+from jaxopt2.sharding import gather_rows, shard_rows
 
 __all__ = ["ScaleBySoapState", "scale_by_soap", "soap"]
 
@@ -149,11 +149,11 @@ def scale_by_soap(
 
     def new_bases(plan, stats, bases, t):
         """Refreshed eigenbases (descending columns), per side, and per-row failure flags."""
-        dims, real = kr.side_dims(plan), kr.real_rows(plan)
+        real = kr.real_rows(plan)
         # Padding rows get identity factors: finite bases, never used.
         factors = [
-            jnp.where(m[:, None, None], s, jnp.eye(d, dtype=s.dtype))
-            for s, m, d in zip(kr.sides(stats), real, dims, strict=True)
+            jnp.where(m[:, None, None], s, jnp.eye(s.shape[-1], dtype=s.dtype))
+            for s, m in zip(kr.sides(stats), real, strict=True)
         ]
 
         def full(stack, _):
@@ -169,9 +169,8 @@ def scale_by_soap(
             q, _ = jnp.linalg.qr(kr.mm(stack, q_sorted))
             return q, jnp.all(jnp.isfinite(q), axis=(-2, -1))
 
-        def owned(rows, t):
+        def owned(factors, old, dims, t):
             """One device: the bases of its own blocks (one batched eigh or QR)."""
-            factors, old = rows
             stack = kr.stack_factors(factors, plan.dim, for_eigenvectors=True)
             # the old bases padded to D x D with the identity on the padded coordinates
             prev = jnp.concatenate(
@@ -195,7 +194,7 @@ def scale_by_soap(
             ]
             return new, [~o for o in kr.split_stack(ok, sizes)]
 
-        new, bad = map_owned(owned, (factors, kr.sides(bases)), t)
+        new, bad = kr.map_sides(plan, owned, factors, kr.sides(bases), t)
         failed = sum(jnp.sum(b & m) for b, m in zip(bad, real, strict=True))
         return kr.pair_sides(plan, new), failed
 

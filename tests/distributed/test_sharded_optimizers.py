@@ -3,9 +3,11 @@ preconditioner refreshes are split across devices (8 simulated devices)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -104,6 +106,57 @@ def test_blocks_are_owned_refreshed_and_applied_per_device(name, single_device):
     # parameter-sized); the roots/bases (2 x 16 x 8 x 8) never travel
     assert _gathers(hlo1) == []
     assert _gathers(hlo8) == ["f32[16,8,8]"]
+
+
+@pytest.mark.parametrize("name", ["shampoo", "soap"])
+def test_a_group_smaller_than_the_mesh_is_kept_whole(name):
+    # "a": 8 blocks of 8x8 (one per device: owned); "b": one 8x3 block (kept on every device)
+    rng = np.random.default_rng(0)
+    shapes = {"a": (64, 8), "b": (8, 3)}
+    params = {k: jnp.zeros(v) for k, v in shapes.items()}
+    grads = [{k: jnp.asarray(rng.standard_normal(v), jnp.float32) for k, v in shapes.items()}
+             for _ in range(3)]  # fmt: skip
+    # well-conditioned on purpose (a single random gradient's factor is not): float32 noise
+    # stays at 1e-6, so a mixed-up block or root shows
+    if name == "shampoo":
+        opt = jaxopt2.scale_by_shampoo(block_size=8, precondition_every=1, damping=1e-2,
+                                       start_preconditioning_step=0)  # fmt: skip
+    else:  # one-sided: a's left (a tie) and b's right side, both full rank
+        opt = jaxopt2.scale_by_soap(block_size=8, precondition_every=1, eps=1e-2, one_sided=True)
+
+    def run(mesh):
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            if mesh is None:
+                state, step = opt.init(params), jax.jit(opt.update)
+            else:
+                rep = NamedSharding(mesh, P())
+                layout = state_sharding(opt, params, rep)
+                state = jax.jit(opt.init, out_shardings=layout)(params)
+                step = jax.jit(opt.update, out_shardings=(rep, layout))
+            hlo = step.lower(grads[0], state, params).compile().as_text()
+            updates = []
+            for g in grads:
+                u, state = step(g, state, params)
+                updates.append(u)
+        return updates, state, hlo
+
+    one, _, _ = run(None)
+    eight, state, hlo = run(_mesh())
+    for u1, u8 in zip(one, eight, strict=True):
+        assert max_relative_error(u1, u8) <= 1e-5
+    field = state.roots if name == "shampoo" else state.bases
+    (a_left, a_right), (b_left, b_right) = field
+    assert a_left.shape == (8, 8, 8) and a_left.sharding.spec == P(("data",))
+    assert b_right.shape == (1, 3, 3) and b_right.sharding.spec == P()
+    if name == "shampoo":
+        assert a_right.shape == (8, 8, 8) and a_right.sharding.spec == P(("data",))
+        assert b_left.shape == (1, 8, 8) and b_left.sharding.spec == P()
+    else:
+        assert a_right is None and b_left is None
+    # one eigh per device: its own factors of "a" (one per side) and the whole of "b"
+    assert lapack_batches(hlo, "syevd") == [(4 if name == "shampoo" else 2, 8, 8)]
+    # only the owned group's preconditioned blocks travel
+    assert _gathers(hlo) == ["f32[8,8,8]"]
 
 
 def test_kfac_inversions_are_split_across_devices(single_device):
