@@ -9,8 +9,9 @@ error tagged for K-FAC), on meshes of 8, 32 and 256 simulated CPU devices in two
   largest dimension divisible by 8 (the first of equal ones), the batch split over both axes.
 
 The optimizer state is laid out by :func:`jaxopt2.state_sharding` (param-shaped subtrees follow
-the parameters, Shampoo's ``roots`` / SOAP's ``bases`` split along their stack axis over all
-devices, everything else replicated). Two numbers per cell:
+the parameters; Shampoo's and SOAP's per-block stacks — statistics, roots / bases, SOAP's
+blocked second moment — split along their block rows over all devices, each device owning its
+blocks; everything else replicated). Two numbers per cell:
 
 1. **Memory.** ``jaxopt2.state_memory`` with ``jax.ShapeDtypeStruct`` parameters (from
    ``jax.eval_shape``: nothing is allocated): the optimizer state's bytes on the fullest

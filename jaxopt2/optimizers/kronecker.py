@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt2.linalg.roots import symmetric_eigh
-from jaxopt2.sharding import map_owned, mesh_size, padded_rows, shard_rows
+from jaxopt2.sharding import gather_rows, map_owned, mesh_size, padded_rows, shard_rows
 
 __all__ = [
     "Group",
@@ -335,6 +335,12 @@ def pad_blocks(plan: Plan, blocks: Sequence[jax.Array]) -> list[jax.Array]:
     split along its rows over the ambient mesh (each device holds the blocks it owns)."""
     out = []
     for g, b in zip(plan.groups, blocks, strict=True):
+        if not owned(g):
+            out.append(b)
+            continue
+        # whole first: the row split must not flow back into the leaves (XLA would then
+        # reshard every param-shaped value derived from them); each device slices its rows
+        b = gather_rows(b)
         extra = stack_rows(g) - g.count
         out.append(shard_rows(jnp.pad(b, ((0, extra), (0, 0), (0, 0))) if extra else b))
     return out
