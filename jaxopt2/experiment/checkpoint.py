@@ -110,8 +110,9 @@ class Checkpointer:
         leaves, treedef = jax.tree.flatten(like)
         candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
         for s in candidates:
+            saved_shapes = self._saved_shapes(s)
+            self._check_layout(s, saved_shapes, leaves)
             try:
-                saved_shapes = self._saved_shapes(s)
                 abstract = {"leaves": {}}
                 for i, x in enumerate(leaves):
                     shape = np.shape(_to_saveable(x))
@@ -141,6 +142,25 @@ class Checkpointer:
                 restored.append(r)
             return jax.tree.unflatten(treedef, restored), dict(out["meta"])
         return None
+
+    def _check_layout(self, step: int, saved: dict[str, tuple[int, ...]], leaves: list) -> None:
+        """A checkpoint whose leaves do not match the fresh state (another optimizer-state
+        layout: another version or config) is an error, never a silent restart."""
+        if not saved:
+            return
+        expected = {f"{i:05d}": tuple(np.shape(_to_saveable(x))) for i, x in enumerate(leaves)}
+        bad = sorted(set(saved) ^ set(expected))
+        bad += [k for k in expected if k in saved and saved[k] != expected[k]
+                and not _one_axis_differs(saved[k], expected[k])]  # fmt: skip
+        if bad:
+            raise ValueError(
+                f"checkpoint {self.directory / str(step)} holds {len(saved)} state leaves, "
+                f"the current config's state has {len(expected)} (first mismatch: leaf "
+                f"{bad[0]}: saved {saved.get(bad[0])}, expected {expected.get(bad[0])}): it was "
+                "written with another optimizer-state layout (another jaxopt2 version or "
+                "optimizer config). Resume it with the version that wrote it, or start a new "
+                "run directory; nothing was overwritten."
+            )
 
     def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         """The shapes of the leaves saved at `step` (from orbax's metadata)."""

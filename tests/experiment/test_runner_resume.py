@@ -119,3 +119,26 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(setup):
     assert rerun.returncode == 0, err
     _check_metrics(run_dir)
     _assert_bitwise_equal(_params(run_dir), _reference(setup))
+
+
+@pytest.mark.timeout(60)
+def test_a_checkpoint_of_another_state_layout_is_an_error_not_a_restart(tmp_path):
+    import jax.numpy as jnp
+
+    from jaxopt2.experiment.checkpoint import Checkpointer
+
+    ck = Checkpointer(tmp_path / "checkpoints", keep=2)
+    old = {"params": jnp.ones((3, 4)), "roots": jnp.zeros((28, 8, 8))}  # one stacked leaf
+    ck.save(5, old, {"step": 5, "train_time": 1.0})
+    ck.close()
+    # the same config's state today: the stack split into two leaves (another layout)
+    like = {"params": jnp.ones((3, 4)), "roots": (jnp.zeros((14, 8, 8)), jnp.zeros((14, 8, 8)))}
+    ck = Checkpointer(tmp_path / "checkpoints", keep=2)
+    with pytest.raises(ValueError, match="another optimizer-state layout") as err:
+        ck.restore(like)
+    assert "holds 2 state leaves, the current config's state has 3" in str(err.value)
+    # a state of the same layout still restores (one axis differing: the padded rows)
+    padded = {"params": jnp.ones((3, 4)), "roots": jnp.zeros((32, 8, 8))}
+    state, meta = ck.restore(padded)
+    ck.close()
+    assert meta["step"] == 5 and state["roots"].shape == (32, 8, 8)
