@@ -10,14 +10,15 @@ jaxopt2 distributes with JAX's own sharding and nothing else. The library's side
   (:func:`map_owned`: its own one batched ``eigh``) and applies the preconditioners of its
   own blocks, and only the preconditioned blocks are gathered — parameter-sized traffic per
   step, not preconditioner-sized. A smaller group is kept whole on every device (padding it
-  would multiply its memory and traffic) and computed beside the owned rows. K-FAC
-  splits its batched factor inversions the same way (:func:`map_rows`) and gathers the
-  inverses. Without a mesh (or on one device) nothing changes: the same optimizer object runs
-  the same program as before. Both of JAX's sharding modes work: with ``Explicit`` mesh axes
-  the stacks are moved with ``jax.sharding.reshard``, with ``Auto`` axes they are constrained
-  with ``jax.lax.with_sharding_constraint``. K-FAC needs ``Auto`` axes: its statistics
-  contract activations over the sharded batch, which explicit mode asks every such product
-  to annotate; it says so instead of failing inside jax.
+  would multiply its memory and traffic) and computed beside the owned rows. K-FAC owns its
+  layers' factors the same way (grouped by size): each device inverts and applies its own,
+  and only the preconditioned gradients are gathered. Without a mesh (or on one device)
+  nothing changes: the same optimizer object runs the same program as before. Both of JAX's
+  sharding modes work: with ``Explicit`` mesh axes the stacks are moved with
+  ``jax.sharding.reshard``, with ``Auto`` axes they are constrained with
+  ``jax.lax.with_sharding_constraint``. K-FAC needs ``Auto`` axes: its statistics contract
+  activations over the sharded batch, which explicit mode asks every such product to
+  annotate; it says so instead of failing inside jax.
 * **State follows the parameters.** :func:`state_sharding` gives the sharding of every leaf
   of an optimizer's state from the parameters' shardings: a subtree shaped like the
   parameters (a moment, a diagonal) takes the parameters' shardings leaf by leaf; the
@@ -46,7 +47,6 @@ __all__ = [
     "explicit_mesh",
     "gather_rows",
     "map_owned",
-    "map_rows",
     "mesh_size",
     "padded_rows",
     "shard_rows",
@@ -95,28 +95,6 @@ def shard_rows(tree: Any) -> Any:
         return _move(x, PartitionSpec(tuple(mesh.axis_names)))
 
     return jax.tree.map(one, tree)
-
-
-def map_rows(fn: Callable[..., Any], *stacks: jax.Array) -> Any:
-    """``fn(*stacks)`` for a function that works row by row on stacks of blocks (a batched
-    ``eigh``, inverse or QR), with the rows split across the ambient mesh: each device computes
-    its share and the outputs come back sharded along their first axis.
-
-    With ``Explicit`` mesh axes `fn` runs with those axes made automatic
-    (``jax.sharding.auto_axes``), so a decomposition whose batch rule is missing in explicit
-    mode still partitions. Without a mesh, on one device, or when the rows do not divide
-    evenly, it is just ``fn(*stacks)``.
-    """
-    mesh = _mesh()
-    if mesh is None or mesh.size == 1 or any(x.shape[0] % mesh.size for x in stacks):
-        return fn(*stacks)
-    spec = PartitionSpec(tuple(mesh.axis_names))
-    stacks = tuple(shard_rows(x) for x in stacks)
-    if all(t == AxisType.Explicit for t in mesh.axis_types):
-        out_shape = jax.eval_shape(fn, *stacks)
-        out_sharding = jax.tree.map(lambda _: spec, out_shape)
-        return jax.sharding.auto_axes(fn, out_sharding=out_sharding)(*stacks)
-    return shard_rows(fn(*stacks))
 
 
 def map_owned(fn: Callable[[Any, Any], tuple[Any, Any]], rows: Any, whole: Any = ()) -> Any:
@@ -208,7 +186,8 @@ def state_sharding(optimizer, params: Any, shardings: Any, *, mesh=None) -> Any:
 
     Returns:
       ``NamedSharding``\\ s: a param-shaped subtree of the state gets `shardings`; the
-      per-block stacks of Shampoo/SOAP are split along their rows over every mesh axis
+      per-block stacks of Shampoo/SOAP and K-FAC's factor stacks are split along their rows
+      over every mesh axis
       (``init`` runs under the mesh, so they are padded to a multiple of its size); other
       leaves are replicated.
     """

@@ -15,6 +15,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxopt2
+from jaxopt2.optimizers.kfac import leafwise
 from jaxopt2.sharding import state_memory, state_sharding
 from tests.distributed.common import (
     DEVICES,
@@ -159,14 +160,84 @@ def test_a_group_smaller_than_the_mesh_is_kept_whole(name):
     assert _gathers(hlo) == ["f32[8,8,8]"]
 
 
-def test_kfac_inversions_are_split_across_devices(single_device):
-    _, _, _, hlo1 = single_device["kfac"]
-    _, _, _, hlo8 = train(OPTIMIZERS["kfac"](), 1, mesh=_mesh(kind=AxisType.Auto))
-    # factor slots (inputs + 1, outputs + 1): w1 (17, 25), w2 (25, 17), w3 (17, 9); one
-    # batched Cholesky per size, the sizes one after another
-    assert sorted(lapack_batches(hlo1, "potrf")) == [(1, 9, 9), (2, 25, 25), (3, 17, 17)]
-    # on 8 devices each stack is padded to 8 and every device factors one matrix of it
-    assert sorted(lapack_batches(hlo8, "potrf")) == [(1, 9, 9), (1, 17, 17), (1, 25, 25)]
+def _deep_kfac(ekfac: bool, mesh=None, steps: int = 4):
+    """`steps` K-FAC steps (refresh every step) on a tanh MLP 16 -> 8 x (8 hidden 8 x 8) -> 16:
+    the hidden layers' factors form one group of 8 rows (one per device: owned); the input
+    layer (16, 8) and the output layer (8, 16) share a group of sizes (17, 9), the second
+    flipped, 2 rows (kept whole on every device)."""
+    rng = np.random.default_rng(1)
+    shapes = {"w_in": (16, 8), "w_out": (8, 16)} | {f"h{i}": (8, 8) for i in range(8)}
+    params = {k: jnp.asarray(rng.standard_normal(s) / np.sqrt(s[0]), jnp.float32)
+              for k, s in shapes.items()}  # fmt: skip
+    params |= {f"c{i}": jnp.zeros(8, jnp.float32) for i in range(8)}
+    x = jnp.asarray(rng.standard_normal((32, 16)), jnp.float32)
+    y = jnp.asarray(np.tanh(rng.standard_normal((32, 16))), jnp.float32)
+
+    def loss(p, x, y):
+        h = jnp.tanh(x @ p["w_in"])
+        for i in range(8):
+            h = jnp.tanh(h @ p[f"h{i}"] + p[f"c{i}"])
+        out = jaxopt2.tag_loss("squared_error", h @ p["w_out"], y)
+        return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+
+    opt = jaxopt2.kfac(1e-1, invert_every=1, ekfac=ekfac, damping=1e-2)
+
+    def step(p, state, x, y):
+        _, updates, state = jaxopt2.value_and_update(opt, loss, p, state, x, y)
+        return optax.apply_updates(p, updates), state
+
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        if mesh is None:
+            state, fn = opt.init(params), jax.jit(step)
+        else:
+            rep = NamedSharding(mesh, P())
+            layout = state_sharding(opt, params, rep)
+            state = jax.jit(opt.init, out_shardings=layout)(params)
+            data = NamedSharding(mesh, P("data"))
+            x, y = jax.device_put(x, data), jax.device_put(y, data)
+            fn = jax.jit(step, out_shardings=(rep, layout))
+        hlo = fn.lower(params, state, x, y).compile().as_text()
+        for _ in range(steps):
+            params, state = fn(params, state, x, y)
+    return params, state, hlo
+
+
+@pytest.mark.parametrize("ekfac", [False, True], ids=["kfac", "ekfac"])
+def test_kfac_factors_are_owned_inverted_and_applied_per_device(ekfac):
+    params1, state1, hlo1 = _deep_kfac(ekfac)
+    params8, state8, hlo8 = _deep_kfac(ekfac, _mesh(kind=AxisType.Auto))
+    assert max_relative_error(params1, params8) <= 1e-4
+    inner1, inner8 = state1[0], state8[0]
+    assert int(inner8.num_failed_inverses) == 0 == int(inner1.num_failed_inverses)
+    # groups in leaf order (dict keys sorted: c*, h*, w_in, w_out): the hidden layers first
+    (hidden8, small8) = inner8.factors
+    # the hidden layers' group: 8 rows split one per device, for factors and inverses alike
+    for stack in (*hidden8, *inner8.inverses[0]):
+        assert stack.shape == (8, 9, 9) and stack.sharding.spec == P(("data",))
+        assert {s.data.shape for s in stack.addressable_shards} == {(1, 9, 9)}
+    for stack in (*small8, *inner8.inverses[1]):  # kept whole on every device
+        assert stack.sharding.spec == P()
+    assert [s.shape for s in small8] == [(2, 17, 17), (2, 9, 9)]
+    # each row the same factor as on one device (float32 noise relative to its scale)
+    for a, b in zip(jax.tree.leaves(inner8.factors), jax.tree.leaves(inner1.factors),
+                    strict=True):  # fmt: skip
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.all(np.abs(a - b).max(axis=(1, 2)) <= 1e-5 * np.abs(b).max(axis=(1, 2)))
+    # the flipped output layer: its A (inputs + 1 = 9) sits on side 1, its G (16) on side 0
+    w_out = leafwise(inner8, params8).factors
+    leaf = sorted(params8).index("w_out")
+    assert [f.shape for f in w_out[leaf]] == [(9, 9), (17, 17)]
+    if ekfac:
+        return
+    # one batched Cholesky per size, one after the other: on one device all 18 factors of
+    # size 9 and the 2 of size 17; on 8, each device its own hidden layer's two factors and
+    # the whole small group
+    assert sorted(lapack_batches(hlo1, "potrf")) == [(2, 17, 17), (18, 9, 9)]
+    assert sorted(lapack_batches(hlo8, "potrf")) == [(2, 17, 17), (4, 9, 9)]
+    # owner-computes: the one gather of the step is the hidden layers' preconditioned
+    # gradients (parameter-sized); factors and inverses never travel
+    assert _gathers(hlo1) == []
+    assert _gathers(hlo8) == ["f32[8,9,9]"]
 
 
 def test_shampoo_on_auto_axes_matches_too(single_device):

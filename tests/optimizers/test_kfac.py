@@ -12,7 +12,7 @@ import pytest
 
 import jaxopt2
 from jaxopt2 import curvature as cv
-from jaxopt2.optimizers.kfac import kfac, kfac_layers, scale_by_kfac
+from jaxopt2.optimizers.kfac import kfac, kfac_layers, leafwise, scale_by_kfac
 from tests.hang_check import run_without_xla_flag
 
 pytestmark = pytest.mark.timeout(240)
@@ -52,7 +52,7 @@ def test_single_linear_layer_equals_exact_ggn():
     np.testing.assert_allclose(direction["w"], newton[:4], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(direction["b"], newton[4], rtol=1e-6, atol=1e-9)
     # The factors themselves: A = E[ā āᵀ] in the input slot, G = I in the output slot.
-    f_in, f_out = state.factors[1]  # leaves sorted: b, w
+    f_in, f_out = leafwise(state, params).factors[1]  # leaves sorted: b, w
     np.testing.assert_allclose(f_in, xa.T @ xa / 32, rtol=1e-10)
     np.testing.assert_allclose(f_out[:3, :3], np.eye(3), rtol=1e-10)
 
@@ -78,7 +78,7 @@ def test_deep_linear_network_factors_equal_dense_kronecker_terms():
     for i, name in enumerate(("w1", "w2", "w3")):
         a_ref = acts[i].T @ acts[i] / 16
         g_ref = jac_after[i] @ jac_after[i].T
-        f_in, f_out = state.factors[i]
+        f_in, f_out = leafwise(state, params).factors[i]
         d_in, d_out = a_ref.shape[0], g_ref.shape[0]
         np.testing.assert_allclose(f_in[:d_in, :d_in], a_ref, rtol=1e-9, atol=1e-12, err_msg=name)
         np.testing.assert_allclose(
@@ -275,7 +275,7 @@ def test_sequence_inputs_sum_statistics_over_time():
     value_fn = lambda q: loss_fn(q, x, y)
     _, state = opt.update(jax.grad(value_fn)(p), opt.init(p), p, value_fn=value_fn)
     rows = np.asarray(x, np.float64).reshape(-1, f)
-    f_in, f_out = state.factors[0]
+    f_in, f_out = leafwise(state, p).factors[0]
     np.testing.assert_allclose(f_in[:f, :f], rows.T @ rows / (b * t), rtol=1e-10)
     np.testing.assert_allclose(f_out[:c, :c], t * np.eye(c), rtol=1e-10)
     # A ⊗ G reproduces the exact GGN of this linear model: (Σ_rows a aᵀ / b) ⊗ I.
@@ -343,7 +343,7 @@ def test_discovery_flax_nnx_and_inside_remat():
 def _factors_of(opt, params, value_fn):
     """One exact-Fisher K-FAC update from a fresh state; the new state's factors."""
     _, state = opt.update(jax.grad(value_fn)(params), opt.init(params), params, value_fn=value_fn)
-    return state.factors
+    return leafwise(state, params).factors
 
 
 def _exact_opt():
@@ -464,7 +464,7 @@ def test_conv_layers_equinox_flax_and_tagged_match_naive_patches():
     opt = scale_by_kfac(learning_rate=1.0, fisher="empirical", stats_decay=0.0,
                         stats_dtype=jnp.float64)  # fmt: skip
     _, state = opt.update(jax.grad(value_fn)(params), opt.init(params), params, value_fn=value_fn)
-    f_a, f_g = state.factors[layer.weight]
+    f_a, f_g = leafwise(state, params).factors[layer.weight]
     # Output gradients of the per-example loss (empirical Fisher: true targets): f − y.
     out = np.asarray(eqx_out(params, x))
     g = (out - np.asarray(y)).reshape(n, o, side, side)
@@ -487,7 +487,10 @@ def test_conv_layers_equinox_flax_and_tagged_match_naive_patches():
     _, ts = opt.update(jax.grad(tv)(tp), opt.init(tp), tp, value_fn=tv)
     # Factors sit at the weight's leaf: equinox orders (weight, bias), the dict (b, k).
     chex.assert_trees_all_close(
-        state.factors[layer.weight], ts.factors[tagged_layer.weight], rtol=1e-10, atol=1e-12
+        leafwise(state, params).factors[layer.weight],
+        leafwise(ts, tp).factors[tagged_layer.weight],
+        rtol=1e-10,
+        atol=1e-12,
     )
 
     class Net(nnx.Module):
@@ -538,7 +541,7 @@ def _ekfac_reference(loss_per_example, params, x, y, state, leaf_names):
         if b_name is not None:
             gw = np.concatenate([gw, np.asarray(grads_n[b_name], np.float64)[:, None, :]], 1)
         ka, kg = gw.shape[1:]
-        f_a, f_g = (np.asarray(f, np.float64) for f in state.factors[leaf])
+        f_a, f_g = (np.asarray(f, np.float64) for f in leafwise(state, params).factors[leaf])
         qa = np.linalg.eigh(f_a[:ka, :ka])[1]
         qg = np.linalg.eigh(f_g[:kg, :kg])[1]
         out[w_name] = (qa, qg, np.mean((qa.T @ gw @ qg) ** 2, axis=0))
@@ -578,7 +581,11 @@ def test_ekfac_scaling_and_direction_match_per_example_gradients(sequence):
         qa, qg, s_ref = ref[w_name]
         ka, kg = s_ref.shape
         np.testing.assert_allclose(
-            state.scaling[leaves[w_name]][:ka, :kg], s_ref, rtol=1e-8, atol=1e-12, err_msg=w_name
+            leafwise(state, params).scaling[leaves[w_name]][:ka, :kg],
+            s_ref,
+            rtol=1e-8,
+            atol=1e-12,
+            err_msg=w_name,
         )
         v = np.asarray(grads[w_name], np.float64)
         if b_name is not None:
@@ -701,6 +708,7 @@ def test_scan_over_layers_gives_each_slice_its_own_factors(reverse, timed, ekfac
 
     d_s, s_s = _two_kfac_steps(_mse_loss(scanned), p, x, y, ekfac)
     d_u, s_u = _two_kfac_steps(_mse_loss(unrolled), q, x, y, ekfac)
+    s_s, s_u = leafwise(s_s, p), leafwise(s_u, q)
     names_p = [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(p)]
     names_q = [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(q)]
     ip, iq = names_p.index("['ws']"), {nm: j for j, nm in enumerate(names_q)}

@@ -29,6 +29,13 @@ run one after another (each takes a data dependency on the previous one's result
 two batched LAPACK calls run concurrently: two at once can block both workers of XLA's CPU
 thread pool, each waiting for sub-tasks only the other could run.
 
+Under a device mesh (``Auto`` axes) the factors are owned: grouped by size
+(:mod:`.factors`), each group with at least one layer per device split over the devices, each
+device refreshes the inverses of its own layers and preconditions their gradients, and only
+the preconditioned gradients are gathered. The statistics are means over the global batch.
+EKFAC's per-step scaling, computed from per-example rows split over the batch, gathers the
+bases.
+
 References:
   Martens, Grosse. "Optimizing Neural Networks with Kronecker-factored Approximate
   Curvature." ICML 2015. arXiv:1503.05671.
@@ -56,10 +63,10 @@ from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers import registry
 from jaxopt2.optimizers.contract import require_value_fn, resolve_key
 from jaxopt2.optimizers.kfac import factors as fx
-from jaxopt2.optimizers.kfac.layers import Discovery, Layer, discover, factor_sizes, factor_stack
-from jaxopt2.sharding import explicit_mesh
+from jaxopt2.optimizers.kfac.layers import Discovery, Layer, discover
+from jaxopt2.sharding import explicit_mesh, gather_rows, map_owned, shard_rows
 
-__all__ = ["ScaleByKfacState", "kfac", "kfac_layers", "scale_by_kfac"]
+__all__ = ["ScaleByKfacState", "kfac", "kfac_layers", "leafwise", "scale_by_kfac"]
 
 FISHER = ("sampled", "empirical", "exact")
 
@@ -69,15 +76,16 @@ class ScaleByKfacState(NamedTuple):
 
     Attributes:
       count: updates taken (int32).
-      factors: per leaf, for rank-2 and rank-4 leaves a pair of square factors of the sizes
-        :func:`~jaxopt2.optimizers.kfac.layers.factor_sizes` gives (one holds ``A`` and the
-        other ``G`` once discovery says which leaves are layers; unused ones stay zero), for
-        rank-3 leaves ``[L, ...]`` such a pair stacked ``[L, d, d]`` (a scan over layers),
-        None for other leaves. EMAs in ``stats_dtype``.
+      factors: per group of leaves with the same two factor sizes (see
+        :mod:`jaxopt2.optimizers.kfac.factors`) a pair of stacks ``[n, S0, S0]``,
+        ``[n, S1, S1]``, one row per layer (per slice of a stacked ``[L, ...]`` leaf), zero
+        beyond each layer's corner and for leaves that are no layer; under a mesh an owned
+        group's rows are padded and split over the devices. EMAs in ``stats_dtype``.
+        :func:`leafwise` shows them per parameter leaf.
       inverses: the damped inverses of ``factors`` (same layout); with ``ekfac=True`` the
         factors' eigenvectors instead (in the slots' top-left corners).
-      scaling: ``ekfac=True`` only: per layer leaf the ``[size_A, size_G]`` EMA of the
-        squared per-example gradients in the eigenbasis (None otherwise).
+      scaling: ``ekfac=True`` only: per group the ``[n, S0, S1]`` EMA of the squared
+        per-example gradients in the eigenbasis (None per group otherwise).
       diag: EMA of the sampled Fisher's diagonal, like the parameters (the parameters in no
         layer use it; the entries of layer parameters stay zero).
       damping: the current λ.
@@ -99,6 +107,8 @@ class ScaleByKfacState(NamedTuple):
     rho: jax.Array
     num_nonfinite: jax.Array
     num_failed_inverses: jax.Array
+
+    sharded_rows = ("factors", "inverses", "scaling")  # per-layer stacks, owned over a mesh
 
 
 def _trace(closed, leaves, eps, discovery: Discovery):
@@ -247,22 +257,12 @@ def scale_by_kfac(
         check_hyperparameter(norm_constraint, "norm_constraint", low=0.0, low_inclusive=False)
 
     def init_fn(params):
-        def factor_pair(p):
-            shape = tuple(jnp.shape(p))
-            sizes = factor_sizes(shape)
-            if sizes is None:
-                return None
-            lead = () if factor_stack(shape) is None else (factor_stack(shape),)
-            return tuple(jnp.zeros((*lead, d, d), stats_dtype) for d in sizes)
-
-        factors = tuple(factor_pair(p) for p in jax.tree.leaves(params))
-        eye = lambda x: jnp.broadcast_to(jnp.eye(x.shape[-1], dtype=stats_dtype), x.shape)
-        inverses = tuple(None if f is None else tuple(eye(x) for x in f) for f in factors)
+        groups, _ = fx.plan([tuple(jnp.shape(p)) for p in jax.tree.leaves(params)])
+        factors = fx.zero_factors(groups, stats_dtype)
+        inverses = fx.identity_factors(groups, stats_dtype)
         scaling = tuple(
-            None if f is None or not ekfac
-            else jnp.zeros((*f[0].shape[:-2], f[0].shape[-1], f[1].shape[-1]), stats_dtype)
-            for f in factors
-        )  # fmt: skip
+            jnp.zeros((fx.stack_rows(g), *g.sizes), stats_dtype) if ekfac else None for g in groups
+        )
         zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), stats_dtype), params)
         return ScaleByKfacState(
             count=jnp.zeros([], jnp.int32),
@@ -339,85 +339,90 @@ def scale_by_kfac(
             r = output_residual(disc.loss, jax.lax.stop_gradient(outputs), y)
             leaf_grads, out_grads = jax.tree.map(lambda x: x[None], vjp_fn(r))
 
-        new_factors = list(state.factors)
         units = disc.units
         index = {layer.path: i for i, layer in enumerate(disc.layers)}
+        heads = {uses[0].weight: uses[0] for uses in units.values()}
+        groups, where = fx.plan([tuple(jnp.shape(x)) for x in leaves])
+        info = fx.row_info(groups, heads)
         unit_rows: dict[int, list[list[tuple[jax.Array, jax.Array]]]] = {}  # leaf -> slices
-        for leaf, uses in units.items():
-            new_factors[leaf] = _unit_statistics(
-                uses, index, inputs, out_grads, new_factors[leaf], n, decay, stats_dtype, unit_rows
-            )
+        raw = {
+            leaf: _unit_statistics(uses, index, inputs, out_grads, n, stats_dtype, unit_rows)
+            for leaf, uses in units.items()
+        }
         diag_leaves = list(jax.tree.leaves(state.diag))  # layer leaves' entries stay zero
         for i, g in zip(free, leaf_grads, strict=True):
             sample = jnp.sum(jnp.square(g), axis=0) / n
             diag_leaves[i] = decay * diag_leaves[i] + (1 - decay) * sample.astype(stats_dtype)
         diag = treedef.unflatten(diag_leaves)
-        finite = kr.all_finite((new_factors, diag, grads))
-        keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(finite, x, y), new, old)
-        factors = keep(tuple(new_factors), state.factors)
-        diag = keep(diag, state.diag)
+        finite = kr.all_finite((raw, diag, grads))
+        stats = _stat_stacks(groups, raw, heads, stats_dtype)
+        ema = lambda f, s: jnp.where(finite, decay * f + (1 - decay) * s, f)
+        factors = tuple(
+            tuple(ema(f, s) for f, s in zip(fp, sp, strict=True))
+            for fp, sp in zip(state.factors, stats, strict=True)
+        )
+        diag = jax.tree.map(lambda x, y: jnp.where(finite, x, y), diag, state.diag)
 
         # --- damped inverses, refreshed every `invert_every` steps ----------------------------
+        # Each device refreshes the rows of the groups it owns (and the whole of the groups
+        # smaller than the mesh): nothing travels but the failure count.
         lam = state.damping
         correction = 1.0 - decay ** (t + 1).astype(stats_dtype)
+        consts = [
+            tuple(jnp.asarray(r[k]) for k in ("a_side", "dim_a", "dim_g", "k0", "k1", "layer"))
+            for r in info
+        ]
 
-        heads = [uses[0] for uses in units.values()]
-        corner = lambda layer: (layer.in_features + (layer.bias is not None), layer.out_features)
+        def refresh_rows(items, shared):
+            """Per group ``(side 0, side 1, scaling, bad rows)`` from its factors and stored
+            inverses (or bases): K-FAC's damped inverses, or EKFAC's eigenbases."""
+            lam_, corr = shared
+            mats, corners = [], []
+            for f0, f1, _, _, _, a_side, dim_a, dim_g, k0, k1, _ in items:
+                f0, f1 = f0 / corr, f1 / corr
+                if ekfac:
+                    mats += [f0, f1]
+                    corners += [k0, k1]
+                    continue
+                # π = sqrt((tr A / dim A) / (tr G / dim G)) balances the damping of the sides
+                on0 = a_side == 0
+                tr0, tr1 = jnp.trace(f0, axis1=-2, axis2=-1), jnp.trace(f1, axis1=-2, axis2=-1)
+                tr_a, tr_g = jnp.where(on0, tr0, tr1), jnp.where(on0, tr1, tr0)
+                pi = jnp.sqrt((tr_a / dim_a) / jnp.maximum(tr_g / dim_g, 1e-30))
+                pi = jnp.where(jnp.isfinite(pi) & (pi > 0), pi, 1.0)
+                gam_a, gam_g = pi * jnp.sqrt(lam_), jnp.sqrt(lam_) / pi
+                for f, gam in ((f0, jnp.where(on0, gam_a, gam_g)),
+                               (f1, jnp.where(on0, gam_g, gam_a))):  # fmt: skip
+                    eye = jnp.eye(f.shape[-1], dtype=f.dtype)
+                    mats.append(f + gam.astype(f.dtype)[:, None, None] * eye)
+            results = fx.eigenbases(mats, corners) if ekfac else fx.inverses(mats)
+            out = []
+            for j, (_, _, old0, old1, old_s, *_, layer) in enumerate(items):
+                r0, r1 = results[2 * j], results[2 * j + 1]
+                bad = (layer & ~r0[-1]).astype(jnp.int32) + (layer & ~r1[-1]).astype(jnp.int32)
+                if not ekfac:
+                    new0 = jnp.where((r0[1] & layer)[:, None, None], r0[0], old0)
+                    new1 = jnp.where((r1[1] & layer)[:, None, None], r1[0], old1)
+                    out.append((new0, new1, None, bad))
+                    continue
+                (q0, w0, ok0), (q1, w1, ok1) = r0, r1
+                ok = (ok0 & ok1 & layer)[:, None, None]
+                # K-FAC's eigenvalues in the new basis start the EMA of the scaling
+                s0 = jnp.maximum(w0, 0.0)[:, :, None] * jnp.maximum(w1, 0.0)[:, None, :]
+                out.append((jnp.where(ok, q0, old0), jnp.where(ok, q1, old1),
+                            jnp.where(ok, s0, old_s), bad))  # fmt: skip
+            return out
 
         def refresh(inverses, scaling, failed):
-            # One matrix per factor (per slice of a stacked layer), batched by size in fx.
-            mats, slots = [], []
-            for layer in heads:
-                sa = layer.a_slot
-                for k in range(_slices(layer)):
-                    fa = _slice(factors[layer.weight][sa], layer, k) / correction
-                    fg = _slice(factors[layer.weight][1 - sa], layer, k) / correction
-                    dim_a = layer.in_features + (layer.bias is not None)
-                    if ekfac:  # eigenbases of the used corners
-                        ka, kg = corner(layer)
-                        mats += [fa[:ka, :ka], fg[:kg, :kg]]
-                        slots += [(layer, k, sa), (layer, k, 1 - sa)]
-                        continue
-                    pi = jnp.sqrt(
-                        (jnp.trace(fa) / dim_a)
-                        / jnp.maximum(jnp.trace(fg) / layer.out_features, 1e-30)
-                    )
-                    pi = jnp.where(jnp.isfinite(pi) & (pi > 0), pi, 1.0)
-                    for f, gamma, axis in ((fa, pi * jnp.sqrt(lam), sa),
-                                           (fg, jnp.sqrt(lam) / pi, 1 - sa)):  # fmt: skip
-                        mats.append(f + gamma * jnp.eye(f.shape[0], dtype=f.dtype))
-                        slots.append((layer, k, axis))
-            new: dict[tuple[int, int], list[Any]] = {}  # (leaf, axis) -> one entry per slice
-            new_scaling: dict[int, list[Any]] = {}
-            if not ekfac:
-                for (layer, k, axis), (inv, ok) in zip(slots, fx.inverses(mats), strict=True):
-                    old = _slice(inverses[layer.weight][axis], layer, k)
-                    new.setdefault((layer.weight, axis), []).append(jnp.where(ok, inv, old))
-                    failed = failed + (~ok).astype(jnp.int32)
-            else:
-                bases = fx.eigenbases(mats)
-                for j in range(0, len(slots), 2):
-                    (layer, k, sa), (qa, wa, oka), (qg, wg, okg) = slots[j], *bases[j : j + 2]
-                    ok = oka & okg
-                    leaf = layer.weight
-                    for q, axis in ((qa, sa), (qg, 1 - sa)):
-                        slot = _slice(inverses[leaf][axis], layer, k)
-                        placed = jnp.zeros_like(slot).at[: q.shape[0], : q.shape[1]].set(q)
-                        new.setdefault((leaf, axis), []).append(jnp.where(ok, placed, slot))
-                    # K-FAC's eigenvalues in the new basis start the EMA of the scaling.
-                    s0 = jnp.outer(jnp.maximum(wa, 0.0), jnp.maximum(wg, 0.0))
-                    old = _slice(scaling[leaf], layer, k)
-                    placed = jnp.zeros_like(old).at[: s0.shape[0], : s0.shape[1]].set(s0)
-                    new_scaling.setdefault(leaf, []).append(jnp.where(ok, placed, old))
-                    failed = failed + (~oka).astype(jnp.int32) + (~okg).astype(jnp.int32)
-            out = [list(x) if x is not None else None for x in inverses]
-            out_scaling = list(scaling)
-            for layer in heads:
-                for axis in (0, 1):
-                    out[layer.weight][axis] = _unslice(new[(layer.weight, axis)], layer)
-                if ekfac:
-                    out_scaling[layer.weight] = _unslice(new_scaling[layer.weight], layer)
-            return tuple(None if x is None else tuple(x) for x in out), tuple(out_scaling), failed
+            args = [
+                (*fp, *ip, s, *c)
+                for fp, ip, s, c in zip(factors, inverses, scaling, consts, strict=True)
+            ]
+            outs = _per_group(refresh_rows, groups, args, (lam, correction))
+            new_inverses = tuple((o[0], o[1]) for o in outs)
+            new_scaling = tuple(o[2] for o in outs)
+            bad = sum((jnp.sum(o[3], dtype=jnp.int32) for o in outs), jnp.zeros([], jnp.int32))
+            return new_inverses, new_scaling, failed + bad
 
         inverses, scaling, failed = jax.lax.cond(
             (t % invert_every == 0) & finite,
@@ -428,57 +433,41 @@ def scale_by_kfac(
             state.num_failed_inverses,
         )
         if ekfac:  # the per-step EMA of the squared per-example gradients in the eigenbasis
-            n_examples = outputs.shape[0]
-            new_scaling = list(scaling)
-            for layer in heads:
-                leaf, sa = layer.weight, layer.a_slot
-                ka, kg = corner(layer)
-                per_slice = []
-                for k in range(_slices(layer)):
-                    qa = _slice(inverses[leaf][sa], layer, k)[:ka, :ka]
-                    qg = _slice(inverses[leaf][1 - sa], layer, k)[:kg, :kg]
-                    per_slice.append(_ekfac_scaling(unit_rows[leaf][k], qa, qg, n_examples, layer))
-                s_t = _unslice(per_slice, layer)
-                old = scaling[leaf]
-                pad = jnp.zeros_like(old).at[..., :ka, :kg].set(s_t)
-                new_scaling[leaf] = jnp.where(finite, decay * old + (1 - decay) * pad, old)
-            scaling = tuple(new_scaling)
+            # (from per-example rows, which are split over the batch, not over the owners:
+            # the bases are gathered for it)
+            fresh = _ekfac_stacks(groups, gather_rows(inverses), heads, unit_rows, outputs.shape[0])
+            scaling = tuple(
+                jnp.where(finite, decay * old + (1 - decay) * s, old)
+                for old, s in zip(scaling, fresh, strict=True)
+            )
 
         # --- the preconditioned gradient -----------------------------------------------------
         direction = list(grads)
         diag_hat = [d / correction for d in jax.tree.leaves(diag)]
         for i in free:
             direction[i] = grads[i] / (diag_hat[i] + lam)
-        for layer in heads:
-            sa = layer.a_slot
+        blocks = _gradient_stacks(groups, grads, heads, stats_dtype)
 
-            def precondition(gw, gb, inv_a, inv_g, s_leaf, layer=layer):
-                """One layer (one slice of a stacked one): its preconditioned gradient."""
-                v = layer.to_matrix(gw)
-                if gb is not None:
-                    v = jnp.concatenate([v, gb.reshape(1, -1)], axis=0)
-                m_a = inv_a[: v.shape[0], : v.shape[0]]
-                m_g = inv_g[: v.shape[1], : v.shape[1]]
-                if ekfac:  # m_a, m_g are the eigenbases
-                    s_hat = s_leaf[: v.shape[0], : v.shape[1]]
-                    rotated = kr.mm(kr.mm(m_a.T, v), m_g) / (s_hat + lam)
-                    pre = kr.mm(kr.mm(m_a, rotated), m_g.T)
+        def precondition_rows(items, lam_):
+            """Per group its layers' preconditioned gradients ``[n, S0, S1]``."""
+            out = []
+            for inv0, inv1, s, v in items:
+                if ekfac:  # inv0, inv1 are the eigenbases
+                    rotated = kr.mm(kr.mm(jnp.swapaxes(inv0, -1, -2), v), inv1) / (s + lam_)
+                    out.append(kr.mm(kr.mm(inv0, rotated), jnp.swapaxes(inv1, -1, -2)))
                 else:
-                    pre = kr.mm(kr.mm(m_a, v), m_g)
-                d_w = layer.from_matrix(pre[: layer.in_features], gw.shape)
-                d_b = None if gb is None else pre[-1].reshape(gb.shape)
-                return d_w, d_b
+                    out.append(kr.mm(kr.mm(inv0, v), inv1))
+            return out
 
-            args = (
-                grads[layer.weight],
-                None if layer.bias is None else grads[layer.bias],
-                inverses[layer.weight][sa],
-                inverses[layer.weight][1 - sa],
-                scaling[layer.weight] if ekfac else None,
-            )
-            fn = precondition if layer.stack is None else jax.vmap(precondition)
-            d_w, d_b = fn(*args)
-            direction[layer.weight] = d_w
+        args = [(*ip, s, b) for ip, s, b in zip(inverses, scaling, blocks, strict=True)]
+        pre = _per_group(precondition_rows, groups, args, lam)
+        pre = [gather_rows(p) if fx.owned(g) else p for g, p in zip(groups, pre, strict=True)]
+        for leaf, layer in heads.items():
+            g, member = where[leaf]
+            rows = pre[g][member.offset : member.offset + member.count]
+            bias = None if layer.bias is None else grads[layer.bias]
+            d_w, d_b = _from_group(layer, member, groups[g].sizes, rows, grads[leaf], bias)
+            direction[leaf] = d_w
             if layer.bias is not None:
                 direction[layer.bias] = d_b
 
@@ -586,20 +575,16 @@ def _slices(layer: Layer) -> int:
     return 1 if layer.stack is None else layer.stack[0]
 
 
-def _slice(arr: jax.Array, layer: Layer, k: int) -> jax.Array:
-    """Slice `k` of a stacked layer's per-slice array (the array itself if unstacked)."""
-    return arr if layer.stack is None else arr[k]
-
-
 def _unslice(parts: list[jax.Array], layer: Layer) -> jax.Array:
     """Inverse of :func:`_slice` over all slices."""
     return parts[0] if layer.stack is None else jnp.stack(parts)
 
 
 def _unit_statistics(
-    uses, index, inputs, out_grads, pair, n, decay, stats_dtype, unit_rows
+    uses, index, inputs, out_grads, n, stats_dtype, unit_rows
 ) -> tuple[jax.Array, jax.Array]:
-    """The factor EMAs of one weight leaf from all its uses: ``A`` from the inputs (with the
+    """This step's ``(A, G)`` of one weight leaf from all its uses (``[..., k, k]``, the used
+    corners; ``[L, k, k]`` for a stacked leaf): ``A`` from the inputs (with the
     bias's homogeneous coordinate) over the rows of every call, ``G`` from the output
     gradients. A stacked weight (a scan over layers) gets one pair per slice, from the calls
     that use that slice (``Layer.slice_of``), as if each slice were its own layer. Fills
@@ -632,12 +617,165 @@ def _unit_statistics(
             g_k = g_k.reshape(-1, g_k.shape[-1])
             sum_a[k], rows_a[k] = sum_a[k] + kr.mm(a_k.T, a_k), rows_a[k] + a_k.shape[0]
             sum_g[k] = sum_g[k] + kr.mm(g_k.T, g_k)
-    sa = head.a_slot
-    out = list(pair)
     stat_a = _unslice([sa_k / r for sa_k, r in zip(sum_a, rows_a, strict=True)], head)
-    out[sa] = fx.ema_into(pair[sa], stat_a, decay)
-    out[1 - sa] = fx.ema_into(pair[1 - sa], _unslice([sg / n for sg in sum_g], head), decay)
+    return stat_a, _unslice([sg / n for sg in sum_g], head)
+
+
+def _per_group(fn, groups, args: list, shared: Any) -> list:
+    """``fn(items, shared) -> outputs`` (one entry per group) run by each device on its rows
+    of the owned groups followed by the whole of the others (one batched decomposition per
+    size covers both); per group its output, the owned ones split along their rows."""
+    flags = [fx.owned(g) for g in groups]
+    own = [a for a, f in zip(args, flags, strict=True) if f]
+    rest = [a for a, f in zip(args, flags, strict=True) if not f]
+
+    def body(rows, whole):
+        rest_, shared_ = whole
+        out = fn(list(rows) + list(rest_), shared_)
+        return out[: len(rows)], out[len(rows) :]
+
+    out_own, out_rest = map_owned(body, own, (rest, shared))
+    it_own, it_rest = iter(out_own), iter(out_rest)
+    return [next(it_own) if f else next(it_rest) for f in flags]
+
+
+def _to_rows(group, parts: list[jax.Array]) -> jax.Array:
+    """A group's per-member stacks as one ``[stack_rows, ...]`` stack, split over the mesh when
+    the group is owned (made whole first, so the split does not flow back into the leaves)."""
+    stack = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    if not fx.owned(group):
+        return stack
+    stack = gather_rows(stack)
+    extra = fx.stack_rows(group) - group.count
+    if extra:
+        stack = jnp.pad(stack, ((0, extra),) + ((0, 0),) * (stack.ndim - 1))
+    return shard_rows(stack)
+
+
+def _corner(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """`x` (``[..., r, c]``) zero-padded to ``[..., *size]``."""
+    pad = [(0, 0)] * (x.ndim - 2) + [(0, size[0] - x.shape[-2]), (0, size[1] - x.shape[-1])]
+    return jnp.pad(x, pad)
+
+
+def _a_side(layer: Layer, member) -> int:
+    return layer.a_slot ^ int(member.flip)
+
+
+def _stat_stacks(groups, raw: dict, heads: dict, dtype) -> tuple:
+    """This step's statistics per group and side, ``[stack_rows, S, S]`` (zero for leaves that
+    are no layer and for padding)."""
+    out = []
+    for group in groups:
+        pair = []
+        for side, size in enumerate(group.sizes):
+            parts = []
+            for m in group.members:
+                if m.leaf not in raw:
+                    parts.append(jnp.zeros((m.count, size, size), dtype))
+                    continue
+                stat = raw[m.leaf][0 if side == _a_side(heads[m.leaf], m) else 1]
+                stat = stat if m.stacked else stat[None]
+                parts.append(_corner(stat.astype(dtype), (size, size)))
+            pair.append(_to_rows(group, parts))
+        out.append(tuple(pair))
     return tuple(out)
+
+
+def _gradient_stacks(groups, grads: list, heads: dict, dtype) -> list:
+    """Per group its layers' gradients (bias as the last row) in the group's orientation
+    ``[stack_rows, S0, S1]``: transposed when ``A`` is on side 1."""
+    out = []
+    for group in groups:
+        parts = []
+        for m in group.members:
+            layer = heads.get(m.leaf)
+            if layer is None:
+                parts.append(jnp.zeros((m.count, *group.sizes), dtype))
+                continue
+            a_side = _a_side(layer, m)
+            size = (group.sizes[a_side], group.sizes[1 - a_side])
+
+            def one(gw, gb, layer=layer, a_side=a_side, size=size):
+                v = layer.to_matrix(gw)
+                if gb is not None:
+                    v = jnp.concatenate([v, gb.reshape(1, -1)], axis=0)
+                v = _corner(v, size)
+                return v if a_side == 0 else v.T
+
+            gb = None if layer.bias is None else grads[layer.bias]
+            v = jax.vmap(one)(grads[m.leaf], gb) if m.stacked else one(grads[m.leaf], gb)[None]
+            parts.append(v.astype(dtype))
+        out.append(_to_rows(group, parts))
+    return out
+
+
+def _from_group(layer: Layer, member, sizes, rows: jax.Array, gw: jax.Array, gb) -> tuple:
+    """Inverse of :func:`_gradient_stacks` for one leaf: its weight's and bias's directions
+    from its rows ``[count, S0, S1]``."""
+    a_side = _a_side(layer, member)
+
+    def one(p, gw, gb):
+        p = p if a_side == 0 else p.T
+        d_w = layer.from_matrix(p[: layer.in_features, : layer.out_features], gw.shape)
+        d_b = None if gb is None else p[layer.in_features, : layer.out_features].reshape(gb.shape)
+        return d_w, d_b
+
+    if member.stacked:
+        return jax.vmap(one)(rows, gw, gb)
+    return one(rows[0], gw, gb)
+
+
+def _ekfac_stacks(groups, bases: tuple, heads: dict, unit_rows: dict, n: int) -> tuple:
+    """Per group this step's EKFAC scaling ``E_n[(Q_Aᵀ ∇_n Q_G)²]`` in the group's
+    orientation ``[stack_rows, S0, S1]`` (zero for leaves that are no layer)."""
+    out = []
+    for g, group in enumerate(groups):
+        parts = []
+        for m in group.members:
+            layer = heads.get(m.leaf)
+            if layer is None:
+                parts.append(jnp.zeros((m.count, *group.sizes), bases[g][0].dtype))
+                continue
+            a_side = _a_side(layer, m)
+            ka, kg = layer.in_features + (layer.bias is not None), layer.out_features
+            size = (group.sizes[a_side], group.sizes[1 - a_side])
+            per_slice = []
+            for k in range(m.count):
+                qa = bases[g][a_side][m.offset + k][:ka, :ka]
+                qg = bases[g][1 - a_side][m.offset + k][:kg, :kg]
+                s = _corner(_ekfac_scaling(unit_rows[m.leaf][k], qa, qg, n, layer), size)
+                per_slice.append(s if a_side == 0 else s.T)
+            parts.append(jnp.stack(per_slice))
+        out.append(_to_rows(group, parts))
+    return tuple(out)
+
+
+def leafwise(state: ScaleByKfacState, params: Any) -> ScaleByKfacState:
+    """`state` with ``factors``, ``inverses`` and ``scaling`` per parameter leaf instead of per
+    group (for inspection): per leaf with factor slots the pair ``(slot 0, slot 1)`` of
+    :func:`~jaxopt2.optimizers.kfac.layers.factor_sizes` (``[d, d]``, ``[L, d, d]`` for a
+    stacked leaf; with ``ekfac`` the bases in ``inverses``) and the scaling ``[d0, d1]``
+    (rows: slot 0's basis), None for other leaves."""
+    _, where = fx.plan([tuple(jnp.shape(x)) for x in jax.tree.leaves(params)])
+    num = len(jax.tree.leaves(params))
+    pairs = lambda stacks: tuple(
+        fx.leaf_pair(stacks[where[i][0]], where[i][1]) if i in where else None for i in range(num)
+    )
+
+    def scaling(i):
+        if i not in where or state.scaling[where[i][0]] is None:
+            return None
+        g, m = where[i]
+        s = state.scaling[g][m.offset : m.offset + m.count]
+        s = jnp.swapaxes(s, -1, -2) if m.flip else s
+        return s if m.stacked else s[0]
+
+    return state._replace(
+        factors=pairs(state.factors),
+        inverses=pairs(state.inverses),
+        scaling=tuple(scaling(i) for i in range(num)),
+    )
 
 
 def _ekfac_scaling(rows, qa, qg, n, layer) -> jax.Array:
