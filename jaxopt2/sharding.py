@@ -5,11 +5,11 @@ jaxopt2 distributes with JAX's own sharding and nothing else. The library's side
 * **The ambient mesh.** Under ``jax.set_mesh(mesh)`` (or ``jax.sharding.use_mesh``) the
   optimizers with per-block work split it across every device of the mesh. Shampoo and SOAP
   own blocks (owner-computes, as Distributed Shampoo does): each per-group stack of blocks,
-  statistics and preconditioners with at least as many blocks as devices is padded to a
-  multiple of the device count and split along its rows, so each device updates, decomposes
-  (:func:`map_owned`: its own one batched ``eigh``) and applies the preconditioners of its
-  own blocks, and only the preconditioned blocks are gathered — parameter-sized traffic per
-  step, not preconditioner-sized. A smaller group is kept whole on every device (padding it
+  statistics and preconditioners is padded to a multiple of the device count and split along
+  its rows, so each device updates, decomposes (:func:`map_owned`: its own one batched
+  ``eigh``) and applies the preconditioners of its own blocks, and only the preconditioned
+  blocks are gathered — parameter-sized traffic per step, not preconditioner-sized. A group
+  that padding would more than double is kept whole on every device (10 blocks padded to 256
   would multiply its memory and traffic) and computed beside the owned rows. K-FAC owns its
   layers' factors the same way (grouped by size): each device inverts and applies its own,
   and only the preconditioned gradients are gathered. Without a mesh (or on one device)

@@ -13,11 +13,12 @@ Layout (fixed here once):
   smaller one is *flipped*: its slot 0 lives on side 1. The layer's gradient is kept in the
   group's orientation, ``[S0, S1]`` (transposed when ``A`` is on side 1), so preconditioning a
   group is one batched ``left @ V @ right`` whatever the layers' orientations.
-* **Owners.** Under a device mesh a group with at least one row per device has its rows
+* **Owners.** Under a device mesh a group (see :func:`owned`) has its rows
   rounded up to a multiple of the device count and split over the devices, the same rows on
   the same device (as Shampoo's blocks, :mod:`jaxopt2.optimizers.kronecker`): each device
   refreshes the inverses of its own layers and preconditions their gradients, and only the
-  preconditioned gradients are gathered. A smaller group is kept whole on every device.
+  preconditioned gradients are gathered. A group that padding would more than double (10
+  layers on 256 devices) is kept whole on every device.
 * **Decompositions.** One batched call per matrix size, the sizes one after another
   (:func:`in_sequence`): two batched LAPACK calls at once deadlock jax 0.10's CPU runtime.
 """
@@ -98,9 +99,11 @@ def plan(shapes: Sequence[tuple[int, ...]]) -> tuple[tuple[Group, ...], dict[int
 
 
 def owned(group: Group) -> bool:
-    """Whether a group's rows are split over the ambient mesh (at least one per device)."""
+    """Whether a group's rows are split over the ambient mesh: unless padding them to a
+    multiple of the device count would more than double them (the rule of
+    :func:`jaxopt2.optimizers.kronecker.owned`)."""
     size = mesh_size()
-    return size > 1 and group.count >= size
+    return size > 1 and padded_rows(group.count) <= 2 * group.count
 
 
 def stack_rows(group: Group) -> int:

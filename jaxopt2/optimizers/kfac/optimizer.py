@@ -365,7 +365,7 @@ def scale_by_kfac(
 
         # --- damped inverses, refreshed every `invert_every` steps ----------------------------
         # Each device refreshes the rows of the groups it owns (and the whole of the groups
-        # smaller than the mesh): nothing travels but the failure count.
+        # that padding would more than double): nothing travels but the failure count.
         lam = state.damping
         correction = 1.0 - decay ** (t + 1).astype(stats_dtype)
         consts = [
@@ -641,7 +641,8 @@ def _per_group(fn, groups, args: list, shared: Any) -> list:
 
 def _to_rows(group, parts: list[jax.Array]) -> jax.Array:
     """A group's per-member stacks as one ``[stack_rows, ...]`` stack, split over the mesh when
-    the group is owned (made whole first, so the split does not flow back into the leaves)."""
+    the group is owned (made whole first, so that the split does not flow back into the
+    leaves: for the statistics XLA then all-reduced the padded stacks, 2x the traffic)."""
     stack = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
     if not fx.owned(group):
         return stack
