@@ -47,9 +47,12 @@ __all__ = [
     "explicit_mesh",
     "gather_rows",
     "map_owned",
+    "map_split",
     "mesh_size",
+    "own_rows",
     "padded_rows",
     "shard_rows",
+    "splits",
     "state_memory",
     "state_sharding",
 ]
@@ -70,6 +73,15 @@ def padded_rows(n: int) -> int:
     """``n`` rounded up to a multiple of the ambient mesh's device count."""
     size = mesh_size()
     return -(-n // size) * size if n else n
+
+
+def splits(count: int) -> bool:
+    """Whether a stack of `count` rows (blocks, layers) is split over the ambient mesh, each
+    device owning a share: under a mesh of more than one device, unless padding `count` to a
+    multiple of the device count would more than double it (then the stack is kept whole on
+    every device: 10 blocks on 256 devices would cost 256 rows of memory and traffic for 10;
+    150 on 256 are split, one row per device instead of 150)."""
+    return mesh_size() > 1 and padded_rows(count) <= 2 * count
 
 
 def _move(x: jax.Array, spec: PartitionSpec) -> jax.Array:
@@ -129,6 +141,54 @@ def map_owned(fn: Callable[[Any, Any], tuple[Any, Any]], rows: Any, whole: Any =
         check_vma=False,
     )
     return run(shard_rows(rows), gather_rows(whole))
+
+
+def own_rows(stack: jax.Array) -> jax.Array:
+    """`stack` as it is kept when its rows are owned: unchanged unless it :func:`splits`;
+    then zero-padded along its first axis to :func:`padded_rows` and split along it.
+
+    It is made whole (replicated) first, so that the split does not flow back into whatever
+    the stack was built from: XLA would otherwise reshard every parameter-shaped value
+    derived from it (or all-reduce the padded stack where its rows were contracted from a
+    sharded batch, twice the traffic).
+    """
+    count = stack.shape[0]
+    if not splits(count):
+        return stack
+    stack = gather_rows(stack)
+    extra = padded_rows(count) - count
+    if extra:
+        stack = jnp.pad(stack, ((0, extra),) + ((0, 0),) * (stack.ndim - 1))
+    return shard_rows(stack)
+
+
+def map_split(fn: Callable[[list, Any], list], items: list, split: list, shared: Any = ()) -> list:
+    """``fn(items, shared) -> outputs`` (one output per item, in order) with the items whose
+    `split` flag is set owned by rows (:func:`map_owned`) and the others whole.
+
+    Each device calls `fn` once, on its own rows of the split items and the whole of the
+    others (so one batched decomposition covers both), in the items' order. Returns the
+    outputs in that order, a split item's split along its rows like the item, the others
+    replicated (each must then come from whole items and `shared` alone).
+    """
+    flags = [bool(f) for f in split]
+    if len(flags) != len(items):
+        raise ValueError(f"map_split: {len(items)} items but {len(flags)} split flags.")
+
+    def merge(own, rest):
+        it = {True: iter(own), False: iter(rest)}
+        return [next(it[f]) for f in flags]
+
+    def part(xs):
+        return ([x for x, f in zip(xs, flags, strict=True) if f],
+                [x for x, f in zip(xs, flags, strict=True) if not f])  # fmt: skip
+
+    def body(rows, whole):
+        rest, shared_ = whole
+        return part(fn(merge(rows, rest), shared_))
+
+    own, rest = part(items)
+    return merge(*map_owned(body, own, (rest, shared)))
 
 
 def explicit_mesh() -> bool:

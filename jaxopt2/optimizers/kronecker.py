@@ -27,7 +27,7 @@ Conventions (fixed here once):
   moments in the eigenbasis) has its rows rounded up to a multiple of the device count
   (:func:`stack_rows`) and split over the devices, the same rows on the same device: each
   device updates the statistics of the blocks it owns, decomposes their factors (its own one
-  ``eigh``, :func:`jaxopt2.sharding.map_owned`) and preconditions them, and only the
+  ``eigh``, :func:`jaxopt2.sharding.map_split`) and preconditions them, and only the
   preconditioned blocks are gathered (parameter-sized), as Distributed Shampoo does.
 
 Everything here is static Python over shapes (the plan) plus pure array functions of it.
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt2.linalg.roots import symmetric_eigh
-from jaxopt2.sharding import gather_rows, map_owned, mesh_size, padded_rows, shard_rows
+from jaxopt2.sharding import map_split, own_rows, padded_rows, splits
 
 __all__ = [
     "Group",
@@ -229,12 +229,9 @@ def plan_for_tree(tree: Any, block_size: int, max_precondition_dim: int, one_sid
 
 
 def owned(group: Group) -> bool:
-    """Whether a group's blocks are split over the ambient mesh: under a mesh, unless padding
-    it to a multiple of the device count would more than double its rows (then it is kept
-    whole on every device: 10 blocks on 256 devices would cost 256 rows of traffic for 10;
-    150 on 256 are split, one row per device instead of 150)."""
-    size = mesh_size()
-    return size > 1 and padded_rows(group.count) <= 2 * group.count
+    """Whether a group's blocks are split over the ambient mesh
+    (:func:`jaxopt2.sharding.splits` of its block count)."""
+    return splits(group.count)
 
 
 def stack_rows(group: Group) -> int:
@@ -301,30 +298,19 @@ def map_sides(plan: Plan, fn, factors: list, old: list, t: Any) -> tuple[list, l
 
     ``fn(factors, old, dims, t) -> (new, bad)`` maps lists of per-side stacks (factors, the
     stored preconditioners, the factor sizes) to the new preconditioners and per-row failure
-    flags. Under a mesh it runs once per device (:func:`jaxopt2.sharding.map_owned`) on that
-    device's rows of the owned groups' sides followed by the whole of the other groups' sides,
-    so one batched decomposition covers both. Returns ``(new, bad)`` in side order.
+    flags. Under a mesh it runs once per device (:func:`jaxopt2.sharding.map_split`) on that
+    device's rows of the owned groups' sides and the whole of the other groups' sides, so one
+    batched decomposition covers both. Returns ``(new, bad)`` in side order.
     """
-    flags = _per_side(plan, owned)
-    split = lambda xs: (
-        [x for x, o in zip(xs, flags, strict=True) if o],
-        [x for x, o in zip(xs, flags, strict=True) if not o],
-    )
-    f_own, f_rest = split(factors)
-    o_own, o_rest = split(old)
-    d_own, d_rest = split(side_dims(plan))
+    dims = side_dims(plan)
 
-    def body(rows, whole):
-        (f1, o1), (f2, o2, t) = rows, whole
-        new, bad = fn(f1 + f2, o1 + o2, d_own + d_rest, t)
-        n = len(f1)
-        return (new[:n], bad[:n]), (new[n:], bad[n:])
+    def body(items, t):
+        new, bad = fn([f for f, _ in items], [o for _, o in items], dims, t)
+        return list(zip(new, bad, strict=True))
 
-    (new1, bad1), (new2, bad2) = map_owned(body, (f_own, o_own), (f_rest, o_rest, t))
-    it = {True: (iter(new1), iter(bad1)), False: (iter(new2), iter(bad2))}
-    new = [next(it[o][0]) for o in flags]
-    bad = [next(it[o][1]) for o in flags]
-    return new, bad
+    items = list(zip(factors, old, strict=True))
+    out = map_split(body, items, _per_side(plan, owned), t)
+    return [n for n, _ in out], [b for _, b in out]
 
 
 def real_rows(plan: Plan) -> list[jax.Array]:
@@ -334,18 +320,9 @@ def real_rows(plan: Plan) -> list[jax.Array]:
 
 def pad_blocks(plan: Plan, blocks: Sequence[jax.Array]) -> list[jax.Array]:
     """Each group's ``[count, r, c]`` block stack zero-padded to :func:`stack_rows` rows and
-    split along its rows over the ambient mesh (each device holds the blocks it owns)."""
-    out = []
-    for g, b in zip(plan.groups, blocks, strict=True):
-        if not owned(g):
-            out.append(b)
-            continue
-        # whole first: the row split must not flow back into the leaves (XLA would then
-        # reshard every param-shaped value derived from them); each device slices its rows
-        b = gather_rows(b)
-        extra = stack_rows(g) - g.count
-        out.append(shard_rows(jnp.pad(b, ((0, extra), (0, 0), (0, 0))) if extra else b))
-    return out
+    split along its rows over the ambient mesh when it is :func:`owned` (each device holds the
+    blocks it owns; :func:`jaxopt2.sharding.own_rows`)."""
+    return [own_rows(b) for b in blocks]
 
 
 def to_blocks(plan: Plan, leaves: Sequence[jax.Array], dtype: Any) -> list[jax.Array]:

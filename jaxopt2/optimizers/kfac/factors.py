@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers.kfac.layers import factor_sizes, factor_stack
-from jaxopt2.sharding import mesh_size, padded_rows
+from jaxopt2.sharding import padded_rows, splits
 
 __all__ = [
     "Group",
@@ -99,11 +99,10 @@ def plan(shapes: Sequence[tuple[int, ...]]) -> tuple[tuple[Group, ...], dict[int
 
 
 def owned(group: Group) -> bool:
-    """Whether a group's rows are split over the ambient mesh: unless padding them to a
-    multiple of the device count would more than double them (the rule of
+    """Whether a group's rows are split over the ambient mesh
+    (:func:`jaxopt2.sharding.splits` of its layer count, the rule of
     :func:`jaxopt2.optimizers.kronecker.owned`)."""
-    size = mesh_size()
-    return size > 1 and padded_rows(group.count) <= 2 * group.count
+    return splits(group.count)
 
 
 def stack_rows(group: Group) -> int:

@@ -64,7 +64,7 @@ from jaxopt2.optimizers import registry
 from jaxopt2.optimizers.contract import require_value_fn, resolve_key
 from jaxopt2.optimizers.kfac import factors as fx
 from jaxopt2.optimizers.kfac.layers import Discovery, Layer, discover
-from jaxopt2.sharding import explicit_mesh, gather_rows, map_owned, shard_rows
+from jaxopt2.sharding import explicit_mesh, gather_rows, map_split, own_rows
 
 __all__ = ["ScaleByKfacState", "kfac", "kfac_layers", "leafwise", "scale_by_kfac"]
 
@@ -418,7 +418,7 @@ def scale_by_kfac(
                 (*fp, *ip, s, *c)
                 for fp, ip, s, c in zip(factors, inverses, scaling, consts, strict=True)
             ]
-            outs = _per_group(refresh_rows, groups, args, (lam, correction))
+            outs = map_split(refresh_rows, args, [fx.owned(g) for g in groups], (lam, correction))
             new_inverses = tuple((o[0], o[1]) for o in outs)
             new_scaling = tuple(o[2] for o in outs)
             bad = sum((jnp.sum(o[3], dtype=jnp.int32) for o in outs), jnp.zeros([], jnp.int32))
@@ -460,7 +460,7 @@ def scale_by_kfac(
             return out
 
         args = [(*ip, s, b) for ip, s, b in zip(inverses, scaling, blocks, strict=True)]
-        pre = _per_group(precondition_rows, groups, args, lam)
+        pre = map_split(precondition_rows, args, [fx.owned(g) for g in groups], lam)
         pre = [gather_rows(p) if fx.owned(g) else p for g, p in zip(groups, pre, strict=True)]
         for leaf, layer in heads.items():
             g, member = where[leaf]
@@ -621,36 +621,13 @@ def _unit_statistics(
     return stat_a, _unslice([sg / n for sg in sum_g], head)
 
 
-def _per_group(fn, groups, args: list, shared: Any) -> list:
-    """``fn(items, shared) -> outputs`` (one entry per group) run by each device on its rows
-    of the owned groups followed by the whole of the others (one batched decomposition per
-    size covers both); per group its output, the owned ones split along their rows."""
-    flags = [fx.owned(g) for g in groups]
-    own = [a for a, f in zip(args, flags, strict=True) if f]
-    rest = [a for a, f in zip(args, flags, strict=True) if not f]
-
-    def body(rows, whole):
-        rest_, shared_ = whole
-        out = fn(list(rows) + list(rest_), shared_)
-        return out[: len(rows)], out[len(rows) :]
-
-    out_own, out_rest = map_owned(body, own, (rest, shared))
-    it_own, it_rest = iter(out_own), iter(out_rest)
-    return [next(it_own) if f else next(it_rest) for f in flags]
+def _shapes(tree: Any) -> tuple:
+    """A pytree's structure and leaf shapes, hashable (to tell alike slices)."""
+    return jax.tree.structure(tree), tuple(jnp.shape(x) for x in jax.tree.leaves(tree))
 
 
-def _to_rows(group, parts: list[jax.Array]) -> jax.Array:
-    """A group's per-member stacks as one ``[stack_rows, ...]`` stack, split over the mesh when
-    the group is owned (made whole first, so that the split does not flow back into the
-    leaves: for the statistics XLA then all-reduced the padded stacks, 2x the traffic)."""
-    stack = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-    if not fx.owned(group):
-        return stack
-    stack = gather_rows(stack)
-    extra = fx.stack_rows(group) - group.count
-    if extra:
-        stack = jnp.pad(stack, ((0, extra),) + ((0, 0),) * (stack.ndim - 1))
-    return shard_rows(stack)
+def _concat(parts: list[jax.Array]) -> jax.Array:
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
 def _corner(x: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -678,7 +655,7 @@ def _stat_stacks(groups, raw: dict, heads: dict, dtype) -> tuple:
                 stat = raw[m.leaf][0 if side == _a_side(heads[m.leaf], m) else 1]
                 stat = stat if m.stacked else stat[None]
                 parts.append(_corner(stat.astype(dtype), (size, size)))
-            pair.append(_to_rows(group, parts))
+            pair.append(own_rows(_concat(parts)))
         out.append(tuple(pair))
     return tuple(out)
 
@@ -707,7 +684,7 @@ def _gradient_stacks(groups, grads: list, heads: dict, dtype) -> list:
             gb = None if layer.bias is None else grads[layer.bias]
             v = jax.vmap(one)(grads[m.leaf], gb) if m.stacked else one(grads[m.leaf], gb)[None]
             parts.append(v.astype(dtype))
-        out.append(_to_rows(group, parts))
+        out.append(own_rows(_concat(parts)))
     return out
 
 
@@ -741,14 +718,23 @@ def _ekfac_stacks(groups, bases: tuple, heads: dict, unit_rows: dict, n: int) ->
             a_side = _a_side(layer, m)
             ka, kg = layer.in_features + (layer.bias is not None), layer.out_features
             size = (group.sizes[a_side], group.sizes[1 - a_side])
-            per_slice = []
-            for k in range(m.count):
-                qa = bases[g][a_side][m.offset + k][:ka, :ka]
-                qg = bases[g][1 - a_side][m.offset + k][:kg, :kg]
-                s = _corner(_ekfac_scaling(unit_rows[m.leaf][k], qa, qg, n, layer), size)
-                per_slice.append(s if a_side == 0 else s.T)
-            parts.append(jnp.stack(per_slice))
-        out.append(_to_rows(group, parts))
+            qa = bases[g][a_side][m.offset : m.offset + m.count, :ka, :ka]
+            qg = bases[g][1 - a_side][m.offset : m.offset + m.count, :kg, :kg]
+
+            def one(rows, qa, qg, layer=layer, size=size):
+                return _corner(_ekfac_scaling(rows, qa, qg, n, layer), size)
+
+            per_slice = unit_rows[m.leaf]  # [slice][call] -> (a, g)
+            if m.count == 1:
+                s = one(per_slice[0], qa[0], qg[0])[None]
+            elif len({_shapes(r) for r in per_slice}) == 1:
+                # a scan's slices alike: one vmapped program, not one copy per slice
+                rows = jax.tree.map(lambda *xs: jnp.stack(xs), *per_slice)
+                s = jax.vmap(one)(rows, qa, qg)
+            else:
+                s = jnp.stack([one(r, qa[k], qg[k]) for k, r in enumerate(per_slice)])
+            parts.append(s if a_side == 0 else jnp.swapaxes(s, -1, -2))
+        out.append(own_rows(_concat(parts)))
     return tuple(out)
 
 
