@@ -24,7 +24,10 @@ jaxopt2 distributes with JAX's own sharding and nothing else. The library's side
   parameters (a moment, a diagonal) takes the parameters' shardings leaf by leaf; the
   per-block stacks a state declares (its ``sharded_rows``: field names, or ``(name, i)`` for
   one element of a tuple field) are split along their rows, each device holding the blocks it
-  owns; everything else (counters, keys, per-group statistics) is replicated. Use it as
+  owns; a sequence with one entry per parameter leaf that a state declares (its
+  ``per_leaf``, named the same way; None for a leaf without an entry, as SOAP's second moment
+  of the leaves it does not block) takes the parameters' shardings entry by entry; everything
+  else (counters, keys) is replicated. Use it as
   ``jax.jit(opt.init, out_shardings=state_sharding(opt, params, shardings))(params)`` to
   build a sharded state without materializing it on one device.
 * **Sizing a job.** :func:`state_memory` is the optimizer state's bytes on the fullest device,
@@ -245,11 +248,11 @@ def state_sharding(optimizer, params: Any, shardings: Any, *, mesh=None) -> Any:
       mesh: the mesh (default: the one the shardings name).
 
     Returns:
-      ``NamedSharding``\\ s: a param-shaped subtree of the state gets `shardings`; the
+      ``NamedSharding``\\ s: a param-shaped subtree of the state gets `shardings`, and so
+      does each entry of a per-parameter-leaf sequence a state declares (``per_leaf``); the
       per-block stacks of Shampoo/SOAP and K-FAC's factor stacks are split along their rows
-      over every mesh axis
-      (``init`` runs under the mesh, so they are padded to a multiple of its size); other
-      leaves are replicated.
+      over every mesh axis (``init`` runs under the mesh, so they are padded to a multiple of
+      its size); other leaves are replicated.
     """
     mesh = mesh if mesh is not None else _mesh_of(shardings)
     if mesh is None:
@@ -264,6 +267,24 @@ def state_sharding(optimizer, params: Any, shardings: Any, *, mesh=None) -> Any:
     replicated = NamedSharding(mesh, PartitionSpec())
     rows = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
 
+    leaf_shardings = jax.tree.leaves(
+        per_param, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+    )
+
+    def by_leaf(node: Any) -> Any:
+        # a sequence with one entry per parameter leaf (None where that leaf has none): an
+        # entry shaped like its leaf takes the leaf's sharding
+        if not isinstance(node, (tuple, list)) or len(node) != len(shapes):
+            raise ValueError(
+                f"a state field declared per parameter leaf has "
+                f"{len(node) if isinstance(node, (tuple, list)) else 'no'} entries for "
+                f"{len(shapes)} parameter leaves."
+            )
+        return type(node)(
+            None if x is None else s if tuple(x.shape) == shape else replicated
+            for x, s, shape in zip(node, leaf_shardings, shapes, strict=True)
+        )
+
     def assign(node: Any, stacked: bool) -> Any:
         if stacked and hasattr(node, "shape"):
             return rows if len(node.shape) >= 1 and node.shape[0] % mesh.size == 0 else replicated
@@ -272,12 +293,19 @@ def state_sharding(optimizer, params: Any, shardings: Any, *, mesh=None) -> Any:
         if isinstance(node, tuple) and hasattr(node, "_fields"):  # a NamedTuple state
             # a marked field: a name (the whole field) or (name, i) (its i-th element)
             marked = getattr(type(node), "sharded_rows", ())
+            leafwise = getattr(type(node), "per_leaf", ())
             fields = []
             for f, v in zip(node._fields, node, strict=True):
                 parts = {m[1] for m in marked if isinstance(m, tuple) and m[0] == f}
-                if parts and isinstance(v, (tuple, list)):
-                    v = type(v)(assign(x, stacked or i in parts) for i, x in enumerate(v))
+                per_leaf = {m[1] for m in leafwise if isinstance(m, tuple) and m[0] == f}
+                if (parts or per_leaf) and isinstance(v, (tuple, list)):
+                    v = type(v)(
+                        by_leaf(x) if i in per_leaf else assign(x, stacked or i in parts)
+                        for i, x in enumerate(v)
+                    )
                     fields.append(v)
+                elif f in leafwise:
+                    fields.append(by_leaf(v))
                 else:
                     fields.append(assign(v, stacked or f in marked))
             return type(node)(*fields)

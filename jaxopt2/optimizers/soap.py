@@ -62,7 +62,8 @@ class ScaleBySoapState(NamedTuple):
         :mod:`jaxopt2.optimizers.kronecker`).
       mu: Adam's first moment, in the parameter basis (like the parameters).
       nu: Adam's second moment: per block group ``[n, r, c]`` in the eigenbasis, then per leaf
-        for leaves without blocks (None for leaves with blocks).
+        for leaves without blocks (None for leaves with blocks; under a device mesh each is
+        laid out like its parameter, see :func:`jaxopt2.state_sharding`).
       num_failed_refreshes: factor bases that came out non-finite and were kept.
       num_nonfinite: steps whose gradient was non-finite (moments and factors unchanged).
     """
@@ -77,6 +78,8 @@ class ScaleBySoapState(NamedTuple):
 
     # per-block stacks, split along their rows over a mesh (of nu: the blocks' part)
     sharded_rows = ("stats", "bases", ("nu", 0))
+    # one entry per parameter leaf (None for a leaf with blocks): each takes its leaf's sharding
+    per_leaf = (("nu", 1),)
 
 
 def scale_by_soap(

@@ -256,7 +256,7 @@ FSDP = {"w1": P(None, "model"), "b1": P("model"), "w2": P(None, "model"), "b2": 
         "w3": P("model", None), "b3": P(None)}  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["adam", "shampoo"])
+@pytest.mark.parametrize("name", ["adam", "shampoo", "soap"])
 def test_parameter_sharded_state_follows_parameters(name, single_device):
     # Auto axes: with Explicit ones the model's own products over a sharded contracting
     # dimension would need out_sharding annotations (jax's rule, not the optimizer's)
@@ -264,12 +264,18 @@ def test_parameter_sharded_state_follows_parameters(name, single_device):
     params1, *_ = single_device[name]
     params8, state8, _, _ = train(OPTIMIZERS[name](), STEPS, mesh=mesh, param_spec=FSDP)
     assert max_relative_error(params1, params8) <= 1e-4
-    moments = state8[0].mu
-    for k, spec in FSDP.items():
-        assert params8[k].sharding.spec == spec
-        assert moments[k].sharding.spec == spec
-        shard = {s.data.shape for s in moments[k].addressable_shards}
-        assert shard == {NamedSharding(mesh, spec).shard_shape(SHAPES[k])}
+    moments = dict(state8[0].mu)
+    if name == "soap":  # the second moment of the leaves SOAP does not block (the biases)
+        nu = {k: v for k, v in zip(sorted(SHAPES), state8[0].nu[1], strict=True) if v is not None}
+        assert list(nu) == ["b1", "b2", "b3"]
+        moments.update({f"nu_{k}": v for k, v in nu.items()})
+    for k, moment in moments.items():
+        leaf = k.removeprefix("nu_")
+        spec = FSDP[leaf]
+        assert params8[leaf].sharding.spec == spec
+        assert moment.sharding.spec == spec, k
+        shard = {s.data.shape for s in moment.addressable_shards}
+        assert shard == {NamedSharding(mesh, spec).shard_shape(SHAPES[leaf])}, k
 
 
 def test_state_sharding_layout():
@@ -284,12 +290,14 @@ def test_state_sharding_layout():
     assert [s.spec for s in jax.tree.leaves(inner.roots)] == [rows, rows]
     assert [s.spec for s in jax.tree.leaves(inner.stats)] == [rows, rows]
     assert inner.count.spec == P() and inner.num_failed_roots.spec == P()
-    # SOAP: the blocks' second moments are split too, the unblocked leaves' replicated
+    # SOAP: the blocks' second moments are split too, the unblocked leaves' (the biases) follow
+    # their parameters
     soap = state_sharding(jaxopt2.soap(1e-3, block_size=8), params, pshard)[0]
     assert [s.spec for s in jax.tree.leaves(soap.bases)] == [rows, rows]
     nu_blocks, nu_leaves = soap.nu
     assert [s.spec for s in nu_blocks] == [rows]
-    assert [s.spec for s in nu_leaves if s is not None] == [P(), P(), P()]
+    assert [s.spec for s in nu_leaves if s is not None] == [FSDP["b1"], FSDP["b2"], FSDP["b3"]]
+    assert [s is None for s in nu_leaves] == [False] * 3 + [True] * 3  # b1..b3, then w1..w3
     # an optax chain: adam's moments take the parameters' shardings, its count is replicated
     adam = state_sharding(optax.adam(1e-3), params, pshard)
     assert adam[0].mu == pshard and adam[0].nu == pshard and adam[0].count.spec == P()
