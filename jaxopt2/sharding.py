@@ -12,7 +12,9 @@ jaxopt2 distributes with JAX's own sharding and nothing else. The library's side
   that padding would more than double is kept whole on every device (10 blocks padded to 256
   would multiply its memory and traffic) and computed beside the owned rows. K-FAC owns its
   layers' factors the same way (grouped by size): each device inverts and applies its own,
-  and only the preconditioned gradients are gathered. Without a mesh (or on one device)
+  receives only its own layers' statistics (per-device partial sums over the batch rows,
+  reduce-scattered: :func:`partial_sums`, :func:`sum_partials`), and only the
+  preconditioned gradients are gathered. Without a mesh (or on one device)
   nothing changes: the same optimizer object runs the same program as before. Both of JAX's
   sharding modes work: with ``Explicit`` mesh axes the stacks are moved with
   ``jax.sharding.reshard``, with ``Auto`` axes they are constrained with
@@ -54,10 +56,12 @@ __all__ = [
     "mesh_size",
     "own_rows",
     "padded_rows",
+    "partial_sums",
     "shard_rows",
     "splits",
     "state_memory",
     "state_sharding",
+    "sum_partials",
 ]
 
 
@@ -192,6 +196,50 @@ def map_split(fn: Callable[[list, Any], list], items: list, split: list, shared:
 
     own, rest = part(items)
     return merge(*map_owned(body, own, (rest, shared)))
+
+
+def partial_sums(fn: Callable[[jax.Array], jax.Array], rows: jax.Array) -> jax.Array:
+    """``fn`` of each device's share of `rows`, kept per device: ``[devices, ...]``.
+
+    `rows` (``[R, ...]``) is split along its first axis over all axes of the ambient mesh,
+    zero-padded to a multiple of the device count first, so `fn` must be a sum over rows
+    that zero rows do not change (a Gram matrix ``aᵀa``, a column sum). Each device applies
+    `fn` to its rows and keeps the result: nothing is communicated. The sum over the leading
+    axis is ``fn(rows)``; :func:`sum_partials` takes it with one collective. Without a mesh
+    (or on one device) it is ``fn(rows)[None]``.
+    """
+    mesh = _mesh()
+    if mesh is None or mesh.size == 1:
+        return fn(rows)[None]
+    extra = -rows.shape[0] % mesh.size
+    if extra:
+        rows = jnp.pad(rows, ((0, extra),) + ((0, 0),) * (rows.ndim - 1))
+    spec = PartitionSpec(tuple(mesh.axis_names))
+    return jax.shard_map(lambda r: fn(r)[None], in_specs=spec, out_specs=spec)(rows)
+
+
+def sum_partials(partials: jax.Array, *, split: bool) -> jax.Array:
+    """The sum of per-device partial stacks (``[devices, n, ...]`` from :func:`partial_sums`)
+    over the devices: ``[n, ...]``.
+
+    With `split` the stack's rows are owned: zero-padded to :func:`padded_rows` and the sum
+    reduce-scattered (each device receives only the summed rows it owns, split like
+    :func:`own_rows`); otherwise all-reduced (the whole sum on every device). Without a mesh
+    (or on one device) it is ``partials[0]``.
+    """
+    mesh = _mesh()
+    if mesh is None or mesh.size == 1:
+        return partials[0]
+    axes = tuple(mesh.axis_names)
+    spec = PartitionSpec(axes)
+    if not split:
+        reduce = lambda p: jax.lax.psum(p[0], axes)
+        return jax.shard_map(reduce, in_specs=spec, out_specs=PartitionSpec())(partials)
+    extra = padded_rows(partials.shape[1]) - partials.shape[1]
+    if extra:
+        partials = jnp.pad(partials, ((0, 0), (0, extra)) + ((0, 0),) * (partials.ndim - 2))
+    scatter = lambda p: jax.lax.psum_scatter(p[0], axes, scatter_dimension=0, tiled=True)
+    return jax.shard_map(scatter, in_specs=spec, out_specs=spec)(partials)
 
 
 def explicit_mesh() -> bool:

@@ -16,7 +16,14 @@ from jax.sharding import PartitionSpec as P
 
 import jaxopt2
 from jaxopt2.optimizers.kfac import leafwise
-from jaxopt2.sharding import state_memory, state_sharding
+from jaxopt2.sharding import (
+    mesh_size,
+    partial_sums,
+    splits,
+    state_memory,
+    state_sharding,
+    sum_partials,
+)
 from tests.distributed.common import (
     DEVICES,
     SHAPES,
@@ -68,10 +75,17 @@ def test_data_parallel_matches_one_device(name, single_device):
     np.testing.assert_allclose(losses8, losses1, rtol=1e-4)
 
 
-def _gathers(hlo: str) -> list[str]:
-    """Result shapes of the all-gathers in compiled HLO (``f32[16,8,8]``, ...)."""
-    found = re.findall(r"= ([a-z0-9]+\[[0-9,]*\])\S* all-gather(?:-start)?\(", hlo)
+def _results(hlo: str, op: str) -> list[str]:
+    """Result shapes of the `op` collectives in compiled HLO (``f32[16,8,8]``, ...; every
+    element of a tuple result)."""
+    found = []
+    for m in re.finditer(rf"= (.*?) {op}(?:-start)?\(", hlo):
+        found += re.findall(r"[a-z]+[0-9]*\[[0-9,]*\]", m.group(1))
     return sorted(found)
+
+
+def _gathers(hlo: str) -> list[str]:
+    return _results(hlo, "all-gather")
 
 
 @pytest.mark.parametrize("name", ["shampoo", "soap"])
@@ -238,6 +252,14 @@ def test_kfac_factors_are_owned_inverted_and_applied_per_device(ekfac):
     # gradients (parameter-sized); factors and inverses never travel
     assert _gathers(hlo1) == []
     assert _gathers(hlo8) == ["f32[8,9,9]"]
+    # the hidden layers' statistics are reduce-scattered to their owners (each device
+    # receives its layer's A and G, one row each), never all-reduced whole; the small
+    # group's, kept whole, are all-reduced
+    assert _results(hlo1, "reduce-scatter") == []
+    assert _results(hlo8, "reduce-scatter") == ["f32[1,9,9]", "f32[1,9,9]"]
+    reduced = _results(hlo8, "all-reduce")
+    assert "f32[8,9,9]" not in reduced
+    assert {"f32[2,17,17]", "f32[2,9,9]"} <= set(reduced)
 
 
 def test_shampoo_on_auto_axes_matches_too(single_device):
@@ -276,6 +298,30 @@ def test_parameter_sharded_state_follows_parameters(name, single_device):
         assert moment.sharding.spec == spec, k
         shard = {s.data.shape for s in moment.addressable_shards}
         assert shard == {NamedSharding(mesh, spec).shard_shape(SHAPES[leaf])}, k
+
+
+@pytest.mark.parametrize("layers", [8, 3], ids=["owned", "whole"])
+def test_partial_sums_reduce_to_the_owners(layers):
+    # 13 rows (padded to 16 over 8 devices) of `layers` stacked Gram matrices: the sum over
+    # the devices' partial sums is each layer's aᵀa, split over the devices when the stack is
+    # owned (8 layers: one per device) and whole on every device otherwise (3 would pad to 8)
+    a = jax.random.normal(jax.random.PRNGKey(0), (layers, 13, 5))
+    expected = np.einsum("lri,lrj->lij", np.asarray(a, np.float64), np.asarray(a, np.float64))
+    gram = lambda rows: jnp.einsum("lri,lrj->lij", rows, rows)  # rows [13, layers, 5]
+
+    @jax.jit
+    def reduce(a):
+        partial = partial_sums(lambda r: gram(jnp.swapaxes(r, 0, 1)), jnp.swapaxes(a, 0, 1))
+        assert partial.shape == (mesh_size(), layers, 5, 5)  # one partial sum per device
+        return sum_partials(partial, split=splits(layers))
+
+    with jax.set_mesh(_mesh(kind=AxisType.Auto)):
+        out = reduce(a)
+    spec, shard = (P(("data",)), (1, 5, 5)) if layers == 8 else (P(), (3, 5, 5))
+    assert out.sharding.spec == spec
+    assert {s.data.shape for s in out.addressable_shards} == {shard}
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(reduce(a)), expected, rtol=1e-5, atol=1e-5)  # no mesh
 
 
 def test_state_sharding_layout():

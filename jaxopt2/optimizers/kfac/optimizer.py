@@ -30,11 +30,14 @@ two batched LAPACK calls run concurrently: two at once can block both workers of
 thread pool, each waiting for sub-tasks only the other could run.
 
 Under a device mesh (``Auto`` axes) the factors are owned: grouped by size
-(:mod:`.factors`), each group with at least one layer per device split over the devices, each
-device refreshes the inverses of its own layers and preconditions their gradients, and only
-the preconditioned gradients are gathered. The statistics are means over the global batch.
-EKFAC's per-step scaling, computed from per-example rows split over the batch, gathers the
-bases.
+(:mod:`.factors`), each group that padding to the device count would not more than double
+split over the devices, each device refreshes the inverses of its own layers and
+preconditions their gradients, and only the preconditioned gradients are gathered. The
+statistics are means over the global batch: each device sums ``aᵀa`` and ``gᵀg`` over its
+share of the rows (:func:`jaxopt2.sharding.partial_sums`) and the sums are reduce-scattered
+to the owners of the layers (:func:`jaxopt2.sharding.sum_partials`; all-reduced for a group
+kept whole), so a device receives only its own layers' statistics. EKFAC's per-step scaling,
+computed from per-example rows split over the batch, gathers the bases.
 
 References:
   Martens, Grosse. "Optimizing Neural Networks with Kronecker-factored Approximate
@@ -64,7 +67,14 @@ from jaxopt2.optimizers import registry
 from jaxopt2.optimizers.contract import require_value_fn, resolve_key
 from jaxopt2.optimizers.kfac import factors as fx
 from jaxopt2.optimizers.kfac.layers import Discovery, Layer, discover
-from jaxopt2.sharding import explicit_mesh, gather_rows, map_split, own_rows
+from jaxopt2.sharding import (
+    explicit_mesh,
+    gather_rows,
+    map_split,
+    own_rows,
+    partial_sums,
+    sum_partials,
+)
 
 __all__ = ["ScaleByKfacState", "kfac", "kfac_layers", "leafwise", "scale_by_kfac"]
 
@@ -575,20 +585,21 @@ def _slices(layer: Layer) -> int:
     return 1 if layer.stack is None else layer.stack[0]
 
 
-def _unslice(parts: list[jax.Array], layer: Layer) -> jax.Array:
-    """Inverse of :func:`_slice` over all slices."""
-    return parts[0] if layer.stack is None else jnp.stack(parts)
+def _unslice(parts: list[jax.Array], layer: Layer, axis: int = 0) -> jax.Array:
+    """Inverse of :func:`_slice` over all slices (stacked along `axis`)."""
+    return parts[0] if layer.stack is None else jnp.stack(parts, axis=axis)
 
 
 def _unit_statistics(
     uses, index, inputs, out_grads, n, stats_dtype, unit_rows
 ) -> tuple[jax.Array, jax.Array]:
-    """This step's ``(A, G)`` of one weight leaf from all its uses (``[..., k, k]``, the used
-    corners; ``[L, k, k]`` for a stacked leaf): ``A`` from the inputs (with the
-    bias's homogeneous coordinate) over the rows of every call, ``G`` from the output
-    gradients. A stacked weight (a scan over layers) gets one pair per slice, from the calls
-    that use that slice (``Layer.slice_of``), as if each slice were its own layer. Fills
-    ``unit_rows[leaf][slice]`` with each call's rows (EKFAC)."""
+    """This step's ``(A, G)`` of one weight leaf from all its uses, as per-device partial
+    sums (:func:`jaxopt2.sharding.partial_sums`: ``[devices, k, k]``, the used corners;
+    ``[devices, L, k, k]`` for a stacked leaf; ``devices`` is 1 without a mesh): ``A`` from
+    the inputs (with the bias's homogeneous coordinate) over the rows of every call, ``G``
+    from the output gradients. A stacked weight (a scan over layers) gets one pair per slice,
+    from the calls that use that slice (``Layer.slice_of``), as if each slice were its own
+    layer. Fills ``unit_rows[leaf][slice]`` with each call's rows (EKFAC)."""
     head = uses[0]
     slices = _slices(head)
     leaf = head.weight
@@ -615,10 +626,14 @@ def _unit_statistics(
             a_k, g_k = (a, g) if slices == 1 else (a[np.array(calls)], g[:, np.array(calls)])
             a_k = a_k.reshape(-1, a_k.shape[-1])
             g_k = g_k.reshape(-1, g_k.shape[-1])
-            sum_a[k], rows_a[k] = sum_a[k] + kr.mm(a_k.T, a_k), rows_a[k] + a_k.shape[0]
-            sum_g[k] = sum_g[k] + kr.mm(g_k.T, g_k)
-    stat_a = _unslice([sa_k / r for sa_k, r in zip(sum_a, rows_a, strict=True)], head)
-    return stat_a, _unslice([sg / n for sg in sum_g], head)
+            sum_a[k], rows_a[k] = sum_a[k] + partial_sums(_gram, a_k), rows_a[k] + a_k.shape[0]
+            sum_g[k] = sum_g[k] + partial_sums(_gram, g_k)
+    stat_a = _unslice([sa_k / r for sa_k, r in zip(sum_a, rows_a, strict=True)], head, axis=1)
+    return stat_a, _unslice([sg / n for sg in sum_g], head, axis=1)
+
+
+def _gram(rows: jax.Array) -> jax.Array:
+    return kr.mm(rows.T, rows)
 
 
 def _shapes(tree: Any) -> tuple:
@@ -642,20 +657,23 @@ def _a_side(layer: Layer, member) -> int:
 
 def _stat_stacks(groups, raw: dict, heads: dict, dtype) -> tuple:
     """This step's statistics per group and side, ``[stack_rows, S, S]`` (zero for leaves that
-    are no layer and for padding)."""
+    are no layer and for padding), summed over the devices' partial sums: reduce-scattered
+    to the owners of an owned group's rows (each device receives only its layers'
+    statistics), all-reduced for a group kept whole."""
     out = []
     for group in groups:
         pair = []
         for side, size in enumerate(group.sizes):
-            parts = []
+            parts = {}
             for m in group.members:
-                if m.leaf not in raw:
-                    parts.append(jnp.zeros((m.count, size, size), dtype))
-                    continue
-                stat = raw[m.leaf][0 if side == _a_side(heads[m.leaf], m) else 1]
-                stat = stat if m.stacked else stat[None]
-                parts.append(_corner(stat.astype(dtype), (size, size)))
-            pair.append(own_rows(_concat(parts)))
+                if m.leaf in raw:
+                    stat = raw[m.leaf][0 if side == _a_side(heads[m.leaf], m) else 1]
+                    stat = stat if m.stacked else stat[:, None]  # [devices, count, k, k]
+                    parts[m.leaf] = _corner(stat.astype(dtype), (size, size))
+            devices = next(iter(parts.values())).shape[0] if parts else 1
+            zeros = lambda m: jnp.zeros((devices, m.count, size, size), dtype)
+            stack = [parts[m.leaf] if m.leaf in parts else zeros(m) for m in group.members]
+            pair.append(sum_partials(jnp.concatenate(stack, axis=1), split=fx.owned(group)))
         out.append(tuple(pair))
     return tuple(out)
 
