@@ -61,7 +61,6 @@ def worker(name: str, inputs: str, out: str, task_name: str) -> None:
     jaxopt2.apply_cpu_deadlock_workaround()
     jaxopt2.limit_lapack_threads()
     import digits_autoencoder
-    import jax
     import jax.numpy as jnp
     import optax
 
@@ -77,19 +76,16 @@ def worker(name: str, inputs: str, out: str, task_name: str) -> None:
         logits = jaxopt2.tag_loss("sigmoid_cross_entropy", task.forward(params, batch), batch)
         return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, batch), axis=-1))
 
-    def step_fn(opt, params, state, xb, step):
-        key = jax.random.fold_in(jax.random.PRNGKey(0), step)
-        loss, updates, state = jaxopt2.value_and_update(
-            opt, tagged_loss, params, state, xb, key=key
-        )
-        return optax.apply_updates(params, updates), state, loss
-
     call = {**CONTENDERS, **BREAKDOWN}[name]
     optimizer = eval(call, {"optax": optax, "kfac": kfac})  # a fixed table
     result = {"name": name, "call": call}
     result.update(
         digits_autoencoder.run_timed(
-            optimizer, inputs, loss_every=LOSS_EVERY, step_fn=step_fn, task=task
+            optimizer,
+            inputs,
+            loss_every=LOSS_EVERY,
+            step_fn=digits_autoencoder.value_and_update_step(tagged_loss),
+            task=task,
         )
     )
     Path(out).write_text(json.dumps(result))

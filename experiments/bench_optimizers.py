@@ -67,13 +67,6 @@ def worker(name: str, inputs: str, out: str) -> None:
         logits = jaxopt2.tag_loss("sigmoid_cross_entropy", task.forward(params, batch), batch)
         return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, batch), axis=-1))
 
-    def step_fn(opt, params, state, xb, step):
-        key = jax.random.fold_in(jax.random.PRNGKey(0), step)
-        loss, updates, state = jaxopt2.value_and_update(
-            opt, tagged_loss, params, state, xb, key=key
-        )
-        return optax.apply_updates(params, updates), state, loss
-
     args = settings(name)
     optimizer = registry.get(name).factory(**args)
     device = jax.devices()[0]
@@ -83,7 +76,14 @@ def worker(name: str, inputs: str, out: str) -> None:
         "platform": device.platform,
         "device": device.device_kind,
     }
-    result.update(task.run_timed(optimizer, inputs, loss_every=LOSS_EVERY, step_fn=step_fn))
+    result.update(
+        task.run_timed(
+            optimizer,
+            inputs,
+            loss_every=LOSS_EVERY,
+            step_fn=task.value_and_update_step(tagged_loss),
+        )
+    )
     Path(out).write_text(json.dumps(result))
 
 

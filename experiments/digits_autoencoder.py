@@ -152,6 +152,20 @@ def run_timed(
     return {**record, "versions": {"jax": jax.__version__, "optax": optax.__version__}}
 
 
+def value_and_update_step(loss: Callable[[Any, Any], jax.Array]) -> Callable[..., Any]:
+    """A :func:`run_timed` ``step_fn`` for the curvature methods: ``jaxopt2.value_and_update``
+    on ``loss(params, batch)`` (so the update gets ``value_fn``), with the key
+    ``fold_in(PRNGKey(0), step)``. Main environment only (imports jaxopt2)."""
+    import jaxopt2
+
+    def step_fn(opt, params, state, batch, step):
+        key = jax.random.fold_in(jax.random.PRNGKey(0), step)
+        value, updates, state = jaxopt2.value_and_update(opt, loss, params, state, batch, key=key)
+        return optax.apply_updates(params, updates), state, value
+
+    return step_fn
+
+
 def timing_record(
     times: list[float], losses: list[list[float]], compile_s: float, state: Any, params_np: Any
 ) -> dict[str, Any]:
