@@ -624,8 +624,10 @@ def _unit_statistics(
         for k in range(slices):
             calls = [c for c, o in enumerate(owner) if o == k]
             a_k, g_k = (a, g) if slices == 1 else (a[np.array(calls)], g[:, np.array(calls)])
-            a_k = a_k.reshape(-1, a_k.shape[-1])
-            g_k = g_k.reshape(-1, g_k.shape[-1])
+            # rows batch-major ([M, calls(, columns)] -> rows), so that each device's share
+            # of the rows (partial_sums) is its share of the batch: no resharding first
+            a_k = jnp.swapaxes(a_k, 0, 1).reshape(-1, a_k.shape[-1])
+            g_k = jnp.moveaxis(g_k, -2, 0).reshape(-1, g_k.shape[-1])
             sum_a[k], rows_a[k] = sum_a[k] + partial_sums(_gram, a_k), rows_a[k] + a_k.shape[0]
             sum_g[k] = sum_g[k] + partial_sums(_gram, g_k)
     stat_a = _unslice([sa_k / r for sa_k, r in zip(sum_a, rows_a, strict=True)], head, axis=1)
