@@ -262,6 +262,37 @@ def test_kfac_factors_are_owned_inverted_and_applied_per_device(ekfac):
     assert {"f32[2,17,17]", "f32[2,9,9]"} <= set(reduced)
 
 
+def test_kfac_with_a_matrix_no_layer_uses_matches_one_device():
+    # "e" is rank 2, so it gets a factor group of its own, but no layer uses it (a penalty
+    # term): its group has no statistics to sum over the devices
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((16, 8)) / 4, jnp.float32),
+              "e": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)}  # fmt: skip
+    x = jnp.asarray(rng.standard_normal((32, 16)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((32, 8)), jnp.float32)
+
+    def loss(p, x, y):
+        out = jaxopt2.tag_loss("squared_error", x @ p["w"], y)
+        return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, -1)) + 0.01 * jnp.sum(p["e"] ** 2)
+
+    opt = jaxopt2.kfac(1e-1, invert_every=1)
+
+    def run(mesh):
+        def step(p, state):
+            _, updates, state = jaxopt2.value_and_update(opt, loss, p, state, x, y)
+            return optax.apply_updates(p, updates), state
+
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            p, state, fn = params, opt.init(params), jax.jit(step)
+            for _ in range(3):
+                p, state = fn(p, state)
+        return p
+
+    one, eight = run(None), run(_mesh(kind=AxisType.Auto))
+    assert max_relative_error(one, eight) <= 1e-4
+    assert max_relative_error(params, one) > 1e-3  # it trained: both leaves moved
+
+
 def test_shampoo_on_auto_axes_matches_too(single_device):
     params1, *_ = single_device["shampoo"]
     params8, _, _, hlo = train(OPTIMIZERS["shampoo"](), STEPS, mesh=_mesh(kind=AxisType.Auto))

@@ -672,7 +672,10 @@ def _stat_stacks(groups, raw: dict, heads: dict, dtype) -> tuple:
                     stat = raw[m.leaf][0 if side == _a_side(heads[m.leaf], m) else 1]
                     stat = stat if m.stacked else stat[:, None]  # [devices, count, k, k]
                     parts[m.leaf] = _corner(stat.astype(dtype), (size, size))
-            devices = next(iter(parts.values())).shape[0] if parts else 1
+            if not parts:  # no layer in the group (rank-2 leaves no layer uses): no sums
+                pair.append(own_rows(jnp.zeros((group.count, size, size), dtype)))
+                continue
+            devices = next(iter(parts.values())).shape[0]
             zeros = lambda m: jnp.zeros((devices, m.count, size, size), dtype)
             stack = [parts[m.leaf] if m.leaf in parts else zeros(m) for m in group.members]
             pair.append(sum_partials(jnp.concatenate(stack, axis=1), split=fx.owned(group)))
