@@ -51,6 +51,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 __all__ = [
     "explicit_mesh",
     "gather_rows",
+    "kept_rows",
     "map_owned",
     "map_split",
     "mesh_size",
@@ -89,6 +90,12 @@ def splits(count: int) -> bool:
     every device: 10 blocks on 256 devices would cost 256 rows of memory and traffic for 10;
     150 on 256 are split, one row per device instead of 150)."""
     return mesh_size() > 1 and padded_rows(count) <= 2 * count
+
+
+def kept_rows(count: int) -> int:
+    """Rows a stack of `count` rows is kept with: `count` rounded up to a multiple of the
+    device count when it :func:`splits` (the extra rows are padding), else `count`."""
+    return padded_rows(count) if splits(count) else count
 
 
 def _move(x: jax.Array, spec: PartitionSpec) -> jax.Array:
@@ -163,7 +170,7 @@ def own_rows(stack: jax.Array) -> jax.Array:
     if not splits(count):
         return stack
     stack = gather_rows(stack)
-    extra = padded_rows(count) - count
+    extra = kept_rows(count) - count
     if extra:
         stack = jnp.pad(stack, ((0, extra),) + ((0, 0),) * (stack.ndim - 1))
     return shard_rows(stack)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt2.linalg.roots import symmetric_eigh
-from jaxopt2.sharding import map_split, own_rows, padded_rows, splits
+from jaxopt2.sharding import kept_rows, map_split, own_rows, splits
 
 __all__ = [
     "Group",
@@ -238,7 +238,7 @@ def stack_rows(group: Group) -> int:
     """Rows of a group's stacks in the state: its block count, rounded up to a multiple of
     the device count when the group is :func:`owned` (the extra rows are padding, never
     used)."""
-    return padded_rows(group.count) if owned(group) else group.count
+    return kept_rows(group.count)
 
 
 def zero_statistics(plan: Plan, dtype: Any) -> tuple:
@@ -318,7 +318,7 @@ def real_rows(plan: Plan) -> list[jax.Array]:
     return _per_side(plan, lambda g: jnp.arange(stack_rows(g)) < g.count)
 
 
-def pad_blocks(plan: Plan, blocks: Sequence[jax.Array]) -> list[jax.Array]:
+def pad_blocks(blocks: Sequence[jax.Array]) -> list[jax.Array]:
     """Each group's ``[count, r, c]`` block stack zero-padded to :func:`stack_rows` rows and
     split along its rows over the ambient mesh when it is :func:`owned` (each device holds the
     blocks it owns; :func:`jaxopt2.sharding.own_rows`)."""

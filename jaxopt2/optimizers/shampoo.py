@@ -345,7 +345,7 @@ def scale_by_shampoo(
 
         # Statistics (skipped on a non-finite gradient: the preconditioner stays unpoisoned).
         # Each device holds (under a mesh) and works on the rows of the blocks it owns.
-        blocks = kr.pad_blocks(plan, kr.to_blocks(plan, grads, stats_dtype))
+        blocks = kr.pad_blocks(kr.to_blocks(plan, grads, stats_dtype))
         stats, roots = shard_rows(state.stats), shard_rows(state.roots)
         failed = state.num_failed_roots
         fcount = count.astype(stats_dtype)
@@ -380,7 +380,7 @@ def scale_by_shampoo(
 
         # Shampoo's direction on the blocks, with the graft's per-block norm.
         if plan.num_factors:
-            graft_blocks = kr.pad_blocks(plan, kr.to_blocks(plan, directions, stats_dtype))
+            graft_blocks = kr.pad_blocks(kr.to_blocks(plan, directions, stats_dtype))
             mats = dense(plan, roots)
             if statistics == "kl":
                 raw = kl_precondition(blocks, stats, mats, stats_correction)

@@ -226,7 +226,7 @@ def scale_by_soap(
         factor_decay = b2 if shampoo_b2 is None else shampoo_b2
 
         # Each device holds (under a mesh) and works on the rows of the blocks it owns.
-        blocks = kr.pad_blocks(plan, kr.to_blocks(plan, grads, stats_dtype))
+        blocks = kr.pad_blocks(kr.to_blocks(plan, grads, stats_dtype))
         stats, bases = shard_rows(state.stats), shard_rows(state.bases)
         failed = state.num_failed_refreshes
         nu_blocks, nu_leaves = state.nu
@@ -251,7 +251,7 @@ def scale_by_soap(
 
         # Adam in the eigenbasis, block by block.
         new_nu_blocks, steps = [], []
-        mu_blocks = kr.pad_blocks(plan, kr.to_blocks(plan, mu, stats_dtype))
+        mu_blocks = kr.pad_blocks(kr.to_blocks(plan, mu, stats_dtype))
         for g, m, v, (ql, qr) in zip(blocks, mu_blocks, nu_blocks, bases, strict=True):
             rot = lambda x, ql=ql, qr=qr: kr.precondition(
                 x, None if ql is None else jnp.swapaxes(ql, -1, -2), qr

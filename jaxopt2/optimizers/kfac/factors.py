@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers.kfac.layers import factor_sizes, factor_stack
-from jaxopt2.sharding import padded_rows, splits
+from jaxopt2.sharding import kept_rows, splits
 
 __all__ = [
     "Group",
@@ -108,7 +108,7 @@ def owned(group: Group) -> bool:
 def stack_rows(group: Group) -> int:
     """Rows of a group's stacks: its layer count, rounded up to a multiple of the device count
     when the group is :func:`owned` (the extra rows are padding, never used)."""
-    return padded_rows(group.count) if owned(group) else group.count
+    return kept_rows(group.count)
 
 
 def zero_factors(groups: Sequence[Group], dtype: Any) -> tuple:
