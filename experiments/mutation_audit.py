@@ -392,7 +392,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "correction = jnp.ones([], stats_dtype)",
         T_KFAC,
         "factor and diagonal-Fisher EMAs are used without their bias correction",
-        "unsure",
+        "survives",
     ),
     M(
         "kfac-homogeneous-coordinate-zero",
