@@ -75,9 +75,9 @@ def _run(make, dtype):
 
     xs = jnp.asarray(x, dtype).reshape(STEPS, BATCH, 8, 8, 1)
     ys = jnp.asarray(y).reshape(STEPS, BATCH)
-    (params, state), (values, updates) = jax.jit(
-        lambda p, s: jax.lax.scan(body, (p, s), (xs, ys))
-    )(params, state)
+    (params, state), (values, updates) = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), (xs, ys)))(
+        params, state
+    )
     return values.astype(jnp.float32), params, state, updates
 
 
