@@ -515,7 +515,11 @@ def scale_by_kfac(
         out0, j_both = jax.vmap(lambda tv: jax.jvp(model, (leaves,), (tv,)), out_axes=(None, 0))(
             tangents
         )
-        j_delta, j_prev = j_both[0], j_both[1]
+        # The model's products run in the parameters' dtype; the 2x2 quadratic model is formed
+        # in stats_dtype: bfloat16 coefficients (3 significant digits) can make its determinant
+        # a difference of rounding errors, and the solved alpha, mu arbitrarily large.
+        j_delta, j_prev = j_both[0].astype(stats_dtype), j_both[1].astype(stats_dtype)
+        out0 = out0.astype(stats_dtype)
         fq = lambda u, v: jnp.sum(u * output_fisher_vp(disc.loss, out0, v)) / n
         dot = lambda u, v: sum(jnp.sum(x * y) for x, y in zip(u, v, strict=True))
         c11, c12, c22 = fq(j_delta, j_delta), fq(j_delta, j_prev), fq(j_prev, j_prev)
