@@ -1,0 +1,119 @@
+"""Trust-region solvers of :func:`jaxopt2.solvers.minimize` against textbook rules and scipy.
+
+``trust_region`` is compared step by step with a numpy float64 transcription of Nocedal &
+Wright's Algorithm 4.1 with the radius rule the solver documents (the defaults of scipy's
+``trust-exact``: ``ρ < 1/4`` quarters the radius, ``ρ > 3/4`` on the boundary doubles it up to
+``max_radius``, the step is taken when ``ρ > η``), whose subproblem is solved exactly from the
+eigendecomposition with a root-finder on the secular equation. scipy's ``trust-exact`` solves
+the subproblem only approximately (to 10 % of the radius), so against it the comparison is the
+pattern of accepted steps and the solution. ``newton_cg`` follows scipy's ``trust-ncg``
+(Steihaug-Toint CG with the residual tolerance ``min(½, √‖g‖) ‖g‖``): the iterates agree to
+rounding error.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize as so
+
+from jaxopt2.solvers import minimize
+
+pytestmark = pytest.mark.timeout(120)
+
+X0 = np.array([-1.2, 1.0, -1.2, 1.0])  # the extended Rosenbrock function: indefinite early on
+
+
+def _rosen(x):
+    return jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2)
+
+
+@functools.cache
+def _solve(method, max_steps=60):
+    run = jax.jit(lambda x: minimize(_rosen, x, method=method, max_steps=max_steps, history=True))
+    sol, hist = run(jnp.asarray(X0))
+    return sol, jax.tree.map(np.asarray, hist)
+
+
+def _exact_subproblem(g, h, radius):
+    """``min gᵀp + ½ pᵀHp`` over ``‖p‖ <= radius``: ``(p, on_boundary)`` (no hard case here)."""
+    w, v = np.linalg.eigh(h)
+    a = v.T @ g
+    if w[0] > 0:
+        p = -v @ (a / w)
+        if np.linalg.norm(p) <= radius:
+            return p, False
+    norm = lambda lam: np.linalg.norm(a / (w + lam))
+    lo = max(0.0, -w[0])
+    hi = lo + np.linalg.norm(g) / radius + 1.0
+    while norm(hi) > radius:
+        hi *= 2
+    lo_eval = lo + 1e-12 * (1 + lo)
+    assert norm(lo_eval) > radius, "hard case: not on this path"
+    lam = so.brentq(lambda s: 1 / radius - 1 / norm(s), lo_eval, hi, xtol=1e-15, rtol=1e-15)
+    return -v @ (a / (w + lam)), True
+
+
+def reference_trust_region(steps, radius=1.0, max_radius=1000.0, eta=0.15):
+    """Per iteration: ``(trial value, accepted, value after)``; Algorithm 4.1."""
+    x = X0.copy()
+    out = []
+    for _ in range(steps):
+        f, g, h = so.rosen(x), so.rosen_der(x), so.rosen_hess(x)
+        p, boundary = _exact_subproblem(g, h, radius)
+        predicted = -(g @ p + 0.5 * p @ h @ p)
+        trial = so.rosen(x + p)
+        rho = (f - trial) / predicted
+        if rho < 0.25:
+            radius = 0.25 * radius
+        elif rho > 0.75 and boundary:
+            radius = min(2 * radius, max_radius)
+        accepted = rho > eta
+        if accepted:
+            x = x + p
+        out.append((trial, accepted, so.rosen(x)))
+    return out
+
+
+def test_trust_region_steps_follow_algorithm_4_1():
+    """The first 20 iterations (rejections, shrinks and growths among them; the last ones
+    still far from the rounding regime): trial values, acceptances and values."""
+    steps = 20
+    want = reference_trust_region(steps)
+    _, hist = _solve("trust_region")
+    trial, accepted, value = (np.array(c) for c in zip(*want, strict=True))
+    assert (~accepted).sum() >= 2 and accepted.sum() >= 10
+    np.testing.assert_array_equal(hist.accepted[1 : steps + 1], accepted)
+    np.testing.assert_allclose(hist.trial_value[1 : steps + 1], trial, rtol=1e-9)
+    np.testing.assert_allclose(hist.value[1 : steps + 1], value, rtol=1e-9)
+
+
+def test_trust_region_accepts_where_scipy_trust_exact_does_and_ends_at_its_solution():
+    sol, hist = _solve("trust_region")
+    values = []
+    res = so.minimize(
+        so.rosen, X0, method="trust-exact", jac=so.rosen_der, hess=so.rosen_hess,
+        callback=lambda xk: values.append(so.rosen(xk)), options={"gtol": 1e-8, "maxiter": 60},
+    )  # fmt: skip
+    rejected = lambda v: np.flatnonzero(np.diff(np.concatenate([[so.rosen(X0)], v])) == 0)
+    n = int(sol.num_steps)
+    np.testing.assert_array_equal(rejected(hist.value[1 : n + 1])[:3], rejected(values)[:3])
+    assert abs(n - res.nit) <= 2
+    np.testing.assert_allclose(np.asarray(sol.x), res.x, atol=1e-8)
+
+
+def test_newton_cg_iterates_match_scipy_trust_ncg():
+    """Every iteration of the 49 Rosenbrock needs: the values of the iterates agree."""
+    sol, hist = _solve("newton_cg")
+    values = []
+    res = so.minimize(
+        so.rosen, X0, method="trust-ncg", jac=so.rosen_der, hessp=so.rosen_hess_prod,
+        callback=lambda xk: values.append(so.rosen(xk)), options={"gtol": 1e-8, "maxiter": 60},
+    )  # fmt: skip
+    n = int(sol.num_steps)
+    assert n == res.nit and n > 40
+    big = np.array(values) > 1e-6
+    np.testing.assert_allclose(hist.value[1 : n + 1][big], np.array(values)[big], rtol=1e-8)
+    np.testing.assert_allclose(np.asarray(sol.x), res.x, atol=1e-10)
