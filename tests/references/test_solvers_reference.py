@@ -1,4 +1,5 @@
-"""Trust-region solvers of :func:`jaxopt2.solvers.minimize` against textbook rules and scipy.
+"""Trust-region and cubic solvers of :func:`jaxopt2.solvers.minimize` against textbook rules
+and scipy.
 
 ``trust_region`` is compared step by step with a numpy float64 transcription of Nocedal &
 Wright's Algorithm 4.1 with the radius rule the solver documents (the defaults of scipy's
@@ -8,7 +9,11 @@ eigendecomposition with a root-finder on the secular equation. scipy's ``trust-e
 the subproblem only approximately (to 10 % of the radius), so against it the comparison is the
 pattern of accepted steps and the solution. ``newton_cg`` follows scipy's ``trust-ncg``
 (Steihaug-Toint CG with the residual tolerance ``min(½, √‖g‖) ‖g‖``): the iterates agree to
-rounding error.
+rounding error. ``cubic`` (ARC, Cartis, Gould & Toint 2011) and ``lazy_newton`` (the same step
+with a Hessian kept for ``hessian_every`` iterations) are compared with a numpy transcription
+of the rules their docstrings state: the global minimizer of the cubic model from the secular
+equation ``‖p(λ)‖ = λ/σ``, ``ρ >= η₂`` accepts and halves ``σ``, ``ρ >= η₁`` accepts,
+otherwise ``σ`` doubles.
 """
 
 import functools
@@ -24,6 +29,9 @@ from jaxopt2.solvers import minimize
 pytestmark = pytest.mark.timeout(120)
 
 X0 = np.array([-1.2, 1.0, -1.2, 1.0])  # the extended Rosenbrock function: indefinite early on
+# From here the trust-region path has a rejected step with 0 < ρ <= η (iteration 2), a shrink
+# after an interior step (iteration 7: a quarter of the radius, not of the step) and growths.
+X1 = (2.0, -1.0, 0.5, 1.0)
 
 
 def _rosen(x):
@@ -31,9 +39,9 @@ def _rosen(x):
 
 
 @functools.cache
-def _solve(method, max_steps=60):
+def _solve(method, start=tuple(X0), max_steps=60):
     run = jax.jit(lambda x: minimize(_rosen, x, method=method, max_steps=max_steps, history=True))
-    sol, hist = run(jnp.asarray(X0))
+    sol, hist = run(jnp.asarray(start))
     return sol, jax.tree.map(np.asarray, hist)
 
 
@@ -56,9 +64,9 @@ def _exact_subproblem(g, h, radius):
     return -v @ (a / (w + lam)), True
 
 
-def reference_trust_region(steps, radius=1.0, max_radius=1000.0, eta=0.15):
+def reference_trust_region(x0, steps, radius=1.0, max_radius=1000.0, eta=0.15):
     """Per iteration: ``(trial value, accepted, value after)``; Algorithm 4.1."""
-    x = X0.copy()
+    x = np.array(x0)
     out = []
     for _ in range(steps):
         f, g, h = so.rosen(x), so.rosen_der(x), so.rosen_hess(x)
@@ -77,14 +85,15 @@ def reference_trust_region(steps, radius=1.0, max_radius=1000.0, eta=0.15):
     return out
 
 
-def test_trust_region_steps_follow_algorithm_4_1():
-    """The first 20 iterations (rejections, shrinks and growths among them; the last ones
+@pytest.mark.parametrize("start", [tuple(X0), X1], ids=["x0", "x1"])
+def test_trust_region_steps_follow_algorithm_4_1(start):
+    """The first 12 iterations (rejections, shrinks and growths among them; the last ones
     still far from the rounding regime): trial values, acceptances and values."""
-    steps = 20
-    want = reference_trust_region(steps)
-    _, hist = _solve("trust_region")
+    steps = 12
+    want = reference_trust_region(start, steps)
+    _, hist = _solve("trust_region", start)
     trial, accepted, value = (np.array(c) for c in zip(*want, strict=True))
-    assert (~accepted).sum() >= 2 and accepted.sum() >= 10
+    assert (~accepted).sum() >= 2 and accepted.sum() >= 4
     np.testing.assert_array_equal(hist.accepted[1 : steps + 1], accepted)
     np.testing.assert_allclose(hist.trial_value[1 : steps + 1], trial, rtol=1e-9)
     np.testing.assert_allclose(hist.value[1 : steps + 1], value, rtol=1e-9)
@@ -117,3 +126,59 @@ def test_newton_cg_iterates_match_scipy_trust_ncg():
     big = np.array(values) > 1e-6
     np.testing.assert_allclose(hist.value[1 : n + 1][big], np.array(values)[big], rtol=1e-8)
     np.testing.assert_allclose(np.asarray(sol.x), res.x, atol=1e-10)
+
+
+def _cubic_subproblem(g, h, sigma):
+    """The global minimizer of ``gᵀp + ½ pᵀHp + (σ/3)‖p‖³`` (no hard case here)."""
+    w, v = np.linalg.eigh(h)
+    a = v.T @ g
+    gap = lambda lam: np.linalg.norm(a / (w + lam)) - lam / sigma
+    lo = max(0.0, -w[0])
+    lo_eval = lo + 1e-12 * (1 + lo)
+    assert gap(lo_eval) > 0, "hard case: not on this path"
+    hi = lo + 1.0
+    while gap(hi) > 0:
+        hi *= 2
+    lam = so.brentq(gap, lo_eval, hi, xtol=1e-15, rtol=1e-15)
+    return -v @ (a / (w + lam))
+
+
+def reference_cubic(steps, hessian_every=1, sigma=1.0, eta1=0.1, eta2=0.9, gamma=2.0):
+    """Per iteration: ``(trial value, accepted, value after)``."""
+    x = X0.copy()
+    out = []
+    for k in range(steps):
+        f, g = so.rosen(x), so.rosen_der(x)
+        if k % hessian_every == 0:
+            h = so.rosen_hess(x)
+        p = _cubic_subproblem(g, h, sigma)
+        predicted = -(g @ p + 0.5 * p @ h @ p) - sigma / 3 * np.linalg.norm(p) ** 3
+        trial = so.rosen(x + p)
+        rho = (f - trial) / predicted
+        accepted = rho >= eta1
+        if rho >= eta2:
+            sigma = max(sigma / gamma, 1e-10)
+        elif not accepted:
+            sigma = gamma * sigma
+        if accepted:
+            x = x + p
+        out.append((trial, accepted, so.rosen(x)))
+    return out
+
+
+@pytest.mark.parametrize("method, every", [("cubic", 1), ("lazy_newton", 3)])
+def test_cubic_steps_follow_the_arc_rules(method, every):
+    """The first 15 iterations: trial values, acceptances (rejections among them) and values;
+    ``lazy_newton`` keeps each Hessian for three iterations, rejected ones included."""
+    steps = 15
+    want = reference_cubic(steps, hessian_every=every)
+    opts = {"hessian_every": every} if method == "lazy_newton" else {}
+    run = jax.jit(
+        lambda x: minimize(_rosen, x, method=method, max_steps=steps, history=True, **opts)
+    )
+    hist = jax.tree.map(np.asarray, run(jnp.asarray(X0))[1])
+    trial, accepted, value = (np.array(c) for c in zip(*want, strict=True))
+    assert (~accepted).sum() >= 2 and accepted.sum() >= 5
+    np.testing.assert_array_equal(hist.accepted[1:], accepted)
+    np.testing.assert_allclose(hist.trial_value[1:], trial, rtol=1e-9)
+    np.testing.assert_allclose(hist.value[1:], value, rtol=1e-9)
