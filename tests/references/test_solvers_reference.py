@@ -1,5 +1,4 @@
-"""Trust-region and cubic solvers of :func:`jaxopt2.solvers.minimize` against textbook rules
-and scipy.
+"""The Newton-type solvers of :func:`jaxopt2.solvers.minimize` against textbook rules and scipy.
 
 ``trust_region`` is compared step by step with a numpy float64 transcription of Nocedal &
 Wright's Algorithm 4.1 with the radius rule the solver documents (the defaults of scipy's
@@ -13,7 +12,9 @@ rounding error. ``cubic`` (ARC, Cartis, Gould & Toint 2011) and ``lazy_newton`` 
 with a Hessian kept for ``hessian_every`` iterations) are compared with a numpy transcription
 of the rules their docstrings state: the global minimizer of the cubic model from the secular
 equation ``‖p(λ)‖ = λ/σ``, ``ρ >= η₂`` accepts and halves ``σ``, ``ρ >= η₁`` accepts,
-otherwise ``σ`` doubles.
+otherwise ``σ`` doubles. ``newton`` (the Levenberg-Marquardt shift of Nocedal & Wright's
+Algorithm 3.3 on the sequence ``0, β, 10β, ...``) and ``saddle_free`` (``-|H|⁻¹ g``) are
+compared with a numpy transcription with the documented halving Armijo backtracking.
 """
 
 import functools
@@ -181,4 +182,57 @@ def test_cubic_steps_follow_the_arc_rules(method, every):
     assert (~accepted).sum() >= 2 and accepted.sum() >= 5
     np.testing.assert_array_equal(hist.accepted[1:], accepted)
     np.testing.assert_allclose(hist.trial_value[1:], trial, rtol=1e-9)
+    np.testing.assert_allclose(hist.value[1:], value, rtol=1e-9)
+
+
+def _damped_newton_direction(g, h):
+    """``-(H + τI)⁻¹ g``: τ = 0 if ``H`` has a Cholesky factor, else the first of ``β, 10β, ...``
+    (``β = 10⁻³ max|Hᵢᵢ|``) that gives one."""
+    tau, beta = 0.0, 1e-3 * np.max(np.abs(np.diag(h)))
+    while True:
+        try:
+            np.linalg.cholesky(h + tau * np.eye(len(g)))
+            break
+        except np.linalg.LinAlgError:
+            tau = beta if tau == 0 else 10 * tau
+    return -np.linalg.solve(h + tau * np.eye(len(g)), g), tau
+
+
+def _saddle_free_direction(g, h, damping=1e-8):
+    w, v = np.linalg.eigh(h)
+    aw = np.abs(w)
+    return -v @ ((v.T @ g) / np.maximum(aw, damping * aw.max())), 0.0
+
+
+def reference_line_search_newton(direction, steps, c1=1e-4):
+    """Per iteration: ``(step size, value after, damped)``; halving from ``α = 1`` until
+    ``f(x + αd) <= f(x) + c1 α gᵀd``."""
+    x = X0.copy()
+    out = []
+    for _ in range(steps):
+        f, g = so.rosen(x), so.rosen_der(x)
+        d, tau = direction(g, so.rosen_hess(x))
+        alpha = 1.0
+        while so.rosen(x + alpha * d) > f + c1 * alpha * (g @ d):
+            alpha /= 2
+        x = x + alpha * d
+        out.append((alpha, so.rosen(x), tau > 0))
+    return out
+
+
+@pytest.mark.parametrize(
+    "method, direction",
+    [("newton", _damped_newton_direction), ("saddle_free", _saddle_free_direction)],
+    ids=["newton", "saddle_free"],
+)
+def test_line_search_newton_steps(method, direction):
+    """The first 10 iterations: step sizes (backtracked ones among them) and values; Newton's
+    path starts on an indefinite Hessian, so the Levenberg-Marquardt shift is on it too."""
+    steps = 10
+    want = reference_line_search_newton(direction, steps)
+    alpha, value, damped = (np.array(c) for c in zip(*want, strict=True))
+    assert np.any(alpha < 1) and (method != "newton" or np.any(damped))
+    run = jax.jit(lambda x: minimize(_rosen, x, method=method, max_steps=steps, history=True))
+    hist = jax.tree.map(np.asarray, run(jnp.asarray(X0))[1])
+    np.testing.assert_array_equal(hist.step_size[1:], alpha)
     np.testing.assert_allclose(hist.value[1:], value, rtol=1e-9)
