@@ -178,9 +178,10 @@ def test_shampoo_path_with_momentum_grafting_and_refreshes(graft, nesterov, ever
 def test_kl_shampoo_path():
     """KL statistics over four steps: the first with scalar inverses, then whitened in the
     identity basis (before the first refresh) and in refreshed eigenbases (steps 1 and 3,
-    counting from 0). Square blocks keep the factors full rank, so the eigenbases are unique
-    up to signs. KL-Shampoo's default graft is ``"none"``: the raw KL direction."""
-    params, loss_fn, grad_fn = _problem({"w": (4, 4), "v": (6, 3), "b": (3,)}, seed=2)
+    counting from 0). The factors are full rank at every refresh (a 3 × 3 and a 2 × 3 block),
+    so the eigenbases are unique up to signs; the 2 × 3 block tells ``r`` from ``c``.
+    KL-Shampoo's default graft is ``"none"``: the raw KL direction."""
+    params, loss_fn, grad_fn = _problem({"w": (3, 3), "v": (2, 3), "b": (3,)}, seed=2)
     kw = dict(block_size=3, b1=0.6, b2=0.8, eps=1e-3, damping=1e-3)
     want = reference_shampoo(
         params, grad_fn, 4, every=2, start=1, statistics="kl", graft="none", nesterov=False, **kw
