@@ -3,9 +3,9 @@ eigendecomposition) and ``newton_cg`` (matrix-free Steihaug-Toint conjugate grad
 
 Both use the same radius rule (Nocedal & Wright, Algorithm 4.1, the defaults of scipy's
 ``trust-exact``): ``ρ = (f(x) - f(x+p)) / (m(0) - m(p))``; ``ρ < 1/4`` shrinks the radius to
-``‖p‖/4``; ``ρ > 3/4`` with ``p`` on the boundary doubles it (at most ``max_radius``); the
-step is taken when ``ρ > eta``. A trial point with a non-finite value or gradient counts as
-``ρ = -∞``.
+a quarter of itself (not of ``‖p‖``, which is smaller after an interior step); ``ρ > 3/4`` with
+``p`` on the boundary doubles it (at most ``max_radius``); the step is taken when ``ρ > eta``.
+A trial point with a non-finite value or gradient counts as ``ρ = -∞``.
 """
 
 from __future__ import annotations
