@@ -6,14 +6,18 @@ to the parameters, ``H_f`` the Hessian of the loss with respect to the outputs, 
 the generalized Gauss-Newton matrix, and ``F`` the Fisher information of the model's
 predictive distribution. Vectors ``v`` are pytrees shaped like the parameters.
 
-Losses on outputs (``loss=`` of :func:`fisher_vp`), each a mean over the leading batch axis:
+Losses on outputs (``loss=`` of :func:`fisher_vp`). The last axis of the outputs is one
+example's output vector and every axis before it counts rows (examples): ``[B, T, V]`` logits
+are ``B·T`` rows, like ``[B·T, V]``. The loss is the mean over the rows of the per-row loss
+``ℓ_r`` (summed over the last axis), or ``Σ w_r ℓ_r / Σ w`` with per-row weights; the rule is
+:func:`jaxopt2.curvature.tags.row_weights`.
 
-* ``"softmax_cross_entropy"``: outputs are logits ``[N, C]``; targets integer labels ``[N]``
-  or class probabilities ``[N, C]``; ``-Σ_c y_c log softmax(f)_c``.
-* ``"sigmoid_cross_entropy"``: outputs are logits ``[N, ...]``; targets in [0, 1] of the same
-  shape; the binary cross-entropy is summed over the non-batch axes.
-* ``"squared_error"``: ``½‖f - y‖²`` summed over the non-batch axes (a unit-variance
-  Gaussian likelihood).
+* ``"softmax_cross_entropy"``: outputs are logits ``[..., C]``; targets integer labels
+  ``[...]`` or class probabilities ``[..., C]``; ``-Σ_c y_c log softmax(f)_c``.
+* ``"sigmoid_cross_entropy"``: outputs are logits; targets in [0, 1] of the same shape; the
+  binary cross-entropy is summed over the last axis (rank-1 logits: one per row).
+* ``"squared_error"``: ``½‖f - y‖²`` over the last axis (a unit-variance Gaussian
+  likelihood; rank-1 outputs: one per row).
 
 For these three, the exact Fisher equals the GGN of the same loss.
 """
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxopt2._tree import check_choice, check_inexact, check_like
+from jaxopt2.curvature.tags import LOSSES, row_weights
 
 PyTree = Any
 
@@ -43,7 +48,6 @@ __all__ = [
     "sample_targets",
 ]
 
-LOSSES = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
 FISHER_KINDS = ("exact", "mc", "empirical")
 
 
@@ -103,12 +107,15 @@ def ggn_vp(
     return vjp(hjv)[0]
 
 
-def output_loss(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """The named loss of `outputs` against `targets` (optax's), a mean over the batch axis.
+def output_loss(
+    loss: str, outputs: jax.Array, targets: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
+    """The named loss of `outputs` against `targets` (optax's): the mean over the rows (every
+    axis but the last) of the per-row loss, or ``Σ w_r ℓ_r / Σ w`` with `weights`.
 
     ``softmax_cross_entropy`` takes integer labels or probabilities, ``sigmoid_cross_entropy``
-    labels in [0, 1], ``squared_error`` is ``optax.l2_loss`` (half the squared error); the
-    per-example losses are summed over any other axes.
+    labels in [0, 1], ``squared_error`` is ``optax.l2_loss`` (half the squared error); each
+    row's loss is summed over the last axis.
     """
     check_choice(loss, "loss", LOSSES)
     if loss == "softmax_cross_entropy":
@@ -120,7 +127,10 @@ def output_loss(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
         per = optax.sigmoid_binary_cross_entropy(outputs, targets)
     else:
         per = optax.l2_loss(outputs, targets)
-    return jnp.sum(per) / outputs.shape[0]
+    c = row_weights(outputs, weights)
+    if loss == "softmax_cross_entropy":
+        c = c[..., 0]  # optax's per-row losses have no class axis
+    return jnp.sum(c * per)
 
 
 def output_fisher_vp(loss: str, outputs: jax.Array, u: jax.Array) -> jax.Array:
@@ -166,11 +176,12 @@ def fisher_vp(
     kind: str,
     targets: jax.Array | None = None,
     key: jax.Array | None = None,
+    weights: jax.Array | None = None,
 ) -> PyTree:
     """Fisher-vector product ``F v`` for a model with a standard likelihood.
 
     Args:
-      model_fn: ``params -> outputs`` with a leading batch axis of size N.
+      model_fn: ``params -> outputs``, ``[..., C]``: ``N`` rows (every axis but the last).
       params: the linearization point.
       v: a pytree shaped like `params`.
       loss: one of ``"softmax_cross_entropy"``, ``"sigmoid_cross_entropy"``,
@@ -184,6 +195,8 @@ def fisher_vp(
         ``Jᵀ (r ⊙ (r·J v))`` with one JVP and one VJP.
       targets: required for ``"empirical"``.
       key: required for ``"mc"``.
+      weights: optional per-row weights (``outputs.shape[:-1]``): each row's term is scaled by
+        ``w_r / Σ w`` instead of ``1/N``, the curvature of ``Σ w_r ℓ_r / Σ w``.
 
     Returns:
       ``F v``, shaped like `params`.
@@ -199,18 +212,20 @@ def fisher_vp(
     outputs, jv = jax.jvp(model_fn, (params,), (v,))
     if not isinstance(outputs, jax.Array) or outputs.ndim < 1:
         raise ValueError("fisher_vp: model_fn must return one array with a leading batch axis.")
-    n = outputs.shape[0]
+    c = row_weights(outputs, weights)
     if kind == "exact":
-        u = output_fisher_vp(loss, outputs, jv) / n
+        u = c * output_fisher_vp(loss, outputs, jv)
     else:
         if kind == "mc":
             targets = sample_targets(loss, jax.lax.stop_gradient(outputs), key)
-        elif targets.shape[0] != n:
+        elif targets.shape[:1] != outputs.shape[:1]:
             raise ValueError(
-                f"fisher_vp: targets have batch size {targets.shape[0]} but outputs {n}."
+                f"fisher_vp: targets have batch size {targets.shape[0]} but outputs "
+                f"{outputs.shape[0]}."
             )
         r = output_residual(loss, outputs, targets)
-        axes = tuple(range(1, r.ndim))
-        u = r * jnp.sum(r * jv, axis=axes, keepdims=True) / n
+        # per row rᵀ J v (rank-1 outputs: one output per row)
+        dot = r * jv if r.ndim == 1 else jnp.sum(r * jv, axis=-1, keepdims=True)
+        u = c * r * dot
     _, vjp = jax.vjp(model_fn, params)
     return vjp(u)[0]

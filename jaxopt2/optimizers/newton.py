@@ -15,7 +15,9 @@ Curvature ``C`` (argument ``curvature``, decided when the update is traced):
 
 * ``"gauss_newton"``: the Gauss-Newton matrix ``G = Jᵀ H_out J`` of the loss tagged with
   :func:`jaxopt2.tag_loss` (``J`` the Jacobian of the tagged outputs, ``H_out`` the exact
-  Hessian of the named loss with respect to the outputs, averaged over the batch), applied
+  Hessian of the named loss with respect to the outputs, each row weighted as the tagged
+  loss weights it: :func:`jaxopt2.curvature.tags.row_weights`, ``1/N`` for ``N`` rows, so a
+  ``[B, T, V]`` tag gives the curvature of the mean over all ``B·T`` tokens), applied
   as one JVP and one VJP of the model per product. Positive semi-definite, so with ``λ > 0``
   CG meets no negative curvature. Terms of ``value_fn`` outside the tagged loss (an L2
   penalty, say) enter the gradient and the reduction ratio but not ``G``; the damping
@@ -64,7 +66,7 @@ import optax
 
 from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
 from jaxopt2.curvature.products import hessian_operator, output_fisher_vp
-from jaxopt2.curvature.tags import split_loss
+from jaxopt2.curvature.tags import row_weights, split_loss
 from jaxopt2.optimizers import registry
 from jaxopt2.optimizers.contract import require_value_fn
 
@@ -210,11 +212,11 @@ def _curvature_matvec(
         ) from None
     outputs, jvp_fn = jax.linearize(split.model_fn, params)
     _, vjp_fn = jax.vjp(split.model_fn, params)
-    n = outputs.shape[0]
+    c = row_weights(outputs, split.weights)  # the tagged loss's weight of each row
 
     def gauss_newton(v: PyTree) -> PyTree:
         jv = jvp_fn(v)
-        return vjp_fn((output_fisher_vp(split.loss, outputs, jv) / n).astype(outputs.dtype))[0]
+        return vjp_fn((c * output_fisher_vp(split.loss, outputs, jv)).astype(outputs.dtype))[0]
 
     return gauss_newton
 

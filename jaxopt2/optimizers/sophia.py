@@ -23,8 +23,12 @@ Estimators ``ĥ`` (argument ``estimator``):
 * ``"gnb"`` (Gauss-Newton-Bartlett, Sophia-G): needs a loss marked with
   :func:`jaxopt2.tag_loss`. Targets ``ŷ`` are sampled from the model's predictive
   distribution at the tagged outputs, ``ĝ`` is the gradient of the tagged loss (a mean over
-  the batch of size ``B``) against ``ŷ``, and ``ĥ = B · ĝ ⊙ ĝ``. Its expectation is
-  ``diag(G)``, the diagonal of the Gauss-Newton matrix of the tagged loss. Terms of
+  its ``B`` rows: every axis of the outputs but the last, ``B·T`` tokens for ``[B, T, V]``
+  logits) against ``ŷ``, and ``ĥ = B · ĝ ⊙ ĝ``. Its expectation is ``diag(G)``, the diagonal
+  of the Gauss-Newton matrix of the tagged loss. With per-row weights ``w`` (a padding
+  mask) the rows enter ``ĝ`` weighted by ``√(w_r / Σ w)`` and ``ĥ = ĝ ⊙ ĝ``, again unbiased
+  for ``diag(G)`` of ``Σ w_r ℓ_r / Σ w`` (without weights this is the same formula, with
+  ``w_r = 1``). Terms of
   ``value_fn`` outside the tagged loss (an explicit L2 penalty, say) enter the gradient but
   not this estimate.
 
@@ -52,7 +56,7 @@ import optax
 
 from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
 from jaxopt2.curvature.estimators import hutchinson_diagonal
-from jaxopt2.curvature.products import hessian_operator, output_loss, sample_targets
+from jaxopt2.curvature.products import hessian_operator, output_residual, sample_targets
 from jaxopt2.curvature.tags import split_loss
 from jaxopt2.optimizers import registry
 from jaxopt2.optimizers.contract import require_value_fn, resolve_key
@@ -114,12 +118,14 @@ def sophia_estimate(
             f"estimator='hutchinson' for an untagged loss. ({err})"
         ) from None
     outputs = jax.lax.stop_gradient(split.outputs)
-    batch = outputs.shape[0]
+    # ĝ = Σ_r √c_r J_rᵀ ∇ℓ_r(ŷ_r): E[ĝ ĝᵀ] = Σ_r c_r J_rᵀ F_r J_r, the GGN of the tagged loss
+    root = jnp.sqrt(split.row_weights())
+    _, vjp = jax.vjp(split.model_fn, params)
 
     def one(k: jax.Array) -> optax.Params:
         sampled = sample_targets(split.loss, outputs, k)
-        g = jax.grad(lambda p: output_loss(split.loss, split.model_fn(p), sampled))(params)
-        return jax.tree.map(lambda x: batch * x * x, g)
+        (g,) = vjp((root * output_residual(split.loss, outputs, sampled)).astype(outputs.dtype))
+        return jax.tree.map(lambda x: x * x, g)
 
     if num_probes == 1:
         return one(key)

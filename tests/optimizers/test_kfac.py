@@ -161,7 +161,7 @@ def test_mismatched_loss_kind_is_reported(capsys):
 
     kfac_layers(summed, {"w": jnp.ones((4, 3))}, x, y)
     out = capsys.readouterr().out
-    assert "a wrong loss name or a sum instead of a mean" in out
+    assert "= the 32 rows: a sum instead of a mean" in out and "compute that value" in out
 
 
 def test_bad_input_is_a_clear_error():
@@ -259,16 +259,16 @@ def test_jitted_inverse_refresh_does_not_hang_without_the_xla_flag(ekfac):
         assert "finished 0" in out
 
 
-def test_sequence_inputs_sum_statistics_over_time():
-    """Dense layer on [batch, time, features]: A averages over all batch×time rows, G sums the
-    per-position terms over time and averages over the batch (K-FAC "expand")."""
+def test_sequence_outputs_count_every_position_as_a_row():
+    """Dense layer on [batch, time, features] with the loss a mean over every position: A and G
+    average over all batch×time rows, as for the flattened [batch·time, features] rows."""
     b, t, f, c = 6, 5, 3, 2
     x = jax.random.normal(jax.random.PRNGKey(0), (b, t, f))
     y = jax.random.normal(jax.random.PRNGKey(1), (b, t, c))
 
     def loss_fn(p, x, y):
         out = jaxopt2.tag_loss("squared_error", x @ p["w"], y)
-        return 0.5 * jnp.sum((out - y) ** 2) / b  # mean over the batch, sum over time, outputs
+        return 0.5 * jnp.sum((out - y) ** 2) / (b * t)  # mean over batch and time, sum outputs
 
     p = {"w": jnp.ones((f, c))}
     opt = scale_by_kfac(learning_rate=1.0, fisher="exact", stats_decay=0.0, stats_dtype=jnp.float64)
@@ -277,10 +277,12 @@ def test_sequence_inputs_sum_statistics_over_time():
     rows = np.asarray(x, np.float64).reshape(-1, f)
     f_in, f_out = leafwise(state, p).factors[0]
     np.testing.assert_allclose(f_in[:f, :f], rows.T @ rows / (b * t), rtol=1e-10)
-    np.testing.assert_allclose(f_out[:c, :c], t * np.eye(c), rtol=1e-10)
-    # A ⊗ G reproduces the exact GGN of this linear model: (Σ_rows a aᵀ / b) ⊗ I.
+    np.testing.assert_allclose(f_out[:c, :c], np.eye(c), rtol=1e-10)
+    # A ⊗ G reproduces the exact GGN of this linear model: (Σ_rows a aᵀ / (b t)) ⊗ I.
     np.testing.assert_allclose(
-        np.kron(f_in[:f, :f], f_out[:c, :c]), np.kron(rows.T @ rows / b, np.eye(c)), rtol=1e-10
+        np.kron(f_in[:f, :f], f_out[:c, :c]),
+        np.kron(rows.T @ rows / (b * t), np.eye(c)),
+        rtol=1e-10,
     )
 
 
@@ -551,8 +553,9 @@ def _ekfac_reference(loss_per_example, params, x, y, state, leaf_names):
 @pytest.mark.parametrize("sequence", [False, True], ids=["rows", "sequence"])
 def test_ekfac_scaling_and_direction_match_per_example_gradients(sequence):
     """Empirical Fisher, no EMA: the EKFAC scaling equals E_n[(Q_Aᵀ ∇_n Q_G)²] from per-example
-    gradients (jax.grad per example, summed over time steps for sequences), and the direction
-    is Q_A ((Q_Aᵀ ∇ Q_G) / (s + λ)) Q_Gᵀ."""
+    gradients (jax.grad per example; per position for sequences, whose loss is the mean over
+    every position: each is a row of the tag), and the direction is
+    Q_A ((Q_Aᵀ ∇ Q_G) / (s + λ)) Q_Gᵀ."""
     n, d, h, k, t = 12, 3, 5, 2, 4
     shape_x = (n, t, d) if sequence else (n, d)
     x = jax.random.normal(jax.random.PRNGKey(0), shape_x)
@@ -565,7 +568,7 @@ def test_ekfac_scaling_and_direction_match_per_example_gradients(sequence):
         out = jaxopt2.tag_loss("squared_error", jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"], y)
         return 0.5 * jnp.sum((out - y) ** 2)
 
-    loss = lambda p, x, y: per_example_sum(p, x, y) / x.shape[0]
+    loss = lambda p, x, y: per_example_sum(p, x, y) / np.prod(x.shape[:-1])
     lam = 0.1
     opt = scale_by_kfac(learning_rate=1.0, fisher="empirical", stats_decay=0.0, damping=lam,
                         ekfac=True, stats_dtype=jnp.float64)  # fmt: skip
@@ -573,8 +576,9 @@ def test_ekfac_scaling_and_direction_match_per_example_gradients(sequence):
     grads = jax.grad(value_fn)(params)
     direction, state = opt.update(grads, opt.init(params), params, value_fn=value_fn)
     leaves = {name: i for i, name in enumerate(sorted(params))}  # dict leaves are key-sorted
+    rows = lambda z: z.reshape(-1, z.shape[-1])
     ref = _ekfac_reference(
-        per_example_sum, params, x, y, state,
+        per_example_sum, params, rows(x), rows(y), state,
         [("w1", "b1", leaves["w1"]), ("w2", None, leaves["w2"])],
     )  # fmt: skip
     for w_name, b_name in (("w1", "b1"), ("w2", None)):

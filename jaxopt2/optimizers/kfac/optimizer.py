@@ -6,7 +6,12 @@ approximated by ``A ⊗ G`` with ``A = E[ā āᵀ]`` (inputs, with a homogeneous
 bias; image patches for a convolution) and ``G = E[g gᵀ]`` (gradients of the per-example
 loss at the layer's output, summed over its positions or time steps, with
 targets sampled from the model's predictive distribution: the true Fisher), both kept as
-exponential moving averages (``stats_decay``). Every ``invert_every`` steps the damped
+exponential moving averages (``stats_decay``). The examples are the rows of the tagged outputs
+(every axis but the last: a ``[B, T, V]`` tag is ``B·T`` tokens, exactly like its flattened
+``[B·T, V]``), weighted as the tagged loss weights them
+(:func:`jaxopt2.curvature.tags.row_weights`): the output cotangents carry ``√c_r``, so
+``G`` is a plain sum, and with the tag's ``weights`` the rows of ``A`` are weighted too (a
+padded token leaves both factors). Every ``invert_every`` steps the damped
 inverses are refreshed with factored Tikhonov damping and the π-correction:
 
 .. math::
@@ -62,6 +67,7 @@ from jaxopt2.curvature.products import (
     output_residual,
     sample_targets,
 )
+from jaxopt2.curvature.tags import row_shape, row_weights
 from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers import registry
 from jaxopt2.optimizers.contract import require_value_fn, resolve_key
@@ -124,7 +130,7 @@ class ScaleByKfacState(NamedTuple):
 def _trace(closed, leaves, eps, discovery: Discovery):
     """Evaluate ``value_fn``'s jaxpr with layer outputs perturbed by ``eps`` (per layer, one
     perturbation per call: ``[calls, *output shape]``); return the tagged outputs and
-    ``(layer inputs, one per call; targets, value)``."""
+    ``(layer inputs, one per call; (targets, weights or None), value)``."""
     by_path = {layer.path: i for i, layer in enumerate(discovery.layers)}
     inputs: list[list[Any]] = [[] for _ in discovery.layers]
     tag: list[Any] = []
@@ -148,11 +154,13 @@ def _trace(closed, leaves, eps, discovery: Discovery):
     interesting = [*by_path, discovery.loss_path]
     enter = lambda here: any(p[: len(here)] == here for p in interesting)
     (value,) = _jaxpr.evaluate(closed.jaxpr, closed.consts, leaves, hook, enter)
-    return tag[0], (inputs, tag[1], value)
+    return tag[0], (inputs, (tag[1], tag[2] if len(tag) > 2 else None), value)
 
 
 def _output_fisher_sqrt(loss: str, outputs: jax.Array) -> jax.Array:
     """``B`` with ``B Bᵀ`` the per-example output Fisher, ``[N, C, C]`` (columns are vectors)."""
+    if outputs.ndim == 1:  # one output per row
+        return _output_fisher_sqrt(loss, outputs[:, None])[..., 0, :]
     c = outputs.shape[-1]
     eye = jnp.eye(c, dtype=outputs.dtype)
     if loss == "squared_error":
@@ -163,6 +171,85 @@ def _output_fisher_sqrt(loss: str, outputs: jax.Array) -> jax.Array:
     p = jax.nn.softmax(outputs, axis=-1)
     s = jnp.sqrt(p)
     return s[..., None] * eye - p[..., :, None] * s[..., None, :]
+
+
+def _output_cotangents(loss, outputs, weights, fisher, key, targets) -> jax.Array:
+    """The cotangents of the tagged outputs whose backward pass gives the statistics:
+    ``[columns, *outputs.shape]`` (the output Fisher's square-root columns for ``"exact"``,
+    else one column of residuals against sampled or true targets), each row scaled by
+    ``√c_r`` of :func:`jaxopt2.curvature.tags.row_weights`. Sums of outer products of the
+    resulting gradients are then the tagged loss's curvature (``Σ_r c_r J_rᵀ F_r J_r``):
+    no division by a batch size follows, and a ``[B, T, V]`` tag counts its ``B·T`` rows."""
+    outputs = jax.lax.stop_gradient(outputs)
+    root = jnp.sqrt(row_weights(outputs, weights))
+    if fisher == "exact":
+        cols = _output_fisher_sqrt(loss, outputs)
+        return jnp.moveaxis(root[..., None] * cols, -1, 0)
+    y = sample_targets(loss, outputs, key) if fisher == "sampled" else targets
+    return (root * output_residual(loss, outputs, y))[None]
+
+
+def _loss_check(disc: Discovery, value, outputs, targets, weights) -> str:
+    """The report line comparing ``value_fn`` with the loss the tag implies, naming the likely
+    cause of a difference (a sum over tokens, a mean over the batch only, a missing ½...)."""
+    tagged = float(output_loss(disc.loss, outputs, targets, weights))
+    value = float(value)
+    gap = value - tagged
+    rows = row_shape(outputs)
+    n = int(np.prod(rows))
+    what = (
+        "sum(weights * l) / sum(weights)"
+        if weights is not None
+        else f"the mean over all {n} rows {rows} (every axis of the outputs {tuple(outputs.shape)} "
+        "but the last)"
+    )
+    line = (
+        f"\nloss check: value_fn = {value:.6g}, tagged {disc.loss} of the tagged outputs = "
+        f"{tagged:.6g} (difference {gap:.3g}"
+    )
+    if abs(gap) <= 1e-5 * max(1.0, abs(value)):
+        return line + ")"
+    ratio = value / tagged if tagged else float("inf")
+    near = lambda k: k > 0 and k != 1 and abs(ratio - k) <= 1e-4 * k
+    causes = []
+    positions = n // rows[0] if rows else 1
+    if near(positions):
+        causes.append(
+            f"value_fn / tagged = {ratio:.6g} = the {positions} positions per batch row: "
+            "value_fn sums over the positions (tokens) and averages over the batch only"
+        )
+    elif near(n):
+        causes.append(f"value_fn / tagged = {ratio:.6g} = the {n} rows: a sum instead of a mean")
+    if weights is not None:
+        total = float(jnp.sum(weights))
+        if near(total / n):
+            causes.append(
+                f"value_fn / tagged = {ratio:.6g} = sum(weights) / rows: the weighted sum is "
+                "divided by the number of rows instead of sum(weights)"
+            )
+    if disc.loss == "squared_error" and near(2.0):
+        causes.append("value_fn / tagged = 2: the ½ of ½‖f − y‖² is missing")
+    if outputs.ndim > 1 and near(1 / outputs.shape[-1]):
+        causes.append(
+            f"value_fn / tagged = 1/{outputs.shape[-1]}: value_fn also averages over the last "
+            "axis, which the tag sums"
+        )
+    cause = (
+        "likely cause: " + "; ".join(causes)
+        if causes
+        else "parameter-only terms such as an L2 penalty explain a difference; a wrong loss "
+        "name or a sum instead of a mean over the batch does not"
+    )
+    per_row = {
+        "softmax_cross_entropy": "cross-entropy (optax.softmax_cross_entropy_with_integer_"
+        "labels for labels, optax.softmax_cross_entropy for probabilities)",
+        "sigmoid_cross_entropy": "binary cross-entropy summed over the last axis",
+        "squared_error": "½‖f − y‖² over the last axis",
+    }[disc.loss]
+    return (
+        f"{line}: {cause}). The tag's curvature is that of {what} of the per-row {per_row}: "
+        "compute that value."
+    )
 
 
 def _discover(value_fn, params) -> tuple[Any, Discovery]:
@@ -176,28 +263,20 @@ def kfac_layers(loss_fn: Callable[..., jax.Array], params: Any, *batch: Any) -> 
     """What K-FAC finds in ``loss_fn(params, *batch)``: its layers and its tagged loss.
 
     Prints the report and returns the :class:`~jaxopt2.optimizers.kfac.layers.Discovery`.
-    The check of the tagged loss compares ``loss_fn`` with the tagged loss of the tagged
-    outputs and targets and reports the difference (parameter-only terms such as an L2
-    penalty are allowed; a wrong loss name or a sum instead of a mean shows up here).
+    The check of the tagged loss compares ``loss_fn`` with the loss the tag implies (the mean
+    over every row, all axes of the outputs but the last, of the named loss summed over the
+    last axis; ``Σ w·ℓ / Σ w`` with the tag's weights) and reports the difference
+    (parameter-only terms such as an L2 penalty are allowed), naming the likely cause when the
+    ratio points at one: a sum over the tokens with a mean over the batch only (ratio: the
+    positions per batch row), a sum instead of a mean, a weighted sum divided by the row
+    count instead of the weights' sum, a missing ½ of the squared error.
     """
 
     closed, disc = _discover(lambda p: loss_fn(p, *batch), params)
     leaves = jax.tree.leaves(params)
     eps = [jnp.zeros((layer.calls,)) for layer in disc.layers]
-    outputs, (_, targets, value) = _trace(closed, leaves, eps, disc)
-    tagged = output_loss(disc.loss, outputs, targets)
-    gap = float(value) - float(tagged)
-    report = disc.describe() + (
-        f"\nloss check: value_fn = {float(value):.6g}, tagged {disc.loss} of the tagged "
-        f"outputs = {float(tagged):.6g} (difference {gap:.3g}"
-        + (
-            ")"
-            if abs(gap) <= 1e-5 * max(1.0, abs(float(value)))
-            else ": parameter-only terms such as an L2 penalty explain a difference; a wrong loss "
-            "name or a sum instead of a mean over the batch does not)"
-        )
-    )
-    print(report)
+    outputs, (_, (targets, weights), value) = _trace(closed, leaves, eps, disc)
+    print(disc.describe() + _loss_check(disc, value, outputs, targets, weights))
     return disc
 
 
@@ -333,21 +412,12 @@ def scale_by_kfac(
                 lv[i] = x
             return _trace(closed, lv, eps, disc)
 
-        outputs, vjp_fn, (inputs, targets, value) = jax.vjp(
+        outputs, vjp_fn, (inputs, (targets, weights), value) = jax.vjp(
             fwd, [leaves[i] for i in free], eps0, has_aux=True
         )
-        n = outputs.shape[0]
-        if fisher == "exact":
-            sqrt_f = _output_fisher_sqrt(disc.loss, jax.lax.stop_gradient(outputs))
-            per_col = jax.vmap(lambda u: vjp_fn(u), in_axes=-1)(sqrt_f)
-            leaf_grads, out_grads = per_col  # leading axis: output units
-        else:
-            if fisher == "sampled":
-                y = sample_targets(disc.loss, jax.lax.stop_gradient(outputs), use_key)
-            else:
-                y = targets
-            r = output_residual(disc.loss, jax.lax.stop_gradient(outputs), y)
-            leaf_grads, out_grads = jax.tree.map(lambda x: x[None], vjp_fn(r))
+        cot = _output_cotangents(disc.loss, outputs, weights, fisher, use_key, targets)
+        # leading axis: output-Fisher columns (one unless "exact")
+        leaf_grads, out_grads = jax.vmap(vjp_fn)(cot.astype(outputs.dtype))
 
         units = disc.units
         index = {layer.path: i for i, layer in enumerate(disc.layers)}
@@ -356,12 +426,14 @@ def scale_by_kfac(
         info = fx.row_info(groups, heads)
         unit_rows: dict[int, list[list[tuple[jax.Array, jax.Array]]]] = {}  # leaf -> slices
         raw = {
-            leaf: _unit_statistics(uses, index, inputs, out_grads, n, stats_dtype, unit_rows)
+            leaf: _unit_statistics(
+                uses, index, inputs, out_grads, stats_dtype, unit_rows, _input_row_weights(weights)
+            )
             for leaf, uses in units.items()
         }
         diag_leaves = list(jax.tree.leaves(state.diag))  # layer leaves' entries stay zero
         for i, g in zip(free, leaf_grads, strict=True):
-            sample = jnp.sum(jnp.square(g), axis=0) / n
+            sample = jnp.sum(jnp.square(g), axis=0)  # rows already weighted by √c_r
             diag_leaves[i] = decay * diag_leaves[i] + (1 - decay) * sample.astype(stats_dtype)
         diag = treedef.unflatten(diag_leaves)
         finite = kr.all_finite((raw, diag, grads))
@@ -445,7 +517,9 @@ def scale_by_kfac(
         if ekfac:  # the per-step EMA of the squared per-example gradients in the eigenbasis
             # (from per-example rows, which are split over the batch, not over the owners:
             # the bases are gathered for it)
-            fresh = _ekfac_stacks(groups, gather_rows(inverses), heads, unit_rows, outputs.shape[0])
+            fresh = _ekfac_stacks(
+                groups, gather_rows(inverses), heads, unit_rows, int(np.prod(row_shape(outputs)))
+            )
             scaling = tuple(
                 jnp.where(finite, decay * old + (1 - decay) * s, old)
                 for old, s in zip(scaling, fresh, strict=True)
@@ -520,7 +594,8 @@ def scale_by_kfac(
         # a difference of rounding errors, and the solved alpha, mu arbitrarily large.
         j_delta, j_prev = j_both[0].astype(stats_dtype), j_both[1].astype(stats_dtype)
         out0 = out0.astype(stats_dtype)
-        fq = lambda u, v: jnp.sum(u * output_fisher_vp(disc.loss, out0, v)) / n
+        c_rows = row_weights(out0, weights)
+        fq = lambda u, v: jnp.sum(c_rows * u * output_fisher_vp(disc.loss, out0, v))
         dot = lambda u, v: sum(jnp.sum(x * y) for x, y in zip(u, v, strict=True))
         c11, c12, c22 = fq(j_delta, j_delta), fq(j_delta, j_prev), fq(j_prev, j_prev)
         d11, d12, d22 = dot(delta, delta), dot(delta, prev), dot(prev, prev)
@@ -594,16 +669,30 @@ def _unslice(parts: list[jax.Array], layer: Layer, axis: int = 0) -> jax.Array:
     return parts[0] if layer.stack is None else jnp.stack(parts, axis=axis)
 
 
+def _input_row_weights(weights) -> jax.Array | None:
+    """With tagged weights, the flat ``[N]`` factors ``w_r / mean(w)`` by which ``A``'s rows
+    are weighted (so that ``A = Σ_r c_r a_r a_rᵀ`` like ``G``: a masked token's inputs leave
+    ``A`` as its gradients leave ``G``); None without weights."""
+    if weights is None:
+        return None
+    w = jax.lax.stop_gradient(weights).reshape(-1)
+    return w * (w.shape[0] / jnp.where(jnp.sum(w) > 0, jnp.sum(w), 1))
+
+
 def _unit_statistics(
-    uses, index, inputs, out_grads, n, stats_dtype, unit_rows
+    uses, index, inputs, out_grads, stats_dtype, unit_rows, row_w=None
 ) -> tuple[jax.Array, jax.Array]:
     """This step's ``(A, G)`` of one weight leaf from all its uses, as per-device partial
     sums (:func:`jaxopt2.sharding.partial_sums`: ``[devices, k, k]``, the used corners;
     ``[devices, L, k, k]`` for a stacked leaf; ``devices`` is 1 without a mesh): ``A`` from
     the inputs (with the bias's homogeneous coordinate) over the rows of every call, ``G``
-    from the output gradients. A stacked weight (a scan over layers) gets one pair per slice,
+    from the output gradients (their rows already weighted by :func:`_output_cotangents`, so
+    ``G`` is their sum). A stacked weight (a scan over layers) gets one pair per slice,
     from the calls that use that slice (``Layer.slice_of``), as if each slice were its own
-    layer. Fills ``unit_rows[leaf][slice]`` with each call's rows (EKFAC)."""
+    layer. Fills ``unit_rows[leaf][slice]`` with each call's rows (EKFAC). ``row_w``
+    (:func:`_input_row_weights`) weights the rows of ``A`` of a layer whose row count is a
+    multiple of the tag's rows (example-major: each tag row's block of rows shares its
+    weight); a layer with other row counts keeps the plain mean."""
     head = uses[0]
     slices = _slices(head)
     leaf = head.weight
@@ -630,12 +719,16 @@ def _unit_statistics(
             a_k, g_k = (a, g) if slices == 1 else (a[np.array(calls)], g[:, np.array(calls)])
             # rows batch-major ([M, calls(, columns)] -> rows), so that each device's share
             # of the rows (partial_sums) is its share of the batch: no resharding first
-            a_k = jnp.swapaxes(a_k, 0, 1).reshape(-1, a_k.shape[-1])
+            a_k = jnp.swapaxes(a_k, 0, 1)
+            if row_w is not None and a_k.shape[0] % row_w.shape[0] == 0:
+                per = jnp.repeat(row_w, a_k.shape[0] // row_w.shape[0]).astype(a_k.dtype)
+                a_k = a_k * jnp.sqrt(per)[:, None, None]
+            a_k = a_k.reshape(-1, a_k.shape[-1])
             g_k = jnp.moveaxis(g_k, -2, 0).reshape(-1, g_k.shape[-1])
             sum_a[k], rows_a[k] = sum_a[k] + partial_sums(_gram, a_k), rows_a[k] + a_k.shape[0]
             sum_g[k] = sum_g[k] + partial_sums(_gram, g_k)
     stat_a = _unslice([sa_k / r for sa_k, r in zip(sum_a, rows_a, strict=True)], head, axis=1)
-    return stat_a, _unslice([sg / n for sg in sum_g], head, axis=1)
+    return stat_a, _unslice(sum_g, head, axis=1)
 
 
 def _gram(rows: jax.Array) -> jax.Array:
@@ -793,14 +886,16 @@ def leafwise(state: ScaleByKfacState, params: Any) -> ScaleByKfacState:
 
 
 def _ekfac_scaling(rows, qa, qg, n, layer) -> jax.Array:
-    """``E_n[(Q_Aᵀ ∇_n Q_G)²]`` from a layer's rows: per-example gradients ``Σ_rows a gᵀ``
-    over the example's rows (positions, time steps, tied uses), summed over output-Fisher
-    columns."""
+    """``Σ_n (Q_Aᵀ ∇_n Q_G)²`` from a layer's rows: per-example gradients ``Σ_rows a gᵀ``
+    over the example's rows (positions, time steps, tied uses; `n` examples: the tag's rows),
+    summed over output-Fisher columns; ``g`` carries the tagged loss's row weights
+    (:func:`_output_cotangents`), which makes the sum the mean ``E_n`` of the unweighted
+    rows."""
     if len(rows) == 1 and rows[0][0].shape[0] == n:  # one row per example: no outer products
         a, g = rows[0]
         a2 = jnp.square(kr.mm(a, qa))
         g2 = jnp.sum(jnp.square(jnp.einsum("cmo,op->cmp", g, qg, precision="highest")), axis=0)
-        return kr.mm(a2.T, g2) / n
+        return kr.mm(a2.T, g2)
     total = 0.0
     for a, g in rows:
         if a.shape[0] % n:
@@ -812,7 +907,7 @@ def _ekfac_scaling(rows, qa, qg, n, layer) -> jax.Array:
         tg = jnp.einsum("cmo,op->cmp", g, qg, precision="highest")
         tg = tg.reshape(g.shape[0], n, -1, qg.shape[1])
         total = total + jnp.einsum("nti,cnto->cnio", ta, tg, precision="highest")
-    return jnp.mean(jnp.sum(jnp.square(total), axis=0), axis=0)
+    return jnp.sum(jnp.square(total), axis=(0, 1))
 
 
 def _layer_eqns(closed, disc: Discovery) -> list[Any]:
