@@ -7,9 +7,9 @@ relative to that folder, leaving out test suites (any folder named ``test``, ``t
 machine-generated ``_sysconfigdata*`` modules. The split is by file, by position in that
 sorted list: file ``i`` is a validation file when ``i % holdout_every == holdout_every - 1``,
 a training file otherwise, so no file is in both. Each split is its files' bytes concatenated
-in sorted order, cut at ``train_bytes`` / ``eval_bytes`` (loading reads only that much). The
-text therefore depends on the Python version that runs the task: compare numbers within one
-interpreter version.
+in sorted order, cut at ``train_bytes`` / ``eval_bytes`` (no file past the cut is read). The
+text is the running interpreter's own library, so it differs between Python versions: compare
+numbers within one version.
 
 Tokens are bytes (vocabulary 256). Training rows are the windows of ``context_length + 1``
 bytes that tile the training text at stride ``context_length`` (every byte after the first
