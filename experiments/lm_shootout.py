@@ -12,7 +12,9 @@ Per optimizer it records: the best validation bits per byte at the step budget (
 evaluation of its best learning rate), the steps and training seconds that trial needed to
 first reach AdamW's best final validation loss (null if it never did), and its mean step
 time relative to AdamW's best trial (the runner's training time: compiled chunks only, no
-compile, no evaluation).
+compile, no evaluation). Step times compare only on an otherwise idle machine: with other
+work on the cores, the ratios of the quick check ranged from 0.7 to 3.8 for methods of
+similar cost.
 
 Why not ``jaxopt2 sweep``: a sweep vmaps its members in one program, and the optimizers
 that refresh a preconditioner every k steps (Shampoo, SOAP, K-FAC, Sophia) branch with
@@ -24,11 +26,12 @@ this compares. So each trial is its own run (its own compile, each refresh at it
 Notes on the settings (``OPTIMIZERS`` below):
 
 * The grids' centers are the usual values of each method, moved where 60-step probes on the
-  ``--quick`` model said so (validation bits per byte after 60 steps; AdamW at 3e-3: 4.10):
-  AdaHessian at 0.1 (3.90; 5.29 at 0.03), SOAP at 1e-2 (3.83; 6.43 at 3e-3) and Sophia
-  (Gauss-Newton-Bartlett) at 3e-3 (4.19; 1e-3 was far behind). Probes at that size are
-  only a hint: ``best_at_grid_edge`` in the summary flags an optimizer whose best rate is
-  an end of its grid, whose numbers then need a wider grid.
+  ``--quick`` model said a method needs a larger rate than AdamW (validation bits per byte
+  after 60 steps; AdamW: 4.10 at 3e-3, 3.63 at 1e-2; Shampoo 3.59 at 1e-2): AdaHessian to
+  0.1 (3.90; 5.29 at 0.03), SOAP to 1e-2 (3.83; 6.43 at 3e-3), Sophia (Gauss-Newton-
+  Bartlett) to 3e-3 (4.19; 1e-3 far behind). So short a horizon favours large rates, so
+  these are hints only: ``best_at_grid_edge`` in the summary flags an optimizer whose best
+  rate is an end of its grid, whose numbers then need a wider grid.
 
 * ``optimizer.weight_decay`` (0.01 in the config) goes to each factory's own weight decay
   argument where it has one, else it is decoupled (the runner's rule); K-FAC runs with a
