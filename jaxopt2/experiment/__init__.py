@@ -8,8 +8,9 @@ jax backend):
 * :mod:`~jaxopt2.experiment.tasks` (built on :mod:`~jaxopt2.experiment.task_base`; the user's
   own data files in :mod:`~jaxopt2.experiment.file_tasks` and
   :mod:`~jaxopt2.experiment.loaders`), :mod:`~jaxopt2.experiment.models` and
-  :mod:`~jaxopt2.experiment.modular` — small registries of offline tasks (synthetic problems,
-  scikit-learn's bundled data sets, data files, grokking) and equinox models.
+  :mod:`~jaxopt2.experiment.modular` and :mod:`~jaxopt2.experiment.lm` — small registries of
+  offline tasks (synthetic problems, scikit-learn's bundled data sets, data files, grokking, a
+  byte-level LM on the standard library's source) and equinox models.
 * :mod:`~jaxopt2.experiment.optim` — optimizers built from configs through the registry.
 * :mod:`~jaxopt2.experiment.engine` — THE training engine: one compiled chunk function over a
   leading member axis and one host loop (metrics, evaluation, diagnostics, checkpoints in

@@ -66,7 +66,7 @@ class CNNConfig:
 
 @dataclasses.dataclass
 class TransformerConfig:
-    """Small pre-LayerNorm transformer on token sequences (modular arithmetic)."""
+    """Small pre-LayerNorm transformer on token sequences (modular arithmetic, byte LM)."""
 
     d_model: int = 128
     num_heads: int = 4
@@ -214,7 +214,7 @@ MODELS: dict[str, ModelSpec] = {
     "linear": ModelSpec("linear", LinearConfig, "linear model (regression / logistic)"),
     "vector": ModelSpec("vector", VectorConfig, "a single parameter vector (synthetic)"),
     "transformer": ModelSpec(
-        "transformer", TransformerConfig, "small transformer on token sequences (modular tasks)"
+        "transformer", TransformerConfig, "small transformer on token sequences (modular, byte_lm)"
     ),
 }
 

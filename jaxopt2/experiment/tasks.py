@@ -33,6 +33,10 @@ Tasks:
 * ``modular_arithmetic`` — grokking (Power et al., 2022): all ``p²`` equations
   ``a op b = c (mod p)`` as tokens ``[a, b, =]``, a seeded ``train_fraction`` split;
   softmax cross-entropy over the ``p`` answers; model ``transformer``.
+* ``byte_lm`` — a byte-level decoder-only transformer on the Python standard library's own
+  source files (nothing to download), split by file; evaluation in bits per byte. Model
+  ``transformer`` (its sizes); ``context_length`` and the byte budgets are task fields. See
+  :mod:`.lm`.
 * Files the user already has (nothing is downloaded; see :mod:`.loaders`): ``mnist`` and
   ``fashion_mnist`` (the four idx files in ``data_dir``), ``cifar10`` (the python batches in
   ``data_dir``), ``npz`` (``x_train``, ``y_train``, ``x_test``, ``y_test`` in ``path``; x of
@@ -60,6 +64,13 @@ from jaxopt2.experiment.file_tasks import (
     build_cifar10,
     build_idx,
     build_npz,
+)
+from jaxopt2.experiment.lm import (
+    ByteLMConfig,
+    ByteTransformer,
+    byte_lm_data,
+    lm_eval_metrics,
+    lm_loss,
 )
 from jaxopt2.experiment.modular import OPERATIONS, ModularTransformer, modular_arithmetic_data
 from jaxopt2.experiment.task_base import (
@@ -414,6 +425,33 @@ def _build_modular(cfg: ModularConfig, model_name: str, model_cfg: Any, key: jax
     return softmax_classifier(_float32_model(model), (xtr, ytr), (xev, yev))
 
 
+def _build_byte_lm(cfg: ByteLMConfig, model_name: str, model_cfg: Any, key: jax.Array):
+    for k in ("context_length", "train_bytes", "eval_bytes", "eval_windows"):
+        _check_positive(f"task.{k}", getattr(cfg, k))
+    if cfg.holdout_every < 2:
+        raise ConfigError(f"task.holdout_every must be >= 2, got {cfg.holdout_every}")
+    for k in ("d_model", "num_heads", "d_mlp", "num_layers"):
+        _check_positive(f"model.{k}", getattr(model_cfg, k))
+    if model_cfg.d_model % model_cfg.num_heads:
+        raise ConfigError(
+            f"model.d_model ({model_cfg.d_model}) must be a multiple of model.num_heads "
+            f"({model_cfg.num_heads})"
+        )
+    try:
+        train, valid = byte_lm_data(cfg)
+    except ValueError as e:
+        raise ConfigError(f"{e} (raise task.train_bytes / task.eval_bytes)") from None
+    model = ByteTransformer(
+        cfg.context_length,
+        d_model=model_cfg.d_model,
+        num_heads=model_cfg.num_heads,
+        d_mlp=model_cfg.d_mlp,
+        num_layers=model_cfg.num_layers,
+        key=key,
+    )
+    return Task(model, (train,), (valid,), lm_loss, lm_eval_metrics)
+
+
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in [
@@ -468,6 +506,17 @@ TASKS: dict[str, TaskSpec] = {
             ("transformer",),
             _build_modular,
             "grokking: (a op b) mod p with a small transformer, train on a fraction of pairs",
+        ),
+        TaskSpec(
+            "byte_lm",
+            ByteLMConfig,
+            ("transformer",),
+            _build_byte_lm,
+            "byte-level transformer LM on the Python standard library's source, bits per byte "
+            "(split by file)",
+            model_defaults={
+                "transformer": {"d_model": 64, "num_heads": 4, "d_mlp": 256, "num_layers": 2}
+            },
         ),
         TaskSpec(
             "mnist",

@@ -1,0 +1,293 @@
+"""Optimizer shoot-out on the byte-level LM (``configs/lm_small.yaml``).
+
+Eight optimizers (AdamW, Muon, schedule-free AdamW, Shampoo, SOAP, K-FAC, Sophia,
+AdaHessian), each at the same number of learning rates (a grid of 3, spaced by about 3x
+around a value usual for that method), every trial with the same steps, seed (so the same
+initial parameters and the same batches) and the same schedule shape (warmup then cosine
+decay to 0.1x; schedule-free gets its warmup and then a constant rate, see below). Every
+trial is an ordinary ``jaxopt2 run`` of the config with overrides, evaluated every
+``log_every`` steps on the task's fixed validation windows.
+
+Per optimizer it records: the best validation bits per byte at the step budget (the final
+evaluation of its best learning rate), the steps and training seconds that trial needed to
+first reach AdamW's best final validation loss (null if it never did), and its mean step
+time relative to AdamW's best trial (the runner's training time: compiled chunks only, no
+compile, no evaluation). Step times compare only on an otherwise idle machine: with other
+work on the cores, the ratios of the quick check ranged from 0.7 to 3.8 for methods of
+similar cost.
+
+Why not ``jaxopt2 sweep``: a sweep vmaps its members in one program, and the optimizers
+that refresh a preconditioner every k steps (Shampoo, SOAP, K-FAC, Sophia) branch with
+``lax.cond`` on each member's own step count; under ``vmap`` that predicate is batched, so
+the branch becomes a select and every member runs the expensive refresh at every step. The
+grid's numbers would be right but its step times would not, and step time is half of what
+this compares. So each trial is its own run (its own compile, each refresh at its own steps).
+
+Notes on the settings (``OPTIMIZERS`` below):
+
+* The grids' centers are the usual values of each method, moved where 60-step probes on the
+  ``--quick`` model said a method needs a larger rate than AdamW (validation bits per byte
+  after 60 steps; AdamW: 4.10 at 3e-3, 3.63 at 1e-2; Shampoo 3.59 at 1e-2): AdaHessian to
+  0.1 (3.90; 5.29 at 0.03), SOAP to 1e-2 (3.83; 6.43 at 3e-3), Sophia (Gauss-Newton-
+  Bartlett) to 3e-3 (4.19; 1e-3 far behind). So short a horizon favours large rates, so
+  these are hints only: ``best_at_grid_edge`` in the summary flags an optimizer whose best
+  rate is an end of its grid, whose numbers then need a wider grid.
+
+* ``optimizer.weight_decay`` (0.01 in the config) goes to each factory's own weight decay
+  argument where it has one, else it is decoupled (the runner's rule); K-FAC runs with a
+  learning rate (its adaptive mode takes no weight decay).
+* Muon orthogonalizes every matrix leaf, the byte and position embeddings and the head
+  included (``muon_weight_dimension_numbers`` cannot be given from a config); the vectors
+  (LayerNorm, biases) get Adam at a fixed ``adam_learning_rate``.
+* Schedule-free AdamW: the factory's own ``warmup_steps`` argument has the name of the
+  runner's schedule field, so a config cannot reach it; the same warmup is the runner's
+  ``warmup_cosine`` schedule with ``min_lr_ratio: 1`` (warmup, then constant). The runner
+  evaluates it at its averaged parameters (``optax.contrib.schedule_free_eval_params``).
+
+Outputs (in ``--out``, default ``experiments/results/lm_shootout/``): ``trials.jsonl``
+(one line per trial), ``summary.jsonl`` (one line per optimizer), ``lm_shootout.png``
+(validation bits per byte of each optimizer's best trial against steps and against
+training seconds). The run directories go to ``--runs-dir`` (default
+``runs/lm_shootout/``); a finished trial is not run again, an interrupted one resumes.
+
+    python experiments/lm_shootout.py [--optimizers adamw,soap] [--quick]
+
+``--quick`` checks the script end to end in a few minutes: ``configs/lm_tiny.yaml`` cut to
+a smaller model and 20 steps, one learning rate per optimizer (the grid's middle), outputs
+in ``--out``/quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround
+
+apply_cpu_deadlock_workaround()
+
+import jax  # noqa: E402
+
+from jaxopt2.experiment.config import load_config  # noqa: E402
+from jaxopt2.experiment.errors import NonFiniteError  # noqa: E402
+from jaxopt2.experiment.plots import pyplot  # noqa: E402
+from jaxopt2.experiment.rundir import read_metrics  # noqa: E402
+from jaxopt2.experiment.trainer import run_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "lm_small.yaml"
+QUICK_CONFIG = ROOT / "configs" / "lm_tiny.yaml"
+
+# name -> (learning-rate grid, overrides of the config's optimizer section). Same grid size
+# for all.
+OPTIMIZERS: dict[str, tuple[list[float], list[str]]] = {
+    "adamw": ([1e-3, 3e-3, 1e-2], []),
+    "muon": ([1e-2, 3e-2, 1e-1], ["optimizer.adam_learning_rate=3.0e-3"]),
+    "schedule_free_adamw": ([1e-3, 3e-3, 1e-2], ["optimizer.min_lr_ratio=1.0"]),
+    "shampoo": ([1e-3, 3e-3, 1e-2], []),
+    "soap": ([3e-3, 1e-2, 3e-2], []),
+    "kfac": (
+        [1e-3, 3e-3, 1e-2],
+        ["optimizer.momentum=0.9", "optimizer.damping=1.0e-3", "optimizer.norm_constraint=1.0e-3"],
+    ),
+    "sophia": ([1e-3, 3e-3, 1e-2], ["optimizer.estimator=gnb"]),
+    "adahessian": ([3e-2, 1e-1, 3e-1], []),
+}
+
+QUICK_OVERRIDES = [
+    "steps=20",
+    "log_every=5",
+    "checkpoint.every=20",
+    "task.context_length=32",
+    "task.train_bytes=100000",
+    "task.eval_bytes=20000",
+    "task.eval_windows=16",
+    "model.d_model=32",
+    "model.d_mlp=64",
+    "optimizer.warmup_steps=4",
+]
+
+
+def _fmt_lr(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def trial_overrides(name: str, lr: float, extra: list[str], quick: bool) -> list[str]:
+    """The config overrides of one trial (evaluation at every metrics row)."""
+    out = [f"optimizer.name={name}", f"optimizer.learning_rate={lr}"]
+    out += extra
+    out += QUICK_OVERRIDES if quick else []
+    out.append("eval_every=5" if quick else "eval_every=25")
+    return out
+
+
+def run_trial(name: str, lr: float, extra: list[str], runs_dir: Path, quick: bool) -> dict:
+    """Train one trial (or reuse its finished run dir); returns its record and eval curve."""
+    config = QUICK_CONFIG if quick else CONFIG
+    rc, _ = load_config(str(config), trial_overrides(name, lr, extra, quick))
+    run_dir = runs_dir / f"{name}-lr{_fmt_lr(lr)}"
+    summary_path = run_dir / "summary.json"
+    done = False
+    if summary_path.is_file() and (run_dir / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        same = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")) == rc.data
+        status = json.loads(summary_path.read_text()).get("status")
+        done = same and status in ("complete", "nonfinite")
+    if not done:
+        print(f"[lm_shootout] {name} lr={lr:g} -> {run_dir}", file=sys.stderr, flush=True)
+        try:
+            run_config(rc, run_dir, progress=None, stream=None)
+        except NonFiniteError:
+            pass  # recorded as diverged (its summary.json says nonfinite)
+    summary = json.loads(summary_path.read_text())
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    curve = [
+        {
+            "step": r["step"],
+            "time": r["time"],
+            "bpb": r["eval_bits_per_byte"],
+            "loss": r["eval_loss"],
+        }
+        for r in rows
+        if r.get("eval_bits_per_byte") is not None
+    ]
+    complete = summary["status"] == "complete"
+    return {
+        "optimizer": name,
+        "learning_rate": lr,
+        "status": summary["status"],
+        "steps": summary["steps"],
+        "final_eval_bits_per_byte": summary.get("final_eval_bits_per_byte") if complete else None,
+        "final_eval_loss": summary.get("final_eval_loss") if complete else None,
+        "best_eval_bits_per_byte": min((c["bpb"] for c in curve), default=None),
+        "mean_step_time_s": summary.get("mean_step_time_s"),
+        "train_time_s": summary.get("train_time_s"),
+        "compile_time_s": summary.get("compile_time_s"),
+        "run_dir": str(run_dir),
+        "curve": curve,
+    }
+
+
+def best_trial(trials: list[dict]) -> dict | None:
+    """The trial with the lowest final validation loss among those that completed."""
+    ok = [t for t in trials if t["final_eval_loss"] is not None]
+    return min(ok, key=lambda t: t["final_eval_loss"]) if ok else None
+
+
+def reach(curve: list[dict], target: float) -> tuple[int | None, float | None]:
+    """The first evaluation at or below `target` (validation loss): its step and seconds."""
+    for c in curve:
+        if c["loss"] is not None and c["loss"] <= target:
+            return c["step"], c["time"]
+    return None, None
+
+
+def summarize(results: dict[str, list[dict]]) -> list[dict]:
+    """One record per optimizer, against AdamW's best trial."""
+    ref = best_trial(results.get("adamw", []))
+    target = ref["final_eval_loss"] if ref else None
+    ref_time = ref["mean_step_time_s"] if ref else None
+    out = []
+    for name, trials in results.items():
+        best = best_trial(trials)
+        rec: dict[str, Any] = {
+            "optimizer": name,
+            "learning_rates": [t["learning_rate"] for t in trials],
+            "diverged": sum(t["status"] == "nonfinite" for t in trials),
+            "best_learning_rate": best["learning_rate"] if best else None,
+            # the best rate is an end of a grid of 3 or more: the grid may miss the optimum
+            "best_at_grid_edge": bool(
+                best
+                and len(trials) > 2
+                and best["learning_rate"]
+                in (trials[0]["learning_rate"], trials[-1]["learning_rate"])
+            ),
+            "best_eval_bits_per_byte": best["final_eval_bits_per_byte"] if best else None,
+            "adamw_target_eval_loss": target,
+            "steps_to_adamw_best": None,
+            "seconds_to_adamw_best": None,
+            "mean_step_time_s": best["mean_step_time_s"] if best else None,
+            "step_time_vs_adamw": None,
+        }
+        if best and target is not None:
+            rec["steps_to_adamw_best"], rec["seconds_to_adamw_best"] = reach(best["curve"], target)
+        if best and ref_time:
+            rec["step_time_vs_adamw"] = best["mean_step_time_s"] / ref_time
+        out.append(rec)
+    return out
+
+
+def plot(results: dict[str, list[dict]], target: float | None, path: Path, title: str) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, trials in results.items():
+        best = best_trial(trials)
+        if best is None or not best["curve"]:
+            continue
+        label = f"{name} (lr {best['learning_rate']:g})"
+        for ax, x in zip(axes, ("step", "time"), strict=True):
+            ax.plot([c[x] for c in best["curve"]], [c["bpb"] for c in best["curve"]], label=label)
+    for ax, xlabel in zip(axes, ("step", "training seconds"), strict=True):
+        if target is not None:
+            ax.axhline(target / math.log(2), color="k", lw=0.8, ls="--")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation bits per byte")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset")
+    ap.add_argument("--quick", action="store_true", help="tiny end-to-end check")
+    ap.add_argument("--out", type=Path, default=ROOT / "experiments/results/lm_shootout")
+    ap.add_argument("--runs-dir", type=Path, default=Path("runs/lm_shootout"))
+    args = ap.parse_args()
+    names = [n for n in args.optimizers.split(",") if n]
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown:
+        ap.error(f"unknown optimizer(s) {unknown}; choose from {', '.join(OPTIMIZERS)}")
+    out_dir = args.out / "quick" if args.quick else args.out
+    runs_dir = args.runs_dir / "quick" if args.quick else args.runs_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
+    for name in names:
+        grid, extra = OPTIMIZERS[name]
+        lrs = [grid[len(grid) // 2]] if args.quick else grid
+        results[name] = [run_trial(name, lr, extra, runs_dir, args.quick) for lr in lrs]
+    summary = summarize(results)
+    env = {
+        "config": (QUICK_CONFIG if args.quick else CONFIG).name,
+        "quick": args.quick,
+        "python": platform.python_version(),  # the task's text is this interpreter's stdlib
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+    }
+    with open(out_dir / "trials.jsonl", "w", encoding="utf-8") as f:
+        for trials in results.values():
+            for t in trials:
+                f.write(json.dumps({**t, **env}) + "\n")
+    with open(out_dir / "summary.jsonl", "w", encoding="utf-8") as f:
+        for rec in summary:
+            f.write(json.dumps({**rec, **env}) + "\n")
+    target = summary[0]["adamw_target_eval_loss"] if summary else None
+    title = f"byte LM shoot-out ({env['config']}, best learning rate of each)"
+    plot(results, target, out_dir / "lm_shootout.png", title)
+    for rec in summary:
+        print(json.dumps(rec))
+
+
+if __name__ == "__main__":
+    main()
