@@ -30,8 +30,9 @@ projections scaled by 1/sqrt(2 num_layers)), biases zero, so the initial loss is
 ln 256.
 
 Loss: the mean token cross-entropy, tagged for the curvature methods as a softmax
-cross-entropy on the flattened ``[B*T, 256]`` logits and ``[B*T]`` targets (the tag's leading
-axis is its batch axis, so its mean over rows is the mean over tokens).
+cross-entropy on the ``[B, T, 256]`` logits and ``[B, T]`` targets as they are (every axis of
+a tag but the last counts rows, so its mean over rows is the mean over tokens, the same as a
+tag on the flattened ``[B*T, 256]`` logits).
 """
 
 from __future__ import annotations
@@ -297,12 +298,12 @@ class ByteTransformer(eqx.Module):
 
 def lm_loss(model: ByteTransformer, windows: jax.Array) -> jax.Array:
     """Mean next-byte cross-entropy (nats) of `model` on ``[B, T + 1]`` windows, tagged as a
-    softmax cross-entropy on the flattened ``[B*T, 256]`` logits."""
+    softmax cross-entropy on the ``[B, T, 256]`` logits (``B·T`` rows)."""
     x, y = windows[:, :-1], windows[:, 1:]
-    logits = model(x).reshape(-1, VOCAB)
-    targets = y.reshape(-1)
-    logits = tag_loss("softmax_cross_entropy", logits, targets)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    # [B, T, V] logits tagged as they are: every position is a row of the tag (B·T tokens),
+    # and the mean over all of them is the loss the tag's curvature belongs to
+    logits = tag_loss("softmax_cross_entropy", model(x), y)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
 def bits_per_byte(mean_nats: jax.Array) -> jax.Array:
