@@ -10,11 +10,17 @@ ones read two extra arguments of ``update``:
 
 :func:`value_and_update` computes the loss and gradient and calls ``update`` with ``value``,
 ``grad``, ``value_fn`` and ``key`` together, so one training step works for every optimizer
-in the registry, and chaining with optax line searches works too.
+in the registry, and chaining with optax line searches works too. It passes them to
+anything whose ``update`` takes them: an ``optax.GradientTransformationExtraArgs`` (``chain``,
+``masked``, ``apply_if_finite``, ``inject_hyperparams`` all return one and forward them to
+their inner transformation), an ``update`` with ``**extra_args`` (``optax.MultiSteps``, which
+is no ``GradientTransformationExtraArgs`` but forwards them too), or one naming some of them
+as keywords (only those are passed). A plain ``update(updates, state, params)`` gets none.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +29,14 @@ import optax
 
 PyTree = Any
 
-__all__ = ["require_value_fn", "resolve_key", "value_and_update"]
+__all__ = [
+    "require_value_fn",
+    "resolve_key",
+    "update_extra_args",
+    "value_and_update",
+]
+
+EXTRA_ARGS = ("value", "grad", "value_fn", "key")
 
 
 def value_and_update(
@@ -64,11 +77,33 @@ def value_and_update(
     extra: dict[str, Any] = {"value": value, "grad": grad, "value_fn": value_fn}
     if key is not None:
         extra["key"] = key
-    if isinstance(optimizer, optax.GradientTransformationExtraArgs):
-        updates, new_state = optimizer.update(grad, opt_state, params, **extra)
-    else:
-        updates, new_state = optimizer.update(grad, opt_state, params)
+    updates, new_state = optimizer.update(
+        grad, opt_state, params, **update_extra_args(optimizer, extra)
+    )
     return value, updates, new_state
+
+
+def update_extra_args(optimizer: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """The part of `extra` that ``optimizer.update`` accepts.
+
+    All of it for an ``optax.GradientTransformationExtraArgs`` or an ``update`` with
+    ``**kwargs``; the names it lists as keyword parameters otherwise; nothing when its
+    signature cannot be read.
+    """
+    if isinstance(optimizer, optax.GradientTransformationExtraArgs):
+        return dict(extra)
+    try:
+        params = inspect.signature(optimizer.update).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(extra)
+    named = {
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    }
+    return {k: v for k, v in extra.items() if k in named}
 
 
 def require_value_fn(value_fn: Any, who: str) -> Callable[[PyTree], jax.Array]:
@@ -77,7 +112,10 @@ def require_value_fn(value_fn: Any, who: str) -> Callable[[PyTree], jax.Array]:
         raise ValueError(
             f"{who} needs the loss: call update(grads, state, params, value_fn=fn) with "
             "fn: params -> scalar loss on the current batch, or use jaxopt2.value_and_update "
-            "(which passes it for you)."
+            "(which passes it for you). Inside optax.chain or optax.apply_if_finite, an "
+            "optax.MultiSteps drops it (optax forwards extra arguments only to a "
+            "GradientTransformationExtraArgs): put MultiSteps outermost, or pass "
+            "optax.GradientTransformationExtraArgs(ms.init, ms.update)."
         )
     if not callable(value_fn):
         raise TypeError(f"{who}: value_fn must be callable, got {type(value_fn).__name__}.")
