@@ -242,6 +242,31 @@ def test_extra_args_pass_through_optax_wrappers(wrap):
     _close(value, problem.loss_fn(params, *problem.batch), rtol=1e-6)
 
 
+def test_kfac_through_multisteps_and_inject_hyperparams():
+    """The two forms users write: MultiSteps around K-FAC (every_k=2: a zero update, then
+    K-FAC's update on the mean gradient of the two mini-steps) and inject_hyperparams."""
+    problem = zoo.linear_regression(jnp.float32)
+    params, key = problem.params, jax.random.PRNGKey(0)
+    step = lambda opt, s, batch: jaxopt2.value_and_update(
+        opt, problem.loss_fn, params, s, *batch, key=key
+    )[1:]
+    inner = jaxopt2.kfac(0.05, momentum=0.9)
+    ms = optax.MultiSteps(inner, every_k_schedule=2)
+    u1, s = step(ms, ms.init(params), problem.batch)
+    u2, s = step(ms, s, problem.batch)
+    u_ref, _ = step(inner, inner.init(params), problem.batch)
+    assert all(not jnp.any(u) for u in jax.tree.leaves(u1))
+    _close(u2, u_ref, rtol=1e-5, atol=1e-7)
+
+    injected = optax.inject_hyperparams(jaxopt2.kfac)(learning_rate=0.05, momentum=0.9)
+    state = injected.init(params)
+    u_inj, _ = step(injected, state, problem.batch)
+    _close(u_inj, u_ref, rtol=1e-5, atol=1e-7)
+    hyper = {**state.hyperparams, "learning_rate": jnp.asarray(0.1, jnp.float32)}
+    u_inj2, _ = step(injected, state._replace(hyperparams=hyper), problem.batch)
+    _close(u_inj2, jax.tree.map(lambda u: 2 * u, u_ref), rtol=1e-5, atol=1e-7)
+
+
 def test_multisteps_inside_chain_drops_the_extra_args_and_says_how_to_fix_it():
     """optax's chain forwards extra args only to a GradientTransformationExtraArgs, which a
     nested MultiSteps is not: the error says what to do instead."""
