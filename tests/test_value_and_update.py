@@ -168,3 +168,111 @@ def test_optax_linesearches(make, steps, rel_tol):
     gap = problem.rel_gap(float(f_final))
     assert np.all(np.diff(np.asarray(values)) <= 1e-12), "a line search step increased the loss"
     assert gap <= rel_tol, f"relative gap {gap:.3g} after {steps} steps"
+
+
+# ------------------------------------------------------------------------------------------
+# Through optax's wrappers.
+# ------------------------------------------------------------------------------------------
+
+
+def _uses_extras() -> optax.GradientTransformationExtraArgs:
+    """An update that needs all four extra args and folds each into its output:
+    ``grad · value_fn(params) / value + normal(key)`` (a missing one is an error, a wrong one
+    a different update)."""
+
+    def update(updates, state, params=None, *, value, grad, value_fn, key, **extra):
+        scale = value_fn(params) / value
+        noise = jax.random.normal(key, jnp.shape(params), jnp.result_type(params))
+        return jax.tree.map(lambda g: g * scale + noise, grad), state
+
+    return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+
+
+class _KwargsOnly:
+    """Not an optax type at all: an object whose ``update`` takes ``**kwargs``."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def init(self, params):
+        return self.inner.init(params)
+
+    def update(self, updates, state, params=None, **kwargs):
+        return self.inner.update(updates, state, params, **kwargs)
+
+
+def _named_only(inner) -> optax.GradientTransformation:
+    """An ``update`` that names only value_fn and key: the others would be a TypeError."""
+
+    def update(updates, state, params=None, *, value_fn=None, key=None):
+        value = value_fn(params)
+        return inner.update(
+            updates, state, params, value=value, grad=updates, value_fn=value_fn, key=key
+        )
+
+    return optax.GradientTransformation(inner.init, update)
+
+
+_WRAPPERS = {
+    "MultiSteps": lambda t: optax.MultiSteps(t, every_k_schedule=1),
+    "MultiSteps.gradient_transformation": lambda t: optax.MultiSteps(
+        t, every_k_schedule=1
+    ).gradient_transformation(),
+    "chain": lambda t: optax.chain(optax.identity(), t),
+    "masked": lambda t: optax.masked(t, True),
+    "apply_if_finite": lambda t: optax.apply_if_finite(t, 3),
+    "inject_hyperparams": lambda t: optax.inject_hyperparams(
+        lambda learning_rate: optax.chain(t, optax.scale(learning_rate))
+    )(1.0),
+    "update(**kwargs)": _KwargsOnly,
+    "update(*, value_fn, key)": _named_only,
+}
+
+
+@pytest.mark.parametrize("wrap", list(_WRAPPERS), ids=list(_WRAPPERS))
+def test_extra_args_pass_through_optax_wrappers(wrap):
+    problem = _problem()
+    opt = _WRAPPERS[wrap](_uses_extras())
+    params, key = problem.params, jax.random.PRNGKey(3)
+    value, updates, _ = jax.jit(
+        lambda p, s: jaxopt2.value_and_update(opt, problem.loss_fn, p, s, *problem.batch, key=key)
+    )(params, opt.init(params))
+    grad = jax.grad(problem.loss_fn)(params, *problem.batch)
+    _close(updates, grad + jax.random.normal(key, params.shape, params.dtype), rtol=1e-5)
+    _close(value, problem.loss_fn(params, *problem.batch), rtol=1e-6)
+
+
+def test_kfac_through_multisteps_and_inject_hyperparams():
+    """The two forms users write: MultiSteps around K-FAC (every_k=2: a zero update, then
+    K-FAC's update on the mean gradient of the two mini-steps) and inject_hyperparams."""
+    problem = zoo.linear_regression(jnp.float32)
+    params, key = problem.params, jax.random.PRNGKey(0)
+    step = lambda opt, s, batch: jaxopt2.value_and_update(
+        opt, problem.loss_fn, params, s, *batch, key=key
+    )[1:]
+    inner = jaxopt2.kfac(0.05, momentum=0.9)
+    ms = optax.MultiSteps(inner, every_k_schedule=2)
+    u1, s = step(ms, ms.init(params), problem.batch)
+    u2, s = step(ms, s, problem.batch)
+    u_ref, _ = step(inner, inner.init(params), problem.batch)
+    assert all(not jnp.any(u) for u in jax.tree.leaves(u1))
+    _close(u2, u_ref, rtol=1e-5, atol=1e-7)
+
+    injected = optax.inject_hyperparams(jaxopt2.kfac)(learning_rate=0.05, momentum=0.9)
+    state = injected.init(params)
+    u_inj, _ = step(injected, state, problem.batch)
+    _close(u_inj, u_ref, rtol=1e-5, atol=1e-7)
+    hyper = {**state.hyperparams, "learning_rate": jnp.asarray(0.1, jnp.float32)}
+    u_inj2, _ = step(injected, state._replace(hyperparams=hyper), problem.batch)
+    _close(u_inj2, jax.tree.map(lambda u: 2 * u, u_ref), rtol=1e-5, atol=1e-7)
+
+
+def test_multisteps_inside_chain_drops_the_extra_args_and_says_how_to_fix_it():
+    """optax's chain forwards extra args only to a GradientTransformationExtraArgs, which a
+    nested MultiSteps is not: the error says what to do instead."""
+    problem = zoo.linear_regression(jnp.float32)
+    nested = optax.chain(optax.identity(), optax.MultiSteps(jaxopt2.kfac(), every_k_schedule=2))
+    with pytest.raises(ValueError, match="put MultiSteps outermost"):
+        jaxopt2.value_and_update(
+            nested, problem.loss_fn, problem.params, nested.init(problem.params), *problem.batch
+        )

@@ -20,6 +20,7 @@ from jaxopt2.optimizers.fosi import fosi, scale_by_fosi
 from jaxopt2.optimizers.kfac import kfac, kfac_layers, scale_by_kfac, tag_conv2d, tag_dense
 from jaxopt2.optimizers.newton import hessian_free, scale_by_hessian_free
 from jaxopt2.optimizers.oasis import oasis, scale_by_oasis
+from jaxopt2.optimizers.registry import inject_hyperparams
 from jaxopt2.optimizers.shampoo import scale_by_shampoo, shampoo
 from jaxopt2.optimizers.soap import scale_by_soap, soap
 from jaxopt2.optimizers.sophia import scale_by_sophia, sophia
@@ -32,6 +33,7 @@ __all__ = [
     "adamw",
     "fosi",
     "hessian_free",
+    "inject_hyperparams",
     "kfac",
     "kfac_layers",
     "lamb",

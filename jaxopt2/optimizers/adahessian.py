@@ -36,11 +36,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
+from jaxopt2._tree import check_choice
 from jaxopt2.curvature.estimators import hutchinson_diagonal
 from jaxopt2.curvature.products import hessian_operator
 from jaxopt2.optimizers import registry
-from jaxopt2.optimizers.contract import require_value_fn, resolve_key
+from jaxopt2.optimizers.contract import (
+    check_learning_rate,
+    check_number,
+    check_seed,
+    require_value_fn,
+    resolve_key,
+    static_dtype,
+    static_int,
+)
 
 __all__ = ["ScaleByAdaHessianState", "adahessian", "scale_by_adahessian"]
 
@@ -86,11 +94,11 @@ def scale_by_adahessian(
     b2: float = 0.999,
     eps: float = 1e-4,
     hessian_power: float = 1.0,
-    num_probes: int = 1,
-    update_every: int = 1,
+    num_probes: int | None = None,
+    update_every: int | None = None,
     spatial_averaging: str | None = "channels_first",
     seed: int = 0,
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """Rescale updates by AdaHessian's bias-corrected Hessian-diagonal moments.
 
@@ -100,25 +108,32 @@ def scale_by_adahessian(
       eps: added to the denominator ``(√v̂)^k`` after the power is taken.
       hessian_power: the exponent ``k`` in (0, 1]; 1 is the paper's default, 0.5 is closer to
         Adam's scaling.
-      num_probes: Rademacher probes averaged per Hessian-diagonal estimate (static).
+      num_probes: Rademacher probes averaged per Hessian-diagonal estimate (static; None:
+        1).
       update_every: refresh the estimate every this many steps and reuse it in between
-        (the paper's delayed Hessian update; static).
+        (the paper's delayed Hessian update; static; None: 1).
       spatial_averaging: kernel layout for averaging over conv windows (leaves with ndim >= 3):
         ``"channels_first"`` (equinox, PyTorch), ``"channels_last"`` (flax) or None.
       seed: seed of the fallback key carried in the state.
       stats_dtype: dtype of the moments and the estimate (float32 by default, whatever the
         parameter dtype).
 
+    Structural arguments default to None rather than their value so that
+    ``optax.inject_hyperparams(adahessian)`` leaves them alone (see
+    :mod:`jaxopt2.optimizers.contract`).
+
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and the
       extra argument ``value_fn`` (and uses ``key`` when given).
     """
-    check_hyperparameter(b1, "b1", low=0.0, high=1.0, high_inclusive=False)
-    check_hyperparameter(b2, "b2", low=0.0, high=1.0, high_inclusive=False)
-    check_hyperparameter(eps, "eps", low=0.0)
-    check_hyperparameter(hessian_power, "hessian_power", low=0.0, high=1.0, low_inclusive=False)
-    num_probes = check_positive_int(num_probes, "num_probes")
-    update_every = check_positive_int(update_every, "update_every")
+    check_number(b1, "b1", low=0.0, high=1.0, high_inclusive=False)
+    check_number(b2, "b2", low=0.0, high=1.0, high_inclusive=False)
+    check_number(eps, "eps", low=0.0)
+    check_number(hessian_power, "hessian_power", low=0.0, high=1.0, low_inclusive=False)
+    num_probes = static_int(num_probes, "num_probes", 1, who="adahessian")
+    update_every = static_int(update_every, "update_every", 1, who="adahessian")
+    check_seed(seed)
+    stats_dtype = static_dtype(stats_dtype, who="adahessian")
     check_choice(spatial_averaging, "spatial_averaging", SPATIAL_LAYOUTS)
 
     def init_fn(params: optax.Params) -> ScaleByAdaHessianState:
@@ -186,11 +201,11 @@ def adahessian(
     eps: float = 1e-4,
     weight_decay: float = 0.0,
     hessian_power: float = 1.0,
-    num_probes: int = 1,
-    update_every: int = 1,
+    num_probes: int | None = None,
+    update_every: int | None = None,
     spatial_averaging: str | None = "channels_first",
     seed: int = 0,
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """AdaHessian (Yao et al., 2021): Adam whose second moment tracks ``diag(H)²``.
 
@@ -216,7 +231,8 @@ def adahessian(
       >>> bool(loss < 1e-3)
       True
     """
-    check_hyperparameter(weight_decay, "weight_decay", low=0.0)
+    check_learning_rate(learning_rate, "adahessian")
+    check_number(weight_decay, "weight_decay", low=0.0, schedule=True)
     return optax.chain(
         scale_by_adahessian(
             b1=b1,

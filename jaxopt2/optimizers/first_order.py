@@ -8,14 +8,24 @@ the averaged parameters while its checkpoints keep the training state.
 
 They are registered in :mod:`jaxopt2.optimizers.registry` so the shared checks and the
 runner treat them exactly like jaxopt2's own optimizers. They keep optax's behaviour,
-including its dtype handling.
+including its dtype handling: ``jaxopt2.adam is optax.adam``. Only their registry entries
+(what configs and ``registry.get(name).factory`` build) check the arguments first, with the
+rules of :mod:`jaxopt2.optimizers.contract` (a learning rate that is negative, a string or
+None where optax has no default for it; a decay outside ``[0, 1)``; a negative weight
+decay), then call optax's factory unchanged; their signature is optax's.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 import optax
 
 from jaxopt2.optimizers import registry
+from jaxopt2.optimizers.contract import check_learning_rate, check_number
 
 sgd = optax.sgd
 adam = optax.adam
@@ -43,12 +53,23 @@ __all__ = [
     "sgd",
 ]
 
-# Structural (non-numeric) arguments: the runner and the sweep keep these out of traced grids.
+# Structural (non-numeric) arguments: the runner and the sweep keep these out of traced grids,
+# and jaxopt2.inject_hyperparams out of the injected state (a dtype class or a mask function
+# would otherwise be called as a schedule).
 _STATIC = {
-    "sgd": ("nesterov",),
-    "adam": ("nesterov",),
-    "adamw": ("nesterov",),
-    "adafactor": ("min_dim_size_to_factor", "multiply_by_parameter_scale", "factored"),
+    "sgd": ("nesterov", "accumulator_dtype"),
+    "adam": ("nesterov", "mu_dtype"),
+    "adamw": ("nesterov", "mu_dtype", "mask"),
+    "nadam": ("nesterov", "mu_dtype"),
+    "lion": ("mu_dtype", "mask"),
+    "lamb": ("mask",),
+    "adafactor": (
+        "min_dim_size_to_factor",
+        "multiply_by_parameter_scale",
+        "factored",
+        "dtype_momentum",
+        "weight_decay_mask",
+    ),
     "muon": (
         "ns_coeffs",
         "ns_steps",
@@ -66,10 +87,47 @@ _STATIC = {
 # Optimizers whose evaluation parameters differ from their training iterate.
 _EVAL_PARAMS = {"schedule_free_adamw": optax.contrib.schedule_free_eval_params}
 
+_UNIT = {"low": 0.0, "high": 1.0, "high_inclusive": False}
+_NONNEGATIVE = {"low": 0.0}
+# The range of each numeric argument the optax factories share (by name); a callable
+# (an optax schedule, where optax accepts one) passes.
+_RULES: dict[str, dict[str, Any]] = {
+    "b1": _UNIT,
+    "b2": _UNIT,
+    "adam_b1": _UNIT,
+    "adam_b2": _UNIT,
+    "beta": _UNIT,
+    "decay": _UNIT,
+    "momentum": {**_UNIT, "optional": True},
+    "eps": _NONNEGATIVE,
+    "weight_decay": _NONNEGATIVE,
+    "adam_weight_decay": _NONNEGATIVE,
+}
+
+
+def _checked(name: str, factory: Callable[..., Any]) -> Callable[..., Any]:
+    """`factory` with its arguments checked first (its signature stays optax's)."""
+    signature = inspect.signature(factory)
+    lr = signature.parameters.get("learning_rate")
+    own_step = lr is not None and lr.default is None  # e.g. adafactor: None is a valid rate
+
+    @functools.wraps(factory)
+    def build(*args: Any, **kwargs: Any) -> Any:
+        given = signature.bind(*args, **kwargs).arguments
+        if "learning_rate" in given:
+            check_learning_rate(given["learning_rate"], name, adaptive=own_step)
+        for arg, rule in _RULES.items():
+            if arg in given and not callable(given[arg]):
+                check_number(given[arg], arg, **rule)
+        return factory(*args, **kwargs)
+
+    return build
+
+
 for _name in __all__:
     registry.register(
         _name,
-        globals()[_name],
+        _checked(_name, globals()[_name]),
         static_args=_STATIC.get(_name, ()),
         eval_params=_EVAL_PARAMS.get(_name),
     )

@@ -38,12 +38,20 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from jaxopt2._tree import check_hyperparameter, check_positive_int, tree_size
+from jaxopt2._tree import tree_size
 from jaxopt2.curvature.estimators import lanczos
 from jaxopt2.curvature.products import hessian_operator
 from jaxopt2.linalg.tridiagonal import eigh_tridiagonal
 from jaxopt2.optimizers import registry
-from jaxopt2.optimizers.contract import require_value_fn, resolve_key
+from jaxopt2.optimizers.contract import (
+    check_learning_rate,
+    check_number,
+    check_seed,
+    require_value_fn,
+    resolve_key,
+    static_dtype,
+    static_int,
+)
 
 __all__ = ["ScaleByFosiState", "fosi", "scale_by_fosi"]
 
@@ -89,13 +97,13 @@ def _lanczos_iters(num_iters: int | None, k: int, ell: int, dim: int) -> int:
 def scale_by_fosi(
     base: optax.GradientTransformation,
     alpha: float = 1.0,
-    k: int = 10,
-    num_smallest: int = 0,
+    k: int | None = None,
+    num_smallest: int | None = None,
     num_iters: int | None = None,
-    approx_every: int = 20,
+    approx_every: int | None = None,
     eps: float = 1e-6,
     seed: int = 0,
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """FOSI's split update: Newton on the extreme eigenspace, `base` on its complement.
 
@@ -104,15 +112,19 @@ def scale_by_fosi(
         as they are, so it includes its learning rate and sign: e.g. ``optax.adam(1e-3)``);
         static.
       alpha: the scale of the Newton step on the eigenspace (1: the full Newton step).
-      k: the number of largest eigenpairs (static).
+      k: the number of largest eigenpairs (static; None: 10).
       num_smallest: the number of smallest (most negative) eigenpairs also given a Newton
-        step with ``|λ|`` (static; 0 in the paper's default).
+        step with ``|λ|`` (static; None: 0, the paper's default).
       num_iters: Lanczos iterations per refresh, at least ``k + num_smallest`` (static;
         default ``min(n, max(2(k + num_smallest) + 40, 60))``, 100 with ``num_smallest``).
-      approx_every: recompute the eigenpairs every this many steps (static).
+      approx_every: recompute the eigenpairs every this many steps (static; None: 20).
       eps: floor of ``|λ|`` in the Newton step.
       seed: seed of the fallback key carried in the state.
       stats_dtype: dtype of Lanczos, ``V`` and ``Λ`` (float32 by default).
+
+    Structural arguments default to None rather than their value so that
+    ``optax.inject_hyperparams(fosi)`` leaves them alone (see
+    :mod:`jaxopt2.optimizers.contract`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and the
@@ -123,14 +135,14 @@ def scale_by_fosi(
             f"fosi: base must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got "
             f"{type(base).__name__}."
         )
-    check_hyperparameter(alpha, "alpha", low=0.0)
-    k = check_positive_int(k, "k")
-    if isinstance(num_smallest, bool) or not isinstance(num_smallest, int) or num_smallest < 0:
-        raise ValueError(f"num_smallest must be a non-negative integer, got {num_smallest!r}.")
-    if num_iters is not None:
-        num_iters = check_positive_int(num_iters, "num_iters")
-    approx_every = check_positive_int(approx_every, "approx_every")
-    check_hyperparameter(eps, "eps", low=0.0, low_inclusive=False)
+    check_number(alpha, "alpha", low=0.0)
+    k = static_int(k, "k", 10, who="fosi")
+    num_smallest = static_int(num_smallest, "num_smallest", 0, low=0, who="fosi")
+    num_iters = static_int(num_iters, "num_iters", None, who="fosi")
+    approx_every = static_int(approx_every, "approx_every", 20, who="fosi")
+    check_number(eps, "eps", low=0.0, low_inclusive=False)
+    check_seed(seed)
+    stats_dtype = static_dtype(stats_dtype, who="fosi")
     total = k + num_smallest
 
     def init_fn(params: optax.Params) -> ScaleByFosiState:
@@ -212,13 +224,13 @@ def fosi(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     base: optax.GradientTransformation | None = None,
     alpha: float = 1.0,
-    k: int = 10,
-    num_smallest: int = 0,
+    k: int | None = None,
+    num_smallest: int | None = None,
     num_iters: int | None = None,
-    approx_every: int = 20,
+    approx_every: int | None = None,
     eps: float = 1e-6,
     seed: int = 0,
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """FOSI (Sivan et al., 2024): Newton on the top-k Hessian eigenspace, `base` elsewhere.
 
@@ -243,6 +255,7 @@ def fosi(
       >>> bool(loss < 1e-6)
       True
     """
+    check_learning_rate(learning_rate, "fosi", adaptive=base is not None)
     if base is None:
         base = optax.adam(learning_rate)
     return scale_by_fosi(

@@ -64,11 +64,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
+from jaxopt2._tree import check_choice
 from jaxopt2.curvature.products import hessian_operator, output_fisher_vp
 from jaxopt2.curvature.tags import row_weights, split_loss
 from jaxopt2.optimizers import registry
-from jaxopt2.optimizers.contract import require_value_fn
+from jaxopt2.optimizers.contract import (
+    check_learning_rate,
+    check_number,
+    require_value_fn,
+    static_dtype,
+    static_int,
+)
 
 PyTree = Any
 
@@ -223,7 +229,7 @@ def _curvature_matvec(
 
 def scale_by_hessian_free(
     damping: float = 1.0,
-    max_cg_iters: int = 50,
+    max_cg_iters: int | None = None,
     cg_rtol: float = 1e-5,
     cg_progress_tol: float = 5e-4,
     warm_start_decay: float = 0.95,
@@ -232,13 +238,13 @@ def scale_by_hessian_free(
     min_damping: float = 1e-8,
     max_damping: float = 1e8,
     curvature: str = "auto",
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """Replace the gradient ``g`` by the truncated-CG solution ``s`` of ``(C + λI) s = g``.
 
     Args:
       damping: the initial Levenberg-Marquardt damping ``λ`` (adapted every update).
-      max_cg_iters: the CG iteration cap (static).
+      max_cg_iters: the CG iteration cap (static; None: 50).
       cg_rtol: CG stops when ``‖residual‖ <= cg_rtol · ‖g‖``.
       cg_progress_tol: Martens' relative-progress tolerance ``ε`` (5e-4 in the paper).
       warm_start_decay: CG starts from this times the previous solution (0 for a cold
@@ -252,21 +258,24 @@ def scale_by_hessian_free(
       stats_dtype: dtype of CG and of the state (float32 by default, whatever the parameter
         dtype); products run in the parameters' dtype.
 
+    Structural arguments default to None rather than their value so that
+    ``optax.inject_hyperparams(hessian_free)`` leaves them alone (see
+    :mod:`jaxopt2.optimizers.contract`).
+
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and the
       extra argument ``value_fn``.
     """
-    check_hyperparameter(damping, "damping", low=0.0, low_inclusive=False)
-    max_cg_iters = check_positive_int(max_cg_iters, "max_cg_iters")
-    check_hyperparameter(cg_rtol, "cg_rtol", low=0.0)
-    check_hyperparameter(cg_progress_tol, "cg_progress_tol", low=0.0)
-    check_hyperparameter(warm_start_decay, "warm_start_decay", low=0.0, high=1.0)
-    check_hyperparameter(damping_increase, "damping_increase", low=1.0)
-    check_hyperparameter(
-        damping_decrease, "damping_decrease", low=0.0, high=1.0, low_inclusive=False
-    )
-    check_hyperparameter(min_damping, "min_damping", low=0.0, low_inclusive=False)
-    check_hyperparameter(max_damping, "max_damping", low=0.0, low_inclusive=False)
+    check_number(damping, "damping", low=0.0, low_inclusive=False)
+    max_cg_iters = static_int(max_cg_iters, "max_cg_iters", 50, who="hessian_free")
+    stats_dtype = static_dtype(stats_dtype, who="hessian_free")
+    check_number(cg_rtol, "cg_rtol", low=0.0)
+    check_number(cg_progress_tol, "cg_progress_tol", low=0.0)
+    check_number(warm_start_decay, "warm_start_decay", low=0.0, high=1.0)
+    check_number(damping_increase, "damping_increase", low=1.0)
+    check_number(damping_decrease, "damping_decrease", low=0.0, high=1.0, low_inclusive=False)
+    check_number(min_damping, "min_damping", low=0.0, low_inclusive=False)
+    check_number(max_damping, "max_damping", low=0.0, low_inclusive=False)
     check_choice(curvature, "curvature", CURVATURES)
 
     def init_fn(params: optax.Params) -> ScaleByHessianFreeState:
@@ -346,7 +355,7 @@ def scale_by_hessian_free(
 def hessian_free(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     damping: float = 1.0,
-    max_cg_iters: int = 50,
+    max_cg_iters: int | None = None,
     cg_rtol: float = 1e-5,
     cg_progress_tol: float = 5e-4,
     warm_start_decay: float = 0.95,
@@ -356,7 +365,7 @@ def hessian_free(
     max_damping: float = 1e8,
     weight_decay: float = 0.0,
     curvature: str = "auto",
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """Hessian-free optimization (Martens, 2010): a damped truncated-Newton step per update.
 
@@ -378,7 +387,8 @@ def hessian_free(
       >>> bool(loss_fn(w, a) < 1e-6)
       True
     """
-    check_hyperparameter(weight_decay, "weight_decay", low=0.0)
+    check_learning_rate(learning_rate, "hessian_free")
+    check_number(weight_decay, "weight_decay", low=0.0, schedule=True)
     return optax.chain(
         scale_by_hessian_free(
             damping=damping,

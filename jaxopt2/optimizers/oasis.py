@@ -38,11 +38,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt2._tree import check_hyperparameter, check_positive_int
 from jaxopt2.curvature.estimators import hutchinson_diagonal
 from jaxopt2.curvature.products import hessian_operator
 from jaxopt2.optimizers import registry
-from jaxopt2.optimizers.contract import require_value_fn, resolve_key
+from jaxopt2.optimizers.contract import (
+    check_learning_rate,
+    check_number,
+    check_seed,
+    require_value_fn,
+    resolve_key,
+    static_dtype,
+    static_int,
+)
 
 __all__ = ["ScaleByOasisState", "oasis", "scale_by_oasis"]
 
@@ -69,11 +76,11 @@ def scale_by_oasis(
     b1: float = 0.0,
     b2: float = 0.99,
     alpha: float = 1e-3,
-    num_probes: int = 1,
-    init_probes: int = 20,
-    update_every: int = 1,
+    num_probes: int | None = None,
+    init_probes: int | None = None,
+    update_every: int | None = None,
     seed: int = 0,
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """Divide the (averaged) gradient by OASIS's truncated Hessian-diagonal EMA.
 
@@ -82,24 +89,30 @@ def scale_by_oasis(
         the average is bias-corrected like Adam's first moment.
       b2: EMA decay of the Hessian-diagonal estimate (the paper's ``β``).
       alpha: the truncation floor ``α > 0`` of ``|D|``.
-      num_probes: Rademacher probes per estimate (static).
-      init_probes: Rademacher probes of the first estimate ``D_0`` (static): the paper's
+      num_probes: Rademacher probes per estimate (static; None: 1).
+      init_probes: Rademacher probes of the first estimate ``D_0`` (static; None: 20): the paper's
         warm start, which keeps a noisy single-probe ``D_0`` from dividing by near-zero
         entries while the EMA has only one sample.
-      update_every: refresh the estimate every this many steps (static).
+      update_every: refresh the estimate every this many steps (static; None: 1).
       seed: seed of the fallback key carried in the state.
       stats_dtype: dtype of the statistics (float32 by default, whatever the parameters').
+
+    Structural arguments default to None rather than their value so that
+    ``optax.inject_hyperparams(oasis)`` leaves them alone (see
+    :mod:`jaxopt2.optimizers.contract`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and the
       extra argument ``value_fn`` (and uses ``key`` when given).
     """
-    check_hyperparameter(b1, "b1", low=0.0, high=1.0, high_inclusive=False)
-    check_hyperparameter(b2, "b2", low=0.0, high=1.0, high_inclusive=False)
-    check_hyperparameter(alpha, "alpha", low=0.0, low_inclusive=False)
-    num_probes = check_positive_int(num_probes, "num_probes")
-    init_probes = check_positive_int(init_probes, "init_probes")
-    update_every = check_positive_int(update_every, "update_every")
+    check_number(b1, "b1", low=0.0, high=1.0, high_inclusive=False)
+    check_number(b2, "b2", low=0.0, high=1.0, high_inclusive=False)
+    check_number(alpha, "alpha", low=0.0, low_inclusive=False)
+    num_probes = static_int(num_probes, "num_probes", 1, who="oasis")
+    init_probes = static_int(init_probes, "init_probes", 20, who="oasis")
+    update_every = static_int(update_every, "update_every", 1, who="oasis")
+    check_seed(seed)
+    stats_dtype = static_dtype(stats_dtype, who="oasis")
 
     def init_fn(params: optax.Params) -> ScaleByOasisState:
         zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), stats_dtype), params)
@@ -170,11 +183,11 @@ def oasis(
     b2: float = 0.99,
     alpha: float = 1e-3,
     weight_decay: float = 0.0,
-    num_probes: int = 1,
-    init_probes: int = 20,
-    update_every: int = 1,
+    num_probes: int | None = None,
+    init_probes: int | None = None,
+    update_every: int | None = None,
     seed: int = 0,
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """OASIS (Jahani et al., 2022): gradient steps scaled by a truncated diagonal Hessian EMA.
 
@@ -196,7 +209,8 @@ def oasis(
       >>> bool(loss < 1e-6)
       True
     """
-    check_hyperparameter(weight_decay, "weight_decay", low=0.0)
+    check_learning_rate(learning_rate, "oasis")
+    check_number(weight_decay, "weight_decay", low=0.0, schedule=True)
     return optax.chain(
         scale_by_oasis(
             b1=b1,

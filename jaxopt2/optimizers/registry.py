@@ -22,7 +22,7 @@ from typing import Any
 
 import optax
 
-__all__ = ["OptimizerEntry", "get", "names", "register"]
+__all__ = ["OptimizerEntry", "entry_of", "get", "inject_hyperparams", "names", "register"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,3 +109,52 @@ def get(name: str) -> OptimizerEntry:
 def names() -> list[str]:
     """All registered optimizer names, sorted."""
     return sorted(_REGISTRY)
+
+
+def entry_of(factory: Callable[..., Any]) -> OptimizerEntry | None:
+    """The entry registered with `factory` (or with a wrapper of it), None if there is none."""
+    for entry in _REGISTRY.values():
+        if entry.factory is factory or getattr(entry.factory, "__wrapped__", None) is factory:
+            return entry
+    return None
+
+
+def inject_hyperparams(
+    factory: Callable[..., optax.GradientTransformation],
+    static_args: str | tuple[str, ...] = (),
+    hyperparam_dtype: Any = None,
+) -> Callable[..., optax.GradientTransformationExtraArgs]:
+    """``optax.inject_hyperparams`` with the registry's static arguments kept static.
+
+    ``optax.inject_hyperparams(jaxopt2.kfac)(learning_rate=0.1, momentum=0.9)`` works as it
+    is: every structural argument of a jaxopt2 factory defaults to None (or a dtype name),
+    which optax leaves alone. But a structural argument given explicitly (``invert_every=10``,
+    ``block_size=64``, ``stats_dtype=jnp.bfloat16``) would be turned into an array in the
+    injected state (a dtype class would even be called as a schedule); this wrapper passes
+    the entry's ``static_args`` to optax so they stay Python values, and injects every other
+    number.
+
+    Args:
+      factory: a registered factory (``jaxopt2.kfac``, ``jaxopt2.adam``, ...); an unregistered
+        one gets only the `static_args` given here.
+      static_args: more argument names to keep static.
+      hyperparam_dtype: as in ``optax.inject_hyperparams``.
+
+    Returns:
+      What ``optax.inject_hyperparams`` returns: a function of the factory's arguments
+      returning an ``optax.GradientTransformationExtraArgs`` whose state holds the injected
+      numbers in ``state.hyperparams``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxopt2
+      >>> opt = jaxopt2.inject_hyperparams(jaxopt2.shampoo)(0.1, block_size=64)
+      >>> state = opt.init(jnp.zeros((8, 4)))
+      >>> sorted(k for k in state.hyperparams if k in ("learning_rate", "block_size"))
+      ['learning_rate']
+    """
+    extra = (static_args,) if isinstance(static_args, str) else tuple(static_args)
+    entry = entry_of(factory)
+    static = (entry.static_args if entry is not None else ()) + extra
+    return optax.inject_hyperparams(
+        factory, static_args=tuple(dict.fromkeys(static)), hyperparam_dtype=hyperparam_dtype
+    )

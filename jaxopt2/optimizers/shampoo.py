@@ -48,10 +48,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
+from jaxopt2._tree import check_choice
 from jaxopt2.linalg.roots import inverse_root_spectrum, matrix_inverse_root, symmetric_eigh
 from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers import lowbit, registry
+from jaxopt2.optimizers.contract import (
+    check_learning_rate,
+    check_number,
+    static_array_error,
+    static_dtype,
+    static_int,
+)
 from jaxopt2.sharding import gather_rows, shard_rows
 
 __all__ = ["GRAFTS", "ScaleByShampooState", "scale_by_shampoo", "shampoo"]
@@ -95,7 +102,9 @@ class ScaleByShampooState(NamedTuple):
 def _check_exponent(exponent: Any, root_method: str) -> None:
     if exponent is None:
         return
-    check_hyperparameter(exponent, "exponent", low=0.0, high=1.0, low_inclusive=False)
+    if isinstance(exponent, jax.Array):
+        raise static_array_error("exponent", exponent, "shampoo", "a Python number")
+    check_number(exponent, "exponent", low=0.0, high=1.0, low_inclusive=False)
     if not isinstance(exponent, int | float):
         raise ValueError(f"exponent must be a Python number (static), got {exponent!r}.")
     if root_method == "newton" and abs(1.0 / exponent - round(1.0 / exponent)) > 1e-9:
@@ -118,8 +127,8 @@ def graft_step(kind: str, g: jax.Array, nu: jax.Array | None, count, b2, eps):
 
 
 def scale_by_shampoo(
-    block_size: int = 128,
-    precondition_every: int = 10,
+    block_size: int | None = None,
+    precondition_every: int | None = None,
     start_preconditioning_step: int | None = None,
     b1: float = 0.9,
     b2: float = 0.999,
@@ -129,18 +138,20 @@ def scale_by_shampoo(
     one_sided: bool = False,
     graft: str | None = None,
     nesterov: bool = False,
-    max_precondition_dim: int = 4096,
+    max_precondition_dim: int | None = None,
     stagger: bool = False,
     statistics: str = "shampoo",
     root_method: str = "eigh",
-    precondition_bits: int = 32,
-    stats_dtype: Any = jnp.float32,
+    precondition_bits: int | None = None,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """Precondition updates with Shampoo's blocked Kronecker factors (no learning rate).
 
     Args:
-      block_size: largest block side; longer dimensions are split into blocks (static).
-      precondition_every: refresh the inverse roots every this many steps (static).
+      block_size: largest block side; longer dimensions are split into blocks (static;
+        None: 128).
+      precondition_every: refresh the inverse roots every this many steps (static; None:
+        10).
       start_preconditioning_step: first step that uses (and refreshes) the roots; before it
         the update is the graft. Default: ``precondition_every`` (static).
       b1: momentum of the final update (an EMA, bias-corrected like Adam's first moment).
@@ -158,36 +169,40 @@ def scale_by_shampoo(
         ``statistics="kl"``) (static).
       nesterov: Nesterov momentum (static).
       max_precondition_dim: a side of a leaf's matrix view longer than this is not
-        preconditioned (static).
+        preconditioned (static; None: 4096).
       stagger: refresh a ``1/precondition_every`` slice of the factors every step instead of
         all of them every ``precondition_every`` steps, so no step carries the whole refresh;
         preconditioning starts once every slice has been refreshed (static).
       statistics: ``"shampoo"`` or ``"kl"`` (KL-Shampoo; needs ``e = 1/2``) (static).
       root_method: ``"eigh"`` or ``"newton"`` (coupled Newton, integer ``1/e``) (static).
-      precondition_bits: 32 stores the roots densely in ``stats_dtype``; 8 or 4 store their
-        eigenvectors block-quantized plus a float32 spectrum (:mod:`jaxopt2.optimizers.lowbit`;
-        needs ``root_method="eigh"``). The statistics stay in ``stats_dtype`` (static).
-      stats_dtype: dtype of the statistics, roots and moments (static).
+      precondition_bits: 32 (None) stores the roots densely in ``stats_dtype``; 8 or 4 store
+        their eigenvectors block-quantized plus a float32 spectrum
+        (:mod:`jaxopt2.optimizers.lowbit`; needs ``root_method="eigh"``). The statistics stay
+        in ``stats_dtype`` (static).
+      stats_dtype: dtype of the statistics, roots and moments: a name or a dtype (static).
+
+    Structural arguments default to None rather than their value so that
+    ``optax.inject_hyperparams(shampoo)`` leaves them alone (see
+    :mod:`jaxopt2.optimizers.contract`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
     """
-    block_size = check_positive_int(block_size, "block_size")
-    precondition_every = check_positive_int(precondition_every, "precondition_every")
-    if start_preconditioning_step is None:
-        start_preconditioning_step = precondition_every
-    elif start_preconditioning_step != 0:
-        start_preconditioning_step = check_positive_int(
-            start_preconditioning_step, "start_preconditioning_step"
-        )
-    max_precondition_dim = check_positive_int(max_precondition_dim, "max_precondition_dim")
+    who = "shampoo"
+    block_size = static_int(block_size, "block_size", 128, who=who)
+    precondition_every = static_int(precondition_every, "precondition_every", 10, who=who)
+    start_preconditioning_step = static_int(
+        start_preconditioning_step, "start_preconditioning_step", precondition_every, low=0, who=who
+    )
+    max_precondition_dim = static_int(max_precondition_dim, "max_precondition_dim", 4096, who=who)
+    stats_dtype = static_dtype(stats_dtype, who=who)
     check_choice(statistics, "statistics", STATISTICS)
     check_choice(root_method, "root_method", ROOT_METHODS)
     if graft is None:
         graft = "none" if statistics == "kl" else "adam"
     check_choice(graft, "graft", GRAFTS)
     _check_exponent(exponent, root_method)
-    bits = precondition_bits
+    bits = precondition_bits = static_int(precondition_bits, "precondition_bits", 32, who=who)
     if bits not in lowbit.BITS:
         raise ValueError(f"precondition_bits must be one of {lowbit.BITS}, got {bits!r}.")
     if bits != 32 and root_method != "eigh":
@@ -199,10 +214,18 @@ def scale_by_shampoo(
         raise ValueError(
             f"statistics='kl' uses the exponent 1/2 of KL-Shampoo, got exponent={exponent!r}."
         )
-    check_hyperparameter(b1, "b1", low=0.0, high=1.0, high_inclusive=False)
-    check_hyperparameter(b2, "b2", low=0.0, high=1.0)
-    check_hyperparameter(eps, "eps", low=0.0)
-    check_hyperparameter(damping, "damping", low=0.0)
+    check_number(b1, "b1", low=0.0, high=1.0, high_inclusive=False)
+    check_number(
+        b2,
+        "b2",
+        low=0.0,
+        high=1.0,
+        high_inclusive=False,
+        why="It decays the factor statistics (b2 = 1 keeps them at zero) and the Adam/RMSProp "
+        "graft's second moment (b2 = 1 makes Adam's bias correction 1 - b2^t zero).",
+    )
+    check_number(eps, "eps", low=0.0)
+    check_number(damping, "damping", low=0.0)
     if exponent is None:
         exponent = 0.5 if (one_sided or statistics == "kl") else 0.25
     root_order = 1.0 / exponent
@@ -429,8 +452,8 @@ def scale_by_shampoo(
 def shampoo(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    block_size: int = 128,
-    precondition_every: int = 10,
+    block_size: int | None = None,
+    precondition_every: int | None = None,
     start_preconditioning_step: int | None = None,
     b1: float = 0.9,
     b2: float = 0.999,
@@ -441,12 +464,12 @@ def shampoo(
     one_sided: bool = False,
     graft: str | None = None,
     nesterov: bool = False,
-    max_precondition_dim: int = 4096,
+    max_precondition_dim: int | None = None,
     stagger: bool = False,
     statistics: str = "shampoo",
     root_method: str = "eigh",
-    precondition_bits: int = 32,
-    stats_dtype: Any = jnp.float32,
+    precondition_bits: int | None = None,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """Shampoo with Adam grafting: ``chain(scale_by_shampoo, add_decayed_weights,
     scale_by_learning_rate)``. See :func:`scale_by_shampoo` and the module docstring.
@@ -472,7 +495,8 @@ def shampoo(
       >>> bool(loss_fn(w) < 1e-3)
       True
     """
-    check_hyperparameter(weight_decay, "weight_decay", low=0.0)
+    check_learning_rate(learning_rate, "shampoo")
+    check_number(weight_decay, "weight_decay", low=0.0, schedule=True)
     return optax.chain(
         scale_by_shampoo(
             block_size=block_size,

@@ -38,9 +38,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
+from jaxopt2._tree import check_choice
 from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers import registry
+from jaxopt2.optimizers.contract import (
+    check_learning_rate,
+    check_number,
+    static_dtype,
+    static_int,
+)
 from jaxopt2.sharding import gather_rows, shard_rows
 
 __all__ = ["ScaleBySoapState", "scale_by_soap", "soap"]
@@ -87,14 +93,14 @@ def scale_by_soap(
     b2: float = 0.95,
     shampoo_b2: float | None = None,
     eps: float = 1e-8,
-    block_size: int = 128,
-    precondition_every: int = 10,
-    max_precondition_dim: int = 4096,
+    block_size: int | None = None,
+    precondition_every: int | None = None,
+    max_precondition_dim: int | None = None,
     one_sided: bool = False,
     refresh: str = "qr",
     statistics: str = "shampoo",
     damping: float = 1e-6,
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """Adam in the eigenbasis of Shampoo's blocked factors (no learning rate).
 
@@ -103,30 +109,42 @@ def scale_by_soap(
       b2: decay of the second moment (kept in the eigenbasis).
       shampoo_b2: decay of the factor statistics; default ``b2`` (the paper's choice).
       eps: added to ``sqrt(v̂)`` in the denominator.
-      block_size: largest block side (static).
-      precondition_every: refresh the eigenbases every this many steps (static).
-      max_precondition_dim: a side longer than this is not rotated (static).
+      block_size: largest block side (static; None: 128).
+      precondition_every: refresh the eigenbases every this many steps (static; None: 10).
+      max_precondition_dim: a side longer than this is not rotated (static; None: 4096).
       one_sided: rotate only the smaller side of each block (static).
       refresh: ``"qr"`` (one subspace-iteration step from the previous basis, the paper's
         default) or ``"eigh"`` (a full eigendecomposition every refresh) (static).
       statistics: ``"shampoo"`` or ``"kl"`` (KL-SOAP factor estimates) (static).
       damping: relative damping of the eigenvalues KL statistics invert (``"kl"`` only).
-      stats_dtype: dtype of factors, bases and moments (static).
+      stats_dtype: dtype of factors, bases and moments: a name or a dtype (static).
+
+    Structural arguments default to None rather than their value so that
+    ``optax.inject_hyperparams(soap)`` leaves them alone (see
+    :mod:`jaxopt2.optimizers.contract`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
     """
-    block_size = check_positive_int(block_size, "block_size")
-    precondition_every = check_positive_int(precondition_every, "precondition_every")
-    max_precondition_dim = check_positive_int(max_precondition_dim, "max_precondition_dim")
+    who = "soap"
+    block_size = static_int(block_size, "block_size", 128, who=who)
+    precondition_every = static_int(precondition_every, "precondition_every", 10, who=who)
+    max_precondition_dim = static_int(max_precondition_dim, "max_precondition_dim", 4096, who=who)
+    stats_dtype = static_dtype(stats_dtype, who=who)
     check_choice(refresh, "refresh", REFRESH_METHODS)
     check_choice(statistics, "statistics", ("shampoo", "kl"))
-    check_hyperparameter(b1, "b1", low=0.0, high=1.0, high_inclusive=False)
-    check_hyperparameter(b2, "b2", low=0.0, high=1.0, high_inclusive=False)
-    if shampoo_b2 is not None:
-        check_hyperparameter(shampoo_b2, "shampoo_b2", low=0.0, high=1.0, high_inclusive=False)
-    check_hyperparameter(eps, "eps", low=0.0)
-    check_hyperparameter(damping, "damping", low=0.0)
+    check_number(b1, "b1", low=0.0, high=1.0, high_inclusive=False)
+    check_number(
+        b2,
+        "b2",
+        low=0.0,
+        high=1.0,
+        high_inclusive=False,
+        why="b2 = 1 makes Adam's bias correction 1 - b2^t zero.",
+    )
+    check_number(shampoo_b2, "shampoo_b2", low=0.0, high=1.0, high_inclusive=False, optional=True)
+    check_number(eps, "eps", low=0.0)
+    check_number(damping, "damping", low=0.0)
     k = precondition_every
 
     def plan_for(tree) -> kr.Plan:
@@ -300,14 +318,14 @@ def soap(
     shampoo_b2: float | None = None,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    block_size: int = 128,
-    precondition_every: int = 10,
-    max_precondition_dim: int = 4096,
+    block_size: int | None = None,
+    precondition_every: int | None = None,
+    max_precondition_dim: int | None = None,
     one_sided: bool = False,
     refresh: str = "qr",
     statistics: str = "shampoo",
     damping: float = 1e-6,
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """SOAP: ``chain(scale_by_soap, add_decayed_weights, scale_by_learning_rate)``.
 
@@ -335,7 +353,8 @@ def soap(
       >>> bool(loss_fn(w) < 1e-3)
       True
     """
-    check_hyperparameter(weight_decay, "weight_decay", low=0.0)
+    check_learning_rate(learning_rate, "soap")
+    check_number(weight_decay, "weight_decay", low=0.0, schedule=True)
     return optax.chain(
         scale_by_soap(
             b1=b1,

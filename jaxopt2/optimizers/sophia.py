@@ -54,12 +54,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
+from jaxopt2._tree import check_choice
 from jaxopt2.curvature.estimators import hutchinson_diagonal
 from jaxopt2.curvature.products import hessian_operator, output_residual, sample_targets
 from jaxopt2.curvature.tags import split_loss
 from jaxopt2.optimizers import registry
-from jaxopt2.optimizers.contract import require_value_fn, resolve_key
+from jaxopt2.optimizers.contract import (
+    check_learning_rate,
+    check_number,
+    check_seed,
+    require_value_fn,
+    resolve_key,
+    static_dtype,
+    static_int,
+)
 
 __all__ = ["ESTIMATORS", "ScaleBySophiaState", "scale_by_sophia", "sophia", "sophia_estimate"]
 
@@ -141,11 +149,11 @@ def scale_by_sophia(
     clip_threshold: float = 1.0,
     bias_correction: bool = True,
     estimator: str = "hutchinson",
-    update_every: int = 10,
-    num_probes: int = 1,
+    update_every: int | None = None,
+    num_probes: int | None = None,
     probe: str = "gaussian",
     seed: int = 0,
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """Sophia's clipped preconditioning ``clip(m / max(γ h, ε), ±clip_threshold)``.
 
@@ -161,26 +169,33 @@ def scale_by_sophia(
         first few hundred steps are mostly sign steps.
       estimator: ``"hutchinson"`` (any loss) or ``"gnb"`` (Gauss-Newton-Bartlett: a loss
         tagged with :func:`jaxopt2.tag_loss`); static.
-      update_every: refresh the estimate every this many steps (the paper's ``k``; static).
-      num_probes: probes (Hutchinson) or label samples (GNB) per estimate (static).
+      update_every: refresh the estimate every this many steps (the paper's ``k``; static;
+        None: 10).
+      num_probes: probes (Hutchinson) or label samples (GNB) per estimate (static; None: 1).
       probe: Hutchinson probe distribution, ``"gaussian"`` (the paper's) or ``"rademacher"``
         (lower variance); static.
       seed: seed of the fallback key carried in the state.
       stats_dtype: dtype of ``m`` and ``h`` (float32 by default, whatever the parameters').
 
+    Structural arguments default to None rather than their value so that
+    ``optax.inject_hyperparams(sophia)`` leaves them alone (see
+    :mod:`jaxopt2.optimizers.contract`).
+
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and the
       extra argument ``value_fn`` (and uses ``key`` when given).
     """
-    check_hyperparameter(b1, "b1", low=0.0, high=1.0, high_inclusive=False)
-    check_hyperparameter(b2, "b2", low=0.0, high=1.0, high_inclusive=False)
-    check_hyperparameter(gamma, "gamma", low=0.0, low_inclusive=False)
-    check_hyperparameter(eps, "eps", low=0.0, low_inclusive=False)
-    check_hyperparameter(clip_threshold, "clip_threshold", low=0.0, low_inclusive=False)
+    check_number(b1, "b1", low=0.0, high=1.0, high_inclusive=False)
+    check_number(b2, "b2", low=0.0, high=1.0, high_inclusive=False)
+    check_number(gamma, "gamma", low=0.0, low_inclusive=False)
+    check_number(eps, "eps", low=0.0, low_inclusive=False)
+    check_number(clip_threshold, "clip_threshold", low=0.0, low_inclusive=False)
     check_choice(estimator, "estimator", ESTIMATORS)
     check_choice(probe, "probe", PROBES)
-    update_every = check_positive_int(update_every, "update_every")
-    num_probes = check_positive_int(num_probes, "num_probes")
+    update_every = static_int(update_every, "update_every", 10, who="sophia")
+    num_probes = static_int(num_probes, "num_probes", 1, who="sophia")
+    check_seed(seed)
+    stats_dtype = static_dtype(stats_dtype, who="sophia")
 
     def init_fn(params: optax.Params) -> ScaleBySophiaState:
         zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), stats_dtype), params)
@@ -260,11 +275,11 @@ def sophia(
     clip_threshold: float = 1.0,
     bias_correction: bool = True,
     estimator: str = "hutchinson",
-    update_every: int = 10,
-    num_probes: int = 1,
+    update_every: int | None = None,
+    num_probes: int | None = None,
     probe: str = "gaussian",
     seed: int = 0,
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """Sophia (Liu et al., 2023): momentum preconditioned by a clipped diagonal Hessian.
 
@@ -291,7 +306,8 @@ def sophia(
       >>> bool(loss_fn(w, a) < 1e-2)  # from 55.5
       True
     """
-    check_hyperparameter(weight_decay, "weight_decay", low=0.0)
+    check_learning_rate(learning_rate, "sophia")
+    check_number(weight_decay, "weight_decay", low=0.0, schedule=True)
     return optax.chain(
         scale_by_sophia(
             b1=b1,

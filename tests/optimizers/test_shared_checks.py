@@ -301,13 +301,16 @@ def test_inside_chain(name):
 
 @pytest.mark.parametrize("name", _params("inject_hyperparams"))
 def test_inject_hyperparams(name):
-    """Every numeric non-static argument is injected as a traced array; changing the learning
-    rate in the state changes the update exactly as building the optimizer with it would."""
+    """``optax.inject_hyperparams(factory)(**numbers)`` as users write it (no static_args):
+    every number is injected as a traced array, the structural defaults stay out of the
+    state, and changing the learning rate in the state changes the update exactly as
+    building the optimizer with it would. (Structural arguments given explicitly go through
+    jaxopt2.inject_hyperparams: test_hyperparams.py.)"""
     entry = registry.get(name)
     row = _row(name)
-    hparams = row.inject or row.hparams
+    hparams = {k: v for k, v in (row.inject or row.hparams).items() if k not in entry.static_args}
     lr = hparams["learning_rate"]
-    injected = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(**hparams)
+    injected = optax.inject_hyperparams(entry.factory)(**hparams)
     problem = _problem(name)
     params = problem.params
     traces = []
@@ -319,6 +322,11 @@ def test_inject_hyperparams(name):
 
     state0 = injected.init(params)
     assert "learning_rate" in state0.hyperparams
+    if entry.factory.__module__.startswith("jaxopt2."):
+        # jaxopt2's structural defaults stay out of the state. (optax's own factories keep
+        # optax's signatures; a seed is a number jax.random.PRNGKey takes as an array too.)
+        leaked = sorted((set(entry.static_args) - {"seed"}) & set(state0.hyperparams))
+        assert not leaked, f"{name}: structural defaults injected as arrays: {leaked}"
     _, _, state1, u1 = step(state0)
     hyper2 = {**state0.hyperparams, "learning_rate": jnp.asarray(2 * lr, jnp.float32)}
     _, _, _, u2 = step(state0._replace(hyperparams=hyper2))
@@ -327,18 +335,14 @@ def test_inject_hyperparams(name):
 
     for lr_, u in ((lr, u1), (2 * lr, u2)):
         plain = registry.get(name).factory(**{**hparams, "learning_rate": lr_})
-        _, _, _, u_plain = train_step(
-            plain, problem.loss_fn, params, plain.init(params), 0, problem.batch
-        )
+        # Jitted like the injected step (an eager step rounds CG's iterations differently).
+        _, _, _, u_plain = jax.jit(
+            lambda s, plain=plain: train_step(plain, problem.loss_fn, params, s, 0, problem.batch)
+        )(plain.init(params))
         _assert_tree_close(u, u_plain, rtol=1e-5, atol=1e-7, what=f"{name}: injected lr={lr_}")
     assert not all(
         np.allclose(a, b) for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True)
     )
-
-
-def _as_extra_args(ms: optax.MultiSteps) -> optax.GradientTransformationExtraArgs:
-    # MultiSteps.update forwards **extra_args; its gradient_transformation() would hide that.
-    return optax.GradientTransformationExtraArgs(ms.init, ms.update)
 
 
 @pytest.mark.parametrize("name", _params("multisteps"))
@@ -346,8 +350,9 @@ def test_multisteps(name):
     """every_k_schedule=2: a zero update, then the inner optimizer's update on the mean grad."""
     _row(name)
     opt = make_optimizer(name)
-    ms = optax.MultiSteps(opt, every_k_schedule=2)
-    tx = _as_extra_args(ms)
+    # As users write it: jaxopt2.value_and_update passes the extra args to MultiSteps.update
+    # (which forwards them), though MultiSteps is no GradientTransformationExtraArgs.
+    tx = optax.MultiSteps(opt, every_k_schedule=2)
     problem = _problem(name)
     params = problem.params
 

@@ -60,7 +60,7 @@ import numpy as np
 import optax
 
 from jaxopt2 import _jaxpr
-from jaxopt2._tree import check_choice, check_hyperparameter, check_positive_int
+from jaxopt2._tree import check_choice
 from jaxopt2.curvature.products import (
     output_fisher_vp,
     output_loss,
@@ -70,7 +70,15 @@ from jaxopt2.curvature.products import (
 from jaxopt2.curvature.tags import row_shape, row_weights
 from jaxopt2.optimizers import kronecker as kr
 from jaxopt2.optimizers import registry
-from jaxopt2.optimizers.contract import require_value_fn, resolve_key
+from jaxopt2.optimizers.contract import (
+    check_learning_rate,
+    check_number,
+    check_seed,
+    require_value_fn,
+    resolve_key,
+    static_dtype,
+    static_int,
+)
 from jaxopt2.optimizers.kfac import factors as fx
 from jaxopt2.optimizers.kfac.layers import Discovery, Layer, discover
 from jaxopt2.sharding import (
@@ -285,16 +293,16 @@ def scale_by_kfac(
     momentum: float | None = None,
     damping: float = 1.0,
     stats_decay: float = 0.95,
-    invert_every: int = 5,
+    invert_every: int | None = None,
     fisher: str = "sampled",
     adapt_damping: bool = True,
-    damping_adaptation_interval: int = 5,
+    damping_adaptation_interval: int | None = None,
     damping_adaptation_decay: float = 0.95**5,
     min_damping: float = 1e-8,
     norm_constraint: float | None = None,
     ekfac: bool = False,
     seed: int = 0,
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC's preconditioned direction, or with ``learning_rate=None`` its full adaptive step.
 
@@ -307,13 +315,14 @@ def scale_by_kfac(
       damping: initial λ (Tikhonov), added as ``π√λ`` / ``√λ/π`` to the factors and as ``λ``
         to the diagonal Fisher and the quadratic model.
       stats_decay: EMA decay of the factors and of the diagonal Fisher.
-      invert_every: refresh the damped inverses every this many steps (static).
+      invert_every: refresh the damped inverses every this many steps (static; None: 5).
       fisher: ``"sampled"`` (targets drawn from the model, needs ``key``), ``"empirical"``
         (the true targets) or ``"exact"`` (``G`` from the exact output-space Fisher: one
         backward pass per output unit) (static).
       adapt_damping: the Levenberg-Marquardt rule on λ (adaptive mode) (static).
-      damping_adaptation_interval: steps between λ updates (static).
-      damping_adaptation_decay: λ is multiplied (ρ > 3/4) or divided (ρ < 1/4) by this.
+      damping_adaptation_interval: steps between λ updates (static; None: 5).
+      damping_adaptation_decay: λ is multiplied (ρ > 3/4) or divided (ρ < 1/4) by this, in
+        (0, 1].
       min_damping: floor of λ.
       norm_constraint: with a learning rate ``η``: scale the direction ``Δ`` down so that
         ``η² |Δ·∇| ≤ norm_constraint`` (the step's approximate squared Fisher norm; a trust
@@ -326,16 +335,29 @@ def scale_by_kfac(
         ``Q_A ((Q_Aᵀ ∇ Q_G) / (s + λ)) Q_Gᵀ`` (Tikhonov damping in the eigenbasis) (static).
         Per-example gradients assume the example axis is the first row axis.
       seed: seed of the fallback key.
-      stats_dtype: dtype of factors, inverses and moments (static).
+      stats_dtype: dtype of factors, inverses and moments: a name or a dtype (static).
+
+    Structural arguments default to None rather than their value so that
+    ``optax.inject_hyperparams`` leaves them alone (see :mod:`jaxopt2.optimizers.contract`).
     """
     check_choice(fisher, "fisher", FISHER)
-    invert_every = check_positive_int(invert_every, "invert_every")
-    interval = check_positive_int(damping_adaptation_interval, "damping_adaptation_interval")
-    check_hyperparameter(damping, "damping", low=0.0, low_inclusive=False)
-    check_hyperparameter(stats_decay, "stats_decay", low=0.0, high=1.0, high_inclusive=False)
-    check_hyperparameter(damping_adaptation_decay, "damping_adaptation_decay", low=0.0, high=1.0)
-    if momentum is not None:
-        check_hyperparameter(momentum, "momentum", low=0.0, high=1.0, high_inclusive=False)
+    check_learning_rate(learning_rate, "kfac", adaptive=True)
+    invert_every = static_int(invert_every, "invert_every", 5, who="kfac")
+    interval = static_int(damping_adaptation_interval, "damping_adaptation_interval", 5, who="kfac")
+    stats_dtype = static_dtype(stats_dtype, who="kfac")
+    check_seed(seed)
+    check_number(damping, "damping", low=0.0, low_inclusive=False)
+    check_number(stats_decay, "stats_decay", low=0.0, high=1.0, high_inclusive=False)
+    check_number(
+        damping_adaptation_decay,
+        "damping_adaptation_decay",
+        low=0.0,
+        high=1.0,
+        low_inclusive=False,
+        why="λ is divided by it when the model overestimates the reduction.",
+    )
+    check_number(min_damping, "min_damping", low=0.0)
+    check_number(momentum, "momentum", low=0.0, high=1.0, high_inclusive=False, optional=True)
     adaptive = learning_rate is None
     if norm_constraint is not None:
         if adaptive:
@@ -343,7 +365,7 @@ def scale_by_kfac(
                 "kfac: norm_constraint needs a learning rate; the adaptive step "
                 "(learning_rate=None) is already sized by the quadratic model."
             )
-        check_hyperparameter(norm_constraint, "norm_constraint", low=0.0, low_inclusive=False)
+        check_number(norm_constraint, "norm_constraint", low=0.0, low_inclusive=False)
 
     def init_fn(params):
         groups, _ = fx.plan([tuple(jnp.shape(p)) for p in jax.tree.leaves(params)])
@@ -922,14 +944,14 @@ def kfac(
     momentum: float | None = None,
     damping: float = 1.0,
     stats_decay: float = 0.95,
-    invert_every: int = 5,
+    invert_every: int | None = None,
     fisher: str = "sampled",
     adapt_damping: bool = True,
     norm_constraint: float | None = None,
     ekfac: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: float | None = None,
     seed: int = 0,
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC (Martens & Grosse, 2015). ``kfac()``: learning rate, momentum and damping all
     adaptive (the recommended setting; see the module docstring for how that step differs
@@ -938,6 +960,17 @@ def kfac(
 
     Needs the extra arguments ``value_fn`` (a loss that calls :func:`jaxopt2.tag_loss`) and
     ``key`` (target sampling; falls back to a key in the state).
+
+    Args:
+      learning_rate: None (adaptive: the step size ``α`` from the quadratic model), a number
+        ``>= 0`` or an optax schedule.
+      momentum: in ``[0, 1)``. With a learning rate: heavy-ball momentum on the
+        preconditioned direction (``optax.trace``; None: none). Without one: the fixed
+        ``μ`` of the adaptive step ``δ = α Δ + μ δ_prev`` (``α`` still from the quadratic
+        model, given ``μ``); None solves for ``μ`` as well.
+      weight_decay: decoupled weight decay (with a learning rate only; None: none).
+
+    See :func:`scale_by_kfac` for the other arguments.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jaxopt2
@@ -956,7 +989,18 @@ def kfac(
       >>> bool(loss_fn(p, x, y) < 1e-4)
       True
     """
-    check_hyperparameter(weight_decay, "weight_decay", low=0.0)
+    check_learning_rate(learning_rate, "kfac", adaptive=True)
+    check_number(momentum, "momentum", low=0.0, high=1.0, high_inclusive=False, optional=True)
+    check_number(weight_decay, "weight_decay", low=0.0, schedule=True, optional=True)
+    if (
+        learning_rate is None
+        and weight_decay is not None
+        and (isinstance(weight_decay, jax.Array | np.ndarray) or weight_decay != 0)
+    ):
+        raise ValueError(
+            "kfac(learning_rate=None) takes its step from the quadratic model; put weight "
+            "decay into the loss (an L2 term) or pass a learning rate."
+        )
     inner = scale_by_kfac(
         learning_rate=learning_rate,
         momentum=momentum if learning_rate is None else None,
@@ -971,16 +1015,13 @@ def kfac(
         stats_dtype=stats_dtype,
     )
     if learning_rate is None:
-        if weight_decay:
-            raise ValueError(
-                "kfac(learning_rate=None) takes its step from the quadratic model; put weight "
-                "decay into the loss (an L2 term) or pass a learning rate."
-            )
         return inner
     parts = [inner]
     if momentum is not None:
         parts.append(optax.trace(decay=momentum))
-    parts += [optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(learning_rate)]
+    if weight_decay is not None:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
 
 
