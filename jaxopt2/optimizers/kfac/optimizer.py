@@ -80,6 +80,17 @@ __all__ = ["ScaleByKfacState", "kfac", "kfac_layers", "leafwise", "scale_by_kfac
 
 FISHER = ("sampled", "empirical", "exact")
 
+MAX_FACTOR_DIM = 1024
+"""Default ``max_factor_dim``: factor sides longer than this are kept diagonal.
+
+A full side of size ``d`` costs ``d²`` entries twice (the EMA and its inverse or eigenbasis)
+and a ``d³`` decomposition at every refresh; at 1024 that is 8 MiB in float32 and about a
+gigaflop, the size of a wide transformer's MLP side, while the sides beyond it in practice
+are vocabularies (a ``[D, V]`` head, a ``[V, D]`` table), where the per-step estimate has
+far fewer rows than ``V`` and the softmax's Fisher ``diag(p) − p pᵀ`` is dominated by its
+diagonal. Above it the cost grows quadratically (a 32k vocabulary: 8 GiB per factor) for
+little curvature: the side is kept diagonal (one-sided K-FAC) and costs ``2d``."""
+
 
 class ScaleByKfacState(NamedTuple):
     """State of :func:`scale_by_kfac`; every shape follows from the parameter shapes.
@@ -216,6 +227,8 @@ def scale_by_kfac(
     ekfac: bool = False,
     seed: int = 0,
     stats_dtype: Any = jnp.float32,
+    max_factor_dim: int | None = MAX_FACTOR_DIM,
+    layers: Discovery | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC's preconditioned direction, or with ``learning_rate=None`` its full adaptive step.
 
@@ -248,6 +261,12 @@ def scale_by_kfac(
         Per-example gradients assume the example axis is the first row axis.
       seed: seed of the fallback key.
       stats_dtype: dtype of factors, inverses and moments (static).
+      max_factor_dim: a factor side of more features than this (the bias's homogeneous
+        coordinate not counted) is kept diagonal (one-sided K-FAC for a large-vocabulary
+        head); None: every side full (static). See :data:`MAX_FACTOR_DIM`.
+      layers: a layer plan, the :class:`~jaxopt2.optimizers.kfac.layers.Discovery` of
+        :func:`kfac_layers` on the loss: factors for its layers alone, sized exactly (and
+        for attention kernels); None: the shape rule (see :mod:`.factors`) (static).
     """
     check_choice(fisher, "fisher", FISHER)
     invert_every = check_positive_int(invert_every, "invert_every")
@@ -265,9 +284,18 @@ def scale_by_kfac(
                 "(learning_rate=None) is already sized by the quadratic model."
             )
         check_hyperparameter(norm_constraint, "norm_constraint", low=0.0, low_inclusive=False)
+    if max_factor_dim is not None:
+        max_factor_dim = check_positive_int(max_factor_dim, "max_factor_dim")
+    if layers is not None and not isinstance(layers, Discovery):
+        raise TypeError(
+            "kfac: layers must be the layer plan jaxopt2.kfac_layers(loss_fn, params, *batch) "
+            f"returns, got {type(layers).__name__}."
+        )
 
     def init_fn(params):
-        groups, _ = fx.plan([tuple(jnp.shape(p)) for p in jax.tree.leaves(params)])
+        groups, _ = fx.plan(
+            [tuple(jnp.shape(p)) for p in jax.tree.leaves(params)], layers, max_factor_dim
+        )
         factors = fx.zero_factors(groups, stats_dtype)
         inverses = fx.identity_factors(groups, stats_dtype)
         scaling = tuple(
@@ -300,6 +328,9 @@ def scale_by_kfac(
         if params is None:
             raise ValueError("kfac needs params: call update(grads, state, params, value_fn=...).")
         closed, disc = _discover(value_fn, params)
+        groups, where = fx.plan([tuple(jnp.shape(x)) for x in jax.tree.leaves(params)],
+                                layers, max_factor_dim)  # fmt: skip
+        disc = fx.fit(disc, groups, where, planned=layers is not None)
         if not disc.layers:
             raise ValueError(
                 "kfac found no layer in value_fn: no rank-2 parameter is multiplied with the "
@@ -352,11 +383,13 @@ def scale_by_kfac(
         units = disc.units
         index = {layer.path: i for i, layer in enumerate(disc.layers)}
         heads = {uses[0].weight: uses[0] for uses in units.values()}
-        groups, where = fx.plan([tuple(jnp.shape(x)) for x in leaves])
         info = fx.row_info(groups, heads)
         unit_rows: dict[int, list[list[tuple[jax.Array, jax.Array]]]] = {}  # leaf -> slices
+        sides = _diagonal_sides(groups, where, heads)
         raw = {
-            leaf: _unit_statistics(uses, index, inputs, out_grads, n, stats_dtype, unit_rows)
+            leaf: _unit_statistics(
+                uses, index, inputs, out_grads, n, stats_dtype, unit_rows, sides[leaf]
+            )
             for leaf, uses in units.items()
         }
         diag_leaves = list(jax.tree.leaves(state.diag))  # layer leaves' entries stay zero
@@ -396,31 +429,30 @@ def scale_by_kfac(
                     continue
                 # π = sqrt((tr A / dim A) / (tr G / dim G)) balances the damping of the sides
                 on0 = a_side == 0
-                tr0, tr1 = jnp.trace(f0, axis1=-2, axis2=-1), jnp.trace(f1, axis1=-2, axis2=-1)
+                tr0, tr1 = fx.trace(f0), fx.trace(f1)
                 tr_a, tr_g = jnp.where(on0, tr0, tr1), jnp.where(on0, tr1, tr0)
                 pi = jnp.sqrt((tr_a / dim_a) / jnp.maximum(tr_g / dim_g, 1e-30))
                 pi = jnp.where(jnp.isfinite(pi) & (pi > 0), pi, 1.0)
                 gam_a, gam_g = pi * jnp.sqrt(lam_), jnp.sqrt(lam_) / pi
                 for f, gam in ((f0, jnp.where(on0, gam_a, gam_g)),
                                (f1, jnp.where(on0, gam_g, gam_a))):  # fmt: skip
-                    eye = jnp.eye(f.shape[-1], dtype=f.dtype)
-                    mats.append(f + gam.astype(f.dtype)[:, None, None] * eye)
+                    mats.append(fx.damped(f, gam))
             results = fx.eigenbases(mats, corners) if ekfac else fx.inverses(mats)
             out = []
             for j, (_, _, old0, old1, old_s, *_, layer) in enumerate(items):
                 r0, r1 = results[2 * j], results[2 * j + 1]
                 bad = (layer & ~r0[-1]).astype(jnp.int32) + (layer & ~r1[-1]).astype(jnp.int32)
                 if not ekfac:
-                    new0 = jnp.where((r0[1] & layer)[:, None, None], r0[0], old0)
-                    new1 = jnp.where((r1[1] & layer)[:, None, None], r1[0], old1)
+                    new0 = fx.rows_where(r0[1] & layer, r0[0], old0)
+                    new1 = fx.rows_where(r1[1] & layer, r1[0], old1)
                     out.append((new0, new1, None, bad))
                     continue
                 (q0, w0, ok0), (q1, w1, ok1) = r0, r1
-                ok = (ok0 & ok1 & layer)[:, None, None]
+                ok = ok0 & ok1 & layer
                 # K-FAC's eigenvalues in the new basis start the EMA of the scaling
                 s0 = jnp.maximum(w0, 0.0)[:, :, None] * jnp.maximum(w1, 0.0)[:, None, :]
-                out.append((jnp.where(ok, q0, old0), jnp.where(ok, q1, old1),
-                            jnp.where(ok, s0, old_s), bad))  # fmt: skip
+                out.append((fx.rows_where(ok, q0, old0), fx.rows_where(ok, q1, old1),
+                            fx.rows_where(ok, s0, old_s), bad))  # fmt: skip
             return out
 
         def refresh(inverses, scaling, failed):
@@ -463,10 +495,10 @@ def scale_by_kfac(
             out = []
             for inv0, inv1, s, v in items:
                 if ekfac:  # inv0, inv1 are the eigenbases
-                    rotated = kr.mm(kr.mm(jnp.swapaxes(inv0, -1, -2), v), inv1) / (s + lam_)
-                    out.append(kr.mm(kr.mm(inv0, rotated), jnp.swapaxes(inv1, -1, -2)))
+                    rotated = fx.sandwich(fx.transpose(inv0), v, inv1) / (s + lam_)
+                    out.append(fx.sandwich(inv0, rotated, fx.transpose(inv1)))
                 else:
-                    out.append(kr.mm(kr.mm(inv0, v), inv1))
+                    out.append(fx.sandwich(inv0, v, inv1))
             return out
 
         args = [(*ip, s, b) for ip, s, b in zip(inverses, scaling, blocks, strict=True)]
@@ -591,7 +623,7 @@ def _unslice(parts: list[jax.Array], layer: Layer, axis: int = 0) -> jax.Array:
 
 
 def _unit_statistics(
-    uses, index, inputs, out_grads, n, stats_dtype, unit_rows
+    uses, index, inputs, out_grads, n, stats_dtype, unit_rows, diagonal=(False, False)
 ) -> tuple[jax.Array, jax.Array]:
     """This step's ``(A, G)`` of one weight leaf from all its uses, as per-device partial
     sums (:func:`jaxopt2.sharding.partial_sums`: ``[devices, k, k]``, the used corners;
@@ -599,7 +631,9 @@ def _unit_statistics(
     the inputs (with the bias's homogeneous coordinate) over the rows of every call, ``G``
     from the output gradients. A stacked weight (a scan over layers) gets one pair per slice,
     from the calls that use that slice (``Layer.slice_of``), as if each slice were its own
-    layer. Fills ``unit_rows[leaf][slice]`` with each call's rows (EKFAC)."""
+    layer. A side in `diagonal` (``(A, G)``) gets the diagonal alone (``[devices, k]``).
+    Fills ``unit_rows[leaf][slice]`` with each call's rows (EKFAC)."""
+    gram_a, gram_g = fx.gram(diagonal[0]), fx.gram(diagonal[1])
     head = uses[0]
     slices = _slices(head)
     leaf = head.weight
@@ -628,14 +662,20 @@ def _unit_statistics(
             # of the rows (partial_sums) is its share of the batch: no resharding first
             a_k = jnp.swapaxes(a_k, 0, 1).reshape(-1, a_k.shape[-1])
             g_k = jnp.moveaxis(g_k, -2, 0).reshape(-1, g_k.shape[-1])
-            sum_a[k], rows_a[k] = sum_a[k] + partial_sums(_gram, a_k), rows_a[k] + a_k.shape[0]
-            sum_g[k] = sum_g[k] + partial_sums(_gram, g_k)
+            sum_a[k], rows_a[k] = sum_a[k] + partial_sums(gram_a, a_k), rows_a[k] + a_k.shape[0]
+            sum_g[k] = sum_g[k] + partial_sums(gram_g, g_k)
     stat_a = _unslice([sa_k / r for sa_k, r in zip(sum_a, rows_a, strict=True)], head, axis=1)
     return stat_a, _unslice([sg / n for sg in sum_g], head, axis=1)
 
 
-def _gram(rows: jax.Array) -> jax.Array:
-    return kr.mm(rows.T, rows)
+def _diagonal_sides(groups, where: dict, heads: dict) -> dict[int, tuple[bool, bool]]:
+    """Per layer leaf whether its ``A`` and its ``G`` side are kept diagonal."""
+    out = {}
+    for leaf, layer in heads.items():
+        g, member = where[leaf]
+        a_side = _a_side(layer, member)
+        out[leaf] = (groups[g].diag[a_side], groups[g].diag[1 - a_side])
+    return out
 
 
 def _shapes(tree: Any) -> tuple:
@@ -665,18 +705,19 @@ def _stat_stacks(groups, raw: dict, heads: dict, dtype) -> tuple:
     out = []
     for group in groups:
         pair = []
-        for side, size in enumerate(group.sizes):
+        for side, (size, diag) in enumerate(zip(group.sizes, group.diag, strict=True)):
+            row = fx.side_shape(size, diag)
             parts = {}
             for m in group.members:
                 if m.leaf in raw:
                     stat = raw[m.leaf][0 if side == _a_side(heads[m.leaf], m) else 1]
-                    stat = stat if m.stacked else stat[:, None]  # [devices, count, k, k]
-                    parts[m.leaf] = _corner(stat.astype(dtype), (size, size))
+                    stat = stat if m.stacked else stat[:, None]  # [devices, count, k(, k)]
+                    parts[m.leaf] = fx.pad_side(stat.astype(dtype), size, diag)
             if not parts:  # no layer in the group (rank-2 leaves no layer uses): no sums
-                pair.append(own_rows(jnp.zeros((group.count, size, size), dtype)))
+                pair.append(own_rows(jnp.zeros((group.count, *row), dtype)))
                 continue
             devices = next(iter(parts.values())).shape[0]
-            zeros = lambda m: jnp.zeros((devices, m.count, size, size), dtype)
+            zeros = lambda m, row=row: jnp.zeros((devices, m.count, *row), dtype)
             stack = [parts[m.leaf] if m.leaf in parts else zeros(m) for m in group.members]
             pair.append(sum_partials(jnp.concatenate(stack, axis=1), split=fx.owned(group)))
         out.append(tuple(pair))
@@ -741,8 +782,8 @@ def _ekfac_stacks(groups, bases: tuple, heads: dict, unit_rows: dict, n: int) ->
             a_side = _a_side(layer, m)
             ka, kg = layer.in_features + (layer.bias is not None), layer.out_features
             size = (group.sizes[a_side], group.sizes[1 - a_side])
-            qa = bases[g][a_side][m.offset : m.offset + m.count, :ka, :ka]
-            qg = bases[g][1 - a_side][m.offset : m.offset + m.count, :kg, :kg]
+            qa = fx.side_corner(bases[g][a_side][m.offset : m.offset + m.count], ka)
+            qg = fx.side_corner(bases[g][1 - a_side][m.offset : m.offset + m.count], kg)
 
             def one(rows, qa, qg, layer=layer, size=size):
                 return _corner(_ekfac_scaling(rows, qa, qg, n, layer), size)
@@ -761,13 +802,22 @@ def _ekfac_stacks(groups, bases: tuple, heads: dict, unit_rows: dict, n: int) ->
     return tuple(out)
 
 
-def leafwise(state: ScaleByKfacState, params: Any) -> ScaleByKfacState:
+def leafwise(
+    state: ScaleByKfacState,
+    params: Any,
+    layers: Discovery | None = None,
+    max_factor_dim: int | None = MAX_FACTOR_DIM,
+) -> ScaleByKfacState:
     """`state` with ``factors``, ``inverses`` and ``scaling`` per parameter leaf instead of per
     group (for inspection): per leaf with factor slots the pair ``(slot 0, slot 1)`` of
     :func:`~jaxopt2.optimizers.kfac.layers.factor_sizes` (``[d, d]``, ``[L, d, d]`` for a
     stacked leaf; with ``ekfac`` the bases in ``inverses``) and the scaling ``[d0, d1]``
-    (rows: slot 0's basis), None for other leaves."""
-    _, where = fx.plan([tuple(jnp.shape(x)) for x in jax.tree.leaves(params)])
+    (rows: slot 0's basis), None for other leaves. A diagonal side is its ``[d]`` diagonal.
+    Pass the `layers` plan and `max_factor_dim` the optimizer was made with (they fix the
+    layout)."""
+    _, where = fx.plan(
+        [tuple(jnp.shape(x)) for x in jax.tree.leaves(params)], layers, max_factor_dim
+    )
     num = len(jax.tree.leaves(params))
     pairs = lambda stacks: tuple(
         fx.leaf_pair(stacks[where[i][0]], where[i][1]) if i in where else None for i in range(num)
@@ -794,8 +844,8 @@ def _ekfac_scaling(rows, qa, qg, n, layer) -> jax.Array:
     columns."""
     if len(rows) == 1 and rows[0][0].shape[0] == n:  # one row per example: no outer products
         a, g = rows[0]
-        a2 = jnp.square(kr.mm(a, qa))
-        g2 = jnp.sum(jnp.square(jnp.einsum("cmo,op->cmp", g, qg, precision="highest")), axis=0)
+        a2 = jnp.square(fx.rotate(a, qa))
+        g2 = jnp.sum(jnp.square(fx.rotate(g, qg)), axis=0)
         return kr.mm(a2.T, g2) / n
     total = 0.0
     for a, g in rows:
@@ -804,9 +854,9 @@ def _ekfac_scaling(rows, qa, qg, n, layer) -> jax.Array:
                 f"ekfac: layer {layer.name} has {a.shape[0]} rows for {n} examples; per-example "
                 "gradients need the example axis to lead the layer's row axes."
             )
-        ta = kr.mm(a, qa).reshape(n, -1, qa.shape[1])
-        tg = jnp.einsum("cmo,op->cmp", g, qg, precision="highest")
-        tg = tg.reshape(g.shape[0], n, -1, qg.shape[1])
+        ta = fx.rotate(a, qa).reshape(n, -1, qa.shape[-1])
+        tg = fx.rotate(g, qg)
+        tg = tg.reshape(g.shape[0], n, -1, qg.shape[-1])
         total = total + jnp.einsum("nti,cnto->cnio", ta, tg, precision="highest")
     return jnp.mean(jnp.sum(jnp.square(total), axis=0), axis=0)
 
@@ -831,6 +881,8 @@ def kfac(
     weight_decay: float = 0.0,
     seed: int = 0,
     stats_dtype: Any = jnp.float32,
+    max_factor_dim: int | None = MAX_FACTOR_DIM,
+    layers: Discovery | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC (Martens & Grosse, 2015). ``kfac()``: learning rate, momentum and damping all
     adaptive (the recommended setting; see the module docstring for how that step differs
@@ -870,6 +922,8 @@ def kfac(
         ekfac=ekfac,
         seed=seed,
         stats_dtype=stats_dtype,
+        max_factor_dim=max_factor_dim,
+        layers=layers,
     )
     if learning_rate is None:
         if weight_decay:
@@ -890,5 +944,14 @@ registry.register(
     kfac,
     needs_value_fn=True,
     needs_key=True,
-    static_args=("invert_every", "fisher", "adapt_damping", "ekfac", "seed", "stats_dtype"),
+    static_args=(
+        "invert_every",
+        "fisher",
+        "adapt_damping",
+        "ekfac",
+        "seed",
+        "stats_dtype",
+        "max_factor_dim",
+        "layers",
+    ),
 )
