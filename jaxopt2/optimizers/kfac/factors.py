@@ -21,16 +21,17 @@ Layout (fixed here once):
     discovery at update time; a slot is zero-padded beyond the corner its layer uses.
 
   Either way a side longer than ``max_factor_dim`` (features; the bias's extra coordinate
-  does not count) is *diagonal*: a vector ``[S]`` of the
-  factor's diagonal (its statistic ``Σ rows²``, its damped inverse elementwise), so a
-  ``[D, V]`` head over a large vocabulary gets one-sided K-FAC (full ``D + 1`` side,
-  diagonal ``V`` side) and no side ever costs more than ``max_factor_dim`` times its length.
+  does not count) is *diagonal*: a vector ``[S]`` of the factor's diagonal (its statistic
+  ``Σ rows²``, its damped inverse elementwise), so a ``[D, V]`` head over a large
+  vocabulary gets one-sided K-FAC (full ``D + 1`` side, diagonal ``V`` side) and no side
+  costs more than ``max_factor_dim + 1`` times its length.
   A diagonal side's stacks are ``[n, S]`` instead of ``[n, S, S]``; the helpers below
   (:func:`trace`, :func:`damped`, :func:`sandwich`, ...) tell the two apart by rank.
 * **Groups.** Leaves whose slot pair has the same two sides (size, diagonal or not), in
   either order, form a group: its factors are two stacks ``[n, S0, S0]`` and ``[n, S1, S1]``
-  (side 0 the larger), one row per layer (per slice), in leaf order. A leaf whose first slot is the
-  smaller one is *flipped*: its slot 0 lives on side 1. The layer's gradient is kept in the
+  (``[n, S]`` for a diagonal side; side 0 the larger), one row per layer (per slice), in
+  leaf order. A leaf whose first slot is the smaller one is *flipped*: its slot 0 lives on
+  side 1. The layer's gradient is kept in the
   group's orientation, ``[S0, S1]`` (transposed when ``A`` is on side 1), so preconditioning a
   group is one batched ``left @ V @ right`` whatever the layers' orientations.
 * **Owners.** Under a device mesh a group (see :func:`owned`) has its rows
@@ -65,19 +66,22 @@ __all__ = [
     "eigenbases",
     "fit",
     "gram",
-    "rows_where",
-    "sandwich",
-    "side_corner",
-    "trace",
-    "transpose",
     "identity_factors",
     "in_sequence",
     "inverses",
     "leaf_pair",
     "owned",
+    "pad_side",
     "plan",
+    "rotate",
     "row_info",
+    "rows_where",
+    "sandwich",
+    "side_corner",
+    "side_shape",
     "stack_rows",
+    "trace",
+    "transpose",
     "zero_factors",
 ]
 
@@ -157,9 +161,7 @@ def plan(
         count = 1 if stack is None else stack
         offset = sum(m.count for m in rows[key])
         rows[key].append(Member(leaf, offset, count, s0 < s1, stack is not None))
-    groups = tuple(
-        Group((k[0][0], k[1][0]), tuple(rows[k]), (k[0][1], k[1][1])) for k in order
-    )
+    groups = tuple(Group((k[0][0], k[1][0]), tuple(rows[k]), (k[0][1], k[1][1])) for k in order)
     where = {m.leaf: (g, m) for g, group in enumerate(groups) for m in group.members}
     return groups, where
 

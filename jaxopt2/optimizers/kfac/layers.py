@@ -116,8 +116,8 @@ class Layer:
       weight_perm: the leaf's axes in matrix order (input axes..., output axis).
       in_features, out_features: the matrix view's sizes (without the bias row).
       op: what :meth:`rows` needs: ``("dot", the input's contracted axes, weight operand,
-        number of the weight's kept axes)`` for a discovered dense layer, ``("conv", ConvSpec, filter shape)`` for a convolution, None
-        for a tagged dense layer.
+        number of the weight's kept axes)`` for a discovered dense layer, ``("conv",
+        ConvSpec, filter shape)`` for a convolution, None for a tagged dense layer.
       calls: how many times the equation runs per evaluation (the product of the lengths of
         the ``lax.scan`` loops around it; 1 outside loops).
       stack: for a weight sliced from a stacked ``[L, ...]`` leaf by a scan over layers,
@@ -428,11 +428,7 @@ def _bias_fits(shape: tuple[int, ...], perm: tuple[int, ...], layer: dict[str, A
         return True
     kept = layer.get("kept_shape")
     squeeze = lambda s: tuple(d for d in s if d != 1)
-    return (
-        kept is not None
-        and perm == tuple(range(len(perm)))
-        and squeeze(shape) == squeeze(kept)
-    )
+    return kept is not None and perm == tuple(range(len(perm))) and squeeze(shape) == squeeze(kept)
 
 
 def _same_stack(bias_stack: Any, layer_stack: Any) -> bool:
@@ -560,9 +556,9 @@ def _tagged(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple], names) -> d
         )
     bias = None
     if len(ins) > 3:
-        if not isinstance(ins[3], _Param) or (ins[3].view and not _vector_like(
-            _shape(ins[3], leaf_shapes)
-        )):
+        if not isinstance(ins[3], _Param) or (
+            ins[3].view and not _vector_like(_shape(ins[3], leaf_shapes))
+        ):
             raise ValueError(
                 f"tag_{kind} for {names[weight.leaf]}: its bias is not a parameter of value_fn."
             )
