@@ -3,13 +3,22 @@
 Discovery. A parameter leaf that reaches a product with the data as one operand (through
 transposes, dtype casts, copies and call boundaries such as ``jit``/``pjit``, ``remat`` and
 custom-derivative wrappers, into their bodies and back out) is a layer's weight:
-  * a rank-2 leaf in a ``dot_general``: a dense layer;
+  * a leaf of rank 2 or more in a ``dot_general`` that contracts some of its axes with the
+    data and keeps the others (no batch axes): a dense layer whose inputs are the contracted
+    axes flattened and whose outputs are the kept ones flattened. A rank-2 weight is the
+    usual ``[in, out]`` matrix; attention projections are rank-3 (flax.nnx
+    ``LinearGeneral`` as in ``MultiHeadAttention``: ``[D, H, Dh]`` for queries, keys and
+    values, ``[H, Dh, D]``, two contracted axes, for the output) and are the dense layers
+    ``D -> H·Dh`` and ``H·Dh -> D`` they compute;
   * a rank-4 leaf as the kernel of a ``conv_general_dilated`` (no feature groups): a 2-D
     convolution, whose statistics come from image patches (Grosse & Martens, 2016).
-Its bias is a vector-like leaf (one non-unit axis: ``[out]``, or equinox's ``[out, 1, 1]``)
-added (after broadcasting) to that product's output. This finds the layers of plain JAX
-functions (``x @ w + b``), equinox models (``jax.vmap(eqx.nn.Linear)``, ``eqx.nn.Conv2d``) and
-flax.nnx models (``nnx.Linear``, ``nnx.Conv``) without any change to the model.
+Its bias is a leaf with as many entries as the layer has outputs, laid out as the kept axes
+(``[out]``, equinox's ``[out, 1, 1]``, ``LinearGeneral``'s ``[H, Dh]``), added (after
+reshaping and broadcasting) to that product's output. This finds the layers of plain JAX
+functions (``x @ w + b``), equinox models (``jax.vmap(eqx.nn.Linear)``, ``eqx.nn.Conv2d``,
+``eqx.nn.MultiheadAttention``) and flax.nnx models (``nnx.Linear``, ``nnx.Conv``,
+``nnx.MultiHeadAttention``) without any change to the model. A weight only ever indexed (an
+embedding table: ``take``/``gather``, not a product) is no layer.
 
 Loops. Inside ``lax.scan`` (entered through nested calls too), a weight the body closes over
 (a loop invariant: an RNN cell, a layer applied at every step) is one layer whose statistics
@@ -30,13 +39,18 @@ inputs become ``[M, in]`` rows (every non-contracted axis is a row axis: batch, 
 positions) and output gradients ``[M, out]`` (:meth:`Layer.rows`). Parameters in no layer are
 preconditioned diagonally by the optimizer.
 
-Factor slots follow from parameter shapes alone (``init`` sees nothing else): a rank-2 leaf
+Factor slots. Without a layer plan, they follow from parameter shapes alone (the shape rule;
+``init`` sees nothing else): a rank-2 leaf
 ``[d0, d1]`` gets factors of sizes ``d0 + 1`` and ``d1 + 1`` (either axis may be the input; the
 ``+ 1`` is the bias's homogeneous coordinate); a rank-3 leaf ``[L, d0, d1]`` gets ``L``
 such pairs (stacked ``[L, d, d]``: a possible scan over layers); a rank-4 kernel gets
 ``in·kh·kw + 1`` and ``out``, laid out OIHW (equinox, ``jax.lax``) or HWIO (flax): the window
 is the pair of axes of equal sizes (a square window), else the pair with the smaller product;
-where shapes cannot tell, both layouts fit.
+where shapes cannot tell, both layouts fit. A discovered layer that its leaf's slots cannot
+hold (a rank-3 attention kernel, which the rule reads as a stack) is then preconditioned
+diagonally. With a plan (the :class:`Discovery` of :func:`jaxopt2.kfac_layers`, passed as
+``kfac(layers=...)``), slots are allocated for the planned layers alone, sized exactly
+(see :mod:`.factors`).
 """
 
 from __future__ import annotations
@@ -101,9 +115,9 @@ class Layer:
       input_index: which input of that equation is the layer's input.
       weight_perm: the leaf's axes in matrix order (input axes..., output axis).
       in_features, out_features: the matrix view's sizes (without the bias row).
-      op: what :meth:`rows` needs: ``("dot", contracted input axis, weight operand)`` for a
-        discovered dense layer, ``("conv", ConvSpec, filter shape)`` for a convolution, None
-        for a tagged dense layer.
+      op: what :meth:`rows` needs: ``("dot", the input's contracted axes, weight operand,
+        number of the weight's kept axes)`` for a discovered dense layer, ``("conv",
+        ConvSpec, filter shape)`` for a convolution, None for a tagged dense layer.
       calls: how many times the equation runs per evaluation (the product of the lengths of
         the ``lax.scan`` loops around it; 1 outside loops).
       stack: for a weight sliced from a stacked ``[L, ...]`` leaf by a scan over layers,
@@ -159,12 +173,14 @@ class Layer:
         if self.op is None:  # tagged dense: every leading axis is a row axis
             return x.reshape(-1, x.shape[-1]), out_grad.reshape(-1, out_grad.shape[-1])
         if self.op[0] == "dot":
-            _, c_in, weight_operand = self.op
-            x_rows = [d for d in range(x.ndim) if d != c_in]
-            a = jnp.transpose(x, (*x_rows, c_in)).reshape(-1, x.shape[c_in])
-            # dot_general output axes: (lhs free..., rhs free...); the weight has one free axis.
-            g = jnp.moveaxis(out_grad, 0, -1) if weight_operand == 0 else out_grad
-            return a, g.reshape(-1, g.shape[-1])
+            _, c_in, weight_operand, kept = self.op
+            x_rows = [d for d in range(x.ndim) if d not in c_in]
+            a = jnp.transpose(x, (*x_rows, *c_in)).reshape(-1, self.in_features)
+            # dot_general output axes: (lhs kept..., rhs kept...)
+            g = out_grad
+            if weight_operand == 0:
+                g = jnp.moveaxis(g, tuple(range(kept)), tuple(range(-kept, 0)))
+            return a, g.reshape(-1, self.out_features)
         _, spec, filter_shape = self.op
         dn = spec.dimension_numbers
         patches = jax.lax.conv_general_dilated_patches(
@@ -190,6 +206,7 @@ class Discovery:
     loss: str
     loss_path: _jaxpr.EqnPath
     leaf_names: tuple[str, ...]
+    leaf_shapes: tuple[tuple[int, ...], ...] = ()
 
     @property
     def units(self) -> dict[int, tuple[Layer, ...]]:
@@ -239,6 +256,8 @@ class _Param:
     # sliced from the stacked leaf by a scan over its first axis: (length, calls of the scan's
     # body per evaluation, reverse); the value is then one slice ``leaf[l]``
     stack: tuple[int, int, bool] | None = None
+    # reshaped or broadcast (a bias on its way to an add): no longer a weight operand
+    view: bool = False
 
 
 @dataclasses.dataclass
@@ -264,7 +283,7 @@ def _shape(x: _Param, leaf_shapes: list[tuple]) -> tuple[int, ...]:
 def _sliced(x: Any, length: int, body_calls: int, reverse: bool, leaf_shapes) -> Any:
     """What a scan's body sees of its ``xs`` input `x`: a slice of a parameter scanned along
     its first axis (a scan over layers), or nothing known."""
-    if not isinstance(x, _Param) or x.stack is not None or not x.perm or x.perm[0] != 0:
+    if not isinstance(x, _Param) or x.stack is not None or x.view or not x.perm or x.perm[0]:
         return None
     if len(leaf_shapes[x.leaf]) not in (2, 3):  # stacked biases and dense weights
         return None
@@ -331,7 +350,7 @@ def discover(
                 perm = eqn.params["permutation"]
                 if isinstance(ins[0], _Param):
                     x = ins[0]
-                    env[out] = _Param(x.leaf, tuple(x.perm[p] for p in perm), x.stack)
+                    env[out] = _Param(x.leaf, tuple(x.perm[p] for p in perm), x.stack, x.view)
                 else:
                     env[out] = ins[0]
             elif name in _RESHAPE:
@@ -340,13 +359,15 @@ def discover(
                     isinstance(x, _Param) and _vector_like(_shape(x, leaf_shapes))
                 ):
                     env[out] = x  # a layer's output, or a bias vector being broadcast
+                elif isinstance(x, _Param) and x.perm == tuple(range(len(x.perm))):
+                    # a bias of several axes (``[H, Dh]``) reshaped for broadcasting
+                    env[out] = dataclasses.replace(x, view=True)
             elif name == "add":
                 for o, p in ((ins[0], ins[1]), (ins[1], ins[0])):
                     if (
                         isinstance(o, _Out)
                         and isinstance(p, _Param)
-                        and _vector_like(_shape(p, leaf_shapes))
-                        and math.prod(_shape(p, leaf_shapes)) == found[o.layer]["out_features"]
+                        and _bias_fits(_shape(p, leaf_shapes), p.perm, found[o.layer])
                         and found[o.layer]["bias"] is None
                         and not found[o.layer]["tagged"]
                         and _same_stack(p.stack, found[o.layer].get("param_stack"))
@@ -383,7 +404,8 @@ def discover(
     visit(closed.jaxpr, env0, (), 1)
     for f in found:
         f.pop("param_stack", None)
-    layers = _resolve([Layer(name=names[f["weight"]], **f) for f in found], names, leaf_shapes)
+        f.pop("kept_shape", None)
+    layers = _resolve([Layer(name=names[f["weight"]], **f) for f in found], names)
     for layer in layers:
         if not layer.tagged and layer.weight in data_uses:
             ops = ", ".join(sorted(data_uses[layer.weight]))
@@ -393,7 +415,20 @@ def discover(
                 "table reused as the output layer). K-FAC's factors would miss that use: tag "
                 "the layer use with jaxopt2.tag_dense / tag_conv2d to accept it, or untie it."
             )
-    return Discovery(layers, loss_eqn.params["loss"], loss_path, names)
+    shapes = tuple(tuple(int(d) for d in s) for s in leaf_shapes)
+    return Discovery(layers, loss_eqn.params["loss"], loss_path, names, shapes)
+
+
+def _bias_fits(shape: tuple[int, ...], perm: tuple[int, ...], layer: dict[str, Any]) -> bool:
+    """Whether a parameter of `shape` can be the bias of `layer` (a dict of :func:`discover`):
+    a vector of its output size, or (untransposed) laid out as the weight's kept axes."""
+    if math.prod(shape) != layer["out_features"]:
+        return False
+    if _vector_like(shape):
+        return True
+    kept = layer.get("kept_shape")
+    squeeze = lambda s: tuple(d for d in s if d != 1)
+    return kept is not None and perm == tuple(range(len(perm))) and squeeze(shape) == squeeze(kept)
 
 
 def _same_stack(bias_stack: Any, layer_stack: Any) -> bool:
@@ -401,9 +436,7 @@ def _same_stack(bias_stack: Any, layer_stack: Any) -> bool:
     return bias_stack == layer_stack
 
 
-def _resolve(
-    found: list[Layer], names: tuple[str, ...], leaf_shapes: list[tuple]
-) -> tuple[Layer, ...]:
+def _resolve(found: list[Layer], names: tuple[str, ...]) -> tuple[Layer, ...]:
     """Tags override discovery; refuse untagged shared weights and inconsistent tags."""
     tagged = {layer.weight for layer in found if layer.tagged}
     layers = [layer for layer in found if layer.tagged or layer.weight not in tagged]
@@ -434,27 +467,12 @@ def _resolve(
                     f"parameter {names[leaf]} is tagged with different biases at its uses; "
                     "give every use the same bias (or none)."
                 )
-        sizes = factor_sizes(leaf_shapes[leaf])
-        if (factor_stack(leaf_shapes[leaf]) is None) != (first.stack is None):
-            sizes = None  # a rank-3 leaf is a layer only as a stack (scan over layers)
-        fits = sizes is not None and (
-            first.in_features + 1 <= sizes[first.a_slot]
-            and first.out_features <= sizes[1 - first.a_slot]
-        )
-        if not fits:
-            raise ValueError(
-                f"parameter {names[leaf]} of shape {leaf_shapes[leaf]} is a {first.kind} layer "
-                f"with {first.in_features} inputs and {first.out_features} outputs, which does "
-                f"not fit the factors allocated from its shape ({sizes}): rank-4 kernels must "
-                "be laid out OIHW or HWIO, and a rank-3 leaf is a stack of dense layers sliced "
-                "by a scan over its first axis."
-            )
     return tuple(sorted(layers, key=lambda layer: layer.path))
 
 
 def _dense(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple]) -> dict[str, Any] | None:
-    """The layer a ``dot_general`` makes, if one operand is a rank-2 parameter and the other
-    comes from the data."""
+    """The layer a ``dot_general`` makes, if one operand is a parameter of rank 2 or more
+    whose axes it partly contracts (no batch axes) and the other comes from the data."""
     (contract, batch) = eqn.params["dimension_numbers"]
     params = [isinstance(x, _Param) for x in ins]
     if params[0] == params[1]:
@@ -462,9 +480,12 @@ def _dense(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple]) -> dict[str,
     w = 0 if params[0] else 1
     ref: _Param = ins[w]
     shape = _shape(ref, leaf_shapes)
-    if len(shape) != 2 or batch[w] or len(contract[w]) != 1:
+    contracted = tuple(int(a) for a in contract[w])
+    kept = tuple(a for a in range(len(shape)) if a not in contracted)  # operand axes
+    if ref.view or len(shape) < 2 or batch[w] or not contracted or not kept:
         return None
-    in_axis = ref.perm[contract[w][0]]
+    in_axes = tuple(ref.perm[a] for a in contracted)  # leaf axes, paired with the data's
+    out_axes = tuple(ref.perm[a] for a in kept)
     return {
         "param_stack": ref.stack,
         "kind": "dense",
@@ -472,10 +493,11 @@ def _dense(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple]) -> dict[str,
         "bias": None,
         "tagged": False,
         "input_index": 1 - w,
-        "weight_perm": (in_axis, 1 - in_axis),
-        "in_features": int(shape[in_axis]),
-        "out_features": int(shape[1 - in_axis]),
-        "op": ("dot", contract[1 - w][0], w),
+        "weight_perm": (*in_axes, *out_axes),
+        "in_features": math.prod(int(shape[a]) for a in in_axes),
+        "out_features": math.prod(int(shape[a]) for a in out_axes),
+        "op": ("dot", tuple(int(a) for a in contract[1 - w]), w, len(kept)),
+        "kept_shape": tuple(int(shape[a]) for a in out_axes),
     }
 
 
@@ -499,7 +521,7 @@ def _conv(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple]) -> dict[str, 
     """The layer a ``conv_general_dilated`` makes: a rank-4 parameter kernel on data."""
     lhs, rhs = ins
     p = eqn.params
-    if isinstance(lhs, _Param) or not isinstance(rhs, _Param) or rhs.stack is not None:
+    if isinstance(lhs, _Param) or not isinstance(rhs, _Param) or rhs.stack is not None or rhs.view:
         return None
     if len(leaf_shapes[rhs.leaf]) != 4 or p["feature_group_count"] != 1:
         return None
@@ -522,7 +544,7 @@ def _tagged(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple], names) -> d
     """The layer an explicit tag names."""
     kind = eqn.params["kind"]
     weight = ins[2]
-    if not isinstance(weight, _Param):
+    if not isinstance(weight, _Param) or weight.view:
         raise ValueError(
             f"tag_{kind}: its weight is not a parameter of value_fn (pass the parameter leaf "
             "itself, or its transpose or dtype cast, not a value computed from it)."
@@ -534,7 +556,9 @@ def _tagged(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple], names) -> d
         )
     bias = None
     if len(ins) > 3:
-        if not isinstance(ins[3], _Param):
+        if not isinstance(ins[3], _Param) or (
+            ins[3].view and not _vector_like(_shape(ins[3], leaf_shapes))
+        ):
             raise ValueError(
                 f"tag_{kind} for {names[weight.leaf]}: its bias is not a parameter of value_fn."
             )

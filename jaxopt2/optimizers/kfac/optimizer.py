@@ -29,6 +29,19 @@ pass of ``value_fn`` at those steps). In that mode ``scale_by_kfac`` returns the
 step, so ``kfac()`` is not ``chain(..., scale_by_learning_rate)``: the learning rate *is* ``α``.
 With a number, ``kfac(lr, momentum=m)`` is ``chain(scale_by_kfac, trace(m), scale_by_lr(lr))``.
 
+Memory. The state's shapes are fixed at ``init``, which sees the parameters alone, so which
+leaves are layers is decided there in one of two ways (:mod:`.factors`): the layer plan,
+``kfac(layers=kfac_layers(loss_fn, params, *batch))`` (factors for the found layers alone,
+sized exactly: attention kernels included, embedding and positional tables free), or
+without one a rule on shapes (every rank-2/3/4 leaf gets slots). A plan rather than a mask
+or a cheaper rule, because shapes cannot tell a ``[V, D]`` table (indexed) from a weight, nor
+a ``[D, H, Dh]`` attention kernel from a stack of ``D`` layers: only the loss can, and
+:func:`kfac_layers` already reads it. The update checks the plan against ``value_fn``. Either
+way a factor side of more than ``max_factor_dim`` features is kept diagonal (one-sided
+K-FAC), so no factor costs more than ``max_factor_dim`` times its side. On a vocab-8192
+LM (2.5M parameters) the state is 1.56x Adam's with a plan, 1.87x without (55x with neither
+bound); see ``experiments/kfac_lm_memory.py``.
+
 Deadlock safety (jax 0.10 CPU): the inverses are batched per factor size and the batches
 run one after another (each takes a data dependency on the previous one's result), so no
 two batched LAPACK calls run concurrently: two at once can block both workers of XLA's CPU
@@ -93,6 +106,17 @@ from jaxopt2.sharding import (
 __all__ = ["ScaleByKfacState", "kfac", "kfac_layers", "leafwise", "scale_by_kfac"]
 
 FISHER = ("sampled", "empirical", "exact")
+
+MAX_FACTOR_DIM = 1024
+"""Default ``max_factor_dim``: factor sides longer than this are kept diagonal.
+
+A full side of size ``d`` costs ``d²`` entries twice (the EMA and its inverse or eigenbasis)
+and a ``d³`` decomposition at every refresh; at 1024 that is 8 MiB in float32 and about a
+gigaflop, the size of a wide transformer's MLP side, while the sides beyond it in practice
+are vocabularies (a ``[D, V]`` head, a ``[V, D]`` table), where the per-step estimate has
+far fewer rows than ``V`` and the softmax's Fisher ``diag(p) − p pᵀ`` is dominated by its
+diagonal. Above it the cost grows quadratically (a 32k vocabulary: 8 GiB per factor) for
+little curvature: the side is kept diagonal (one-sided K-FAC) and costs ``2d``."""
 
 
 class ScaleByKfacState(NamedTuple):
@@ -270,7 +294,8 @@ def _discover(value_fn, params) -> tuple[Any, Discovery]:
 def kfac_layers(loss_fn: Callable[..., jax.Array], params: Any, *batch: Any) -> Discovery:
     """What K-FAC finds in ``loss_fn(params, *batch)``: its layers and its tagged loss.
 
-    Prints the report and returns the :class:`~jaxopt2.optimizers.kfac.layers.Discovery`.
+    Prints the report and returns the :class:`~jaxopt2.optimizers.kfac.layers.Discovery`,
+    which is also a layer plan for ``kfac(layers=...)`` (factors for these layers alone).
     The check of the tagged loss compares ``loss_fn`` with the loss the tag implies (the mean
     over every row, all axes of the outputs but the last, of the named loss summed over the
     last axis; ``Σ w·ℓ / Σ w`` with the tag's weights) and reports the difference
@@ -303,6 +328,8 @@ def scale_by_kfac(
     ekfac: bool = False,
     seed: int = 0,
     stats_dtype: Any = "float32",
+    max_factor_dim: int | None = None,
+    layers: Discovery | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC's preconditioned direction, or with ``learning_rate=None`` its full adaptive step.
 
@@ -336,6 +363,13 @@ def scale_by_kfac(
         Per-example gradients assume the example axis is the first row axis.
       seed: seed of the fallback key.
       stats_dtype: dtype of factors, inverses and moments: a name or a dtype (static).
+      max_factor_dim: a factor side of more features than this (the bias's homogeneous
+        coordinate not counted) is kept diagonal (one-sided K-FAC for a large-vocabulary
+        head); None: :data:`MAX_FACTOR_DIM`; a value at least the longest side keeps every
+        side full (static).
+      layers: a layer plan, the :class:`~jaxopt2.optimizers.kfac.layers.Discovery` of
+        :func:`kfac_layers` on the loss: factors for its layers alone, sized exactly (and
+        for attention kernels); None: the shape rule (see :mod:`.factors`) (static).
 
     Structural arguments default to None rather than their value so that
     ``optax.inject_hyperparams`` leaves them alone (see :mod:`jaxopt2.optimizers.contract`).
@@ -366,9 +400,17 @@ def scale_by_kfac(
                 "(learning_rate=None) is already sized by the quadratic model."
             )
         check_number(norm_constraint, "norm_constraint", low=0.0, low_inclusive=False)
+    max_factor_dim = static_int(max_factor_dim, "max_factor_dim", MAX_FACTOR_DIM, who="kfac")
+    if layers is not None and not isinstance(layers, Discovery):
+        raise TypeError(
+            "kfac: layers must be the layer plan jaxopt2.kfac_layers(loss_fn, params, *batch) "
+            f"returns, got {type(layers).__name__}."
+        )
 
     def init_fn(params):
-        groups, _ = fx.plan([tuple(jnp.shape(p)) for p in jax.tree.leaves(params)])
+        groups, _ = fx.plan(
+            [tuple(jnp.shape(p)) for p in jax.tree.leaves(params)], layers, max_factor_dim
+        )
         factors = fx.zero_factors(groups, stats_dtype)
         inverses = fx.identity_factors(groups, stats_dtype)
         scaling = tuple(
@@ -401,6 +443,9 @@ def scale_by_kfac(
         if params is None:
             raise ValueError("kfac needs params: call update(grads, state, params, value_fn=...).")
         closed, disc = _discover(value_fn, params)
+        groups, where = fx.plan([tuple(jnp.shape(x)) for x in jax.tree.leaves(params)],
+                                layers, max_factor_dim)  # fmt: skip
+        disc = fx.fit(disc, groups, where, planned=layers is not None)
         if not disc.layers:
             raise ValueError(
                 "kfac found no layer in value_fn: no rank-2 parameter is multiplied with the "
@@ -444,12 +489,13 @@ def scale_by_kfac(
         units = disc.units
         index = {layer.path: i for i, layer in enumerate(disc.layers)}
         heads = {uses[0].weight: uses[0] for uses in units.values()}
-        groups, where = fx.plan([tuple(jnp.shape(x)) for x in leaves])
         info = fx.row_info(groups, heads)
         unit_rows: dict[int, list[list[tuple[jax.Array, jax.Array]]]] = {}  # leaf -> slices
+        sides = _diagonal_sides(groups, where, heads)
         raw = {
             leaf: _unit_statistics(
-                uses, index, inputs, out_grads, stats_dtype, unit_rows, _input_row_weights(weights)
+                uses, index, inputs, out_grads, stats_dtype, unit_rows,
+                _input_row_weights(weights), sides[leaf],
             )
             for leaf, uses in units.items()
         }
@@ -490,31 +536,30 @@ def scale_by_kfac(
                     continue
                 # π = sqrt((tr A / dim A) / (tr G / dim G)) balances the damping of the sides
                 on0 = a_side == 0
-                tr0, tr1 = jnp.trace(f0, axis1=-2, axis2=-1), jnp.trace(f1, axis1=-2, axis2=-1)
+                tr0, tr1 = fx.trace(f0), fx.trace(f1)
                 tr_a, tr_g = jnp.where(on0, tr0, tr1), jnp.where(on0, tr1, tr0)
                 pi = jnp.sqrt((tr_a / dim_a) / jnp.maximum(tr_g / dim_g, 1e-30))
                 pi = jnp.where(jnp.isfinite(pi) & (pi > 0), pi, 1.0)
                 gam_a, gam_g = pi * jnp.sqrt(lam_), jnp.sqrt(lam_) / pi
                 for f, gam in ((f0, jnp.where(on0, gam_a, gam_g)),
                                (f1, jnp.where(on0, gam_g, gam_a))):  # fmt: skip
-                    eye = jnp.eye(f.shape[-1], dtype=f.dtype)
-                    mats.append(f + gam.astype(f.dtype)[:, None, None] * eye)
+                    mats.append(fx.damped(f, gam))
             results = fx.eigenbases(mats, corners) if ekfac else fx.inverses(mats)
             out = []
             for j, (_, _, old0, old1, old_s, *_, layer) in enumerate(items):
                 r0, r1 = results[2 * j], results[2 * j + 1]
                 bad = (layer & ~r0[-1]).astype(jnp.int32) + (layer & ~r1[-1]).astype(jnp.int32)
                 if not ekfac:
-                    new0 = jnp.where((r0[1] & layer)[:, None, None], r0[0], old0)
-                    new1 = jnp.where((r1[1] & layer)[:, None, None], r1[0], old1)
+                    new0 = fx.rows_where(r0[1] & layer, r0[0], old0)
+                    new1 = fx.rows_where(r1[1] & layer, r1[0], old1)
                     out.append((new0, new1, None, bad))
                     continue
                 (q0, w0, ok0), (q1, w1, ok1) = r0, r1
-                ok = (ok0 & ok1 & layer)[:, None, None]
+                ok = ok0 & ok1 & layer
                 # K-FAC's eigenvalues in the new basis start the EMA of the scaling
                 s0 = jnp.maximum(w0, 0.0)[:, :, None] * jnp.maximum(w1, 0.0)[:, None, :]
-                out.append((jnp.where(ok, q0, old0), jnp.where(ok, q1, old1),
-                            jnp.where(ok, s0, old_s), bad))  # fmt: skip
+                out.append((fx.rows_where(ok, q0, old0), fx.rows_where(ok, q1, old1),
+                            fx.rows_where(ok, s0, old_s), bad))  # fmt: skip
             return out
 
         def refresh(inverses, scaling, failed):
@@ -559,10 +604,10 @@ def scale_by_kfac(
             out = []
             for inv0, inv1, s, v in items:
                 if ekfac:  # inv0, inv1 are the eigenbases
-                    rotated = kr.mm(kr.mm(jnp.swapaxes(inv0, -1, -2), v), inv1) / (s + lam_)
-                    out.append(kr.mm(kr.mm(inv0, rotated), jnp.swapaxes(inv1, -1, -2)))
+                    rotated = fx.sandwich(fx.transpose(inv0), v, inv1) / (s + lam_)
+                    out.append(fx.sandwich(inv0, rotated, fx.transpose(inv1)))
                 else:
-                    out.append(kr.mm(kr.mm(inv0, v), inv1))
+                    out.append(fx.sandwich(inv0, v, inv1))
             return out
 
         args = [(*ip, s, b) for ip, s, b in zip(inverses, scaling, blocks, strict=True)]
@@ -702,7 +747,7 @@ def _input_row_weights(weights) -> jax.Array | None:
 
 
 def _unit_statistics(
-    uses, index, inputs, out_grads, stats_dtype, unit_rows, row_w=None
+    uses, index, inputs, out_grads, stats_dtype, unit_rows, row_w=None, diagonal=(False, False)
 ) -> tuple[jax.Array, jax.Array]:
     """This step's ``(A, G)`` of one weight leaf from all its uses, as per-device partial
     sums (:func:`jaxopt2.sharding.partial_sums`: ``[devices, k, k]``, the used corners;
@@ -714,7 +759,9 @@ def _unit_statistics(
     layer. Fills ``unit_rows[leaf][slice]`` with each call's rows (EKFAC). ``row_w``
     (:func:`_input_row_weights`) weights the rows of ``A`` of a layer whose row count is a
     multiple of the tag's rows (example-major: each tag row's block of rows shares its
-    weight); a layer with other row counts keeps the plain mean."""
+    weight); a layer with other row counts keeps the plain mean. A side in `diagonal`
+    (``(A, G)``) gets the diagonal alone (``[devices, k]``)."""
+    gram_a, gram_g = fx.gram(diagonal[0]), fx.gram(diagonal[1])
     head = uses[0]
     slices = _slices(head)
     leaf = head.weight
@@ -747,14 +794,20 @@ def _unit_statistics(
                 a_k = a_k * jnp.sqrt(per)[:, None, None]
             a_k = a_k.reshape(-1, a_k.shape[-1])
             g_k = jnp.moveaxis(g_k, -2, 0).reshape(-1, g_k.shape[-1])
-            sum_a[k], rows_a[k] = sum_a[k] + partial_sums(_gram, a_k), rows_a[k] + a_k.shape[0]
-            sum_g[k] = sum_g[k] + partial_sums(_gram, g_k)
+            sum_a[k], rows_a[k] = sum_a[k] + partial_sums(gram_a, a_k), rows_a[k] + a_k.shape[0]
+            sum_g[k] = sum_g[k] + partial_sums(gram_g, g_k)
     stat_a = _unslice([sa_k / r for sa_k, r in zip(sum_a, rows_a, strict=True)], head, axis=1)
     return stat_a, _unslice(sum_g, head, axis=1)
 
 
-def _gram(rows: jax.Array) -> jax.Array:
-    return kr.mm(rows.T, rows)
+def _diagonal_sides(groups, where: dict, heads: dict) -> dict[int, tuple[bool, bool]]:
+    """Per layer leaf whether its ``A`` and its ``G`` side are kept diagonal."""
+    out = {}
+    for leaf, layer in heads.items():
+        g, member = where[leaf]
+        a_side = _a_side(layer, member)
+        out[leaf] = (groups[g].diag[a_side], groups[g].diag[1 - a_side])
+    return out
 
 
 def _shapes(tree: Any) -> tuple:
@@ -784,18 +837,19 @@ def _stat_stacks(groups, raw: dict, heads: dict, dtype) -> tuple:
     out = []
     for group in groups:
         pair = []
-        for side, size in enumerate(group.sizes):
+        for side, (size, diag) in enumerate(zip(group.sizes, group.diag, strict=True)):
+            row = fx.side_shape(size, diag)
             parts = {}
             for m in group.members:
                 if m.leaf in raw:
                     stat = raw[m.leaf][0 if side == _a_side(heads[m.leaf], m) else 1]
-                    stat = stat if m.stacked else stat[:, None]  # [devices, count, k, k]
-                    parts[m.leaf] = _corner(stat.astype(dtype), (size, size))
+                    stat = stat if m.stacked else stat[:, None]  # [devices, count, k(, k)]
+                    parts[m.leaf] = fx.pad_side(stat.astype(dtype), size, diag)
             if not parts:  # no layer in the group (rank-2 leaves no layer uses): no sums
-                pair.append(own_rows(jnp.zeros((group.count, size, size), dtype)))
+                pair.append(own_rows(jnp.zeros((group.count, *row), dtype)))
                 continue
             devices = next(iter(parts.values())).shape[0]
-            zeros = lambda m: jnp.zeros((devices, m.count, size, size), dtype)
+            zeros = lambda m, row=row: jnp.zeros((devices, m.count, *row), dtype)
             stack = [parts[m.leaf] if m.leaf in parts else zeros(m) for m in group.members]
             pair.append(sum_partials(jnp.concatenate(stack, axis=1), split=fx.owned(group)))
         out.append(tuple(pair))
@@ -860,8 +914,8 @@ def _ekfac_stacks(groups, bases: tuple, heads: dict, unit_rows: dict, n: int) ->
             a_side = _a_side(layer, m)
             ka, kg = layer.in_features + (layer.bias is not None), layer.out_features
             size = (group.sizes[a_side], group.sizes[1 - a_side])
-            qa = bases[g][a_side][m.offset : m.offset + m.count, :ka, :ka]
-            qg = bases[g][1 - a_side][m.offset : m.offset + m.count, :kg, :kg]
+            qa = fx.side_corner(bases[g][a_side][m.offset : m.offset + m.count], ka)
+            qg = fx.side_corner(bases[g][1 - a_side][m.offset : m.offset + m.count], kg)
 
             def one(rows, qa, qg, layer=layer, size=size):
                 return _corner(_ekfac_scaling(rows, qa, qg, n, layer), size)
@@ -880,13 +934,28 @@ def _ekfac_stacks(groups, bases: tuple, heads: dict, unit_rows: dict, n: int) ->
     return tuple(out)
 
 
-def leafwise(state: ScaleByKfacState, params: Any) -> ScaleByKfacState:
+def leafwise(
+    state: ScaleByKfacState,
+    params: Any,
+    layers: Discovery | None = None,
+    max_factor_dim: int | None = None,
+) -> ScaleByKfacState:
     """`state` with ``factors``, ``inverses`` and ``scaling`` per parameter leaf instead of per
     group (for inspection): per leaf with factor slots the pair ``(slot 0, slot 1)`` of
     :func:`~jaxopt2.optimizers.kfac.layers.factor_sizes` (``[d, d]``, ``[L, d, d]`` for a
     stacked leaf; with ``ekfac`` the bases in ``inverses``) and the scaling ``[d0, d1]``
-    (rows: slot 0's basis), None for other leaves."""
-    _, where = fx.plan([tuple(jnp.shape(x)) for x in jax.tree.leaves(params)])
+    (rows: slot 0's basis), None for other leaves. A diagonal side is its ``[d]`` diagonal.
+    Pass the `layers` plan and `max_factor_dim` the optimizer was made with (they fix the
+    layout; None: :data:`MAX_FACTOR_DIM`, as in :func:`scale_by_kfac`). The per-leaf fields
+    are tuples in the order of ``jax.tree.leaves(params)``. A state of
+    ``jax.ShapeDtypeStruct`` leaves (from ``jax.eval_shape``) gives the per-leaf shapes."""
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
+        return jax.eval_shape(lambda s: leafwise(s, params, layers, max_factor_dim), state)
+    if max_factor_dim is None:
+        max_factor_dim = MAX_FACTOR_DIM
+    _, where = fx.plan(
+        [tuple(jnp.shape(x)) for x in jax.tree.leaves(params)], layers, max_factor_dim
+    )
     num = len(jax.tree.leaves(params))
     pairs = lambda stacks: tuple(
         fx.leaf_pair(stacks[where[i][0]], where[i][1]) if i in where else None for i in range(num)
@@ -915,8 +984,8 @@ def _ekfac_scaling(rows, qa, qg, n, layer) -> jax.Array:
     rows."""
     if len(rows) == 1 and rows[0][0].shape[0] == n:  # one row per example: no outer products
         a, g = rows[0]
-        a2 = jnp.square(kr.mm(a, qa))
-        g2 = jnp.sum(jnp.square(jnp.einsum("cmo,op->cmp", g, qg, precision="highest")), axis=0)
+        a2 = jnp.square(fx.rotate(a, qa))
+        g2 = jnp.sum(jnp.square(fx.rotate(g, qg)), axis=0)
         return kr.mm(a2.T, g2)
     total = 0.0
     for a, g in rows:
@@ -925,9 +994,9 @@ def _ekfac_scaling(rows, qa, qg, n, layer) -> jax.Array:
                 f"ekfac: layer {layer.name} has {a.shape[0]} rows for {n} examples; per-example "
                 "gradients need the example axis to lead the layer's row axes."
             )
-        ta = kr.mm(a, qa).reshape(n, -1, qa.shape[1])
-        tg = jnp.einsum("cmo,op->cmp", g, qg, precision="highest")
-        tg = tg.reshape(g.shape[0], n, -1, qg.shape[1])
+        ta = fx.rotate(a, qa).reshape(n, -1, qa.shape[-1])
+        tg = fx.rotate(g, qg)
+        tg = tg.reshape(g.shape[0], n, -1, qg.shape[-1])
         total = total + jnp.einsum("nti,cnto->cnio", ta, tg, precision="highest")
     return jnp.sum(jnp.square(total), axis=(0, 1))
 
@@ -952,6 +1021,8 @@ def kfac(
     weight_decay: float | None = None,
     seed: int = 0,
     stats_dtype: Any = "float32",
+    max_factor_dim: int | None = None,
+    layers: Discovery | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC (Martens & Grosse, 2015). ``kfac()``: learning rate, momentum and damping all
     adaptive (the recommended setting; see the module docstring for how that step differs
@@ -1013,6 +1084,8 @@ def kfac(
         ekfac=ekfac,
         seed=seed,
         stats_dtype=stats_dtype,
+        max_factor_dim=max_factor_dim,
+        layers=layers,
     )
     if learning_rate is None:
         return inner
@@ -1030,5 +1103,14 @@ registry.register(
     kfac,
     needs_value_fn=True,
     needs_key=True,
-    static_args=("invert_every", "fisher", "adapt_damping", "ekfac", "seed", "stats_dtype"),
+    static_args=(
+        "invert_every",
+        "fisher",
+        "adapt_damping",
+        "ekfac",
+        "seed",
+        "stats_dtype",
+        "max_factor_dim",
+        "layers",
+    ),
 )
