@@ -19,7 +19,16 @@ A row says:
     (:func:`jaxopt2.tag_loss`): their ``zoo`` covers ``zoo.TAGGED_PROBLEMS`` instead, and the
     generic checks run on the tagged ``linear_regression`` instead of the quadratic;
   * ``inject``: hparams for the inject_hyperparams check when the generic ones have no
-    numeric learning rate (an adaptive step size).
+    numeric learning rate (an adaptive step size);
+  * ``matrix``: set (overrides of ``hparams``, possibly empty) for optimizers with a
+    structural path (Kronecker factors, layers, factored or orthogonalized matrices): their
+    generic checks run on ``zoo.matrix`` (two matrices and a vector) instead, with schedules
+    short enough that the one or two steps of a check already go through that path (the
+    statistics, the refresh and its ``lax.cond`` traced and taken). A vector problem would
+    leave the whole structural path untraced;
+  * ``nonfinite``: overrides for the non-finite check (refresh on every step, so the bad
+    step meets the curvature pass or the refresh), or for an optax re-export without a
+    guard of its own the reason why it is checked inside ``optax.apply_if_finite``.
 
 Every optimizer is driven through :func:`train_step` (``jaxopt2.value_and_update`` with a key
 per step from ``jax.random.fold_in``), whatever its needs: first-order optimizers receive and
@@ -71,6 +80,8 @@ class Case:
     xfail: dict[str, str] = dataclasses.field(default_factory=dict)
     tagged: str = ""
     inject: dict[str, Any] | None = None
+    matrix: dict[str, Any] | None = None
+    nonfinite: dict[str, Any] | str = dataclasses.field(default_factory=dict)
 
     @property
     def problems(self) -> dict[str, Callable[..., zoo.Problem]]:
@@ -79,7 +90,14 @@ class Case:
 
     def generic_problem(self, dtype: Any = jnp.float32) -> zoo.Problem:
         """The problem the generic contract checks run on."""
+        if self.matrix is not None:
+            return zoo.matrix(dtype)
         return zoo.linear_regression(dtype) if self.tagged else zoo.quadratic(dtype)
+
+    @property
+    def generic(self) -> dict[str, Any]:
+        """The factory arguments of the generic checks (``hparams`` with ``matrix``'s)."""
+        return {**self.hparams, **(self.matrix or {})}
 
 
 _FIXED_STEP = (
@@ -170,6 +188,7 @@ CASES: dict[str, Case] = {
     ),
     "adafactor": Case(
         hparams={"learning_rate": 3e-3},
+        matrix={"min_dim_size_to_factor": 2},  # factored second moments on both matrices
         zoo={
             "quadratic": Zoo(2000),
             "rosenbrock": Zoo(5000, {"learning_rate": ("cosine", 0.03)}, note=_FIXED_STEP),
@@ -206,6 +225,7 @@ CASES: dict[str, Case] = {
         # optax.contrib.muon: orthogonalized momentum on the MLP's matrices, Adam (adam_b1/b2)
         # on vectors, so the quadratic, Rosenbrock and logistic rows exercise its Adam part.
         hparams={"learning_rate": 0.03},
+        matrix={},  # Newton-Schulz on w1, w2; Adam on b
         zoo={
             "quadratic": Zoo(1000),
             "rosenbrock": Zoo(3000, {"learning_rate": 0.02}),
@@ -218,6 +238,15 @@ CASES: dict[str, Case] = {
         # are preconditioned (roots every 5 steps from step 5). Matrix-specific behaviour is
         # tested in test_shampoo.py.
         hparams={"learning_rate": 0.03, "precondition_every": 5},
+        # Roots from the first step on, refreshed on even steps: every check's first step is
+        # a preconditioned one, and a two-step check takes both branches of the refresh.
+        # w1 [4, 3] on its side of 3 only (one gradient's 4 x 4 factor is singular), w2
+        # [3, 3] on both sides.
+        matrix={
+            "precondition_every": 2,
+            "start_preconditioning_step": 0,
+            "max_precondition_dim": 3,
+        },
         zoo={
             "quadratic": Zoo(1000),
             "rosenbrock": Zoo(3000, {"learning_rate": 0.02}),
@@ -229,6 +258,11 @@ CASES: dict[str, Case] = {
         # Vectors take plain Adam (b1 = b2 = 0.95, SOAP's defaults); the MLP's matrices run
         # Adam in their factors' eigenbases. Matrix-specific behaviour is in test_soap.py.
         hparams={"learning_rate": 0.03, "precondition_every": 5},
+        # Bases refreshed on even steps (the first included), one-sided: the first step is
+        # Adam in the first gradient's eigenbasis, and rotated on both sides that gradient is
+        # diagonal (its SVD): the zeros off the diagonal come out as rounding noise, which
+        # Adam's first step scales to full size (a different update under jit than eagerly).
+        matrix={"precondition_every": 2, "one_sided": True},
         zoo={
             "quadratic": Zoo(1000),
             "rosenbrock": Zoo(3000, {"learning_rate": 0.02}),
@@ -241,6 +275,9 @@ CASES: dict[str, Case] = {
         # from the quadratic model. Layer-level numerics are tested in test_kfac.py.
         hparams={},
         inject={"learning_rate": 0.3, "momentum": 0.5},
+        # Two dense layers (inverses refreshed on even steps) and b in no layer (the diagonal
+        # Fisher).
+        matrix={"invert_every": 2},
         tagged="K-FAC's curvature is that of a tagged loss (jaxopt2.tag_loss): on an untagged "
         "problem (the quadratic, Rosenbrock) it has nothing to precondition and refuses",
         zoo={
@@ -325,8 +362,8 @@ def resolve_hparams(hparams: dict[str, Any], steps: int | None = None) -> dict[s
 
 
 def make_optimizer(name: str, **overrides: Any) -> optax.GradientTransformationExtraArgs:
-    """The registry's optimizer `name` with its row's generic ``hparams`` (and overrides)."""
-    return registry.get(name).factory(**{**CASES[name].hparams, **overrides})
+    """The registry's optimizer `name` with its row's generic arguments (and overrides)."""
+    return registry.get(name).factory(**{**CASES[name].generic, **overrides})
 
 
 def step_key(step: jax.Array | int) -> jax.Array:
