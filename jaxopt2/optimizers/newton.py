@@ -45,7 +45,8 @@ other than 1 or added weight decay change the step actually taken, not the test.
 Differences from Martens (2010): no backtracking over the CG iterates, no preconditioner
 for CG, and the curvature and gradient come from the same batch (``value_fn``); the model
 in ``ρ`` is the damped one that CG minimizes. Non-finite gradients or CG solutions give a
-zero update and keep the last good state (counted in ``num_nonfinite``).
+zero update and keep the last good state, ``cg_iters`` included (counted in
+``num_nonfinite``).
 
 References:
   J. Martens. "Deep learning via Hessian-free optimization." ICML 2010.
@@ -89,7 +90,7 @@ class ScaleByHessianFreeState(NamedTuple):
       direction: the last CG solution ``s`` (``stats_dtype``), the next warm start.
       damping: the current Levenberg-Marquardt damping ``λ``.
       rho: the last reduction ratio.
-      cg_iters: CG iterations of the last update (int32).
+      cg_iters: CG iterations of the last finite update (int32).
       num_rejected: updates whose step did not decrease the loss (zero update).
       num_nonfinite: updates with a non-finite gradient or CG solution (zero update).
     """
@@ -332,7 +333,7 @@ def scale_by_hessian_free(
             direction=direction,
             damping=new_lam,
             rho=jnp.where(finite, rho, state.rho).astype(stats_dtype),
-            cg_iters=sol.num_iters,
+            cg_iters=jnp.where(finite, sol.num_iters, state.cg_iters),
             num_rejected=state.num_rejected + (finite & ~accepted).astype(jnp.int32),
             num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
         )
