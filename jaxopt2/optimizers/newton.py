@@ -44,7 +44,7 @@ other than 1 or added weight decay change the step actually taken, not the test.
 
 Differences from Martens (2010): no backtracking over the CG iterates, no preconditioner
 for CG, and the curvature and gradient come from the same batch (``value_fn``); the model
-in ``ρ`` is the damped one that CG minimizes. Non-finite gradients or CG solutions give a
+in ``ρ`` is the damped one that CG minimizes. Non-finite gradients, losses or CG solutions give a
 zero update and keep the last good state, ``cg_iters`` included (counted in
 ``num_nonfinite``).
 
@@ -92,7 +92,7 @@ class ScaleByHessianFreeState(NamedTuple):
       rho: the last reduction ratio.
       cg_iters: CG iterations of the last finite update (int32).
       num_rejected: updates whose step did not decrease the loss (zero update).
-      num_nonfinite: updates with a non-finite gradient or CG solution (zero update).
+      num_nonfinite: updates with a non-finite gradient, loss or CG solution (zero update).
     """
 
     count: jax.Array
@@ -305,10 +305,13 @@ def scale_by_hessian_free(
             rtol=hp(cg_rtol),
             progress_tol=hp(cg_progress_tol),
         )
-        finite = _all_finite(sol.x) & _all_finite(g) & jnp.isfinite(sol.model_value)
+        f0 = value_fn(params)
+        # A non-finite loss at the current point is a bad batch like a non-finite gradient.
+        finite = (
+            _all_finite(sol.x) & _all_finite(g) & jnp.isfinite(sol.model_value) & jnp.isfinite(f0)
+        )
         s = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), sol.x)
 
-        f0 = value_fn(params)
         f1 = value_fn(jax.tree.map(lambda p, x: (p - x.astype(p.dtype)).astype(p.dtype), params, s))
         decrease = (f1 - f0).astype(stats_dtype)
         model = sol.model_value
