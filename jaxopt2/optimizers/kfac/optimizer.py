@@ -99,7 +99,7 @@ class ScaleByKfacState(NamedTuple):
       diag: EMA of the sampled Fisher's diagonal, like the parameters (the parameters in no
         layer use it; the entries of layer parameters stay zero).
       damping: the current λ.
-      prev_update: the previous step ``δ`` (adaptive mode).
+      prev_update: the previous step ``δ`` (adaptive mode; kept over a skipped step).
       key: fallback PRNG key (target sampling).
       rho: the last reduction ratio measured (NaN before the first).
       num_nonfinite: steps with non-finite statistics (skipped).
@@ -569,7 +569,12 @@ def scale_by_kfac(
             scaling=scaling,
             diag=diag,
             damping=jnp.asarray(lam_new, stats_dtype),
-            prev_update=treedef.unflatten([x.astype(stats_dtype) for x in step]),
+            # A skipped step (non-finite statistics) keeps the last step for the momentum.
+            prev_update=jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                treedef.unflatten([x.astype(stats_dtype) for x in step]),
+                state.prev_update,
+            ),
             key=next_key,
             rho=jnp.asarray(rho, stats_dtype),
             num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
