@@ -22,7 +22,8 @@ the tagged outputs), and ``λ`` adapted by the Levenberg-Marquardt rule from the
 ``ρ = (h(θ+δ) − h(θ)) / M(δ)`` every ``damping_adaptation_interval`` steps (an extra forward
 pass of ``value_fn`` at those steps). In that mode ``scale_by_kfac`` returns the final signed
 step, so ``kfac()`` is not ``chain(..., scale_by_learning_rate)``: the learning rate *is* ``α``.
-With a number, ``kfac(lr, momentum=m)`` is ``chain(scale_by_kfac, trace(m), scale_by_lr(lr))``.
+With a number, ``kfac(lr, momentum=m)`` is ``chain(scale_by_kfac, trace(m), scale_by_lr(lr))``
+(the trace keeps its state over a step with non-finite statistics, as ``scale_by_kfac`` does).
 
 Deadlock safety (jax 0.10 CPU): the inverses are batched per factor size and the batches
 run one after another (each takes a data dependency on the previous one's result), so no
@@ -885,9 +886,24 @@ def kfac(
         return inner
     parts = [inner]
     if momentum is not None:
-        parts.append(optax.trace(decay=momentum))
+        parts.append(_kept_on_nonfinite(optax.trace(decay=momentum)))
     parts += [optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(learning_rate)]
     return optax.chain(*parts)
+
+
+def _kept_on_nonfinite(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+    """`inner` with its state kept on a non-finite input: the momentum after a step
+    :func:`scale_by_kfac` skipped is the one before it (the update itself passes through)."""
+
+    def update_fn(updates, state, params=None, **extra):
+        del extra
+        new_updates, new_state = inner.update(updates, state, params)
+        ok = kr.all_finite(updates)
+        return new_updates, jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 registry.register(
