@@ -204,3 +204,77 @@ def test_bulk_and_outliers_smoke(tmp_path):
         lo, hi = res["bulk_interval"]
         assert res["bulk_width"] == pytest.approx(hi - lo)
         assert np.mean((dense >= lo - 1e-6) & (dense <= hi + 1e-6)) >= 0.9
+
+
+# ------------------------------------------------------------------------------------------
+# The verdicts, on hand-built results (both outcomes; no training).
+# ------------------------------------------------------------------------------------------
+
+
+def _member(interpolated: bool, trace_ok: bool, lambda_ok: bool = True) -> dict:
+    return {
+        "interpolated": interpolated,
+        "trace_le_2_over_lr": trace_ok,
+        "lambda_max_le_2_over_lr": lambda_ok,
+    }
+
+
+def test_sgd_trace_verdicts_both_ways():
+    verdicts = _study("sgd_trace").verdicts
+    sgd = {"gd": False, "members": [_member(True, True), _member(False, False, False)]}
+    gd = {"gd": True, "members": [_member(True, False), _member(True, True)]}
+    held = verdicts([sgd, gd])
+    assert held == {
+        "sgd_trace_le_2_over_lr": True,  # the run that did not interpolate is not judged
+        "gd_lambda_max_le_2_over_lr": True,
+        "gd_trace_exceeds_2_over_lr_somewhere": True,
+        "interpolated_runs": {"sgd": 1, "gd": 2},
+    }
+    sgd_bad = {"gd": False, "members": [_member(True, True), _member(True, False)]}
+    gd_bad = {"gd": True, "members": [_member(True, True, False), _member(True, True)]}
+    failed = verdicts([sgd_bad, gd_bad])
+    assert failed["sgd_trace_le_2_over_lr"] is False
+    assert failed["gd_lambda_max_le_2_over_lr"] is False
+    assert failed["gd_trace_exceeds_2_over_lr_somewhere"] is False
+    # nothing interpolated: no claim holds by default
+    none = verdicts([{"gd": False, "members": [_member(False, True)]}])
+    assert none["sgd_trace_le_2_over_lr"] is False and none["gd_lambda_max_le_2_over_lr"] is False
+
+
+def _runs(widths: dict, outliers: bool = True) -> dict:
+    return {
+        name: {"bulk_width": w, "outliers_within_one_of_classes": outliers}
+        for name, w in widths.items()
+    }
+
+
+def test_bulk_and_outliers_verdicts_both_ways():
+    study = _study("bulk_and_outliers")
+    (c10, c5), matched = study.CLASS_PAIR, study.MATCHED
+    w32, _, w512 = study.WIDTHS
+    lo, hi = study.DATA_RATIO
+    # the model sets the bulk (widths 1 -> 4 across the models), the data does not (5 vs 10
+    # classes at the band's edges, which count as inside)
+    for data in (lo, hi):
+        runs = _runs({w32: 1.0, c10: 2.0, w512: 4.0, c5: 2.0 * data, matched: 2.0 * hi})
+        out = study.verdicts(runs)
+        assert out["outliers_track_classes"] is True
+        assert out["bulk_set_by_model_not_data"] is True, data
+        assert out["bulk_width_model_ratio_max_over_min"] == pytest.approx(4.0)
+        assert out["bulk_width_data_ratio_5_over_10_classes"] == pytest.approx(data)
+        assert out["bulk_set_by_model_not_data_at_matched_loss"] is True
+    # the data moves the bulk (ratio just outside the band), in either direction
+    for data in (0.99 * lo, 1.01 * hi):
+        runs = _runs({w32: 1.0, c10: 2.0, w512: 4.0, c5: 2.0 * data, matched: 2.0 * data})
+        out = study.verdicts(runs)
+        assert out["bulk_set_by_model_not_data"] is False, data
+        assert out["bulk_set_by_model_not_data_at_matched_loss"] is False, data
+    # the model does not move it enough (max/min just under the minimum ratio)
+    r = 0.99 * study.MODEL_RATIO_MIN
+    out = study.verdicts(_runs({w32: 2.0, c10: 2.0, w512: 2.0 * r, c5: 2.0}))
+    assert out["bulk_set_by_model_not_data"] is False
+    assert "bulk_set_by_model_not_data_at_matched_loss" not in out  # no matched run
+    # one run whose outliers do not follow its classes
+    runs = _runs({w32: 1.0, c10: 2.0, w512: 4.0, c5: 2.0})
+    runs[w512]["outliers_within_one_of_classes"] = False
+    assert study.verdicts(runs)["outliers_track_classes"] is False

@@ -64,7 +64,8 @@ class ScaleByAdaHessianState(NamedTuple):
       nu: second moment of the Hessian-diagonal estimate (``stats_dtype``).
       hessian_diag: the latest accepted estimate ``D`` (reused between refreshes).
       key: the fallback PRNG key, used when ``update`` gets no ``key``.
-      num_nonfinite: refreshes whose estimate was non-finite and was discarded.
+      num_nonfinite: steps whose gradient was non-finite (all statistics kept) and refreshes
+        whose estimate was non-finite and was discarded.
     """
 
     count: jax.Array
@@ -188,6 +189,14 @@ def scale_by_adahessian(
             nu_hat,
             updates,
         )
+        # A non-finite gradient skips the step: every statistic is kept, the step counted once.
+        grad_ok = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(updates)]))
+        mu, nu, hessian_diag = jax.tree.map(
+            lambda new, old: jnp.where(grad_ok, new, old),
+            (mu, nu, hessian_diag),
+            (state.mu, state.nu, state.hessian_diag),
+        )
+        num_nonfinite = jnp.where(grad_ok, num_nonfinite, state.num_nonfinite + 1)
         new_state = ScaleByAdaHessianState(count, mu, nu, hessian_diag, next_key, num_nonfinite)
         return new_updates, new_state
 

@@ -70,7 +70,8 @@ class ScaleByFosiState(NamedTuple):
         (ascending, the most negative first).
       base_state: the base optimizer's state.
       key: the fallback PRNG key (Lanczos starting vectors), used when ``update`` gets no key.
-      num_nonfinite: refreshes whose eigenpairs were non-finite and were discarded.
+      num_nonfinite: steps whose gradient was non-finite (eigenpairs and base state kept)
+        and refreshes whose eigenpairs were non-finite and were discarded.
     """
 
     count: jax.Array
@@ -207,13 +208,21 @@ def scale_by_fosi(
         b = b - jnp.matmul(jnp.matmul(eigvecs, b, precision=_HIGHEST), eigvecs, precision=_HIGHEST)
         step = b - alpha * newton
         new_updates = jax.tree.map(lambda a, u: a.astype(u.dtype), unravel(step), updates)
+        # A non-finite gradient skips the step: the eigenpairs (a refresh on the same batch is
+        # discarded with it) and the base optimizer's state are kept, the step counted once.
+        grad_ok = jnp.all(jnp.isfinite(g))
+        eigvecs, eigvals, base_state = jax.tree.map(
+            lambda new, old: jnp.where(grad_ok, new, old),
+            (eigvecs, eigvals, base_state),
+            (state.eigvecs, state.eigvals, state.base_state),
+        )
         new_state = ScaleByFosiState(
             count=optax.safe_increment(state.count),
             eigvecs=eigvecs,
             eigvals=eigvals,
             base_state=base_state,
             key=next_key,
-            num_nonfinite=num_nonfinite,
+            num_nonfinite=jnp.where(grad_ok, num_nonfinite, state.num_nonfinite + 1),
         )
         return new_updates, new_state
 

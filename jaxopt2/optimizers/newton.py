@@ -46,8 +46,9 @@ other than 1 or added weight decay change the step actually taken, not the test.
 
 Differences from Martens (2010): no backtracking over the CG iterates, no preconditioner
 for CG, and the curvature and gradient come from the same batch (``value_fn``); the model
-in ``ρ`` is the damped one that CG minimizes. Non-finite gradients or CG solutions give a
-zero update and keep the last good state (counted in ``num_nonfinite``).
+in ``ρ`` is the damped one that CG minimizes. Non-finite gradients, losses or CG solutions give a
+zero update and keep the last good state, ``cg_iters`` included (counted in
+``num_nonfinite``).
 
 References:
   J. Martens. "Deep learning via Hessian-free optimization." ICML 2010.
@@ -97,9 +98,9 @@ class ScaleByHessianFreeState(NamedTuple):
       direction: the last CG solution ``s`` (``stats_dtype``), the next warm start.
       damping: the current Levenberg-Marquardt damping ``λ``.
       rho: the last reduction ratio.
-      cg_iters: CG iterations of the last update (int32).
+      cg_iters: CG iterations of the last finite update (int32).
       num_rejected: updates whose step did not decrease the loss (zero update).
-      num_nonfinite: updates with a non-finite gradient or CG solution (zero update).
+      num_nonfinite: updates with a non-finite gradient, loss or CG solution (zero update).
     """
 
     count: jax.Array
@@ -315,10 +316,13 @@ def scale_by_hessian_free(
             rtol=hp(cg_rtol),
             progress_tol=hp(cg_progress_tol),
         )
-        finite = _all_finite(sol.x) & _all_finite(g) & jnp.isfinite(sol.model_value)
+        f0 = value_fn(params)
+        # A non-finite loss at the current point is a bad batch like a non-finite gradient.
+        finite = (
+            _all_finite(sol.x) & _all_finite(g) & jnp.isfinite(sol.model_value) & jnp.isfinite(f0)
+        )
         s = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), sol.x)
 
-        f0 = value_fn(params)
         f1 = value_fn(jax.tree.map(lambda p, x: (p - x.astype(p.dtype)).astype(p.dtype), params, s))
         decrease = (f1 - f0).astype(stats_dtype)
         model = sol.model_value
@@ -343,7 +347,7 @@ def scale_by_hessian_free(
             direction=direction,
             damping=new_lam,
             rho=jnp.where(finite, rho, state.rho).astype(stats_dtype),
-            cg_iters=sol.num_iters,
+            cg_iters=jnp.where(finite, sol.num_iters, state.cg_iters),
             num_rejected=state.num_rejected + (finite & ~accepted).astype(jnp.int32),
             num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
         )

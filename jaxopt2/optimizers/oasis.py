@@ -62,7 +62,8 @@ class ScaleByOasisState(NamedTuple):
       mu: EMA of the gradient (zero-debiased; unused when ``b1 == 0``), ``stats_dtype``.
       hessian_diag: the EMA ``D`` of the Hutchinson estimates (before truncation).
       key: the fallback PRNG key, used when ``update`` gets no ``key``.
-      num_nonfinite: refreshes whose estimate was non-finite and was discarded.
+      num_nonfinite: steps whose gradient was non-finite (all statistics kept) and refreshes
+        whose estimate was non-finite and was discarded.
     """
 
     count: jax.Array
@@ -172,6 +173,14 @@ def scale_by_oasis(
             hessian_diag,
             updates,
         )
+        # A non-finite gradient skips the step: every statistic is kept, the step counted once.
+        grad_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(updates)]))
+        mu, hessian_diag = jax.tree.map(
+            lambda new, old: jnp.where(grad_ok, new, old),
+            (mu, hessian_diag),
+            (state.mu, state.hessian_diag),
+        )
+        num_nonfinite = jnp.where(grad_ok, num_nonfinite, state.num_nonfinite + 1)
         return new_updates, ScaleByOasisState(count, mu, hessian_diag, next_key, num_nonfinite)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

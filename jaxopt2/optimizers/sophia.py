@@ -83,7 +83,11 @@ class ScaleBySophiaState(NamedTuple):
       mu: EMA of the gradient (``stats_dtype``).
       hessian: EMA ``h`` of the Hessian-diagonal estimates (``stats_dtype``).
       key: the fallback PRNG key, used when ``update`` gets no ``key``.
-      num_nonfinite: refreshes whose estimate was non-finite and was discarded.
+      num_nonfinite: steps whose gradient was non-finite (all statistics kept) and refreshes
+        whose estimate was non-finite and was discarded. The bias correction counts the
+        refreshes in the EMA as those due minus this count, so a skipped step between two
+        refreshes makes it count one refresh too few (a slightly smaller step while
+        ``1 - b2^n`` is far from 1).
     """
 
     count: jax.Array
@@ -260,6 +264,13 @@ def scale_by_sophia(
 
         new_updates = jax.tree.map(precondition, mu, hessian_used, updates)
         count = optax.safe_increment(state.count)
+        # A non-finite gradient skips the step: every statistic is kept (a refresh on the same
+        # batch is discarded with it), the step counted once.
+        grad_ok = _all_finite(updates)
+        mu, hessian = jax.tree.map(
+            lambda new, old: jnp.where(grad_ok, new, old), (mu, hessian), (state.mu, state.hessian)
+        )
+        num_nonfinite = jnp.where(grad_ok, num_nonfinite, state.num_nonfinite + 1)
         return new_updates, ScaleBySophiaState(count, mu, hessian, next_key, num_nonfinite)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -19,7 +19,17 @@ A row says:
     (:func:`jaxopt2.tag_loss`): their ``zoo`` covers ``zoo.TAGGED_PROBLEMS`` instead, and the
     generic checks run on the tagged ``linear_regression`` instead of the quadratic;
   * ``inject``: hparams for the inject_hyperparams check when the generic ones have no
-    numeric learning rate (an adaptive step size).
+    numeric learning rate (an adaptive step size);
+  * ``matrix``: set (overrides of ``hparams``, possibly empty) for optimizers with a
+    structural path (Kronecker factors, layers, factored or orthogonalized matrices): their
+    generic checks run on ``zoo.matrix`` (two matrices and a vector) instead, with schedules
+    short enough that the one or two steps of a check already go through that path (the
+    statistics, the refresh and its ``lax.cond`` traced and taken). A vector problem would
+    leave the whole structural path untraced;
+  * ``nonfinite``: the modes of the non-finite check, each a name and overrides of the
+    generic arguments (refreshes on every step, so the bad step meets the curvature pass and
+    the refresh); for an optax re-export, which has no guard of its own, the reason why its
+    contract is checked inside ``optax.apply_if_finite`` instead.
 
 Every optimizer is driven through :func:`train_step` (``jaxopt2.value_and_update`` with a key
 per step from ``jax.random.fold_in``), whatever its needs: first-order optimizers receive and
@@ -71,6 +81,10 @@ class Case:
     xfail: dict[str, str] = dataclasses.field(default_factory=dict)
     tagged: str = ""
     inject: dict[str, Any] | None = None
+    matrix: dict[str, Any] | None = None
+    nonfinite: dict[str, dict[str, Any]] | str = dataclasses.field(
+        default_factory=lambda: {"default": {}}
+    )
 
     @property
     def problems(self) -> dict[str, Callable[..., zoo.Problem]]:
@@ -79,8 +93,20 @@ class Case:
 
     def generic_problem(self, dtype: Any = jnp.float32) -> zoo.Problem:
         """The problem the generic contract checks run on."""
+        if self.matrix is not None:
+            return zoo.matrix(dtype)
         return zoo.linear_regression(dtype) if self.tagged else zoo.quadratic(dtype)
 
+    @property
+    def generic(self) -> dict[str, Any]:
+        """The factory arguments of the generic checks (``hparams`` with ``matrix``'s)."""
+        return {**self.hparams, **(self.matrix or {})}
+
+
+_OPTAX = (
+    "an optax re-export keeps optax's behaviour, which has no non-finite guard of its own: "
+    "the contract is that of optax.apply_if_finite around it"
+)
 
 _FIXED_STEP = (
     "fixed-length steps (trust ratio / clipped RMS step) never settle at a constant learning "
@@ -89,6 +115,7 @@ _FIXED_STEP = (
 
 CASES: dict[str, Case] = {
     "sgd": Case(
+        nonfinite=_OPTAX,
         hparams={"learning_rate": 0.01},  # 1/L = 0.01 on the quadratic
         zoo={
             "quadratic": Zoo(1000),
@@ -98,6 +125,7 @@ CASES: dict[str, Case] = {
         },
     ),
     "adam": Case(
+        nonfinite=_OPTAX,
         hparams={"learning_rate": 0.03},
         zoo={
             "quadratic": Zoo(1000),
@@ -107,6 +135,7 @@ CASES: dict[str, Case] = {
         },
     ),
     "adamw": Case(
+        nonfinite=_OPTAX,
         # Default weight_decay=1e-4 kept: it moves the fixed point by far less than the tolerances.
         hparams={"learning_rate": 0.03},
         zoo={
@@ -117,6 +146,7 @@ CASES: dict[str, Case] = {
         },
     ),
     "schedule_free_adamw": Case(
+        nonfinite=_OPTAX,
         # optax.contrib's schedule-free AdamW; its training iterate y converges like Adam's.
         hparams={"learning_rate": 0.03},
         zoo={
@@ -131,6 +161,7 @@ CASES: dict[str, Case] = {
         },
     ),
     "nadam": Case(
+        nonfinite=_OPTAX,
         hparams={"learning_rate": 0.03},
         zoo={
             "quadratic": Zoo(1000),
@@ -140,6 +171,7 @@ CASES: dict[str, Case] = {
         },
     ),
     "lion": Case(
+        nonfinite=_OPTAX,
         hparams={"learning_rate": 3e-3},
         zoo={
             "quadratic": Zoo(2000),
@@ -150,6 +182,7 @@ CASES: dict[str, Case] = {
         bf16={"learning_rate": 0.03},
     ),
     "rmsprop": Case(
+        nonfinite=_OPTAX,
         hparams={"learning_rate": 3e-3},
         zoo={
             "quadratic": Zoo(2000),
@@ -160,6 +193,7 @@ CASES: dict[str, Case] = {
         bf16={"learning_rate": 0.03},
     ),
     "adagrad": Case(
+        nonfinite=_OPTAX,
         hparams={"learning_rate": 0.3},
         zoo={
             "quadratic": Zoo(1000),
@@ -169,7 +203,9 @@ CASES: dict[str, Case] = {
         },
     ),
     "adafactor": Case(
+        nonfinite=_OPTAX,
         hparams={"learning_rate": 3e-3},
+        matrix={"min_dim_size_to_factor": 2},  # factored second moments on both matrices
         zoo={
             "quadratic": Zoo(2000),
             "rosenbrock": Zoo(5000, {"learning_rate": ("cosine", 0.03)}, note=_FIXED_STEP),
@@ -179,6 +215,7 @@ CASES: dict[str, Case] = {
         bf16={"learning_rate": 0.03},
     ),
     "lamb": Case(
+        nonfinite=_OPTAX,
         hparams={"learning_rate": 1e-3},
         zoo={
             "quadratic": Zoo(2000),
@@ -189,6 +226,7 @@ CASES: dict[str, Case] = {
         bf16={"learning_rate": 0.03},
     ),
     "adahessian": Case(
+        nonfinite={"default": {"update_every": 1}},
         hparams={"learning_rate": 0.15},
         zoo={
             "quadratic": Zoo(1000),
@@ -203,9 +241,11 @@ CASES: dict[str, Case] = {
         },
     ),
     "muon": Case(
+        nonfinite=_OPTAX,
         # optax.contrib.muon: orthogonalized momentum on the MLP's matrices, Adam (adam_b1/b2)
         # on vectors, so the quadratic, Rosenbrock and logistic rows exercise its Adam part.
         hparams={"learning_rate": 0.03},
+        matrix={},  # Newton-Schulz on w1, w2; Adam on b
         zoo={
             "quadratic": Zoo(1000),
             "rosenbrock": Zoo(3000, {"learning_rate": 0.02}),
@@ -214,10 +254,23 @@ CASES: dict[str, Case] = {
         },
     ),
     "shampoo": Case(
+        nonfinite={
+            "default": {"precondition_every": 1},
+            "kl": {"precondition_every": 1, "statistics": "kl"},
+        },
         # Vectors (quadratic, Rosenbrock, logistic) take the Adam graft; the MLP's matrices
         # are preconditioned (roots every 5 steps from step 5). Matrix-specific behaviour is
         # tested in test_shampoo.py.
         hparams={"learning_rate": 0.03, "precondition_every": 5},
+        # Roots from the first step on, refreshed on even steps: every check's first step is
+        # a preconditioned one, and a two-step check takes both branches of the refresh.
+        # w1 [4, 3] on its side of 3 only (one gradient's 4 x 4 factor is singular), w2
+        # [3, 3] on both sides.
+        matrix={
+            "precondition_every": 2,
+            "start_preconditioning_step": 0,
+            "max_precondition_dim": 3,
+        },
         zoo={
             "quadratic": Zoo(1000),
             "rosenbrock": Zoo(3000, {"learning_rate": 0.02}),
@@ -226,9 +279,18 @@ CASES: dict[str, Case] = {
         },
     ),
     "soap": Case(
+        nonfinite={
+            "default": {"precondition_every": 1},
+            "kl": {"precondition_every": 1, "statistics": "kl"},
+        },
         # Vectors take plain Adam (b1 = b2 = 0.95, SOAP's defaults); the MLP's matrices run
         # Adam in their factors' eigenbases. Matrix-specific behaviour is in test_soap.py.
         hparams={"learning_rate": 0.03, "precondition_every": 5},
+        # Bases refreshed on even steps (the first included), one-sided: the first step is
+        # Adam in the first gradient's eigenbasis, and rotated on both sides that gradient is
+        # diagonal (its SVD): the zeros off the diagonal come out as rounding noise, which
+        # Adam's first step scales to full size (a different update under jit than eagerly).
+        matrix={"precondition_every": 2, "one_sided": True},
         zoo={
             "quadratic": Zoo(1000),
             "rosenbrock": Zoo(3000, {"learning_rate": 0.02}),
@@ -237,10 +299,19 @@ CASES: dict[str, Case] = {
         },
     ),
     "kfac": Case(
+        nonfinite={
+            "adaptive": {"invert_every": 1},
+            "fixed": {"learning_rate": 0.3, "momentum": 0.5, "invert_every": 1},
+            "ekfac": {"ekfac": True, "invert_every": 1},
+            "ekfac_fixed": {"ekfac": True, "learning_rate": 0.3, "invert_every": 1},
+        },
         # The recommended setting: kfac() with learning rate, momentum and damping all taken
         # from the quadratic model. Layer-level numerics are tested in test_kfac.py.
         hparams={},
         inject={"learning_rate": 0.3, "momentum": 0.5},
+        # Two dense layers (inverses refreshed on even steps) and b in no layer (the diagonal
+        # Fisher).
+        matrix={"invert_every": 2},
         tagged="K-FAC's curvature is that of a tagged loss (jaxopt2.tag_loss): on an untagged "
         "problem (the quadratic, Rosenbrock) it has nothing to precondition and refuses",
         zoo={
@@ -251,6 +322,7 @@ CASES: dict[str, Case] = {
         },
     ),
     "sophia": Case(
+        nonfinite={"default": {"update_every": 1}},
         # Hutchinson estimator (the default), refreshed every 10 steps (the paper's k). Each
         # coordinate moves by at most lr per step. GNB runs on the tagged zoo in test_sophia.py.
         hparams={"learning_rate": 0.03},
@@ -278,6 +350,7 @@ CASES: dict[str, Case] = {
         },
     ),
     "oasis": Case(
+        nonfinite={"default": {"update_every": 1}},
         hparams={"learning_rate": 0.2},
         zoo={
             "quadratic": Zoo(300),
@@ -292,6 +365,7 @@ CASES: dict[str, Case] = {
         },
     ),
     "fosi": Case(
+        nonfinite={"default": {"approx_every": 1}},
         # Default base optax.adam(learning_rate); Newton on the top-5 eigenspace (of 20 on the
         # quadratic), refreshed every 20 steps. Rosenbrock has 2 parameters: k=1.
         hparams={"learning_rate": 0.03, "k": 5},
@@ -305,10 +379,12 @@ CASES: dict[str, Case] = {
 }
 
 
-def nan_batch(batch: tuple[Any, ...]) -> tuple[Any, ...]:
+def nan_batch(batch: tuple[Any, ...], first: bool = False) -> tuple[Any, ...]:
     """`batch` with the first entry of its last floating array set to NaN (NaN loss, NaN
-    gradient)."""
-    i = max(j for j, b in enumerate(batch) if jnp.issubdtype(jnp.result_type(b), jnp.floating))
+    gradient); with `first`, of its first floating array (the inputs, or the quadratic's
+    matrix: a NaN curvature too, where the targets alone may leave it finite)."""
+    floating = [j for j, b in enumerate(batch) if jnp.issubdtype(jnp.result_type(b), jnp.floating)]
+    i = floating[0] if first else floating[-1]
     bad = batch[i].reshape(-1).at[0].set(jnp.nan).reshape(batch[i].shape)
     return (*batch[:i], bad, *batch[i + 1 :])
 
@@ -325,8 +401,8 @@ def resolve_hparams(hparams: dict[str, Any], steps: int | None = None) -> dict[s
 
 
 def make_optimizer(name: str, **overrides: Any) -> optax.GradientTransformationExtraArgs:
-    """The registry's optimizer `name` with its row's generic ``hparams`` (and overrides)."""
-    return registry.get(name).factory(**{**CASES[name].hparams, **overrides})
+    """The registry's optimizer `name` with its row's generic arguments (and overrides)."""
+    return registry.get(name).factory(**{**CASES[name].generic, **overrides})
 
 
 def step_key(step: jax.Array | int) -> jax.Array:

@@ -1,4 +1,5 @@
-"""A shared check: one non-finite gradient must leave an optimizer's state untouched."""
+"""The non-finite contract: a step with a non-finite gradient (or curvature) must leave an
+optimizer's state untouched, but for its counters, and be counted."""
 
 import jax
 import jax.numpy as jnp
@@ -26,3 +27,58 @@ def check_nonfinite_step_keeps_state(opt, bad_value: float) -> None:
     assert int(s2.num_nonfinite) == 1 and int(s2.count) == 2
     u3, s3 = update(good, s2, params)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((u3, s3)))
+
+
+def is_counter(path) -> bool:
+    """A state leaf that counts (``count``, ``num_*``): the one kind a skipped step changes."""
+    last = path[-1] if path else None
+    name = getattr(last, "name", None)
+    return isinstance(name, str) and (name == "count" or name.startswith("num_"))
+
+
+def changed_leaves(before, after) -> list[str]:
+    """Paths of the non-counter leaves of two states that are not bitwise equal (NaN == NaN:
+    a NaN kept is kept, a NaN written where there was a number is a change)."""
+    out = []
+    pairs = zip(
+        jax.tree_util.tree_leaves_with_path(before),
+        jax.tree_util.tree_leaves_with_path(after),
+        strict=True,
+    )
+    for (path, a), (_, b) in pairs:
+        if is_counter(path):
+            continue
+        if not np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True):
+            out.append(jax.tree_util.keystr(path))
+    return out
+
+
+def counted(before, after) -> int:
+    """How much the ``num_nonfinite`` counters of a state grew between `before` and `after`."""
+    total = 0
+    pairs = zip(
+        jax.tree_util.tree_leaves_with_path(before),
+        jax.tree_util.tree_leaves_with_path(after),
+        strict=True,
+    )
+    for (path, a), (_, b) in pairs:
+        if getattr(path[-1], "name", None) == "num_nonfinite":
+            total += int(b) - int(a)
+    return total
+
+
+def poisoned(before, after) -> list[str]:
+    """Paths of the floating leaves that are all finite in `before` but not in `after` (a NaN
+    a state starts with, such as K-FAC's ``rho`` before its first measurement, is no poison)."""
+    out = []
+    pairs = zip(
+        jax.tree_util.tree_leaves_with_path(before),
+        jax.tree_util.tree_leaves_with_path(after),
+        strict=True,
+    )
+    for (path, a), (_, b) in pairs:
+        if not jnp.issubdtype(jnp.result_type(b), jnp.inexact):
+            continue
+        if np.all(np.isfinite(np.asarray(a))) and not np.all(np.isfinite(np.asarray(b))):
+            out.append(jax.tree_util.keystr(path))
+    return out

@@ -96,9 +96,16 @@ def test_low_bit_shampoo_trains_like_full_precision(statistics):
             assert isinstance(side, lowbit.QuantizedBasis)
             assert side.codes.dtype == (jnp.int8 if bits == 8 else jnp.uint8)
         assert float(curve[-1]) < 1e-3 * float(full[0]), bits
-        if bits == 8:  # 8 bits tracks full precision (measured within ~10% on this problem)
-            np.testing.assert_allclose(curve[:75], full[:75], rtol=0.05)
-            np.testing.assert_allclose(curve[75:], full[75:], rtol=0.5)
+        if bits == 8 and statistics == "shampoo":
+            # 8-bit roots track full precision: measured within 0.2% over the first 75 steps
+            # and 0.9% over the last 75 (4 bits: 52% and 370%).
+            np.testing.assert_allclose(curve, full, rtol=0.02)
+        elif bits == 8:
+            # KL's eigenvalues are re-estimated every step in the stored (quantized) basis, so
+            # its late curve, at losses ~1e-6 of the start, drifts further: measured within
+            # 1.5% over the first 75 steps and 43% over the last 75 (4 bits: 102% and 110x).
+            np.testing.assert_allclose(curve[:75], full[:75], rtol=0.04)
+            np.testing.assert_allclose(curve[75:], full[75:], rtol=0.6)
     # 4 bits (root ~4% off, see above) ends measurably behind on this ill-conditioned problem:
     # the check can tell the formats apart.
     assert float(curve[-1]) > float(full[-1])

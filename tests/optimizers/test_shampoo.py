@@ -240,28 +240,51 @@ def _root_list(state):
     return [r for side in jax.tree.leaves(state.roots) for r in np.asarray(side)]
 
 
+def _left(g):
+    return g @ g.T
+
+
+def _right(g):
+    return g.T @ g
+
+
+def _inverse_fourth_root(x):
+    """``(x + 1e-6 λ_max I)^{-1/4}`` in float64 (shampoo's default relative damping)."""
+    w, v = np.linalg.eigh(x)
+    return (v * (w + 1e-6 * w.max()) ** -0.25) @ v.T
+
+
 def test_stagger_refreshes_a_slice_per_step():
     params = {"a": jnp.zeros((8, 8)), "b": jnp.zeros((8, 4)), "c": jnp.zeros((4, 8))}
     opt = jaxopt2.scale_by_shampoo(
-        block_size=8, precondition_every=3, start_preconditioning_step=1, stagger=True
+        block_size=8,
+        precondition_every=3,
+        start_preconditioning_step=1,
+        stagger=True,
+        stats_dtype=jnp.float64,  # roots of rank-deficient factors compared to 1e-6
     )
     state = opt.init(params)
     # 6 factors (a: 8, 8; b: 8, 4; c: 4, 8), refreshed in 3 slices of 2
     assert [len(r) for r in _root_list(state)] == [8, 8, 8, 4, 4, 8]
     rng = np.random.default_rng(0)
-    refreshed = []
-    for _ in range(4):
+    stats = [np.zeros((d, d)) for d in (8, 8, 8, 4, 4, 8)]  # float64 reference statistics
+    expected = [np.eye(d) for d in (8, 8, 8, 4, 4, 8)]
+    # Step 0 is before the start; steps 1, 2, 3 refresh factors 0-1, 2-3, 4-5, each from the
+    # statistics of its own step; the others keep what they had (identity before their turn).
+    slices = {0: (), 1: (0, 1), 2: (2, 3), 3: (4, 5)}
+    for step in range(4):
         grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape)), params)
         _, state = opt.update(grads, state, params)
-        refreshed.append([not np.allclose(r, np.eye(len(r))) for r in _root_list(state)])
-    # Step 0 is before the start; steps 1, 2, 3 refresh factors 0-1, 2-3, 4-5.
-    assert refreshed[0] == [False] * 6
-    assert refreshed[1] == [True, True, False, False, False, False]
-    assert refreshed[2] == [True, True, True, True, False, False]
-    assert refreshed[3] == [True] * 6
+        factors = [f(np.asarray(grads[k])) for k in "abc" for f in (_left, _right)]
+        stats = [0.999 * s + 0.001 * f for s, f in zip(stats, factors, strict=True)]
+        for i in slices[step]:
+            expected[i] = _inverse_fourth_root(stats[i])
+        for i, (root, want) in enumerate(zip(_root_list(state), expected, strict=True)):
+            np.testing.assert_allclose(root, want, rtol=1e-6, atol=1e-6 * np.abs(want).max(),
+                                       err_msg=f"step {step}, factor {i}")  # fmt: skip
     txt = jax.jit(opt.update).lower(params, state, params).compile().as_text()
     eighs = [line for line in txt.splitlines() if re.search(r"custom_call_target=\"\w*syevd", line)]
-    assert len(eighs) == 1 and "(f32[2,8,8]" in eighs[0], eighs  # one slice of 2 factors
+    assert len(eighs) == 1 and "(f64[2,8,8]" in eighs[0], eighs  # one slice of 2 factors
 
 
 # ------------------------------------------------------------------------------------------

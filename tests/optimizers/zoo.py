@@ -33,6 +33,17 @@ are identities for everyone else.
   * ``mlp_tagged``: ``mlp`` with its logits tagged.
   * ``mlp_regression``: a 4-16-2 tanh MLP fitting a teacher network of the same shape
     (realizable, ``f* = 0``).
+
+The matrix problem (:func:`matrix`, in neither dict: no convergence row runs it) is where the
+generic contract checks run for optimizers with a structural path: ``w1`` ``[4, 3]`` and
+``w2`` ``[3, 3]`` are matrices (Kronecker statistics, their refresh and its ``lax.cond`` are
+traced; K-FAC finds two dense layers), and the vector ``b`` ``[3]`` is added to the hidden
+units, the *input* of ``w2``, so it is no layer's bias (K-FAC's diagonal Fisher, the graft or
+Adam of the Kronecker optimizers). The loss is tagged, so it serves every row. ``w2`` is
+square so that a single gradient's factors are full rank on both sides (the factor ``G Gᵀ``
+of a ``4 × 3`` gradient is singular, and its roots turn rounding in the null space into
+differences the checks' jit-versus-eager comparisons would not survive): the Kronecker rows
+precondition ``w1`` on its side of 3 only, ``w2`` on both.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ import jaxopt2
 PyTree = Any
 
 __all__ = [
+    "MATRIX_SHAPES",
     "PROBLEMS",
     "TAGGED_PROBLEMS",
     "Problem",
@@ -58,6 +70,7 @@ __all__ = [
     "linear_regression",
     "logistic",
     "logistic_layer",
+    "matrix",
     "mlp",
     "mlp_regression",
     "mlp_tagged",
@@ -394,6 +407,42 @@ def mlp_regression(dtype: Any = jnp.float32) -> Problem:
         f_star=0.0,
         rel_tol=1e-3,
         description="tagged 4-16-2 tanh MLP fitting a same-shape teacher (realizable)",
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The matrix problem of the generic checks.
+# --------------------------------------------------------------------------------------
+
+MATRIX_SHAPES = {"w1": (4, 3), "w2": (3, 3), "b": (3,)}
+
+
+def matrix_loss(p: dict[str, jax.Array], x: jax.Array, y: jax.Array) -> jax.Array:
+    out = jaxopt2.tag_loss("squared_error", (jnp.tanh(x @ p["w1"]) + p["b"]) @ p["w2"], y)
+    return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+
+
+@functools.cache
+def _matrix_data() -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(5)
+    draw = lambda shape: rng.standard_normal(shape) / np.sqrt(shape[0])
+    teacher = {k: draw(v) for k, v in MATRIX_SHAPES.items()}
+    start = {k: draw(v) for k, v in MATRIX_SHAPES.items()}
+    x = rng.standard_normal((16, 4))
+    y = (np.tanh(x @ teacher["w1"]) + teacher["b"]) @ teacher["w2"]
+    return start, x, y
+
+
+def matrix(dtype: Any = jnp.float32) -> Problem:
+    start, x, y = _matrix_data()
+    return Problem(
+        name="matrix",
+        params=_cast(start, dtype),
+        loss_fn=matrix_loss,
+        batch=(jnp.asarray(x, dtype), jnp.asarray(y, dtype)),
+        f_star=0.0,
+        rel_tol=1e-3,
+        description="tagged (tanh(x w1) + b) w2 with w1 [4, 3], w2 [3, 3], b [3] (a teacher's)",
     )
 
 

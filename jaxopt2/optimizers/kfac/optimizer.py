@@ -27,7 +27,8 @@ the tagged outputs), and ``λ`` adapted by the Levenberg-Marquardt rule from the
 ``ρ = (h(θ+δ) − h(θ)) / M(δ)`` every ``damping_adaptation_interval`` steps (an extra forward
 pass of ``value_fn`` at those steps). In that mode ``scale_by_kfac`` returns the final signed
 step, so ``kfac()`` is not ``chain(..., scale_by_learning_rate)``: the learning rate *is* ``α``.
-With a number, ``kfac(lr, momentum=m)`` is ``chain(scale_by_kfac, trace(m), scale_by_lr(lr))``.
+With a number, ``kfac(lr, momentum=m)`` is ``chain(scale_by_kfac, trace(m), scale_by_lr(lr))``
+(the trace keeps its state over a step with non-finite statistics, as ``scale_by_kfac`` does).
 
 Memory. The state's shapes are fixed at ``init``, which sees the parameters alone, so which
 leaves are layers is decided there in one of two ways (:mod:`.factors`): the layer plan,
@@ -137,7 +138,7 @@ class ScaleByKfacState(NamedTuple):
       diag: EMA of the sampled Fisher's diagonal, like the parameters (the parameters in no
         layer use it; the entries of layer parameters stay zero).
       damping: the current λ.
-      prev_update: the previous step ``δ`` (adaptive mode).
+      prev_update: the previous step ``δ`` (adaptive mode; kept over a skipped step).
       key: fallback PRNG key (target sampling).
       rho: the last reduction ratio measured (NaN before the first).
       num_nonfinite: steps with non-finite statistics (skipped).
@@ -715,7 +716,12 @@ def scale_by_kfac(
             scaling=scaling,
             diag=diag,
             damping=jnp.asarray(lam_new, stats_dtype),
-            prev_update=treedef.unflatten([x.astype(stats_dtype) for x in step]),
+            # A skipped step (non-finite statistics) keeps the last step for the momentum.
+            prev_update=jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                treedef.unflatten([x.astype(stats_dtype) for x in step]),
+                state.prev_update,
+            ),
             key=next_key,
             rho=jnp.asarray(rho, stats_dtype),
             num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
@@ -1091,11 +1097,26 @@ def kfac(
         return inner
     parts = [inner]
     if momentum is not None:
-        parts.append(optax.trace(decay=momentum))
+        parts.append(_kept_on_nonfinite(optax.trace(decay=momentum)))
     if weight_decay is not None:
         parts.append(optax.add_decayed_weights(weight_decay))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
+
+
+def _kept_on_nonfinite(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+    """`inner` with its state kept on a non-finite input: the momentum after a step
+    :func:`scale_by_kfac` skipped is the one before it (the update itself passes through)."""
+
+    def update_fn(updates, state, params=None, **extra):
+        del extra
+        new_updates, new_state = inner.update(updates, state, params)
+        ok = kr.all_finite(updates)
+        return new_updates, jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 registry.register(
