@@ -22,7 +22,6 @@ import json
 
 import flax.nnx as nnx
 import jax
-import jax.numpy as jnp
 import optax
 
 import jaxopt2
@@ -64,7 +63,7 @@ def make(vocab: int = 8192, d: int = 128, heads: int = 4, blocks: int = 2):
         logits = nnx.merge(graph, p)(tokens[:, :-1])
         logits = jaxopt2.tag_loss("softmax_cross_entropy", logits, tokens[:, 1:])
         per_token = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-        return jnp.mean(jnp.sum(per_token, axis=-1))
+        return per_token.mean()  # the mean over every token: what the tag implies
 
     return params, loss_fn
 

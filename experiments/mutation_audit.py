@@ -18,9 +18,10 @@ result: if it survives the note is printed instead of counting a survivor. Befor
 mutants, the union of their area tests must pass on an unmutated copy (the baseline);
 otherwise the audit stops, since a failing baseline would make every mutant look killed.
 
-Area test lists are generous: the module's own tests first (so that a killed mutant stops
-early under ``-x``), then the cross-cutting checks (``tests/optimizers/test_shared_checks.py``
-for optimizers) and the reference tests under ``tests/references/``. A listed path that does
+Area test lists are generous: the float64 reference tests under ``tests/references/`` first
+(under a minute, and the most discriminating, so a killed mutant stops early under ``-x``),
+then the module's own tests, then the cross-cutting checks
+(``tests/optimizers/test_shared_checks.py`` for optimizers). A listed path that does
 not exist when the audit runs (a folder added or renamed later) is skipped.
 
 How to run (from the repository root; it is not part of the default test run)::
@@ -81,8 +82,10 @@ REFERENCES = "tests/references"
 
 
 def _area(*own: str, shared: bool = True) -> tuple[str, ...]:
-    """The test paths of an area: its own files first, then the cross-cutting ones."""
-    return (*own, *((SHARED,) if shared else ()), REFERENCES)
+    """The test paths of an area: the float64 references first (under a minute, and the
+    most discriminating: a killed mutant stops at its first failure), then its own files,
+    then the shared checks."""
+    return (REFERENCES, *own, *((SHARED,) if shared else ()))
 
 
 T_SHAMPOO = _area("tests/optimizers/test_shampoo.py", "tests/optimizers/test_lowbit.py")
@@ -452,10 +455,10 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "sophia-gnb-batch-scale",
         SOPHIA,
-        "return jax.tree.map(lambda x: batch * x * x, g)",
-        "return jax.tree.map(lambda x: x * x, g)",
+        "root = jnp.sqrt(split.row_weights())",
+        "root = split.row_weights()",
         T_SOPHIA,
-        "Gauss-Newton-Bartlett estimate ĝ ⊙ ĝ without the batch-size factor B",
+        "GNB estimate: rows weighted by c_r, not √c_r (ĝ ⊙ ĝ off by the row count)",
         "killed",
     ),
     M(
@@ -610,8 +613,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "tags-jvp-sign",
         TAGS,
-        "return loss_tag_p.bind(outputs, targets, loss=loss), ad.instantiate_zeros(tangents[0])",
-        "return loss_tag_p.bind(outputs, targets, loss=loss), -ad.instantiate_zeros(tangents[0])",
+        "return loss_tag_p.bind(*primals, **params), ad.instantiate_zeros(tangents[0])",
+        "return loss_tag_p.bind(*primals, **params), -ad.instantiate_zeros(tangents[0])",
         T_TAGS,
         "tag_loss flips the sign of tangents: no longer an identity for differentiation",
         "killed",

@@ -157,8 +157,12 @@ def test_a_group_smaller_than_the_mesh_is_kept_whole(name):
 
     one, _, _ = run(None)
     eight, state, hlo = run(_mesh())
+    # SOAP divides by sqrt(v) + eps in the rotated basis, which amplifies the float32
+    # differences of a per-device eigh (one block) and the whole-stack one: measured 4.2e-5
+    # (jax 0.10.2, scipy's OpenBLAS); a mixed-up block or basis is off by O(1)
+    tol = 1e-5 if name == "shampoo" else 2e-4
     for u1, u8 in zip(one, eight, strict=True):
-        assert max_relative_error(u1, u8) <= 1e-5
+        assert max_relative_error(u1, u8) <= tol
     field = state.roots if name == "shampoo" else state.bases
     (a_left, a_right), (b_left, b_right) = field
     assert a_left.shape == (8, 8, 8) and a_left.sharding.spec == P(("data",))
