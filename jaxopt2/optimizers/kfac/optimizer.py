@@ -495,8 +495,14 @@ def scale_by_kfac(
         sides = _diagonal_sides(groups, where, heads)
         raw = {
             leaf: _unit_statistics(
-                uses, index, inputs, out_grads, stats_dtype, unit_rows,
-                _input_row_weights(weights), sides[leaf],
+                uses,
+                index,
+                inputs,
+                out_grads,
+                stats_dtype,
+                unit_rows,
+                _input_row_weights(weights),
+                sides[leaf],
             )
             for leaf, uses in units.items()
         }
