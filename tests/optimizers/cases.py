@@ -291,6 +291,10 @@ CASES: dict[str, Case] = {
         # diagonal (its SVD): the zeros off the diagonal come out as rounding noise, which
         # Adam's first step scales to full size (a different update under jit than eagerly).
         matrix={"precondition_every": 2, "one_sided": True},
+        # optax.inject_hyperparams as users write it leaves one_sided (structural) at its
+        # default, two-sided: a larger eps keeps that rounding noise (1e-8-sized entries) from
+        # being scaled to full size, so the injected and plain programs agree
+        inject={"learning_rate": 0.03, "eps": 1e-2},
         zoo={
             "quadratic": Zoo(1000),
             "rosenbrock": Zoo(3000, {"learning_rate": 0.02}),

@@ -9,6 +9,7 @@ on ``zoo.matrix``, with refresh schedules that put the structural path in every 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -318,7 +319,11 @@ def test_inject_hyperparams(name):
     given = {**row.inject, **(row.matrix or {})} if row.inject else row.generic
     hparams = {k: v for k, v in given.items() if k not in entry.static_args}
     lr = hparams["learning_rate"]
-    injected = optax.inject_hyperparams(entry.factory)(**hparams)
+    # optax's own factories keep optax's signatures, whose numeric structural defaults optax
+    # would inject (adafactor's min_dim_size_to_factor): users of those pass static_args
+    own = entry.factory.__module__.startswith("jaxopt2.")
+    static = {} if own else {"static_args": entry.static_args}
+    injected = optax.inject_hyperparams(entry.factory, **static)(**hparams)
     problem = _problem(name)
     params = problem.params
     traces = []
@@ -347,9 +352,10 @@ def test_inject_hyperparams(name):
         _, _, _, u_plain = jax.jit(
             lambda s, plain=plain: train_step(plain, problem.loss_fn, params, s, 0, problem.batch)
         )(plain.init(params))
-        # atol: float32 rounding of ~0.1-sized terms that cancel to a small entry (a rotation
-        # back into the parameter basis); a wrong rate is off by ~lr.
-        _assert_tree_close(u, u_plain, rtol=1e-5, atol=1e-6, what=f"{name}: injected lr={lr_}")
+        # atol: float32 rounding of ~0.1-sized terms that cancel to a small entry (SOAP's
+        # rotation back into the parameter basis; measured up to 2e-6 between the injected and
+        # the plain program); a wrong rate is off by the update itself, ~1e-2 here.
+        _assert_tree_close(u, u_plain, rtol=1e-5, atol=1e-5, what=f"{name}: injected lr={lr_}")
     assert not all(
         np.allclose(a, b) for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True)
     )
@@ -443,9 +449,11 @@ def test_nonfinite_step_keeps_state(name, mode):
     row = _row(name)
     wrapped = isinstance(row.nonfinite, str)  # an optax re-export: inside apply_if_finite
     if wrapped:
-        assert entry.factory.__module__.split(".")[0] == "optax", (
+        inner = inspect.unwrap(entry.factory)  # the registry's argument check around it
+        inner = getattr(inner, "func", inner)  # a functools.partial (optax.nadam)
+        assert inner.__module__.split(".")[0] == "optax", (
             f"{name}: only optax's own optimizers may leave the non-finite guard to "
-            f"apply_if_finite; {entry.factory.__module__} is not optax"
+            f"apply_if_finite; {inner.__module__} is not optax"
         )
     opt = make_optimizer(name, **({} if wrapped else row.nonfinite[mode]))
     tx = optax.apply_if_finite(opt, max_consecutive_errors=5) if wrapped else opt
