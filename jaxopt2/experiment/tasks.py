@@ -398,12 +398,8 @@ def _float32_model(model: eqx.Module) -> eqx.Module:
     return jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, model)
 
 
-def _build_modular(cfg: ModularConfig, model_name: str, model_cfg: Any, key: jax.Array):
-    _check_choice("task.operation", cfg.operation, OPERATIONS)
-    if cfg.p < 2:
-        raise ConfigError(f"task.p must be an integer >= 2, got {cfg.p}")
-    if not 0.0 < cfg.train_fraction < 1.0:
-        raise ConfigError(f"task.train_fraction must lie in (0, 1), got {cfg.train_fraction}")
+def _check_transformer(model_cfg: Any) -> None:
+    """The transformer model's sizes: positive, and heads that divide the width."""
     for k in ("d_model", "num_heads", "d_mlp", "num_layers"):
         _check_positive(f"model.{k}", getattr(model_cfg, k))
     if model_cfg.d_model % model_cfg.num_heads:
@@ -411,6 +407,15 @@ def _build_modular(cfg: ModularConfig, model_name: str, model_cfg: Any, key: jax
             f"model.d_model ({model_cfg.d_model}) must be a multiple of model.num_heads "
             f"({model_cfg.num_heads})"
         )
+
+
+def _build_modular(cfg: ModularConfig, model_name: str, model_cfg: Any, key: jax.Array):
+    _check_choice("task.operation", cfg.operation, OPERATIONS)
+    if cfg.p < 2:
+        raise ConfigError(f"task.p must be an integer >= 2, got {cfg.p}")
+    if not 0.0 < cfg.train_fraction < 1.0:
+        raise ConfigError(f"task.train_fraction must lie in (0, 1), got {cfg.train_fraction}")
+    _check_transformer(model_cfg)
     xtr, ytr, xev, yev = modular_arithmetic_data(
         cfg.p, cfg.operation, cfg.train_fraction, cfg.data_seed
     )
@@ -430,13 +435,7 @@ def _build_byte_lm(cfg: ByteLMConfig, model_name: str, model_cfg: Any, key: jax.
         _check_positive(f"task.{k}", getattr(cfg, k))
     if cfg.holdout_every < 2:
         raise ConfigError(f"task.holdout_every must be >= 2, got {cfg.holdout_every}")
-    for k in ("d_model", "num_heads", "d_mlp", "num_layers"):
-        _check_positive(f"model.{k}", getattr(model_cfg, k))
-    if model_cfg.d_model % model_cfg.num_heads:
-        raise ConfigError(
-            f"model.d_model ({model_cfg.d_model}) must be a multiple of model.num_heads "
-            f"({model_cfg.num_heads})"
-        )
+    _check_transformer(model_cfg)
     try:
         train, valid = byte_lm_data(cfg)
     except ValueError as e:

@@ -36,16 +36,21 @@ def is_counter(path) -> bool:
     return isinstance(name, str) and (name == "count" or name.startswith("num_"))
 
 
-def changed_leaves(before, after) -> list[str]:
-    """Paths of the non-counter leaves of two states that are not bitwise equal (NaN == NaN:
-    a NaN kept is kept, a NaN written where there was a number is a change)."""
-    out = []
+def _paired(before, after):
+    """``(path, leaf before, leaf after)`` over two states of one structure."""
     pairs = zip(
         jax.tree_util.tree_leaves_with_path(before),
         jax.tree_util.tree_leaves_with_path(after),
         strict=True,
     )
-    for (path, a), (_, b) in pairs:
+    return [(path, a, b) for (path, a), (_, b) in pairs]
+
+
+def changed_leaves(before, after) -> list[str]:
+    """Paths of the non-counter leaves of two states that are not bitwise equal (NaN == NaN:
+    a NaN kept is kept, a NaN written where there was a number is a change)."""
+    out = []
+    for path, a, b in _paired(before, after):
         if is_counter(path):
             continue
         if not np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True):
@@ -56,12 +61,7 @@ def changed_leaves(before, after) -> list[str]:
 def counted(before, after) -> int:
     """How much the ``num_nonfinite`` counters of a state grew between `before` and `after`."""
     total = 0
-    pairs = zip(
-        jax.tree_util.tree_leaves_with_path(before),
-        jax.tree_util.tree_leaves_with_path(after),
-        strict=True,
-    )
-    for (path, a), (_, b) in pairs:
+    for path, a, b in _paired(before, after):
         if getattr(path[-1], "name", None) == "num_nonfinite":
             total += int(b) - int(a)
     return total
@@ -71,12 +71,7 @@ def poisoned(before, after) -> list[str]:
     """Paths of the floating leaves that are all finite in `before` but not in `after` (a NaN
     a state starts with, such as K-FAC's ``rho`` before its first measurement, is no poison)."""
     out = []
-    pairs = zip(
-        jax.tree_util.tree_leaves_with_path(before),
-        jax.tree_util.tree_leaves_with_path(after),
-        strict=True,
-    )
-    for (path, a), (_, b) in pairs:
+    for path, a, b in _paired(before, after):
         if not jnp.issubdtype(jnp.result_type(b), jnp.inexact):
             continue
         if np.all(np.isfinite(np.asarray(a))) and not np.all(np.isfinite(np.asarray(b))):

@@ -194,16 +194,20 @@ def test_arrays_tracers_and_schedules_pass_unchecked(name):
 
 
 def test_the_valid_edges_pass():
-    """The bounds of the rules themselves: what is allowed still builds."""
-    jaxopt2.kfac(momentum=0.0)
-    jaxopt2.kfac(0.0)  # a zero learning rate: a no-op step, not an error
-    jaxopt2.shampoo(0.1, b2=0.0, damping=0.0, graft="sgd")
-    jaxopt2.soap(0.1, stats_dtype=jnp.bfloat16)
-    jaxopt2.shampoo(0.1, stats_dtype=np.dtype("float64"))
-    registry.get("sgd").factory(0.1, momentum=None)
-    jaxopt2.sophia(weight_decay=optax.constant_schedule(1e-4))  # optax takes a schedule here
-    registry.get("adamw").factory(0.1, weight_decay=optax.constant_schedule(1e-4))
-    registry.get("adafactor").factory(learning_rate=None)
+    """The bounds of the rules themselves: what is allowed still builds, an optimizer."""
+    built = [
+        jaxopt2.kfac(momentum=0.0),
+        jaxopt2.kfac(0.0),  # a zero learning rate: a no-op step, not an error
+        jaxopt2.shampoo(0.1, b2=0.0, damping=0.0, graft="sgd"),
+        jaxopt2.soap(0.1, stats_dtype=jnp.bfloat16),
+        jaxopt2.shampoo(0.1, stats_dtype=np.dtype("float64")),
+        registry.get("sgd").factory(0.1, momentum=None),
+        jaxopt2.sophia(weight_decay=optax.constant_schedule(1e-4)),  # optax takes a schedule
+        registry.get("adamw").factory(0.1, weight_decay=optax.constant_schedule(1e-4)),
+        registry.get("adafactor").factory(learning_rate=None),
+    ]
+    for opt in built:
+        assert isinstance(opt, optax.GradientTransformation), opt
 
 
 # ------------------------------------------------------------------------------------------

@@ -75,6 +75,28 @@ def _kl_inverse_power(q, stat, power, damping):
     return (q * d**power) @ q.T
 
 
+def factor_statistics(gb, left, right, bases, t, b2, damping, statistics):
+    """One step of a block's factor EMAs ``(L, R)``: Shampoo's ``G Gᵀ``, ``Gᵀ G``, or
+    KL-Shampoo's ``G R⁻¹ Gᵀ / c``, ``Gᵀ L⁻¹ G / r`` (each side whitened by the other's
+    bias-corrected inverse in its stored eigenbasis; scalar inverses with
+    ``tr(L) tr(R) = ‖G‖²`` at the first step, when there are no factors yet)."""
+    r, c = gb.shape
+    if statistics != "kl":
+        return b2 * left + (1 - b2) * gb @ gb.T, b2 * right + (1 - b2) * gb.T @ gb
+    ql, qr = bases
+    if t == 0:
+        r_inv = c / np.linalg.norm(gb) * np.eye(c)
+        l_inv = r / np.linalg.norm(gb) * np.eye(r)
+    else:
+        corr = 1 - b2**t
+        r_inv = _kl_inverse_power(qr, right / corr, -1.0, damping)
+        l_inv = _kl_inverse_power(ql, left / corr, -1.0, damping)
+    return (
+        b2 * left + (1 - b2) * gb @ r_inv @ gb.T / c,
+        b2 * right + (1 - b2) * gb.T @ l_inv @ gb / r,
+    )
+
+
 def reference_shampoo(params, grad_fn, steps, *, block_size, every, start, b1, b2, eps,
                       damping, graft, nesterov, statistics="shampoo"):  # fmt: skip
     """The parameters after each step (a list of dicts), plain numpy float64."""
@@ -102,22 +124,9 @@ def reference_shampoo(params, grad_fn, steps, *, block_size, every, start, b1, b
             pre = np.zeros_like(g[k])
             for i, (rs, cs) in enumerate(bl):
                 gb = g[k][rs, cs]
-                r, c = gb.shape
-                left, right = stats[(k, i)]
-                if statistics == "kl":
-                    ql, qr = roots[(k, i)]
-                    if t == 0:  # no factors yet: scalar inverses with tr(L) tr(R) = ‖G‖²
-                        r_inv = c / np.linalg.norm(gb) * np.eye(c)
-                        l_inv = r / np.linalg.norm(gb) * np.eye(r)
-                    else:
-                        corr = 1 - b2**t
-                        r_inv = _kl_inverse_power(qr, right / corr, -1.0, damping)
-                        l_inv = _kl_inverse_power(ql, left / corr, -1.0, damping)
-                    left = b2 * left + (1 - b2) * gb @ r_inv @ gb.T / c
-                    right = b2 * right + (1 - b2) * gb.T @ l_inv @ gb / r
-                else:
-                    left = b2 * left + (1 - b2) * gb @ gb.T
-                    right = b2 * right + (1 - b2) * gb.T @ gb
+                left, right = factor_statistics(
+                    gb, *stats[(k, i)], roots.get((k, i)), t, b2, damping, statistics
+                )
                 stats[(k, i)] = [left, right]
                 if refresh:
                     if statistics == "kl":

@@ -17,7 +17,7 @@ import pytest
 
 import jaxopt2
 from tests.references.common import assert_paths_close, library_path
-from tests.references.test_shampoo_reference import _blocks, _kl_inverse_power, _problem
+from tests.references.test_shampoo_reference import _blocks, _problem, factor_statistics
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,22 +62,10 @@ def reference_soap(params, grad_fn, steps, *, block_size, every, b1, b2, eps,
             for i, (rs, cs) in enumerate(bl):
                 key = (k, i)
                 gb = g[k][rs, cs]
-                r, c = gb.shape
-                left, right = stats[key]
                 ql, qr = bases[key]
-                if statistics == "kl":
-                    if t == 0:
-                        r_inv = c / np.linalg.norm(gb) * np.eye(c)
-                        l_inv = r / np.linalg.norm(gb) * np.eye(r)
-                    else:
-                        corr = 1 - b2**t
-                        r_inv = _kl_inverse_power(qr, right / corr, -1.0, damping)
-                        l_inv = _kl_inverse_power(ql, left / corr, -1.0, damping)
-                    left = b2 * left + (1 - b2) * gb @ r_inv @ gb.T / c
-                    right = b2 * right + (1 - b2) * gb.T @ l_inv @ gb / r
-                else:
-                    left = b2 * left + (1 - b2) * gb @ gb.T
-                    right = b2 * right + (1 - b2) * gb.T @ gb
+                left, right = factor_statistics(
+                    gb, *stats[key], (ql, qr), t, b2, damping, statistics
+                )
                 stats[key] = [left, right]
                 if t % every == 0:
                     if t == 0:
