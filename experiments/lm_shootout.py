@@ -127,9 +127,11 @@ def trial_overrides(name: str, lr: float, extra: list[str], quick: bool) -> list
     return out
 
 
-def run_trial(name: str, lr: float, extra: list[str], runs_dir: Path, quick: bool) -> dict:
+def run_trial(
+    name: str, lr: float, extra: list[str], runs_dir: Path, quick: bool, config: Path = CONFIG
+) -> dict:
     """Train one trial (or reuse its finished run dir); returns its record and eval curve."""
-    config = QUICK_CONFIG if quick else CONFIG
+    config = QUICK_CONFIG if quick else config
     rc, _ = load_config(str(config), trial_overrides(name, lr, extra, quick))
     run_dir = runs_dir / f"{name}-lr{_fmt_lr(lr)}"
     summary_path = run_dir / "summary.json"
@@ -251,6 +253,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset")
     ap.add_argument("--quick", action="store_true", help="tiny end-to-end check")
+    ap.add_argument(
+        "--config",
+        type=Path,
+        default=CONFIG,
+        help="the LM config every trial starts from (default configs/lm_small.yaml)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "experiments/results/lm_shootout")
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/lm_shootout"))
     args = ap.parse_args()
@@ -258,17 +266,20 @@ def main() -> None:
     unknown = [n for n in names if n not in OPTIMIZERS]
     if unknown:
         ap.error(f"unknown optimizer(s) {unknown}; choose from {', '.join(OPTIMIZERS)}")
-    out_dir = args.out / "quick" if args.quick else args.out
-    runs_dir = args.runs_dir / "quick" if args.quick else args.runs_dir
+    sub = "quick" if args.quick else args.config.stem
+    out_dir = args.out / sub
+    runs_dir = args.runs_dir / sub
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     for name in names:
         grid, extra = OPTIMIZERS[name]
         lrs = [grid[len(grid) // 2]] if args.quick else grid
-        results[name] = [run_trial(name, lr, extra, runs_dir, args.quick) for lr in lrs]
+        results[name] = [
+            run_trial(name, lr, extra, runs_dir, args.quick, args.config) for lr in lrs
+        ]
     summary = summarize(results)
     env = {
-        "config": (QUICK_CONFIG if args.quick else CONFIG).name,
+        "config": (QUICK_CONFIG if args.quick else args.config).name,
         "quick": args.quick,
         "python": platform.python_version(),  # the task's text is this interpreter's stdlib
         "jax": jax.__version__,
