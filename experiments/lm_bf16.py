@@ -31,9 +31,12 @@ import platform
 import time
 from pathlib import Path
 
-from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround
+from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround, limit_lapack_threads
 
 apply_cpu_deadlock_workaround()
+# one OpenBLAS thread for every contender: spinning LAPACK workers after an eigh would take a
+# core from the steps that follow a refresh (Shampoo, SOAP, K-FAC) and bias their step times
+limit_lapack_threads()
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402

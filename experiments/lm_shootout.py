@@ -68,9 +68,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround
+from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround, limit_lapack_threads
 
 apply_cpu_deadlock_workaround()
+# one OpenBLAS thread for every contender: spinning LAPACK workers after an eigh would take a
+# core from the steps that follow a refresh (Shampoo, SOAP, K-FAC) and bias their step times
+limit_lapack_threads()
 
 import jax  # noqa: E402
 
