@@ -51,6 +51,12 @@ training seconds). The run directories go to ``--runs-dir`` (default
 ``runs/lm_shootout/``); a finished trial is not run again, an interrupted one resumes.
 
     python experiments/lm_shootout.py [--optimizers adamw,soap] [--quick]
+        [--config configs/lm_tiny.yaml] [--retime STEPS]
+
+``--retime STEPS`` reruns each optimizer's best trial for STEPS steps, twice, the optimizers
+in turn, without evaluations, and adds those median step times to the summary
+(``retimed_step_time_vs_adamw``): for a clean timing on an idle machine when the trials
+themselves shared the cores with other work (finished trials are not run again).
 
 ``--quick`` checks the script end to end in a few minutes: ``configs/lm_tiny.yaml`` cut to
 a smaller model and 20 steps, one learning rate per optimizer (the grid's middle), outputs
@@ -64,6 +70,8 @@ import json
 import math
 import os
 import platform
+import shutil
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -229,6 +237,36 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
     return out
 
 
+def retime(
+    results: dict[str, list[dict]],
+    extra: dict[str, list[str]],
+    runs_dir: Path,
+    config: Path,
+    steps: int,
+    repeats: int,
+) -> dict[str, float]:
+    """Median step time of each optimizer's best trial, rerun for `steps` steps `repeats`
+    times, the optimizers taken in turn in every round (so a slow drift of the machine hits
+    all alike); no evaluation on the way. For step times on an idle machine after a
+    shoot-out whose trials shared the cores with other work."""
+    times: dict[str, list[float]] = {name: [] for name in results}
+    for rep in range(repeats):
+        for name, trials in results.items():
+            best = best_trial(trials)
+            if best is None:
+                continue
+            over = trial_overrides(name, best["learning_rate"], extra[name], False)
+            over += [f"steps={steps}", f"eval_every={steps}", f"checkpoint.every={steps}"]
+            rc, _ = load_config(str(config), over)
+            run_dir = runs_dir / "retime" / f"{name}-{rep}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"[lm_shootout] retime {name} ({rep + 1}/{repeats})", file=sys.stderr, flush=True)
+            run_config(rc, run_dir, progress=None, stream=None)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            times[name].append(summary["mean_step_time_s"])
+    return {name: statistics.median(t) for name, t in times.items() if t}
+
+
 def plot(results: dict[str, list[dict]], target: float | None, path: Path, title: str) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -264,6 +302,15 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=ROOT / "experiments/results/lm_shootout")
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/lm_shootout"))
+    ap.add_argument(
+        "--retime",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after the trials, rerun each optimizer's best trial for STEPS steps "
+        "(--retime-repeats times, in turn) and report those step times too",
+    )
+    ap.add_argument("--retime-repeats", type=int, default=2)
     args = ap.parse_args()
     names = [n for n in args.optimizers.split(",") if n]
     unknown = [n for n in names if n not in OPTIMIZERS]
@@ -281,6 +328,15 @@ def main() -> None:
             run_trial(name, lr, extra, runs_dir, args.quick, args.config) for lr in lrs
         ]
     summary = summarize(results)
+    if args.retime and not args.quick:
+        extra = {name: OPTIMIZERS[name][1] for name in results}
+        timed = retime(results, extra, runs_dir, args.config, args.retime, args.retime_repeats)
+        ref = timed.get("adamw")
+        for rec in summary:
+            t = timed.get(rec["optimizer"])
+            rec["retimed_step_time_s"] = t
+            rec["retimed_step_time_vs_adamw"] = t / ref if t and ref else None
+            rec["retime_steps"] = args.retime
     env = {
         "config": (QUICK_CONFIG if args.quick else args.config).name,
         "quick": args.quick,

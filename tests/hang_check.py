@@ -11,10 +11,14 @@ import sys
 
 import pytest
 
+# variables the suite sets that a user's process does not have
+USER_DEFAULTS = ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")
+
 
 def run_without_xla_flag(code: str, what: str, *, processes: int = 2, timeout: float = 150):
     """Run `code` in `processes` fresh interpreters; return their standard outputs."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # the user's defaults: no XLA flag, and XLA's optimizations on (the suite turns them off)
+    env = {k: v for k, v in os.environ.items() if k not in USER_DEFAULTS}
     env["JAXOPT2_NO_CPU_WORKAROUND"] = "1"
     procs = [
         subprocess.Popen(

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from jaxopt2 import _cpu_workaround as cw
+from tests.hang_check import USER_DEFAULTS
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -68,7 +69,7 @@ _REFRESH = textwrap.dedent(
 
 
 def test_multi_shape_eigh_refresh_does_not_hang():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k not in USER_DEFAULTS}
     try:
         out = subprocess.run(
             [sys.executable, "-c", _REFRESH],
