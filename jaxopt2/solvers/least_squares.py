@@ -127,7 +127,9 @@ def levenberg_marquardt(opts: dict) -> Method:
             return (r, *_svd(jac))
 
         r, u, s, vt = refresh(st.fresh, (st.r, st.u, st.s, st.vt), evaluate)
-        mu = jnp.where(st.mu < 0, opts["damping_init"] * jnp.max(s) ** 2, st.mu)
+        # μ₀ = τ · maxᵢ (JᵀJ)ᵢᵢ, the diagonal from the SVD: (JᵀJ)ᵢᵢ = Σₖ s²ₖ V²ᵢₖ
+        max_diag = jnp.max(jnp.sum(jnp.square(s[:, None] * vt), axis=0))
+        mu = jnp.where(st.mu < 0, opts["damping_init"] * max_diag, st.mu)
         mu = jnp.maximum(mu, jnp.finfo(dtype).tiny)
         h = -vt.T @ (s / (s * s + mu) * (u.T @ r))
         pred = 0.5 * jnp.dot(h, mu * h - g)

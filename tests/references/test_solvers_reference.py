@@ -15,6 +15,8 @@ equation ``‖p(λ)‖ = λ/σ``, ``ρ >= η₂`` accepts and halves ``σ``, ``�
 otherwise ``σ`` doubles. ``newton`` (the Levenberg-Marquardt shift of Nocedal & Wright's
 Algorithm 3.3 on the sequence ``0, β, 10β, ...``) and ``saddle_free`` (``-|H|⁻¹ g``) are
 compared with a numpy transcription with the documented halving Armijo backtracking.
+``least_squares``' Levenberg-Marquardt follows Madsen, Nielsen & Tingleff's Algorithm 3.16
+(Nielsen's damping update, ``μ₀ = τ maxᵢ (JᵀJ)ᵢᵢ``) iteration by iteration.
 """
 
 import functools
@@ -236,3 +238,67 @@ def test_line_search_newton_steps(method, direction):
     hist = jax.tree.map(np.asarray, run(jnp.asarray(X0))[1])
     np.testing.assert_array_equal(hist.step_size[1:], alpha)
     np.testing.assert_allclose(hist.value[1:], value, rtol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------
+# Levenberg-Marquardt (least_squares) against Madsen, Nielsen & Tingleff's Algorithm 3.16.
+# ------------------------------------------------------------------------------------------
+
+
+def _rosen_residuals(x, xp=np):
+    """Rosenbrock's function as ½‖r‖²."""
+    return xp.stack([10.0 * (x[1] - x[0] ** 2), 1.0 - x[0]])
+
+
+def _lm_reference(residual, x, steps, tau=1e-3):
+    """Algorithm 3.16 (Nielsen's damping update) in numpy float64, with the Jacobian by
+    central differences of the numpy residuals: per iteration (trial F, accepted, μ, ν)."""
+
+    def jac(x, h=1e-6):
+        cols = [(residual(x + h * e) - residual(x - h * e)) / (2 * h) for e in np.eye(len(x))]
+        return np.stack(cols, axis=1)
+
+    F = lambda x: 0.5 * residual(x) @ residual(x)
+    r, J = residual(x), jac(x)
+    A, g = J.T @ J, J.T @ r
+    mu, nu = tau * np.max(np.diag(A)), 2.0
+    out = []
+    for _ in range(steps):
+        h = np.linalg.solve(A + mu * np.eye(len(x)), -g)
+        x_new = x + h
+        rho = (F(x) - F(x_new)) / (0.5 * h @ (mu * h - g))
+        out.append((F(x_new), rho > 0, mu, nu))
+        if rho > 0:
+            x = x_new
+            r, J = residual(x), jac(x)
+            A, g = J.T @ J, J.T @ r
+            mu, nu = mu * max(1 / 3, 1 - (2 * rho - 1) ** 3), 2.0
+        else:
+            mu, nu = mu * nu, 2 * nu
+    return out
+
+
+def test_levenberg_marquardt_follows_nielsens_damping_update():
+    from jaxopt2.solvers import least_squares
+
+    # from the classic start with a small initial damping, LM rejects four steps in a row,
+    # then accepts and rejects in turn: every branch of the update acts
+    x0, tau, steps = np.array([-1.2, 1.0]), 1e-6, 12
+    ref = _lm_reference(_rosen_residuals, x0.copy(), steps, tau)
+    accepted = [a for _, a, _, _ in ref]
+    # the fixture has what the update rules act on: a rejection after an accepted step that
+    # followed a rejection (ν must be back at 2 there), and several rejections in a row
+    pattern = "".join("a" if a else "r" for a in accepted)
+    assert "rar" in pattern and "rrr" in pattern, pattern
+    residual = functools.partial(_rosen_residuals, xp=jnp)
+    run = jax.jit(
+        lambda x: least_squares(
+            residual, x, max_steps=steps, tol=0.0, history=True, damping_init=tau
+        )
+    )
+    _, hist = run(jnp.asarray(x0))
+    hist = jax.tree.map(np.asarray, hist)
+    np.testing.assert_array_equal(hist.accepted[1 : steps + 1], accepted, err_msg=pattern)
+    np.testing.assert_allclose(
+        hist.trial_value[1 : steps + 1], [f for f, _, _, _ in ref], rtol=1e-7, err_msg=pattern
+    )
