@@ -624,3 +624,20 @@ def test_works_with_a_real_hessian_operator_under_jit(mlp):
 
     vals = diagnostics(params, jax.random.PRNGKey(0))
     np.testing.assert_allclose(vals, mlp["evals"][::-1][:2], rtol=1e-8)
+
+
+def test_hutchinson_standard_error_is_the_probes_sample_standard_error():
+    """The estimate and its standard error against the per-probe values ``zᵀAz`` computed
+    in numpy from the same probes: mean, and sample standard deviation (ddof=1) / √n."""
+    from jaxopt2._tree import random_probes
+
+    a = np.random.default_rng(5).normal(size=(6, 6))
+    a = a + a.T  # not diagonal: the per-probe values differ
+    like, key, n = jnp.zeros(6), jax.random.PRNGKey(3), 5
+    est, err = hutchinson_trace(lambda v: jnp.asarray(a) @ v, like, key, n)
+    z = np.asarray(random_probes(key, like, n, "rademacher"), np.float64)
+    samples = np.einsum("ki,ij,kj->k", z, a, z)
+    assert np.ptp(samples) > 1.0
+    np.testing.assert_allclose(float(est), samples.mean(), rtol=1e-12)
+    # ddof=0 would be √(4/5) of this: 11% off
+    np.testing.assert_allclose(float(err), samples.std(ddof=1) / np.sqrt(n), rtol=1e-12)
