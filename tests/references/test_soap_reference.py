@@ -35,8 +35,10 @@ def _subspace_step(x, q):
 
 
 def reference_soap(params, grad_fn, steps, *, block_size, every, b1, b2, eps,
-                   statistics="shampoo", damping=0.0):  # fmt: skip
-    """The parameters after each step (a list of dicts), plain numpy float64."""
+                   statistics="shampoo", damping=0.0, shampoo_b2=None):  # fmt: skip
+    """The parameters after each step (a list of dicts), plain numpy float64. The factor
+    statistics decay with `shampoo_b2` (default `b2`), the eigenbasis moments with `b2`."""
+    factor_decay = b2 if shampoo_b2 is None else shampoo_b2
     p = {k: v.copy() for k, v in params.items()}
     blocks = {k: _blocks(v.shape, block_size) for k, v in p.items() if v.ndim == 2}
     keys = [(k, i) for k in blocks for i in range(len(blocks[k]))]
@@ -64,7 +66,7 @@ def reference_soap(params, grad_fn, steps, *, block_size, every, b1, b2, eps,
                 gb = g[k][rs, cs]
                 ql, qr = bases[key]
                 left, right = factor_statistics(
-                    gb, *stats[key], (ql, qr), t, b2, damping, statistics
+                    gb, *stats[key], (ql, qr), t, factor_decay, damping, statistics
                 )
                 stats[key] = [left, right]
                 if t % every == 0:
@@ -84,12 +86,14 @@ def reference_soap(params, grad_fn, steps, *, block_size, every, b1, b2, eps,
     return path
 
 
-def test_soap_path_through_an_eigh_refresh_and_two_subspace_steps():
+@pytest.mark.parametrize("shampoo_b2", [None, 0.6])
+def test_soap_path_through_an_eigh_refresh_and_two_subspace_steps(shampoo_b2):
     """Five steps, bases refreshed at steps 0 (eigh), 2 and 4 (subspace iteration), blocks
     from two leaves (``v`` is cut into two 3 × 3 blocks) and Adam on the vector. Square
-    blocks keep the factors full rank, so every basis is unique up to column signs."""
+    blocks keep the factors full rank, so every basis is unique up to column signs. With
+    ``shampoo_b2`` the factors decay at their own rate (and the later bases differ)."""
     params, loss_fn, grad_fn = _problem({"w": (3, 3), "v": (6, 3), "b": (3,)}, seed=3)
-    kw = dict(block_size=3, b1=0.8, b2=0.9, eps=1e-3)
+    kw = dict(block_size=3, b1=0.8, b2=0.9, eps=1e-3, shampoo_b2=shampoo_b2)
     want = reference_soap(params, grad_fn, 5, every=2, **kw)
     opt = jaxopt2.soap(LR, precondition_every=2, stats_dtype=jnp.float64, **kw)
     assert_paths_close(library_path(opt, loss_fn, params, 5), want)
