@@ -116,3 +116,22 @@ def test_low_bit_needs_eigh_and_known_bits():
         jaxopt2.shampoo(1e-3, precondition_bits=2)
     with pytest.raises(ValueError, match="needs root_method='eigh'"):
         jaxopt2.shampoo(1e-3, precondition_bits=4, root_method="newton")
+
+
+def test_eight_bit_codes_round_to_the_nearest_level():
+    """8 bits: every entry is stored as ``round(127 · x / absmax)`` of its block (one block of
+    a column's entries), so it comes back within half a level ``absmax / 254`` of where it was
+    (truncated codes would be up to a whole level off, and biased toward zero)."""
+    d = 70  # two blocks per column, the second one padded
+    q = np.random.default_rng(7).standard_normal((2, d, d)).astype(np.float32)
+    codes, scales = lowbit.quantize(jnp.asarray(q), 8)
+    back = np.asarray(lowbit.dequantize(codes, scales, 8, d), np.float64)
+    block, padded = lowbit._blocks(d)
+    rows = np.pad(np.swapaxes(q, -1, -2), [(0, 0), (0, 0), (0, padded - d)]).astype(np.float64)
+    absmax = np.abs(rows.reshape(2, d, padded // block, block)).max(-1)
+    half = np.repeat(absmax, block, axis=-1)[..., :d] / 254.0  # per entry of each row
+    err = np.abs(np.swapaxes(back, -1, -2) - np.swapaxes(q, -1, -2))
+    assert np.all(err <= half * (1 + 1e-5)), float((err / half).max())
+    # and the rounding is unbiased: the mean signed error is a small fraction of a level
+    signed = (np.swapaxes(back, -1, -2) - np.swapaxes(q, -1, -2)) * np.sign(np.swapaxes(q, -1, -2))
+    assert abs(float(np.mean(signed / half))) < 0.05
