@@ -165,3 +165,50 @@ def test_ekfac_softmax_exact_fisher_path():
     """EKFAC's eigenbasis scaling: reset to the eigenvalue products at steps 0 and 2 and
     moved towards the Fisher's diagonal in the basis every step."""
     _check("softmax_cross_entropy", seed=2, ekfac=True)
+
+
+@pytest.mark.parametrize("damping", [1e-3, 10.0])
+def test_adaptive_damping_follows_the_levenberg_marquardt_rule(damping):
+    """K-FAC's adaptive mode (Martens & Grosse, section 6.5), adapting every step: after each
+    step ``λ ← λ / ω`` when ``ρ < 1/4``, ``λ ← λ ω`` when ``ρ > 3/4`` (``ω = 0.95⁵``), kept
+    otherwise; and ``ρ`` has the sign of the loss decrease of the step taken (a positive
+    ratio is a decrease: the model's predicted change is negative). Both ends of the rule
+    occur on the path (asserted), from a small and from a large initial damping."""
+    import jax
+
+    from jaxopt2.optimizers.kfac.optimizer import ScaleByKfacState, scale_by_kfac
+
+    params, x, y = _data("softmax_cross_entropy", 0)
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    loss_fn = _loss_fn("softmax_cross_entropy")
+    # the transformation itself: kfac() keeps the adaptation interval at its default of 5
+    opt = scale_by_kfac(damping=damping, fisher="exact", damping_adaptation_interval=1,
+                        invert_every=1, stats_dtype=jnp.float64)  # fmt: skip
+    omega = 0.95**5
+
+    @jax.jit
+    def step(p, s):
+        value, u, s = jaxopt2.value_and_update(opt, loss_fn, p, s, x, y)
+        return value, loss_fn(jax.tree.map(jnp.add, p, u), x, y), jax.tree.map(jnp.add, p, u), s
+
+    def kstate(s):
+        is_k = lambda n: isinstance(n, ScaleByKfacState)
+        return next(n for n in jax.tree.leaves(s, is_leaf=is_k) if is_k(n))
+
+    state, rhos = opt.init(params), []
+    for i in range(8):
+        lam = float(kstate(state).damping)
+        before, after, params, state = step(params, state)
+        rho, new_lam = float(kstate(state).rho), float(kstate(state).damping)
+        want = lam / omega if rho < 0.25 else (lam * omega if rho > 0.75 else lam)
+        np.testing.assert_allclose(new_lam, max(want, 1e-8), rtol=1e-12, err_msg=f"step {i}")
+        change = float(after) - float(before)
+        if abs(change) > 1e-12:
+            assert (rho > 0) == (change < 0), (i, rho, change)
+        rhos.append(rho)
+    rhos = np.array(rhos)
+    assert (rhos < 0.25).any() or (rhos > 0.75).any(), rhos
+    if damping < 1:
+        assert (rhos < 0.25).any(), rhos  # too little damping: the model overshoots
+    else:
+        assert (rhos > 0.75).any(), rhos  # heavy damping: the model is trusted, λ falls
