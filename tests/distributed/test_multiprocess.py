@@ -70,7 +70,9 @@ def test_two_processes_train_like_one(tmp_path):
     with np.load(job / "params.npz") as a, np.load(single / "params.npz") as b:
         assert a.files == b.files
         for k in a.files:
-            assert np.max(np.abs(a[k] - b[k])) <= 1e-4 * np.max(np.abs(b[k])), k
+            # float32 sums reduced in another order, over 30 steps: measured 1.5e-4 relative
+            # with XLA's optimizations off (the suite's setting), under 1e-4 with them on
+            assert np.max(np.abs(a[k] - b[k])) <= 5e-4 * np.max(np.abs(b[k])), k
     # the job fed its batches from the processes' own slices (the default of a job)
     summary = json.loads((job / "summary.json").read_text())
     assert summary["mesh"] == {"data": 4, "model": 1, "processes": 2, "feed": "host"}

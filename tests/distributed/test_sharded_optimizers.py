@@ -240,7 +240,8 @@ def test_kfac_factors_are_owned_inverted_and_applied_per_device(ekfac):
     for a, b in zip(jax.tree.leaves(inner8.factors), jax.tree.leaves(inner1.factors),
                     strict=True):  # fmt: skip
         a, b = np.asarray(a), np.asarray(b)
-        assert np.all(np.abs(a - b).max(axis=(1, 2)) <= 1e-5 * np.abs(b).max(axis=(1, 2)))
+        # measured up to 1.3e-5 with XLA's optimizations off (the suite's setting)
+        assert np.all(np.abs(a - b).max(axis=(1, 2)) <= 5e-5 * np.abs(b).max(axis=(1, 2)))
     # the flipped output layer: its A (inputs + 1 = 9) sits on side 1, its G (16) on side 0
     w_out = leafwise(inner8, params8).factors
     leaf = sorted(params8).index("w_out")
