@@ -14,7 +14,10 @@ It records the training loss every step and the validation bits per byte every
 ``--eval-every`` steps (both runs evaluated in float32 arithmetic on their own parameters;
 the seconds recorded include the compiles),
 and prints one JSON line per optimizer: final validation bits per byte of both runs, their
-difference, and the largest relative gap of the (16-step moving average) training loss.
+difference, and the largest relative gap of the (16-step moving average) training loss. It also
+records, at every evaluation, the share of the matrix entries whose last update is under half
+a bfloat16 ulp of the weight (``|u| < 2⁻⁹ |w|``), the steps a bf16 parameter rounds away: a
+bf16 run can fall behind for that reason alone, with every statistic exact.
 
     python experiments/lm_bf16.py [--steps 300] [--optimizers kfac,shampoo,soap,adamw]
 
@@ -99,11 +102,13 @@ def train(name: str, lr: float, dtype, model0, train_w, eval_w, order, eval_ever
     @jax.jit
     def chunk(params, state, idx):
         def body(carry, i):
-            params, state = carry
+            params, state, _ = carry
             value, updates, state = jaxopt2.value_and_update(opt, loss, params, state, train_w[i])
-            return (optax.apply_updates(params, updates), state), value
+            return (optax.apply_updates(params, updates), state, updates), value
 
-        return jax.lax.scan(body, (params, state), idx)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (params, state, last), values = jax.lax.scan(body, (params, state, zeros), idx)
+        return (params, state), values, below_half_ulp(last, params)
 
     @jax.jit
     def evaluate(params):
@@ -111,13 +116,24 @@ def train(name: str, lr: float, dtype, model0, train_w, eval_w, order, eval_ever
         return lm_eval_metrics(model, eval_w)["bits_per_byte"]
 
     state = opt.init(params)
-    losses, curve = [], [(0, float(evaluate(params)))]
+    losses, curve, small = [], [(0, float(evaluate(params)))], []
     t0 = time.perf_counter()
     for start in range(0, steps, eval_every):
-        (params, state), values = chunk(params, state, order[start : start + eval_every])
+        (params, state), values, lost = chunk(params, state, order[start : start + eval_every])
         losses.append(np.asarray(values, np.float64))
         curve.append((start + eval_every, float(evaluate(params))))
-    return np.concatenate(losses), curve, time.perf_counter() - t0
+        small.append((start + eval_every, float(lost)))
+    return np.concatenate(losses), curve, time.perf_counter() - t0, small
+
+
+def below_half_ulp(updates, params) -> jax.Array:
+    """Share of the matrix entries whose update is under half a bfloat16 ulp of the weight
+    (``|u| < 2⁻⁹ |w|``): a bf16 parameter rounds such a step away."""
+    pairs = [(u, p) for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params),
+                                    strict=True) if p.ndim == 2]  # fmt: skip
+    lost = sum(jnp.sum(jnp.abs(u.astype(jnp.float32)) < 2.0**-9 * jnp.abs(p.astype(jnp.float32)))
+               for u, p in pairs)  # fmt: skip
+    return lost / sum(p.size for _, p in pairs)
 
 
 def main() -> None:
@@ -144,7 +160,7 @@ def main() -> None:
             for label, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
                 runs[label] = train(name, lr, dtype, model0, train_w, eval_w, order,
                                     args.eval_every)  # fmt: skip
-            (l32, c32, t32), (l16, c16, t16) = runs["float32"], runs["bfloat16"]
+            (l32, c32, t32, s32), (l16, c16, t16, s16) = runs["float32"], runs["bfloat16"]
             smooth = lambda v: np.convolve(v, np.ones(16) / 16, mode="valid")
             gap = np.abs(smooth(l16) - smooth(l32)) / smooth(l32)
             rec = {
@@ -155,6 +171,10 @@ def main() -> None:
                 "eval_bits_per_byte_difference": c16[-1][1] - c32[-1][1],
                 "max_rel_train_loss_gap_smoothed": float(gap.max()),
                 "finite_bfloat16": bool(np.all(np.isfinite(l16))),
+                # the last update of each chunk: share of matrix entries a bf16 weight
+                # would round away (float32 run) / did round away (bfloat16 run)
+                "updates_below_half_bf16_ulp_float32": s32,
+                "updates_below_half_bf16_ulp_bfloat16": s16,
                 "eval_curve_float32": c32,
                 "eval_curve_bfloat16": c16,
                 "seconds_float32": t32,
