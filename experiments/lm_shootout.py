@@ -241,7 +241,6 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
 
 def retime(
     results: dict[str, list[dict]],
-    extra: dict[str, list[str]],
     runs_dir: Path,
     config: Path,
     steps: int,
@@ -257,7 +256,7 @@ def retime(
             best = best_trial(trials)
             if best is None:
                 continue
-            over = trial_overrides(name, best["learning_rate"], extra[name], False)
+            over = trial_overrides(name, best["learning_rate"], OPTIMIZERS[name][1], False)
             over += [f"steps={steps}", f"eval_every={steps}", f"checkpoint.every={steps}"]
             rc, _ = load_config(str(config), over)
             run_dir = runs_dir / "retime" / f"{name}-{rep}"
@@ -331,8 +330,7 @@ def main() -> None:
         ]
     summary = summarize(results)
     if args.retime and not args.quick:
-        extra = {name: OPTIMIZERS[name][1] for name in results}
-        timed = retime(results, extra, runs_dir, args.config, args.retime, args.retime_repeats)
+        timed = retime(results, runs_dir, args.config, args.retime, args.retime_repeats)
         ref = timed.get("adamw")
         for rec in summary:
             t = timed.get(rec["optimizer"])

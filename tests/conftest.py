@@ -51,33 +51,3 @@ jax.config.update(
     "jax_persistent_cache_min_compile_time_secs",
     float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")),
 )
-
-
-# The longest test files first. pytest-xdist (--dist=loadfile) hands each worker its first
-# files in collection order, then the rest one by one as workers free up: with the long files
-# at the front (split between the two workers' first batches) the end of the run is short
-# files, and no worker waits alone on a long one at the end (the longest: the shared checks,
-# the distributed folder's child process, the studies, K-FAC, the sweeps).
-_LONGEST_FIRST = (
-    # the first worker's first batch
-    "tests/optimizers/test_shared_checks.py",
-    "tests/distributed/test_in_subprocess.py",
-    "tests/test_docs.py",
-    "tests/optimizers/test_hyperparams.py",
-    "tests/optimizers/test_shampoo.py",
-    "tests/experiment/test_runner_resume.py",
-    # the second worker's
-    "tests/test_studies.py",
-    "tests/optimizers/test_kfac.py",
-    "tests/experiment/test_sweep.py",
-    "tests/experiment/test_sweep_resume.py",
-    "tests/curvature/test_sequence_losses.py",
-    "tests/optimizers/test_soap.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    if not hasattr(config, "workerinput"):  # one process (-n 0): the order given is kept
-        return
-    rank = {path: i for i, path in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
