@@ -119,6 +119,8 @@ BAD: dict[str, list[Row]] = {
         ({"weight_decay": 1e-4}, ValueError, "put weight decay into the loss"),
         ({"norm_constraint": 1.0}, ValueError, "norm_constraint needs a learning rate"),
         _posint("invert_every"),
+        _posint("stats_every"),
+        ({"stats_every": 2, "ekfac": True}, ValueError, "stats_every=2 needs ekfac=False"),
         *_DTYPE,
     ],
     "sophia": [

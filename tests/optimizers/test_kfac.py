@@ -1,5 +1,6 @@
 """K-FAC: layer discovery, factors against dense references, the loss tag, bad input."""
 
+import itertools
 import textwrap
 
 import chex
@@ -804,3 +805,39 @@ def test_equinox_scan_over_layers_is_found_and_trains(capsys):
         first = float(loss) if first is None else first
     assert float(loss_fn(params, x, y)) < 0.5 * first
     assert int(state.num_nonfinite) == 0 and int(state.num_failed_inverses) == 0
+
+
+def test_statistics_interval_keeps_the_factors_between_updates_in_the_adaptive_mode():
+    """``stats_every=3`` in the adaptive mode (its loss value and the tag's weights then come
+    from the quadratic model's own forward pass): the factors and the diagonal Fisher move at
+    steps 0 and 3 only, the inverses are refreshed from the stored factors, and the loss
+    falls; the trajectory's first step equals ``stats_every=1``'s (both update at step 0)."""
+    x, y = _data(n=32, d_in=4, d_out=3, seed=5)
+    labels = jnp.argmax(y, axis=-1)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(6))
+    params = {"w1": 0.5 * jax.random.normal(k1, (4, 8)), "w2": 0.5 * jax.random.normal(k2, (8, 3)),
+              "scale": jnp.ones(3)}  # fmt: skip
+
+    def loss_fn(p, x, labels):
+        logits = (jnp.tanh(x @ p["w1"]) @ p["w2"]) * p["scale"]
+        out = jaxopt2.tag_loss("softmax_cross_entropy", logits, labels)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, labels))
+
+    def run(opt, steps):
+        update = lambda p, s, k: jaxopt2.value_and_update(opt, loss_fn, p, s, x, labels, key=k)
+        step = jax.jit(update)
+        p, s, out = params, opt.init(params), []
+        for i in range(steps):
+            loss, u, s = step(p, s, jax.random.PRNGKey(i))
+            p = optax.apply_updates(p, u)
+            out.append((float(loss), s, p))
+        assert step._cache_size() == 1
+        return out
+
+    every = run(kfac(stats_every=3, invert_every=2), 6)
+    snap = lambda s: np.concatenate([np.ravel(a) for a in jax.tree.leaves((s.factors, s.diag))])
+    moved = [not np.array_equal(snap(a[1]), snap(b[1])) for a, b in itertools.pairwise(every)]
+    assert moved == [False, False, True, False, False]  # after steps 1, 2 | 3 | 4, 5
+    assert every[-1][0] < 0.8 * every[0][0]
+    first = run(kfac(invert_every=2), 1)
+    chex.assert_trees_all_close(every[0][2], first[0][2], rtol=1e-6)

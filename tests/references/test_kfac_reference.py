@@ -84,8 +84,10 @@ def _forward(p, x, y, loss):
     return inputs, per_example_g, grads
 
 
-def reference_kfac(params, x, y, loss, steps, ekfac=False):
-    """The parameters after each step (a list of dicts), plain numpy float64."""
+def reference_kfac(params, x, y, loss, steps, ekfac=False, every=EVERY, stats_every=1):
+    """The parameters after each step (a list of dicts), plain numpy float64. The factors'
+    EMAs move at steps ``0, stats_every, ...`` only; their bias correction counts those
+    updates."""
     p = {k: v.copy() for k, v in params.items()}
     layers = [("w1", "b1"), ("w2", "b2")]
     a_ema = [0.0, 0.0]
@@ -94,13 +96,16 @@ def reference_kfac(params, x, y, loss, steps, ekfac=False):
     scaling = [None, None]
     velocity = {k: np.zeros_like(v) for k, v in p.items()}
     path = []
+    updates = 0
     for t in range(steps):
         inputs, per_g, grads = _forward(p, x, y, loss)
-        for i in range(2):
-            a_ema[i] = DECAY * a_ema[i] + (1 - DECAY) * inputs[i].T @ inputs[i] / N
-            g_ema[i] = DECAY * g_ema[i] + (1 - DECAY) * per_g[i].mean(0)
-        if t % EVERY == 0:
-            corr = 1 - DECAY ** (t + 1)
+        if t % stats_every == 0:
+            updates += 1
+            for i in range(2):
+                a_ema[i] = DECAY * a_ema[i] + (1 - DECAY) * inputs[i].T @ inputs[i] / N
+                g_ema[i] = DECAY * g_ema[i] + (1 - DECAY) * per_g[i].mean(0)
+        if t % every == 0:
+            corr = 1 - DECAY**updates
             for i in range(2):
                 a, g = a_ema[i] / corr, g_ema[i] / corr
                 if ekfac:
@@ -139,12 +144,14 @@ def reference_kfac(params, x, y, loss, steps, ekfac=False):
     return path
 
 
-def _check(loss, seed, ekfac=False, steps=4):
+def _check(loss, seed, ekfac=False, steps=4, every=EVERY, stats_every=None):
     params, x, y = _data(loss, seed)
-    want = reference_kfac(params, x, y, loss, steps, ekfac=ekfac)
+    want = reference_kfac(
+        params, x, y, loss, steps, ekfac=ekfac, every=every, stats_every=stats_every or 1
+    )
     opt = kfac(
-        LR, momentum=MOMENTUM, damping=LAM, stats_decay=DECAY, invert_every=EVERY,
-        fisher="exact", ekfac=ekfac, stats_dtype=jnp.float64,
+        LR, momentum=MOMENTUM, damping=LAM, stats_decay=DECAY, invert_every=every,
+        stats_every=stats_every, fisher="exact", ekfac=ekfac, stats_dtype=jnp.float64,
     )  # fmt: skip
     got = library_path(opt, _loss_fn(loss), params, steps, x, y, extra_args=True)
     assert_paths_close(got, want)
@@ -159,6 +166,13 @@ def test_kfac_softmax_exact_fisher_path():
 def test_kfac_sigmoid_exact_fisher_path():
     """Sigmoid outputs: the output Fisher ``diag(p(1 − p))``."""
     _check("sigmoid_cross_entropy", seed=1)
+
+
+def test_kfac_statistics_interval_path():
+    """``stats_every=2`` with inverses refreshed every 3 steps: the factors move at steps 0,
+    2, 4 only, the refresh at step 3 inverts the factors of step 2, and the bias correction
+    counts two updates there, not four steps."""
+    _check("softmax_cross_entropy", seed=3, steps=6, every=3, stats_every=2)
 
 
 def test_ekfac_softmax_exact_fisher_path():

@@ -320,6 +320,7 @@ def scale_by_kfac(
     damping: float = 1.0,
     stats_decay: float = 0.95,
     invert_every: int | None = None,
+    stats_every: int | None = None,
     fisher: str = "sampled",
     adapt_damping: bool = True,
     damping_adaptation_interval: int | None = None,
@@ -344,6 +345,12 @@ def scale_by_kfac(
         to the diagonal Fisher and the quadratic model.
       stats_decay: EMA decay of the factors and of the diagonal Fisher.
       invert_every: refresh the damped inverses every this many steps (static; None: 5).
+      stats_every: update the factors and the diagonal Fisher every this many steps, at
+        steps ``0, k, 2k, ...`` (static; None: 1, every step). The statistics' extra forward
+        and backward pass (sampled targets) are most of K-FAC's cost over a first-order
+        step; between updates the stored factors precondition as they are (the EMA's bias
+        correction counts updates, not steps). Not with ``ekfac=True``, whose scaling is a
+        per-step statistic.
       fisher: ``"sampled"`` (targets drawn from the model, needs ``key``), ``"empirical"``
         (the true targets) or ``"exact"`` (``G`` from the exact output-space Fisher: one
         backward pass per output unit) (static).
@@ -378,6 +385,12 @@ def scale_by_kfac(
     check_choice(fisher, "fisher", FISHER)
     check_learning_rate(learning_rate, "kfac", adaptive=True)
     invert_every = static_int(invert_every, "invert_every", 5, who="kfac")
+    stats_every = static_int(stats_every, "stats_every", 1, who="kfac")
+    if ekfac and stats_every > 1:
+        raise ValueError(
+            f"kfac: stats_every={stats_every} needs ekfac=False: EKFAC's eigenbasis scaling is "
+            "an average of every step's per-example gradients."
+        )
     interval = static_int(damping_adaptation_interval, "damping_adaptation_interval", 5, who="kfac")
     stats_dtype = static_dtype(stats_dtype, who="kfac")
     check_seed(seed)
@@ -461,6 +474,13 @@ def scale_by_kfac(
         decay = stats_decay
 
         # --- statistics: one forward with layer-output perturbations, one backward ---------
+        units = disc.units
+        index = {layer.path: i for i, layer in enumerate(disc.layers)}
+        heads = {uses[0].weight: uses[0] for uses in units.values()}
+        info = fx.row_info(groups, heads)
+        sides = _diagonal_sides(groups, where, heads)
+        unit_rows: dict[int, list[list[tuple[jax.Array, jax.Array]]]] = {}  # leaf -> slices
+        seen: dict[str, int] = {}  # the tag's row count (static)
         layer_eqns = _layer_eqns(closed, disc)
         # Perturbations of the layer outputs, in the outputs' own dtypes.
         eps_avals = [e.outvars[0].aval for e in layer_eqns]
@@ -468,63 +488,77 @@ def scale_by_kfac(
             jnp.zeros((layer.calls, *a.shape), a.dtype)
             for layer, a in zip(disc.layers, eps_avals, strict=True)
         ]
-        eps0 = zero_eps()
         # The backward pass differentiates the layer outputs (for G) and only the parameters in
         # no layer (their diagonal Fisher): the layers' own weight gradients are not needed.
         in_layer = disc.layer_leaves
         free = [i for i in range(len(leaves)) if i not in in_layer]
 
-        def fwd(free_leaves, eps):
-            lv = list(leaves)
-            for i, x in zip(free, free_leaves, strict=True):
-                lv[i] = x
-            return _trace(closed, lv, eps, disc)
+        def statistics(old_factors, old_diag):
+            """The factors' and the diagonal Fisher's EMAs after this step's statistics, and
+            whether those statistics are finite (if not, the old values are kept). Fills
+            `unit_rows` (EKFAC's per-example rows) as a side effect."""
 
-        outputs, vjp_fn, (inputs, (targets, weights), value) = jax.vjp(
-            fwd, [leaves[i] for i in free], eps0, has_aux=True
-        )
-        cot = _output_cotangents(disc.loss, outputs, weights, fisher, use_key, targets)
-        # leading axis: output-Fisher columns (one unless "exact")
-        leaf_grads, out_grads = jax.vmap(vjp_fn)(cot.astype(outputs.dtype))
+            def fwd(free_leaves, eps):
+                lv = list(leaves)
+                for i, x in zip(free, free_leaves, strict=True):
+                    lv[i] = x
+                return _trace(closed, lv, eps, disc)
 
-        units = disc.units
-        index = {layer.path: i for i, layer in enumerate(disc.layers)}
-        heads = {uses[0].weight: uses[0] for uses in units.values()}
-        info = fx.row_info(groups, heads)
-        unit_rows: dict[int, list[list[tuple[jax.Array, jax.Array]]]] = {}  # leaf -> slices
-        sides = _diagonal_sides(groups, where, heads)
-        raw = {
-            leaf: _unit_statistics(
-                uses,
-                index,
-                inputs,
-                out_grads,
-                stats_dtype,
-                unit_rows,
-                _input_row_weights(weights),
-                sides[leaf],
+            outputs, vjp_fn, (inputs, (targets, weights), _) = jax.vjp(
+                fwd, [leaves[i] for i in free], zero_eps(), has_aux=True
             )
-            for leaf, uses in units.items()
-        }
-        diag_leaves = list(jax.tree.leaves(state.diag))  # layer leaves' entries stay zero
-        for i, g in zip(free, leaf_grads, strict=True):
-            sample = jnp.sum(jnp.square(g), axis=0)  # rows already weighted by √c_r
-            diag_leaves[i] = decay * diag_leaves[i] + (1 - decay) * sample.astype(stats_dtype)
-        diag = treedef.unflatten(diag_leaves)
-        finite = kr.all_finite((raw, diag, grads))
-        stats = _stat_stacks(groups, raw, heads, stats_dtype)
-        ema = lambda f, s: jnp.where(finite, decay * f + (1 - decay) * s, f)
-        factors = tuple(
-            tuple(ema(f, s) for f, s in zip(fp, sp, strict=True))
-            for fp, sp in zip(state.factors, stats, strict=True)
-        )
+            seen["rows"] = int(np.prod(row_shape(outputs)))
+            cot = _output_cotangents(disc.loss, outputs, weights, fisher, use_key, targets)
+            # leading axis: output-Fisher columns (one unless "exact")
+            leaf_grads, out_grads = jax.vmap(vjp_fn)(cot.astype(outputs.dtype))
+            raw = {
+                leaf: _unit_statistics(
+                    uses,
+                    index,
+                    inputs,
+                    out_grads,
+                    stats_dtype,
+                    unit_rows,
+                    _input_row_weights(weights),
+                    sides[leaf],
+                )
+                for leaf, uses in units.items()
+            }
+            diag_leaves = list(jax.tree.leaves(old_diag))  # layer leaves' entries stay zero
+            for i, g in zip(free, leaf_grads, strict=True):
+                sample = jnp.sum(jnp.square(g), axis=0)  # rows already weighted by √c_r
+                diag_leaves[i] = decay * diag_leaves[i] + (1 - decay) * sample.astype(stats_dtype)
+            diag = treedef.unflatten(diag_leaves)
+            ok = kr.all_finite((raw, diag))
+            stats = _stat_stacks(groups, raw, heads, stats_dtype)
+            ema = lambda f, s: jnp.where(ok, decay * f + (1 - decay) * s, f)
+            factors = tuple(
+                tuple(ema(f, s) for f, s in zip(fp, sp, strict=True))
+                for fp, sp in zip(old_factors, stats, strict=True)
+            )
+            diag = jax.tree.map(lambda x, y: jnp.where(ok, x, y), diag, old_diag)
+            return factors, diag, ok
+
+        if stats_every == 1:
+            factors, diag, stats_ok = statistics(state.factors, state.diag)
+        else:  # the stored statistics between updates
+            factors, diag, stats_ok = jax.lax.cond(
+                t % stats_every == 0,
+                statistics,
+                lambda f, d: (f, d, jnp.asarray(True)),
+                state.factors,
+                state.diag,
+            )
+        finite = stats_ok & kr.all_finite(grads)
+        # a non-finite gradient skips the step: the statistics are kept too
+        factors = jax.tree.map(lambda x, y: jnp.where(finite, x, y), factors, state.factors)
         diag = jax.tree.map(lambda x, y: jnp.where(finite, x, y), diag, state.diag)
 
         # --- damped inverses, refreshed every `invert_every` steps ----------------------------
         # Each device refreshes the rows of the groups it owns (and the whole of the groups
         # that padding would more than double): nothing travels but the failure count.
         lam = state.damping
-        correction = 1.0 - decay ** (t + 1).astype(stats_dtype)
+        correction = 1.0 - decay ** (t // stats_every + 1).astype(stats_dtype)  # per update
         consts = [
             tuple(jnp.asarray(r[k]) for k in ("a_side", "dim_a", "dim_g", "k0", "k1", "layer"))
             for r in info
@@ -591,9 +625,7 @@ def scale_by_kfac(
         if ekfac:  # the per-step EMA of the squared per-example gradients in the eigenbasis
             # (from per-example rows, which are split over the batch, not over the owners:
             # the bases are gathered for it)
-            fresh = _ekfac_stacks(
-                groups, gather_rows(inverses), heads, unit_rows, int(np.prod(row_shape(outputs)))
-            )
+            fresh = _ekfac_stacks(groups, gather_rows(inverses), heads, unit_rows, seen["rows"])
             scaling = tuple(
                 jnp.where(finite, decay * old + (1 - decay) * s, old)
                 for old, s in zip(scaling, fresh, strict=True)
@@ -655,14 +687,15 @@ def scale_by_kfac(
         # --- adaptive α, μ from the quadratic model (exact Gauss-Newton products) -------------
         delta = [-d for d in direction]
         prev = [p.astype(stats_dtype) for p in jax.tree.leaves(state.prev_update)]
-        model = lambda lv: _trace(closed, lv, zero_eps(), disc)[0]
+        model = lambda lv: _trace(closed, lv, zero_eps(), disc)
         cast = lambda vs: [v.astype(jnp.result_type(x)) for v, x in zip(vs, leaves, strict=True)]
         # Both Jacobian-vector products in one batched JVP: one primal pass, the two tangents
         # as one batch (the primal does not depend on the tangent, so it comes out unbatched).
         tangents = [jnp.stack([a, b]) for a, b in zip(cast(delta), cast(prev), strict=True)]
-        out0, j_both = jax.vmap(lambda tv: jax.jvp(model, (leaves,), (tv,)), out_axes=(None, 0))(
-            tangents
-        )
+        # (the loss value and the tag's weights come with the primal pass, as its aux)
+        out0, j_both, (_, (_, weights), value) = jax.vmap(
+            lambda tv: jax.jvp(model, (leaves,), (tv,), has_aux=True), out_axes=(None, 0, None)
+        )(tangents)
         # The model's products run in the parameters' dtype; the 2x2 quadratic model is formed
         # in stats_dtype: bfloat16 coefficients (3 significant digits) can make its determinant
         # a difference of rounding errors, and the solved alpha, mu arbitrarily large.
@@ -1026,6 +1059,7 @@ def kfac(
     damping: float = 1.0,
     stats_decay: float = 0.95,
     invert_every: int | None = None,
+    stats_every: int | None = None,
     fisher: str = "sampled",
     adapt_damping: bool = True,
     norm_constraint: float | None = None,
@@ -1090,6 +1124,7 @@ def kfac(
         damping=damping,
         stats_decay=stats_decay,
         invert_every=invert_every,
+        stats_every=stats_every,
         fisher=fisher,
         adapt_damping=adapt_damping,
         norm_constraint=norm_constraint,
@@ -1132,6 +1167,7 @@ registry.register(
     needs_key=True,
     static_args=(
         "invert_every",
+        "stats_every",
         "fisher",
         "adapt_damping",
         "ekfac",
