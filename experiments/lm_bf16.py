@@ -8,7 +8,10 @@ bfloat16 for the second run), on the same batches, with the same warmup-cosine s
 
 * ``float32``: parameters, activations and logits in float32;
 * ``bfloat16``: parameters (so the forward and backward pass) in bfloat16, the logits cast to
-  float32 for the loss (the usual mixed-precision recipe), the optimizer's updates bf16.
+  float32 for the loss, the optimizer's updates bf16;
+* ``mixed`` (``--mixed``): float32 master parameters and optimizer, the forward and backward
+  pass in bfloat16 (the parameters cast to bf16 inside the loss, the logits back to float32):
+  the usual mixed-precision recipe, where a small step is not rounded away.
 
 It records the training loss every step and the validation bits per byte every
 ``--eval-every`` steps (both runs evaluated in float32 arithmetic on their own parameters;
@@ -94,10 +97,15 @@ def _cast(tree, dtype):
 
 
 def train(name: str, lr: float, dtype, model0, train_w, eval_w, order, eval_every: int):
+    """`dtype`: float32, bfloat16, or "mixed" (float32 parameters, bfloat16 compute)."""
     steps = order.shape[0]
     opt = OPTIMIZERS[name](lr, steps)
-    params, static = eqx.partition(_cast(model0, dtype), eqx.is_inexact_array)
-    loss = lambda p, w: _loss(eqx.combine(p, static), w)
+    mixed = isinstance(dtype, str) and dtype == "mixed"
+    params, static = eqx.partition(
+        _cast(model0, jnp.float32 if mixed else dtype), eqx.is_inexact_array
+    )
+    compute = (lambda p: _cast(p, jnp.bfloat16)) if mixed else (lambda p: p)
+    loss = lambda p, w: _loss(eqx.combine(compute(p), static), w)
 
     @jax.jit
     def chunk(params, state, idx):
@@ -141,6 +149,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    ap.add_argument(
+        "--mixed",
+        action="store_true",
+        help="also train with float32 master parameters and bfloat16 compute",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "experiments/results/lm_bf16.jsonl")
     args = ap.parse_args()
     if args.steps % args.eval_every:
@@ -157,7 +170,8 @@ def main() -> None:
         for name in args.optimizers.split(","):
             lr = LEARNING_RATES[name]
             runs = {}
-            for label, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
+            modes = [("float32", jnp.float32), ("bfloat16", jnp.bfloat16)]
+            for label, dtype in modes + ([("mixed", "mixed")] if args.mixed else []):
                 runs[label] = train(name, lr, dtype, model0, train_w, eval_w, order,
                                     args.eval_every)  # fmt: skip
             (l32, c32, t32, s32), (l16, c16, t16, s16) = runs["float32"], runs["bfloat16"]
@@ -181,6 +195,16 @@ def main() -> None:
                 "seconds_bfloat16": t16,
                 **env,
             }
+            if args.mixed:
+                lm, cm, tm, _ = runs["mixed"]
+                gap_m = np.abs(smooth(lm) - smooth(l32)) / smooth(l32)
+                rec.update(
+                    final_eval_bits_per_byte_mixed=cm[-1][1],
+                    eval_bits_per_byte_difference_mixed=cm[-1][1] - c32[-1][1],
+                    max_rel_train_loss_gap_smoothed_mixed=float(gap_m.max()),
+                    eval_curve_mixed=cm,
+                    seconds_mixed=tm,
+                )
             f.write(json.dumps(rec) + "\n")
             f.flush()
             print(json.dumps({k: v for k, v in rec.items() if "curve" not in k}), flush=True)

@@ -109,6 +109,18 @@ OPTIMIZERS: dict[str, tuple[list[float], list[str]]] = {
         [1e-3, 3e-3, 1e-2],
         ["optimizer.momentum=0.9", "optimizer.damping=1.0e-3", "optimizer.norm_constraint=1.0e-3"],
     ),
+    # K-FAC with its statistics (the extra forward/backward pass with sampled targets) every
+    # 5 steps, aligned with its inverse refreshes (invert_every 5): the same optimizer at a
+    # cost setting, its own row with the same grid
+    "kfac_stats5": (
+        [1e-3, 3e-3, 1e-2],
+        [
+            "optimizer.momentum=0.9",
+            "optimizer.damping=1.0e-3",
+            "optimizer.norm_constraint=1.0e-3",
+            "optimizer.stats_every=5",
+        ],
+    ),
     "sophia": ([1e-3, 3e-3, 1e-2], ["optimizer.estimator=gnb"]),
     "adahessian": ([3e-2, 1e-1, 3e-1], []),
 }
@@ -127,13 +139,17 @@ QUICK_OVERRIDES = [
 ]
 
 
+# rows that are another optimizer at a setting: row name -> the registry name it runs
+BASE = {"kfac_stats5": "kfac"}
+
+
 def _fmt_lr(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
 def trial_overrides(name: str, lr: float, extra: list[str], quick: bool) -> list[str]:
     """The config overrides of one trial (evaluation at every metrics row)."""
-    out = [f"optimizer.name={name}", f"optimizer.learning_rate={lr}"]
+    out = [f"optimizer.name={BASE.get(name, name)}", f"optimizer.learning_rate={lr}"]
     out += extra
     out += QUICK_OVERRIDES if quick else []
     out.append("eval_every=5" if quick else "eval_every=25")
@@ -312,6 +328,13 @@ def main() -> None:
         "(--retime-repeats times, in turn) and report those step times too",
     )
     ap.add_argument("--retime-repeats", type=int, default=2)
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take the trials of the optimizers not in --optimizers from --out's trials.jsonl "
+        "(same config), so a new row joins an earlier shoot-out's table; --retime then "
+        "retimes every row",
+    )
     args = ap.parse_args()
     names = [n for n in args.optimizers.split(",") if n]
     unknown = [n for n in names if n not in OPTIMIZERS]
@@ -328,6 +351,14 @@ def main() -> None:
         results[name] = [
             run_trial(name, lr, extra, runs_dir, args.quick, args.config) for lr in lrs
         ]
+    if args.reuse and (out_dir / "trials.jsonl").is_file():
+        old: dict[str, list[dict]] = {}
+        for line in (out_dir / "trials.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec["optimizer"] not in results and rec["config"] == args.config.name:
+                old.setdefault(rec["optimizer"], []).append(rec)
+        # the table's order: OPTIMIZERS'
+        results = {n: results.get(n) or old[n] for n in OPTIMIZERS if n in results or n in old}
     summary = summarize(results)
     if args.retime and not args.quick:
         timed = retime(results, runs_dir, args.config, args.retime, args.retime_repeats)
