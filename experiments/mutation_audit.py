@@ -657,8 +657,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "cg-threshold-min",
         CG,
-        "threshold = jnp.maximum(rtol * jnp.sqrt(_vdot(b, b)), atol).astype(dtype)",
-        "threshold = jnp.minimum(rtol * jnp.sqrt(_vdot(b, b)), atol).astype(dtype)",
+        "threshold = jnp.maximum(rtol * jnp.sqrt(optax.tree.vdot(b, b)), atol).astype(dtype)",
+        "threshold = jnp.minimum(rtol * jnp.sqrt(optax.tree.vdot(b, b)), atol).astype(dtype)",
         T_CG,
         "CG stops at min(rtol‖b‖, atol) instead of max(rtol‖b‖, atol)",
         "killed",

@@ -47,6 +47,7 @@ from jaxopt2.optimizers import (
 from jaxopt2.sharding import state_memory, state_sharding
 from jaxopt2.solvers import Solution, least_squares, minimize
 
+# The one version source: pyproject.toml reads this line (statically) for the package metadata.
 __version__ = "0.1.0"
 
 __all__ = [

@@ -1,8 +1,9 @@
 """Small pytree helpers shared by the curvature code and the optimizers.
 
-Tree arithmetic itself comes from ``optax.tree`` (add, scale, vdot, norm, ...); this module
-holds only what optax does not: input validation with messages that name the problem, and
-random probe vectors shaped like a pytree.
+Tree arithmetic itself comes from ``optax.tree`` (add, scale, vdot, norm, size, ...); this
+module holds only what optax does not: input validation with messages that name the problem,
+random probe vectors shaped like a pytree, a dtype-keeping ``add_scale`` and an all-finite
+flag.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 PyTree = Any
 
@@ -63,9 +65,21 @@ def check_like(tree: PyTree, like: PyTree, name: str, like_name: str = "params")
             )
 
 
-def tree_size(tree: PyTree) -> int:
-    """Total number of scalars in a pytree (a static Python int)."""
-    return int(sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(tree)))
+def add_scale(tree_x: PyTree, scalar: jax.Array, tree_y: PyTree) -> PyTree:
+    """``tree_x + scalar * tree_y`` (``optax.tree.add_scale``) in the dtypes of `tree_x`.
+
+    A float32 `scalar` would promote bfloat16 leaves of `tree_x`; the iterates of a
+    ``lax.while_loop`` (conjugate gradients on mixed-dtype trees) must keep their dtypes.
+    """
+    return optax.tree.cast_like(optax.tree.add_scale(tree_x, scalar, tree_y), tree_x)
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """A boolean scalar: every entry of every leaf is finite (True for an empty tree)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def check_positive_int(value: Any, name: str) -> int:
@@ -115,7 +129,9 @@ def random_probes(key: jax.Array, like: PyTree, num: int, dist: str = "rademache
     Every probe has E[z zᵀ] = I (Rademacher ±1 or standard Gaussian entries), which is all
     Hutchinson-type estimators need. All entries come from one random draw of ``num × dim``
     numbers, cut into the leaves of `like`: one RNG op whatever the number of leaves, which
-    keeps compile times flat for deep models.
+    keeps compile times flat for deep models. (``optax.tree.random_like`` splits the key and
+    draws once per leaf, in each leaf's dtype, so Rademacher draws would need integer leaves;
+    it is not used here.)
     """
     check_choice(dist, "dist", PROBE_DISTRIBUTIONS)
     leaves, treedef = jax.tree_util.tree_flatten(like)
@@ -135,8 +151,3 @@ def random_probes(key: jax.Array, like: PyTree, num: int, dist: str = "rademache
         out.append(piece.reshape((num, *np.shape(leaf))))
         start += size
     return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def random_like(key: jax.Array, like: PyTree, dist: str = "rademacher") -> PyTree:
-    """One random probe shaped like `like` (see :func:`random_probes`)."""
-    return jax.tree.map(lambda x: x[0], random_probes(key, like, 1, dist))

@@ -1,7 +1,8 @@
 """The ``jaxopt2`` command line: ``run``, ``compare``, ``spectrum`` and ``list``.
 
 Exit codes: 0 success; 2 a user error (bad config, arguments, missing file, run-dir
-conflict), reported in at most three lines on stderr without a traceback; 3 training stopped
+conflict, the ``runner`` extra not installed), reported in at most three lines on stderr
+without a traceback; 3 training stopped
 on a non-finite loss (``nonfinite: stop``); 128 + signal number (143 for SIGTERM, 130 for
 Ctrl-C) when interrupted after saving a checkpoint — rerun the same command to resume.
 """
@@ -9,11 +10,24 @@ Ctrl-C) when interrupted after saving a checkpoint — rerun the same command to
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 __all__ = ["main"]
+
+# The packages of pyproject.toml's `runner` extra, as module name -> distribution name. The
+# library installs without them; every command of this command line needs them.
+_RUNNER_MODULES = {
+    "equinox": "equinox",
+    "matplotlib": "matplotlib",
+    "omegaconf": "omegaconf",
+    "orbax.checkpoint": "orbax-checkpoint",
+    "sklearn": "scikit-learn",
+    "tqdm": "tqdm",
+}
+_RUNNER_INSTALL = "pip install 'jaxopt2[runner]'"
 
 _EPILOG_RUN = """\
 overrides are dotted.key=value pairs applied over the YAML, e.g.
@@ -315,6 +329,19 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing_runner_packages() -> list[str]:
+    """The distributions of the `runner` extra that cannot be found (none imported)."""
+    missing = []
+    for module, dist in _RUNNER_MODULES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:  # its parent package is missing too
+            found = False
+        if not found:
+            missing.append(dist)
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jaxopt2`` console script; returns the exit code."""
     from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround, limit_lapack_threads
@@ -330,6 +357,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + [a for a in extra if a not in unknown]
+    missing = _missing_runner_packages()
+    if missing:
+        print(
+            f"jaxopt2 {args.command}: error: the experiment runner needs {', '.join(missing)}, "
+            f"which {'is' if len(missing) == 1 else 'are'} not installed: {_RUNNER_INSTALL} "
+            "(in a source checkout: pip install -e '.[runner]')",
+            file=sys.stderr,
+        )
+        return 2
     from jaxopt2.experiment.errors import UserError
 
     handler = {

@@ -3,20 +3,26 @@
 ``configs/`` is installed as the package ``jaxopt2.configs`` (pyproject.toml's package-dir)
 and read with importlib.resources; nothing is generated. The editable install is the one the
 tests run in; the wheel is built offline from a copy of the checkout, installed into a
-folder of its own and run from another directory.
+folder of its own and run from another directory. The wheel also carries ``py.typed``, the
+version of ``jaxopt2.__version__`` and, without extras, none of the runner's packages.
 """
 
 from __future__ import annotations
 
+import email.parser
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
 
+import jaxopt2
+from jaxopt2.cli import _RUNNER_MODULES
 from jaxopt2.experiment import config as C
 from jaxopt2.experiment.errors import ConfigError
 
@@ -110,6 +116,17 @@ def test_wheel_ships_the_configs(tmp_path):
     )
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = wheels.glob("jaxopt2-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        meta = email.parser.Parser().parsestr(zf.read(meta_name).decode("utf-8"))
+    assert "jaxopt2/py.typed" in names
+    assert meta["Version"] == jaxopt2.__version__
+    assert wheel.name.startswith(f"jaxopt2-{jaxopt2.__version__}-")
+    core = [r for r in meta.get_all("Requires-Dist") if "extra ==" not in r]
+    core_names = {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower() for r in core}
+    assert core_names == {"jax", "jaxlib", "optax", "numpy"}, core
+    assert not core_names & {*_RUNNER_MODULES.values(), "chex"}
     site = tmp_path / "site"
     inst = subprocess.run(
         [*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
@@ -118,6 +135,7 @@ def test_wheel_ships_the_configs(tmp_path):
         timeout=120,
     )
     assert inst.returncode == 0, inst.stdout + inst.stderr
+    assert (site / "jaxopt2" / "py.typed").is_file()
     shipped = sorted(p.stem for p in (site / "jaxopt2" / "configs").glob("*.yaml"))
     assert shipped == sorted(CONFIG_FILES)
     assert not (site / "jaxopt2" / "experiment" / "_bundled.py").exists()

@@ -14,13 +14,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxopt2._tree import (
+    add_scale,
     check_hyperparameter,
     check_inexact,
     check_like,
     check_positive_int,
-    tree_size,
 )
 
 PyTree = Any
@@ -43,16 +44,6 @@ class CGResult(NamedTuple):
     num_iters: jax.Array
     residual_norm: jax.Array
     converged: jax.Array
-
-
-def _vdot(a: PyTree, b: PyTree) -> jax.Array:
-    parts = [jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
-    return sum(parts[1:], parts[0])
-
-
-def _axpy(alpha: jax.Array, x: PyTree, y: PyTree) -> PyTree:
-    """``alpha * x + y`` leaf by leaf, keeping the dtype of each leaf of `y`."""
-    return jax.tree.map(lambda a, b: (alpha * a + b).astype(b.dtype), x, y)
 
 
 def cg(
@@ -107,7 +98,7 @@ def cg(
     check_hyperparameter(rtol, "rtol", low=0.0)
     check_hyperparameter(atol, "atol", low=0.0)
     if maxiter is None:
-        maxiter = 10 * tree_size(b)
+        maxiter = 10 * optax.tree.size(b)
     maxiter = check_positive_int(maxiter, "maxiter")
 
     b = jax.tree.map(jnp.asarray, b)
@@ -116,10 +107,10 @@ def cg(
         r = b
     else:
         x = jax.tree.map(lambda u, v: jnp.asarray(u, v.dtype), x0, b)
-        r = _axpy(-1.0, matvec(x), b)
-    rs = _vdot(r, r)
+        r = add_scale(b, -1.0, matvec(x))
+    rs = optax.tree.vdot(r, r)
     dtype = rs.dtype
-    threshold = jnp.maximum(rtol * jnp.sqrt(_vdot(b, b)), atol).astype(dtype)
+    threshold = jnp.maximum(rtol * jnp.sqrt(optax.tree.vdot(b, b)), atol).astype(dtype)
     threshold_sq = threshold * threshold
 
     def cond(carry):
@@ -129,14 +120,14 @@ def cg(
     def body(carry):
         x, r, p, rs, i, _ = carry
         ap = matvec(p)
-        pap = _vdot(p, ap).astype(dtype)
+        pap = optax.tree.vdot(p, ap).astype(dtype)
         curvature_ok = pap > 0
         alpha = jnp.where(curvature_ok, rs / jnp.where(curvature_ok, pap, 1), 0).astype(dtype)
-        x = _axpy(alpha, p, x)
-        r = _axpy(-alpha, ap, r)
-        rs_new = _vdot(r, r).astype(dtype)
+        x = add_scale(x, alpha, p)
+        r = add_scale(r, -alpha, ap)
+        rs_new = optax.tree.vdot(r, r).astype(dtype)
         beta = rs_new / jnp.where(rs > 0, rs, 1)
-        p = _axpy(beta, p, r)
+        p = add_scale(r, beta, p)
         return x, r, p, rs_new, i + 1, curvature_ok
 
     init = (x, r, r, rs, jnp.asarray(0, jnp.int32), jnp.asarray(True))

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt2._tree import check_choice
+from jaxopt2._tree import all_finite, check_choice
 from jaxopt2.curvature.estimators import hutchinson_diagonal
 from jaxopt2.curvature.products import hessian_operator
 from jaxopt2.optimizers import registry
@@ -163,7 +163,7 @@ def scale_by_adahessian(
             matvec = lambda v: hessian(jax.tree.map(lambda x, p: x.astype(p.dtype), v, params))
             d = hutchinson_diagonal(matvec, like, use_key, num_probes)
             d = jax.tree.map(lambda x: _spatial_average(jnp.abs(x), spatial_averaging), d)
-            finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(d)]))
+            finite = all_finite(d)
             # A non-finite estimate is discarded: the last good one is kept and counted.
             d = jax.tree.map(lambda new, old: jnp.where(finite, new, old), d, state.hessian_diag)
             return d, state.num_nonfinite + (1 - finite.astype(jnp.int32))
@@ -190,7 +190,7 @@ def scale_by_adahessian(
             updates,
         )
         # A non-finite gradient skips the step: every statistic is kept, the step counted once.
-        grad_ok = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(updates)]))
+        grad_ok = all_finite(updates)
         mu, nu, hessian_diag = jax.tree.map(
             lambda new, old: jnp.where(grad_ok, new, old),
             (mu, nu, hessian_diag),

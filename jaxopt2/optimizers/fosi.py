@@ -38,7 +38,6 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from jaxopt2._tree import tree_size
 from jaxopt2.curvature.estimators import lanczos
 from jaxopt2.curvature.products import hessian_operator
 from jaxopt2.linalg.tridiagonal import eigh_tridiagonal
@@ -147,7 +146,7 @@ def scale_by_fosi(
     total = k + num_smallest
 
     def init_fn(params: optax.Params) -> ScaleByFosiState:
-        dim = tree_size(params)
+        dim = optax.tree.size(params)
         _lanczos_iters(num_iters, k, num_smallest, dim)
         return ScaleByFosiState(
             count=jnp.zeros([], jnp.int32),
@@ -166,7 +165,7 @@ def scale_by_fosi(
         use_key, next_key = resolve_key(key, state.key)
         like = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), stats_dtype), params)
         _, unravel = ravel_pytree(like)
-        dim = tree_size(params)
+        dim = optax.tree.size(params)
         m = _lanczos_iters(num_iters, k, num_smallest, dim)
 
         def ravel(tree):

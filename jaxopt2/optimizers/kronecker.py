@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Re-exported: Shampoo, SOAP and K-FAC call it as kr.all_finite.
+from jaxopt2._tree import all_finite  # noqa: F401
 from jaxopt2.linalg.roots import symmetric_eigh
 from jaxopt2.sharding import kept_rows, map_split, own_rows, splits
 
@@ -470,13 +472,6 @@ def kl_statistics(blocks, stats, bases, first, correction, decay, damping):
             new_r = ema(right, tmm(h * s_l[:, :, None], h) / r, decay)
         out.append((new_l, new_r))
     return tuple(out)
-
-
-def all_finite(tree: Any) -> jax.Array:
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.asarray(True)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def identity_stack(num: int, dim: int, dtype: Any) -> jax.Array:

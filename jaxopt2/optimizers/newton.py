@@ -65,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt2._tree import check_choice
+from jaxopt2._tree import add_scale, all_finite, check_choice
 from jaxopt2.curvature.products import hessian_operator, output_fisher_vp
 from jaxopt2.curvature.tags import row_weights, split_loss
 from jaxopt2.optimizers import registry
@@ -112,19 +112,6 @@ class ScaleByHessianFreeState(NamedTuple):
     num_nonfinite: jax.Array
 
 
-def _vdot(a: PyTree, b: PyTree) -> jax.Array:
-    parts = [jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
-    return sum(parts[1:], parts[0])
-
-
-def _axpy(alpha: jax.Array, x: PyTree, y: PyTree) -> PyTree:
-    return jax.tree.map(lambda a, b: (alpha * a + b).astype(b.dtype), x, y)
-
-
-def _all_finite(tree: PyTree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 class TruncatedCG(NamedTuple):
     """What :func:`truncated_cg` returns: the solution, the model value
     ``φ(x) = ½ xᵀAx - bᵀx`` there, and the number of iterations (matvecs after the start)."""
@@ -152,13 +139,13 @@ def truncated_cg(
     """
     dtype = jnp.result_type(*jax.tree.leaves(b))
     ax0 = matvec(x0)
-    phi0 = 0.5 * _vdot(x0, ax0) - _vdot(b, x0)
+    phi0 = 0.5 * optax.tree.vdot(x0, ax0) - optax.tree.vdot(b, x0)
     use_x0 = jnp.isfinite(phi0) & (phi0 < 0)
     x = jax.tree.map(lambda u: jnp.where(use_x0, u, jnp.zeros_like(u)), x0)
     r = jax.tree.map(lambda bb, a: jnp.where(use_x0, bb - a, bb).astype(bb.dtype), b, ax0)
     phi0 = jnp.where(use_x0, phi0, 0).astype(dtype)
-    rs = _vdot(r, r).astype(dtype)
-    threshold_sq = (rtol * rtol * _vdot(b, b)).astype(dtype)
+    rs = optax.tree.vdot(r, r).astype(dtype)
+    threshold_sq = (rtol * rtol * optax.tree.vdot(b, b)).astype(dtype)
     phis = jnp.zeros(max_iters + 1, dtype).at[0].set(phi0)
 
     def cond(carry):
@@ -168,15 +155,15 @@ def truncated_cg(
     def body(carry):
         x, r, p, rs, i, phis, _ = carry
         ap = matvec(p)
-        pap = _vdot(p, ap).astype(dtype)
+        pap = optax.tree.vdot(p, ap).astype(dtype)
         negative = pap <= 0
         alpha = (rs / jnp.where(negative, -pap, pap)).astype(dtype)
         alpha = jnp.where(jnp.isfinite(alpha), alpha, 0).astype(dtype)
-        x = _axpy(alpha, p, x)
-        r = _axpy(-alpha, ap, r)
-        rs_new = _vdot(r, r).astype(dtype)
-        p = _axpy(rs_new / jnp.where(rs > 0, rs, 1), p, r)
-        phi = (-0.5 * _vdot(x, jax.tree.map(jnp.add, r, b))).astype(dtype)
+        x = add_scale(x, alpha, p)
+        r = add_scale(r, -alpha, ap)
+        rs_new = optax.tree.vdot(r, r).astype(dtype)
+        p = add_scale(r, rs_new / jnp.where(rs > 0, rs, 1), p)
+        phi = (-0.5 * optax.tree.vdot(x, jax.tree.map(jnp.add, r, b))).astype(dtype)
         i = i + 1
         phis = phis.at[i].set(phi)
         k = jnp.maximum(10, jnp.ceil(0.1 * i).astype(jnp.int32))
@@ -319,7 +306,7 @@ def scale_by_hessian_free(
         f0 = value_fn(params)
         # A non-finite loss at the current point is a bad batch like a non-finite gradient.
         finite = (
-            _all_finite(sol.x) & _all_finite(g) & jnp.isfinite(sol.model_value) & jnp.isfinite(f0)
+            all_finite(sol.x) & all_finite(g) & jnp.isfinite(sol.model_value) & jnp.isfinite(f0)
         )
         s = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), sol.x)
 

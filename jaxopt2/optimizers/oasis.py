@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt2._tree import all_finite
 from jaxopt2.curvature.estimators import hutchinson_diagonal
 from jaxopt2.curvature.products import hessian_operator
 from jaxopt2.optimizers import registry
@@ -144,7 +145,7 @@ def scale_by_oasis(
             else:
                 est = jax.lax.cond(first, estimate(init_probes), estimate(num_probes), None)
             est = jax.tree.map(lambda x: x.astype(stats_dtype), est)
-            ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(est)]))
+            ok = all_finite(est)
             d = jax.tree.map(
                 lambda e, d: jnp.where(ok, jnp.where(first, e, b2 * d + (1 - b2) * e), d).astype(
                     stats_dtype
@@ -174,7 +175,7 @@ def scale_by_oasis(
             updates,
         )
         # A non-finite gradient skips the step: every statistic is kept, the step counted once.
-        grad_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(updates)]))
+        grad_ok = all_finite(updates)
         mu, hessian_diag = jax.tree.map(
             lambda new, old: jnp.where(grad_ok, new, old),
             (mu, hessian_diag),

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt2._tree import check_choice
+from jaxopt2._tree import all_finite, check_choice
 from jaxopt2.curvature.estimators import hutchinson_diagonal
 from jaxopt2.curvature.products import hessian_operator, output_residual, sample_targets
 from jaxopt2.curvature.tags import split_loss
@@ -95,11 +95,6 @@ class ScaleBySophiaState(NamedTuple):
     hessian: optax.Updates
     key: jax.Array
     num_nonfinite: jax.Array
-
-
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def sophia_estimate(
@@ -228,7 +223,7 @@ def scale_by_sophia(
                 probe=probe,
             )
             est = jax.tree.map(lambda x: x.astype(stats_dtype), est)
-            ok = _all_finite(est)
+            ok = all_finite(est)
             # A non-finite estimate is discarded: the last good EMA is kept and counted.
             h = jax.tree.map(
                 lambda e, h: jnp.where(ok, b2 * h + (1 - b2) * e, h).astype(stats_dtype),
@@ -266,7 +261,7 @@ def scale_by_sophia(
         count = optax.safe_increment(state.count)
         # A non-finite gradient skips the step: every statistic is kept (a refresh on the same
         # batch is discarded with it), the step counted once.
-        grad_ok = _all_finite(updates)
+        grad_ok = all_finite(updates)
         mu, hessian = jax.tree.map(
             lambda new, old: jnp.where(grad_ok, new, old), (mu, hessian), (state.mu, state.hessian)
         )
