@@ -2,7 +2,9 @@
 
 Eight optimizers (AdamW, Muon, schedule-free AdamW, Shampoo, SOAP, K-FAC, Sophia,
 AdaHessian), each at the same number of learning rates (a grid of 3, spaced by about 3x
-around a value usual for that method), every trial with the same steps, seed (so the same
+around a value usual for that method; K-FAC in four rows — with a learning rate, the same
+with ``stats_every=5``, and its adaptive mode, whose grid is the initial damping, with and
+without ``stats_every=5``), every trial with the same steps, seed (so the same
 initial parameters and the same batches) and the same schedule shape (warmup then cosine
 decay to 0.1x; schedule-free gets its warmup and then a constant rate, see below). Every
 trial is an ordinary ``jaxopt2 run`` of the config with overrides, evaluated every
@@ -97,6 +99,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "lm_tiny.yaml"
 QUICK_CONFIG = ROOT / "configs" / "lm_tiny.yaml"
 
+ADAPTIVE = [
+    "optimizer.learning_rate=null",
+    "optimizer.weight_decay=null",
+    "optimizer.schedule=constant",
+    "optimizer.warmup_steps=0",
+]
+
 # name -> (learning-rate grid, overrides of the config's optimizer section). Same grid size
 # for all.
 OPTIMIZERS: dict[str, tuple[list[float], list[str]]] = {
@@ -121,6 +130,11 @@ OPTIMIZERS: dict[str, tuple[list[float], list[str]]] = {
             "optimizer.stats_every=5",
         ],
     ),
+    # K-FAC's recommended mode: no learning rate (the step size α and momentum μ from its
+    # quadratic model, λ by the Levenberg-Marquardt rule); its grid is the initial damping λ₀
+    # (GRID_KEY), no schedule and no weight decay (the adaptive step takes neither)
+    "kfac_adaptive": ([0.1, 1.0, 10.0], ADAPTIVE),
+    "kfac_adaptive_stats5": ([0.1, 1.0, 10.0], [*ADAPTIVE, "optimizer.stats_every=5"]),
     "sophia": ([1e-3, 3e-3, 1e-2], ["optimizer.estimator=gnb"]),
     "adahessian": ([3e-2, 1e-1, 3e-1], []),
 }
@@ -140,7 +154,9 @@ QUICK_OVERRIDES = [
 
 
 # rows that are another optimizer at a setting: row name -> the registry name it runs
-BASE = {"kfac_stats5": "kfac"}
+BASE = {"kfac_stats5": "kfac", "kfac_adaptive": "kfac", "kfac_adaptive_stats5": "kfac"}
+# the config key a row's grid sets, where it is not the learning rate
+GRID_KEY = {"kfac_adaptive": "optimizer.damping", "kfac_adaptive_stats5": "optimizer.damping"}
 
 
 def _fmt_lr(lr: float) -> str:
@@ -149,8 +165,9 @@ def _fmt_lr(lr: float) -> str:
 
 def trial_overrides(name: str, lr: float, extra: list[str], quick: bool) -> list[str]:
     """The config overrides of one trial (evaluation at every metrics row)."""
-    out = [f"optimizer.name={BASE.get(name, name)}", f"optimizer.learning_rate={lr}"]
-    out += extra
+    out = [f"optimizer.name={BASE.get(name, name)}"]
+    out += extra  # before the grid's value: an adaptive row's extra nulls the learning rate
+    out.append(f"{GRID_KEY.get(name, 'optimizer.learning_rate')}={lr}")
     out += QUICK_OVERRIDES if quick else []
     out.append("eval_every=5" if quick else "eval_every=25")
     return out
@@ -192,7 +209,8 @@ def run_trial(
     complete = summary["status"] == "complete"
     return {
         "optimizer": name,
-        "learning_rate": lr,
+        "learning_rate": lr,  # the grid's value (GRID_KEY's, for the adaptive rows)
+        "grid_key": GRID_KEY.get(name, "optimizer.learning_rate"),
         "status": summary["status"],
         "steps": summary["steps"],
         "final_eval_bits_per_byte": summary.get("final_eval_bits_per_byte") if complete else None,
@@ -261,10 +279,10 @@ def retime(
     config: Path,
     steps: int,
     repeats: int,
-) -> dict[str, float]:
-    """Median step time of each optimizer's best trial, rerun for `steps` steps `repeats`
-    times, the optimizers taken in turn in every round (so a slow drift of the machine hits
-    all alike); no evaluation on the way. For step times on an idle machine after a
+) -> dict[str, list[float]]:
+    """Step times of each optimizer's best trial (one per round), rerun for `steps` steps
+    `repeats` times, the optimizers taken in turn in every round (so a slow drift of the
+    machine hits all alike); no evaluation on the way. For step times on an idle machine after a
     shoot-out whose trials shared the cores with other work."""
     times: dict[str, list[float]] = {name: [] for name in results}
     for rep in range(repeats):
@@ -281,19 +299,23 @@ def retime(
             run_config(rc, run_dir, progress=None, stream=None)
             summary = json.loads((run_dir / "summary.json").read_text())
             times[name].append(summary["mean_step_time_s"])
-    return {name: statistics.median(t) for name, t in times.items() if t}
+    return times
 
 
 def plot(results: dict[str, list[dict]], target: float | None, path: Path, title: str) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, trials in results.items():
+    colors = plt.get_cmap("tab20").colors  # more rows than the default cycle's 10 colors
+    for i, (name, trials) in enumerate(results.items()):
         best = best_trial(trials)
         if best is None or not best["curve"]:
             continue
-        label = f"{name} (lr {best['learning_rate']:g})"
+        what = "λ₀" if GRID_KEY.get(name) == "optimizer.damping" else "lr"
+        label = f"{name} ({what} {best['learning_rate']:g})"
+        style = {"color": colors[(2 * i) % 20 + (2 * i) // 20], "ls": "--" if i >= 10 else "-"}
         for ax, x in zip(axes, ("step", "time"), strict=True):
-            ax.plot([c[x] for c in best["curve"]], [c["bpb"] for c in best["curve"]], label=label)
+            xs, ys = [c[x] for c in best["curve"]], [c["bpb"] for c in best["curve"]]
+            ax.plot(xs, ys, label=label, **style)
     for ax, xlabel in zip(axes, ("step", "training seconds"), strict=True):
         if target is not None:
             ax.axhline(target / math.log(2), color="k", lw=0.8, ls="--")
@@ -361,9 +383,11 @@ def main() -> None:
         results = {n: results.get(n) or old[n] for n in OPTIMIZERS if n in results or n in old}
     summary = summarize(results)
     if args.retime and not args.quick:
-        timed = retime(results, runs_dir, args.config, args.retime, args.retime_repeats)
+        rounds = retime(results, runs_dir, args.config, args.retime, args.retime_repeats)
+        timed = {name: statistics.median(t) for name, t in rounds.items() if t}
         ref = timed.get("adamw")
         for rec in summary:
+            rec["retime_rounds_s"] = rounds.get(rec["optimizer"])
             t = timed.get(rec["optimizer"])
             rec["retimed_step_time_s"] = t
             rec["retimed_step_time_vs_adamw"] = t / ref if t and ref else None
