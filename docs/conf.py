@@ -77,10 +77,13 @@ html_static_path = []
 _local_mathjax = os.environ.get("JAXOPT2_DOCS_MATHJAX")
 if _local_mathjax and pathlib.Path(_local_mathjax, "MathJax.js").is_file():
     # MathJax 2 (Debian's libjs-mathjax): its TeX config reads \(...\) and \[...\], the
-    # delimiters Sphinx writes.
+    # delimiters Sphinx writes. myst-parser's MathJax settings are MathJax 3's (a page-wide
+    # ignore class that MathJax 2 would apply to every equation), so they are off here.
     mathjax_path = (
         pathlib.Path(_local_mathjax, "MathJax.js").as_uri() + "?config=TeX-AMS-MML_HTMLorMML"
     )
+    myst_update_mathjax = False
+    mathjax2_config = {"tex2jax": {"processEscapes": True}}
 
 
 def _docstring(app, what, name, obj, options, lines):
