@@ -1,8 +1,12 @@
-"""The runnable examples in docstrings and the README stay correct."""
+"""The runnable examples in docstrings, the README and the docs pages stay correct."""
 
 import doctest
 import importlib
+import pathlib
 import pkgutil
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -27,9 +31,6 @@ def test_docstring_examples(name):
 
 
 def test_importing_jaxopt2_initializes_no_backend():
-    import subprocess
-    import sys
-
     code = (
         "import jaxopt2, jaxopt2.curvature, jaxopt2.optimizers\n"
         "from jax._src import xla_bridge\n"
@@ -40,19 +41,35 @@ def test_importing_jaxopt2_initializes_no_backend():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
-def test_readme_python_examples_run(tmp_path):
-    import pathlib
-    import re
-    import subprocess
-    import sys
+# An executed example is a ```python fence. A block shown but not run is a ```{code-block} python
+# (or ```text) fence: the docs' migration pages show other libraries' code that way.
+_PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", flags=re.S | re.M)
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_EXAMPLE_PAGES = sorted(
+    p.relative_to(_ROOT).as_posix()
+    for p in (_ROOT / "docs").rglob("*.md")
+    if "_build" not in p.parts and _PYTHON_BLOCK.search(p.read_text(encoding="utf-8"))
+)
 
-    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
-    assert blocks, "README has no python examples"
-    # The examples build on each other (the curvature one uses the training loop's names).
-    script = tmp_path / "readme_examples.py"
-    script.write_text("\n".join(blocks))
+
+def _run_python_blocks(path, tmp_path, timeout):
+    """A page's python blocks, concatenated in order, run in one child process."""
+    blocks = _PYTHON_BLOCK.findall((_ROOT / path).read_text(encoding="utf-8"))
+    script = tmp_path / "examples.py"
+    script.write_text("\n".join(blocks), encoding="utf-8")
     out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, cwd=tmp_path
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, f"{path}:\n{out.stderr[-3000:]}"
+    return blocks
+
+
+def test_readme_python_examples_run(tmp_path):
+    # The examples build on each other (blocks of one page share one process).
+    assert _run_python_blocks("README.md", tmp_path, timeout=240), "README has no python examples"
+
+
+@pytest.mark.parametrize("page", _EXAMPLE_PAGES)
+def test_docs_python_examples_run(page, tmp_path):
+    # Each page's examples are self-contained: they run without the README's or another page's.
+    _run_python_blocks(page, tmp_path, timeout=120)

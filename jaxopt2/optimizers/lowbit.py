@@ -16,7 +16,7 @@ Format (block-wise absmax): each eigenvector (a column of ``Q``) is cut into blo
   per byte (uint8).
 
 ±1 and 0 are exact in both formats, so the identity round-trips exactly. The measured
-reconstruction errors are in tests/optimizers/test_lowbit.py and the README.
+reconstruction errors are in tests/optimizers/test_lowbit.py and docs/shampoo-soap.md.
 
 References:
   Wang, Zhou, Ni, Huang, Song, Tang, Xiao, Wang. "4-bit Shampoo for Memory-Efficient Network
