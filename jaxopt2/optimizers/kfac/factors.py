@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt2.optimizers import kronecker as kr
-from jaxopt2.optimizers.kfac.layers import Discovery, factor_sizes, factor_stack
+from jaxopt2.optimizers.kfac.layers import Discovery, Layer, factor_sizes, factor_stack
 from jaxopt2.sharding import kept_rows, splits
 
 __all__ = [
@@ -177,7 +177,7 @@ def fit(disc: Discovery, groups: Sequence[Group], where: dict, planned: bool) ->
       ValueError: a plan that does not match `disc`; a convolution kernel whose layout the
         shape rule misread.
     """
-    kept = []
+    kept: list[Layer] = []
     for leaf, uses in disc.units.items():
         head = uses[0]
         name = disc.leaf_names[leaf]
@@ -452,7 +452,7 @@ def row_info(groups: Sequence[Group], heads: dict[int, Any]) -> list[dict[str, n
     out = []
     for g in groups:
         n = stack_rows(g)
-        info = {
+        info: dict[str, np.ndarray] = {
             "a_side": np.zeros(n, np.int32),
             "dim_a": np.ones(n),
             "dim_g": np.ones(n),

@@ -166,7 +166,7 @@ class Layer:
     def from_matrix(self, m: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """Inverse of :meth:`to_matrix` for a leaf of `shape`."""
         moved = m.reshape([shape[a] for a in self.weight_perm])
-        return jnp.transpose(moved, np.argsort(self.weight_perm))
+        return jnp.transpose(moved, [int(a) for a in np.argsort(self.weight_perm)])
 
     def rows(self, x: jax.Array, out_grad: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Inputs as ``[M, in]`` rows and output gradients as ``[M, out]`` rows, in one order."""
@@ -306,7 +306,7 @@ def discover(
         for i, eqn in enumerate(jaxpr.eqns):
             here = (*prefix, i)
             name = eqn.primitive.name
-            ins = [get(v) for v in eqn.invars]
+            ins: list[Any] = [get(v) for v in eqn.invars]
             out = eqn.outvars[0] if eqn.outvars else None
             sub = _jaxpr.inner_jaxpr(eqn)
             if sub is not None:
@@ -470,6 +470,11 @@ def _resolve(found: list[Layer], names: tuple[str, ...]) -> tuple[Layer, ...]:
     return tuple(sorted(layers, key=lambda layer: layer.path))
 
 
+def _aval_shape(var: Any) -> tuple[int, ...]:
+    """The shape of a jaxpr variable (its abstract value is an array's)."""
+    return tuple(var.aval.shape)
+
+
 def _dense(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple]) -> dict[str, Any] | None:
     """The layer a ``dot_general`` makes, if one operand is a parameter of rank 2 or more
     whose axes it partly contracts (no batch axes) and the other comes from the data."""
@@ -525,7 +530,7 @@ def _conv(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple]) -> dict[str, 
         return None
     if len(leaf_shapes[rhs.leaf]) != 4 or p["feature_group_count"] != 1:
         return None
-    if p["batch_group_count"] != 1 or len(eqn.invars[0].aval.shape) != 4:
+    if p["batch_group_count"] != 1 or len(_aval_shape(eqn.invars[0])) != 4:
         return None
     spec = ConvSpec(
         (
@@ -536,7 +541,7 @@ def _conv(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple]) -> dict[str, 
             p["dimension_numbers"],
         )
     )
-    layer = _conv_layer(rhs, eqn.invars[1].aval.shape, spec)
+    layer = _conv_layer(rhs, _aval_shape(eqn.invars[1]), spec)
     return {**layer, "tagged": False, "input_index": 0}
 
 
@@ -569,8 +574,8 @@ def _tagged(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple], names) -> d
             )
         bias = ins[3].leaf
     if kind == "dense":
-        d_in = int(eqn.invars[1].aval.shape[-1])
-        d_out = int(eqn.invars[0].aval.shape[-1])
+        d_in = int(_aval_shape(eqn.invars[1])[-1])
+        d_out = int(_aval_shape(eqn.invars[0])[-1])
         ops = (0, 1) if eqn.params["layout"] == "in_out" else (1, 0)
         layer = {
             "param_stack": weight.stack,
@@ -582,5 +587,5 @@ def _tagged(eqn: core.JaxprEqn, ins: list, leaf_shapes: list[tuple], names) -> d
             "op": None,
         }
     else:
-        layer = _conv_layer(weight, eqn.invars[2].aval.shape, eqn.params["conv"])
+        layer = _conv_layer(weight, _aval_shape(eqn.invars[2]), eqn.params["conv"])
     return {**layer, "bias": bias, "tagged": True, "input_index": 1}

@@ -145,7 +145,7 @@ class ScaleByKfacState(NamedTuple):
       num_failed_inverses: factor inverses that failed and kept their previous value.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count, as in optax
     factors: tuple
     inverses: tuple
     scaling: tuple
@@ -157,7 +157,8 @@ class ScaleByKfacState(NamedTuple):
     num_nonfinite: jax.Array
     num_failed_inverses: jax.Array
 
-    sharded_rows = ("factors", "inverses", "scaling")  # per-layer stacks, owned over a mesh
+    # per-layer stacks, owned over a mesh (a class attribute, not a field)
+    sharded_rows = ("factors", "inverses", "scaling")  # type: ignore[misc]
 
 
 def _trace(closed, leaves, eps, discovery: Discovery):
@@ -811,7 +812,10 @@ def _unit_statistics(
     slices = _slices(head)
     leaf = head.weight
     unit_rows[leaf] = [[] for _ in range(slices)]
-    sum_a, sum_g, rows_a = [0.0] * slices, [0.0] * slices, [0] * slices
+    # running sums: a Python 0.0 until the first array is added
+    sum_a: list[Any] = [0.0] * slices
+    sum_g: list[Any] = [0.0] * slices
+    rows_a = [0] * slices
     for layer in uses:
         i = index[layer.path]
         xs = jnp.stack(inputs[i])  # [calls, ...]: one entry per call (scan iteration)
@@ -1032,7 +1036,7 @@ def _ekfac_scaling(rows, qa, qg, n, layer) -> jax.Array:
         a2 = jnp.square(fx.rotate(a, qa))
         g2 = jnp.sum(jnp.square(fx.rotate(g, qg)), axis=0)
         return kr.mm(a2.T, g2)
-    total = 0.0
+    total: Any = 0.0
     for a, g in rows:
         if a.shape[0] % n:
             raise ValueError(

@@ -205,7 +205,7 @@ def tag_conv2d(
         dilated_k = [(s - 1) * d + 1 for s, d in zip(k_sp, rhs_dil, strict=True)]
         pads = tuple(jax.lax.padtype_to_pads(dilated_in, dilated_k, strides, padding))
     else:
-        pads = tuple(tuple(int(v) for v in p) for p in padding)
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     expected = jax.eval_shape(
         lambda x, k: jax.lax.conv_general_dilated(
             x, k, strides, pads, lhs_dil, rhs_dil, dimension_numbers=dn
