@@ -40,6 +40,7 @@ from jaxopt2._tree import all_finite, check_choice
 from jaxopt2.curvature.estimators import hutchinson_diagonal
 from jaxopt2.curvature.products import hessian_operator
 from jaxopt2.optimizers import registry
+from jaxopt2.optimizers._deprecation import keyword_only
 from jaxopt2.optimizers.contract import (
     check_learning_rate,
     check_number,
@@ -203,8 +204,10 @@ def scale_by_adahessian(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@keyword_only()
 def adahessian(
     learning_rate: optax.ScalarOrSchedule,
+    *,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-4,

@@ -69,6 +69,7 @@ from jaxopt2._tree import add_scale, all_finite, check_choice
 from jaxopt2.curvature.products import hessian_operator, output_fisher_vp
 from jaxopt2.curvature.tags import row_weights, split_loss
 from jaxopt2.optimizers import registry
+from jaxopt2.optimizers._deprecation import keyword_only
 from jaxopt2.optimizers.contract import (
     check_learning_rate,
     check_number,
@@ -343,8 +344,10 @@ def scale_by_hessian_free(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@keyword_only()
 def hessian_free(
     learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
     damping: float = 1.0,
     max_cg_iters: int | None = None,
     cg_rtol: float = 1e-5,

@@ -42,6 +42,7 @@ from jaxopt2._tree import all_finite
 from jaxopt2.curvature.estimators import hutchinson_diagonal
 from jaxopt2.curvature.products import hessian_operator
 from jaxopt2.optimizers import registry
+from jaxopt2.optimizers._deprecation import keyword_only
 from jaxopt2.optimizers.contract import (
     check_learning_rate,
     check_number,
@@ -187,8 +188,10 @@ def scale_by_oasis(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@keyword_only()
 def oasis(
     learning_rate: optax.ScalarOrSchedule = 0.1,
+    *,
     b1: float = 0.0,
     b2: float = 0.99,
     alpha: float = 1e-3,

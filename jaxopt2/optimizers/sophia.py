@@ -59,6 +59,7 @@ from jaxopt2.curvature.estimators import hutchinson_diagonal
 from jaxopt2.curvature.products import hessian_operator, output_residual, sample_targets
 from jaxopt2.curvature.tags import split_loss
 from jaxopt2.optimizers import registry
+from jaxopt2.optimizers._deprecation import keyword_only
 from jaxopt2.optimizers.contract import (
     check_learning_rate,
     check_number,
@@ -271,8 +272,10 @@ def scale_by_sophia(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@keyword_only()
 def sophia(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
+    *,
     b1: float = 0.965,
     b2: float = 0.99,
     gamma: float = 0.01,
