@@ -70,6 +70,8 @@ def keyword_only(
                     )
                 for old, value in zip(order, extra, strict=False):
                     new = renamed.get(old, old)
+                    if new in kwargs or old in kwargs:
+                        raise TypeError(f"{name}() got multiple values for argument {new!r}.")
                     warnings.warn(
                         f"jaxopt2.{name}: passing {new!r} positionally is deprecated; it "
                         f"becomes keyword-only in the next release: write {name}(..., "
@@ -77,19 +79,17 @@ def keyword_only(
                         DeprecationWarning,
                         stacklevel=2,
                     )
-                    if new in kwargs or old in kwargs:
-                        raise TypeError(f"{name}() got multiple values for argument {new!r}.")
                     kwargs[new] = value
             for old, new in renamed.items():
                 if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{name}() got both {old!r} and its new name {new!r}.")
                     warnings.warn(
                         f"jaxopt2.{name}: the argument {old!r} is deprecated and will be "
                         f"removed in the next release: use {new!r} (same meaning).",
                         DeprecationWarning,
                         stacklevel=2,
                     )
-                    if new in kwargs:
-                        raise TypeError(f"{name}() got both {old!r} and its new name {new!r}.")
                     kwargs[new] = kwargs.pop(old)
             return factory(*args, **kwargs)
 
