@@ -27,6 +27,7 @@ def keyword_only(
     *,
     legacy_order: tuple[str, ...] | None = None,
     renamed: dict[str, str] | None = None,
+    added: tuple[str, ...] = (),
     who: str | None = None,
 ) -> Callable[[F], F]:
     """Decorate a factory whose arguments after the positional ones are keyword-only.
@@ -34,8 +35,10 @@ def keyword_only(
     Args:
       legacy_order: the old names of the arguments that used to follow the positional ones,
         in their old positional order (old names are translated through `renamed`). None:
-        the keyword-only arguments in the order of the signature.
+        the keyword-only arguments in the order of the signature, less `added`.
       renamed: old keyword name -> new name; the old name warns and is mapped.
+      added: keyword-only arguments that never were positional (left out of the default
+        `legacy_order`).
       who: the name in the messages (default: the function's ``__name__``).
     """
     renamed = dict(renamed or {})
@@ -49,7 +52,11 @@ def keyword_only(
         )
         order = legacy_order
         if order is None:
-            order = tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+            order = tuple(
+                p.name
+                for p in params
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in added
+            )
         name = who or factory.__name__
         unknown = [
             renamed.get(a, a) for a in order if renamed.get(a, a) not in signature.parameters
