@@ -489,8 +489,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "sophia-refresh-count",
         SOPHIA,
-        "num = state.count // update_every + 1 - num_nonfinite",
-        "num = state.count // update_every - num_nonfinite",
+        "num = state.count // update_interval + 1 - num_nonfinite",
+        "num = state.count // update_interval - num_nonfinite",
         T_SOPHIA,
         "bias correction of h counts one refresh too few",
         "killed",

@@ -10,6 +10,14 @@ from jaxopt2 import curvature, linalg, optimizers, sharding, solvers
 from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround, limit_lapack_threads
 from jaxopt2.curvature.tags import tag_loss
 from jaxopt2.optimizers import (
+    ScaleByAdaHessianState,
+    ScaleByFosiState,
+    ScaleByHessianFreeState,
+    ScaleByKfacState,
+    ScaleByOasisState,
+    ScaleByShampooState,
+    ScaleBySoapState,
+    ScaleBySophiaState,
     adafactor,
     adagrad,
     adahessian,
@@ -51,6 +59,14 @@ from jaxopt2.solvers import Solution, least_squares, minimize
 __version__ = "0.1.0"
 
 __all__ = [
+    "ScaleByAdaHessianState",
+    "ScaleByFosiState",
+    "ScaleByHessianFreeState",
+    "ScaleByKfacState",
+    "ScaleByOasisState",
+    "ScaleByShampooState",
+    "ScaleBySoapState",
+    "ScaleBySophiaState",
     "Solution",
     "__version__",
     "adafactor",

@@ -48,22 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-__all__ = [
-    "explicit_mesh",
-    "gather_rows",
-    "kept_rows",
-    "map_owned",
-    "map_split",
-    "mesh_size",
-    "own_rows",
-    "padded_rows",
-    "partial_sums",
-    "shard_rows",
-    "splits",
-    "state_memory",
-    "state_sharding",
-    "sum_partials",
-]
+# The public surface; the row helpers below (padded_rows, splits, kept_rows, shard_rows,
+# map_owned, own_rows, map_split, partial_sums, sum_partials, gather_rows) are the
+# optimizers' own machinery, reachable by name but not part of it.
+__all__ = ["explicit_mesh", "mesh_size", "state_memory", "state_sharding"]
 
 
 def _mesh():

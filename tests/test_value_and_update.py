@@ -276,3 +276,43 @@ def test_multisteps_inside_chain_drops_the_extra_args_and_says_how_to_fix_it():
         jaxopt2.value_and_update(
             nested, problem.loss_fn, problem.params, nested.init(problem.params), *problem.batch
         )
+
+
+@pytest.mark.parametrize("name", ["adam", "sophia", "hessian_free", "adahessian"])
+def test_has_aux_returns_aux_and_the_same_step(name):
+    """``has_aux=True``: ``((value, aux), updates, state)`` as jax.value_and_grad's
+    convention; the updates and state equal the plain call's (value_fn returns the value
+    alone to the optimizer), also under jit."""
+    problem = _problem()
+    opt = jaxopt2.registry.get(name).factory(learning_rate=0.1)
+    state = opt.init(problem.params)
+
+    def aux_fn(p, *batch):
+        value = problem.loss_fn(p, *batch)
+        return value, {"twice": 2 * value, "norm": jnp.sum(p**2)}
+
+    key = jax.random.PRNGKey(0)
+    value, updates, new_state = jaxopt2.value_and_update(
+        opt, problem.loss_fn, problem.params, state, *problem.batch, key=key
+    )
+    step = jax.jit(
+        lambda p, s, k: jaxopt2.value_and_update(
+            opt, aux_fn, p, s, *problem.batch, key=k, has_aux=True
+        )
+    )
+    (value_a, aux), updates_a, new_state_a = step(problem.params, state, key)
+    np.testing.assert_allclose(value_a, value, rtol=1e-6)
+    np.testing.assert_allclose(aux["twice"], 2 * value, rtol=1e-6)
+    np.testing.assert_allclose(aux["norm"], jnp.sum(problem.params**2), rtol=1e-6)
+    _close(updates_a, updates, rtol=1e-5, atol=1e-6)
+    _close(new_state_a, new_state, rtol=1e-5, atol=1e-6)
+
+
+def test_has_aux_needs_a_pair():
+    problem = _problem()
+    opt = optax.sgd(0.1)
+    with pytest.raises(TypeError, match=r"value_and_update\(has_aux=True\).*pair"):
+        jaxopt2.value_and_update(
+            opt, problem.loss_fn, problem.params, opt.init(problem.params), *problem.batch,
+            has_aux=True,
+        )  # fmt: skip

@@ -1,7 +1,7 @@
 """Optimizers: every one an ``optax.GradientTransformationExtraArgs``, all in one registry."""
 
 from jaxopt2.optimizers import registry
-from jaxopt2.optimizers.adahessian import adahessian, scale_by_adahessian
+from jaxopt2.optimizers.adahessian import ScaleByAdaHessianState, adahessian, scale_by_adahessian
 from jaxopt2.optimizers.contract import value_and_update
 from jaxopt2.optimizers.first_order import (
     adafactor,
@@ -16,16 +16,31 @@ from jaxopt2.optimizers.first_order import (
     schedule_free_adamw,
     sgd,
 )
-from jaxopt2.optimizers.fosi import fosi, scale_by_fosi
-from jaxopt2.optimizers.kfac import kfac, kfac_layers, scale_by_kfac, tag_conv2d, tag_dense
-from jaxopt2.optimizers.newton import hessian_free, scale_by_hessian_free
-from jaxopt2.optimizers.oasis import oasis, scale_by_oasis
+from jaxopt2.optimizers.fosi import ScaleByFosiState, fosi, scale_by_fosi
+from jaxopt2.optimizers.kfac import (
+    ScaleByKfacState,
+    kfac,
+    kfac_layers,
+    scale_by_kfac,
+    tag_conv2d,
+    tag_dense,
+)
+from jaxopt2.optimizers.newton import ScaleByHessianFreeState, hessian_free, scale_by_hessian_free
+from jaxopt2.optimizers.oasis import ScaleByOasisState, oasis, scale_by_oasis
 from jaxopt2.optimizers.registry import inject_hyperparams
-from jaxopt2.optimizers.shampoo import scale_by_shampoo, shampoo
-from jaxopt2.optimizers.soap import scale_by_soap, soap
-from jaxopt2.optimizers.sophia import scale_by_sophia, sophia
+from jaxopt2.optimizers.shampoo import ScaleByShampooState, scale_by_shampoo, shampoo
+from jaxopt2.optimizers.soap import ScaleBySoapState, scale_by_soap, soap
+from jaxopt2.optimizers.sophia import ScaleBySophiaState, scale_by_sophia, sophia
 
 __all__ = [
+    "ScaleByAdaHessianState",
+    "ScaleByFosiState",
+    "ScaleByHessianFreeState",
+    "ScaleByKfacState",
+    "ScaleByOasisState",
+    "ScaleByShampooState",
+    "ScaleBySoapState",
+    "ScaleBySophiaState",
     "adafactor",
     "adagrad",
     "adahessian",

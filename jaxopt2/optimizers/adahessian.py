@@ -40,6 +40,7 @@ from jaxopt2._tree import all_finite, check_choice
 from jaxopt2.curvature.estimators import hutchinson_diagonal
 from jaxopt2.curvature.products import hessian_operator
 from jaxopt2.optimizers import registry
+from jaxopt2.optimizers._deprecation import keyword_only
 from jaxopt2.optimizers.contract import (
     check_learning_rate,
     check_number,
@@ -203,12 +204,15 @@ def scale_by_adahessian(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@keyword_only(added=("mask",))
 def adahessian(
     learning_rate: optax.ScalarOrSchedule,
+    *,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-4,
     weight_decay: float = 0.0,
+    mask: Any = None,
     hessian_power: float = 1.0,
     num_probes: int | None = None,
     update_every: int | None = None,
@@ -218,7 +222,7 @@ def adahessian(
 ) -> optax.GradientTransformationExtraArgs:
     """AdaHessian (Yao et al., 2021): Adam whose second moment tracks ``diag(H)²``.
 
-    ``adahessian = chain(scale_by_adahessian, add_decayed_weights(weight_decay),
+    ``adahessian = chain(scale_by_adahessian, add_decayed_weights(weight_decay, mask),
     scale_by_learning_rate(learning_rate))``; see :func:`scale_by_adahessian` for the other
     arguments and the module docstring for the update rule.
 
@@ -226,6 +230,9 @@ def adahessian(
       learning_rate: a number or an optax schedule.
       weight_decay: decoupled weight decay, added to the preconditioned update before the
         learning rate scales it.
+      mask: which leaves get the weight decay, as in ``optax.adamw``: a pytree of bools
+        with the structure of (a prefix of) the parameters, or a function ``params ->``
+        such a tree; None: every leaf (static).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jaxopt2
@@ -254,7 +261,7 @@ def adahessian(
             seed=seed,
             stats_dtype=stats_dtype,
         ),
-        optax.add_decayed_weights(weight_decay),
+        optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
 
@@ -264,5 +271,5 @@ registry.register(
     adahessian,
     needs_value_fn=True,
     needs_key=True,
-    static_args=("num_probes", "update_every", "spatial_averaging", "seed", "stats_dtype"),
+    static_args=("mask", "num_probes", "update_every", "spatial_averaging", "seed", "stats_dtype"),
 )

@@ -74,19 +74,25 @@ def value_and_update(
     opt_state: optax.OptState,
     *batch: Any,
     key: jax.Array | None = None,
-) -> tuple[jax.Array, optax.Updates, optax.OptState]:
+    has_aux: bool = False,
+) -> tuple[Any, optax.Updates, optax.OptState]:
     """Loss, optimizer updates and new state for one step.
 
     Args:
       optimizer: any optax transformation (jaxopt2's or optax's).
-      loss_fn: ``loss_fn(params, *batch) -> scalar``, a mean over the batch.
+      loss_fn: ``loss_fn(params, *batch) -> scalar``, a mean over the batch; with
+        `has_aux`, ``-> (scalar, aux)``.
       params: the current parameters (a pytree).
       opt_state: the optimizer state.
       *batch: the batch arrays, passed positionally to ``loss_fn``.
       key: optional PRNG key for stochastic curvature estimators.
+      has_aux: `loss_fn` returns a pair ``(value, aux)`` (metrics, a model state), as in
+        ``jax.value_and_grad(has_aux=True)``. The gradient is that of the value; the
+        ``value_fn`` the optimizer gets returns the value alone.
 
     Returns:
-      ``(value, updates, new_opt_state)``; apply with ``optax.apply_updates(params, updates)``.
+      ``(value, updates, new_opt_state)``, with `has_aux` ``((value, aux), updates,
+      new_opt_state)``; apply with ``optax.apply_updates(params, updates)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jaxopt2
@@ -96,19 +102,44 @@ def value_and_update(
       >>> x, y = jnp.eye(3), jnp.ones(3)
       >>> value, updates, state = jaxopt2.value_and_update(opt, loss_fn, w, state, x, y)
       >>> w = optax.apply_updates(w, updates)
+      >>> # a loss with auxiliary outputs, as jax.value_and_grad(has_aux=True) takes it
+      >>> aux_fn = lambda w, x, y: (loss_fn(w, x, y), {"pred": x @ w})
+      >>> (value, aux), updates, state = jaxopt2.value_and_update(
+      ...     opt, aux_fn, w, state, x, y, has_aux=True)
+      >>> aux["pred"].shape
+      (3,)
     """
+    if has_aux:
 
-    def value_fn(p: PyTree) -> jax.Array:
-        return loss_fn(p, *batch)
+        def value_fn(p: PyTree) -> jax.Array:
+            return _aux_pair(loss_fn(p, *batch), "value_and_update", "loss_fn")[0]
 
-    value, grad = jax.value_and_grad(value_fn)(params)
+        (value, aux), grad = jax.value_and_grad(
+            lambda p: _aux_pair(loss_fn(p, *batch), "value_and_update", "loss_fn"), has_aux=True
+        )(params)
+    else:
+
+        def value_fn(p: PyTree) -> jax.Array:
+            return loss_fn(p, *batch)
+
+        value, grad = jax.value_and_grad(value_fn)(params)
     extra: dict[str, Any] = {"value": value, "grad": grad, "value_fn": value_fn}
     if key is not None:
         extra["key"] = key
     updates, new_state = optimizer.update(
         grad, opt_state, params, **update_extra_args(optimizer, extra)
     )
-    return value, updates, new_state
+    return ((value, aux) if has_aux else value), updates, new_state
+
+
+def _aux_pair(out: Any, who: str, what: str) -> tuple[Any, Any]:
+    """`out` as ``(value, aux)``; a TypeError when it is not a pair (``has_aux=True``)."""
+    if not (isinstance(out, tuple | list) and len(out) == 2):
+        raise TypeError(
+            f"{who}(has_aux=True): {what} must return a pair (value, aux), got "
+            f"{type(out).__name__}."
+        )
+    return out[0], out[1]
 
 
 def update_extra_args(optimizer: Any, extra: dict[str, Any]) -> dict[str, Any]:

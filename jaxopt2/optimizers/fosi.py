@@ -42,6 +42,7 @@ from jaxopt2.curvature.estimators import lanczos
 from jaxopt2.curvature.products import hessian_operator
 from jaxopt2.linalg.tridiagonal import eigh_tridiagonal
 from jaxopt2.optimizers import registry
+from jaxopt2.optimizers._deprecation import keyword_only
 from jaxopt2.optimizers.contract import (
     check_learning_rate,
     check_number,
@@ -228,8 +229,10 @@ def scale_by_fosi(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@keyword_only()
 def fosi(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
+    *,
     base: optax.GradientTransformation | None = None,
     alpha: float = 1.0,
     k: int | None = None,

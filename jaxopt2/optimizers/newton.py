@@ -69,6 +69,7 @@ from jaxopt2._tree import add_scale, all_finite, check_choice
 from jaxopt2.curvature.products import hessian_operator, output_fisher_vp
 from jaxopt2.curvature.tags import row_weights, split_loss
 from jaxopt2.optimizers import registry
+from jaxopt2.optimizers._deprecation import keyword_only
 from jaxopt2.optimizers.contract import (
     check_learning_rate,
     check_number,
@@ -343,8 +344,10 @@ def scale_by_hessian_free(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@keyword_only(added=("mask",))
 def hessian_free(
     learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
     damping: float = 1.0,
     max_cg_iters: int | None = None,
     cg_rtol: float = 1e-5,
@@ -355,15 +358,18 @@ def hessian_free(
     min_damping: float = 1e-8,
     max_damping: float = 1e8,
     weight_decay: float = 0.0,
+    mask: Any = None,
     curvature: str = "auto",
     stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """Hessian-free optimization (Martens, 2010): a damped truncated-Newton step per update.
 
-    ``hessian_free = chain(scale_by_hessian_free, add_decayed_weights(weight_decay),
-    scale_by_learning_rate(learning_rate))``; see :func:`scale_by_hessian_free` for the other
-    arguments and the module docstring for the curvature, CG and damping rules. The step is
-    the CG solution itself, so ``learning_rate`` defaults to 1.
+    ``hessian_free = chain(scale_by_hessian_free, add_decayed_weights(weight_decay, mask),
+    scale_by_learning_rate(learning_rate))``, the weight decay on the leaves `mask` selects
+    (as in ``optax.adamw``: a pytree of bools like the parameters or a function of them;
+    None: every leaf); see :func:`scale_by_hessian_free` for the other arguments and the
+    module docstring for the curvature, CG and damping rules. The step is the CG solution
+    itself, so ``learning_rate`` defaults to 1.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jaxopt2
@@ -394,7 +400,7 @@ def hessian_free(
             curvature=curvature,
             stats_dtype=stats_dtype,
         ),
-        optax.add_decayed_weights(weight_decay),
+        optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
 
@@ -404,5 +410,5 @@ registry.register(
     hessian_free,
     needs_value_fn=True,
     needs_key=False,
-    static_args=("max_cg_iters", "curvature", "stats_dtype"),
+    static_args=("mask", "max_cg_iters", "curvature", "stats_dtype"),
 )

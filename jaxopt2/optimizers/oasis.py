@@ -42,6 +42,7 @@ from jaxopt2._tree import all_finite
 from jaxopt2.curvature.estimators import hutchinson_diagonal
 from jaxopt2.curvature.products import hessian_operator
 from jaxopt2.optimizers import registry
+from jaxopt2.optimizers._deprecation import keyword_only
 from jaxopt2.optimizers.contract import (
     check_learning_rate,
     check_number,
@@ -187,12 +188,15 @@ def scale_by_oasis(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@keyword_only(added=("mask",))
 def oasis(
     learning_rate: optax.ScalarOrSchedule = 0.1,
+    *,
     b1: float = 0.0,
     b2: float = 0.99,
     alpha: float = 1e-3,
     weight_decay: float = 0.0,
+    mask: Any = None,
     num_probes: int | None = None,
     init_probes: int | None = None,
     update_every: int | None = None,
@@ -201,10 +205,12 @@ def oasis(
 ) -> optax.GradientTransformationExtraArgs:
     """OASIS (Jahani et al., 2022): gradient steps scaled by a truncated diagonal Hessian EMA.
 
-    ``oasis = chain(scale_by_oasis, add_decayed_weights(weight_decay),
-    scale_by_learning_rate(learning_rate))``; see :func:`scale_by_oasis` for the other
-    arguments and the module docstring for the rule. With ``learning_rate`` 1 and an exact
-    diagonal the step is a diagonal Newton step.
+    ``oasis = chain(scale_by_oasis, add_decayed_weights(weight_decay, mask),
+    scale_by_learning_rate(learning_rate))``, the weight decay on the leaves `mask` selects
+    (as in ``optax.adamw``: a pytree of bools like the parameters or a function of them;
+    None: every leaf); see :func:`scale_by_oasis` for the other arguments and the module
+    docstring for the rule. With ``learning_rate`` 1 and an exact diagonal the step is a
+    diagonal Newton step.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jaxopt2
@@ -232,7 +238,7 @@ def oasis(
             seed=seed,
             stats_dtype=stats_dtype,
         ),
-        optax.add_decayed_weights(weight_decay),
+        optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
 
@@ -242,5 +248,5 @@ registry.register(
     oasis,
     needs_value_fn=True,
     needs_key=True,
-    static_args=("num_probes", "init_probes", "update_every", "seed", "stats_dtype"),
+    static_args=("mask", "num_probes", "init_probes", "update_every", "seed", "stats_dtype"),
 )

@@ -460,6 +460,7 @@ def shampoo(
     eps: float = 1e-8,
     damping: float = 1e-6,
     weight_decay: float = 0.0,
+    mask: Any = None,
     exponent: float | None = None,
     one_sided: bool = False,
     graft: str | None = None,
@@ -478,6 +479,9 @@ def shampoo(
       learning_rate: a number or an optax schedule.
       weight_decay: decoupled weight decay, added to the preconditioned update before the
         learning rate scales it.
+      mask: which leaves get the weight decay, as in ``optax.adamw``: a pytree of bools
+        with the structure of (a prefix of) the parameters, or a function ``params ->``
+        such a tree; None: every leaf (static).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jaxopt2
@@ -517,7 +521,7 @@ def shampoo(
             precondition_bits=precondition_bits,
             stats_dtype=stats_dtype,
         ),
-        optax.add_decayed_weights(weight_decay),
+        optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
 
@@ -526,6 +530,7 @@ registry.register(
     "shampoo",
     shampoo,
     static_args=(
+        "mask",
         "block_size",
         "precondition_every",
         "start_preconditioning_step",

@@ -318,6 +318,7 @@ def soap(
     shampoo_b2: float | None = None,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    mask: Any = None,
     block_size: int | None = None,
     precondition_every: int | None = None,
     max_precondition_dim: int | None = None,
@@ -336,6 +337,9 @@ def soap(
       learning_rate: a number or an optax schedule.
       weight_decay: decoupled weight decay, added to the update before the learning rate
         scales it (the paper uses 0.01 for language models).
+      mask: which leaves get the weight decay, as in ``optax.adamw``: a pytree of bools
+        with the structure of (a prefix of) the parameters, or a function ``params ->``
+        such a tree; None: every leaf (static).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jaxopt2
@@ -370,7 +374,7 @@ def soap(
             damping=damping,
             stats_dtype=stats_dtype,
         ),
-        optax.add_decayed_weights(weight_decay),
+        optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
 
@@ -379,6 +383,7 @@ registry.register(
     "soap",
     soap,
     static_args=(
+        "mask",
         "block_size",
         "precondition_every",
         "max_precondition_dim",

@@ -1,7 +1,7 @@
 """Sophia: clipped, diagonally preconditioned momentum with a lazily refreshed Hessian estimate.
 
 Update rule (Liu et al., 2023, Algorithm 3), with ``g_t`` the gradient and ``ĥ`` a stochastic
-estimate of the Hessian diagonal computed every ``update_every`` steps (steps 0, k, 2k, ...):
+estimate of the Hessian diagonal computed every ``update_interval`` steps (steps 0, k, 2k, ...):
 
 .. math::
 
@@ -59,6 +59,7 @@ from jaxopt2.curvature.estimators import hutchinson_diagonal
 from jaxopt2.curvature.products import hessian_operator, output_residual, sample_targets
 from jaxopt2.curvature.tags import split_loss
 from jaxopt2.optimizers import registry
+from jaxopt2.optimizers._deprecation import keyword_only
 from jaxopt2.optimizers.contract import (
     check_learning_rate,
     check_number,
@@ -140,15 +141,35 @@ def sophia_estimate(
     return jax.tree.map(lambda x, p: jnp.mean(x, 0).astype(p.dtype), samples, params)
 
 
+# The positional order of the arguments before they became keyword-only (and optax's names).
+_LEGACY_SCALE_ORDER = (
+    "b1",
+    "b2",
+    "gamma",
+    "eps",
+    "clip_threshold",
+    "bias_correction",
+    "estimator",
+    "update_every",
+    "num_probes",
+    "probe",
+    "seed",
+    "stats_dtype",
+)
+_RENAMED = {"update_every": "update_interval"}
+
+
+@keyword_only(legacy_order=_LEGACY_SCALE_ORDER, renamed=_RENAMED)
 def scale_by_sophia(
+    *,
     b1: float = 0.965,
     b2: float = 0.99,
+    eps: float = 1e-8,
     gamma: float = 0.01,
-    eps: float = 1e-12,
-    clip_threshold: float = 1.0,
+    clip_threshold: float | None = 1.0,
+    update_interval: int | None = None,
     bias_correction: bool = True,
     estimator: str = "hutchinson",
-    update_every: int | None = None,
     num_probes: int | None = None,
     probe: str = "gaussian",
     seed: int = 0,
@@ -159,17 +180,19 @@ def scale_by_sophia(
     Args:
       b1: EMA decay of the gradient (the momentum ``m``).
       b2: EMA decay of the Hessian-diagonal estimate, applied at refresh steps only.
+      eps: the floor of the denominator (keeps negative or zero estimates from dividing).
       gamma: the scale ``γ`` of the estimate in the denominator; the unclipped step is the
         diagonal Newton step ``m / h`` times ``learning_rate / γ``.
-      eps: the floor of the denominator (keeps negative or zero estimates from dividing).
-      clip_threshold: the per-coordinate bound of the preconditioned step (1 in the paper).
+      clip_threshold: the per-coordinate bound of the preconditioned step (1 in the paper);
+        None: no clipping (as in ``optax.contrib.sophia``).
+      update_interval: refresh the estimate every this many steps (the paper's ``k``;
+        static; None: 10). Formerly ``update_every``, which still works for one release with
+        a DeprecationWarning.
       bias_correction: divide ``h`` by ``1 - b2^r`` after ``r`` refreshes, as Adam does
         (static). False is the paper's rule, where ``h`` starts at ``(1 - b2) ĥ`` and the
         first few hundred steps are mostly sign steps.
       estimator: ``"hutchinson"`` (any loss) or ``"gnb"`` (Gauss-Newton-Bartlett: a loss
         tagged with :func:`jaxopt2.tag_loss`); static.
-      update_every: refresh the estimate every this many steps (the paper's ``k``; static;
-        None: 10).
       num_probes: probes (Hutchinson) or label samples (GNB) per estimate (static; None: 1).
       probe: Hutchinson probe distribution, ``"gaussian"`` (the paper's) or ``"rademacher"``
         (lower variance); static.
@@ -188,10 +211,10 @@ def scale_by_sophia(
     check_number(b2, "b2", low=0.0, high=1.0, high_inclusive=False)
     check_number(gamma, "gamma", low=0.0, low_inclusive=False)
     check_number(eps, "eps", low=0.0, low_inclusive=False)
-    check_number(clip_threshold, "clip_threshold", low=0.0, low_inclusive=False)
+    check_number(clip_threshold, "clip_threshold", low=0.0, low_inclusive=False, optional=True)
     check_choice(estimator, "estimator", ESTIMATORS)
     check_choice(probe, "probe", PROBES)
-    update_every = static_int(update_every, "update_every", 10, who="sophia")
+    update_interval = static_int(update_interval, "update_interval", 10, who="sophia")
     num_probes = static_int(num_probes, "num_probes", 1, who="sophia")
     check_seed(seed)
     stats_dtype = static_dtype(stats_dtype, who="sophia")
@@ -232,18 +255,18 @@ def scale_by_sophia(
             )
             return h, state.num_nonfinite + (1 - ok.astype(jnp.int32))
 
-        if update_every == 1:
+        if update_interval == 1:
             hessian, num_nonfinite = refresh(None)
         else:
             hessian, num_nonfinite = jax.lax.cond(
-                state.count % update_every == 0,
+                state.count % update_interval == 0,
                 refresh,
                 lambda _: (state.hessian, state.num_nonfinite),
                 None,
             )
         if bias_correction:
             # Refreshes that entered the EMA so far (skipped non-finite ones excluded).
-            num = state.count // update_every + 1 - num_nonfinite
+            num = state.count // update_interval + 1 - num_nonfinite
             scale = 1 - jnp.asarray(b2, stats_dtype) ** jnp.maximum(num, 1).astype(stats_dtype)
             hessian_used = jax.tree.map(lambda h: (h / scale).astype(stats_dtype), hessian)
         else:
@@ -255,7 +278,9 @@ def scale_by_sophia(
 
         def precondition(m, h, g):
             ratio = m / jnp.maximum(gamma * h, eps)
-            return jnp.clip(ratio, -clip_threshold, clip_threshold).astype(g.dtype)
+            if clip_threshold is not None:
+                ratio = jnp.clip(ratio, -clip_threshold, clip_threshold)
+            return ratio.astype(g.dtype)
 
         new_updates = jax.tree.map(precondition, mu, hessian_used, updates)
         count = optax.safe_increment(state.count)
@@ -271,17 +296,37 @@ def scale_by_sophia(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+_LEGACY_ORDER = (
+    "b1",
+    "b2",
+    "gamma",
+    "eps",
+    "weight_decay",
+    "clip_threshold",
+    "bias_correction",
+    "estimator",
+    "update_every",
+    "num_probes",
+    "probe",
+    "seed",
+    "stats_dtype",
+)
+
+
+@keyword_only(legacy_order=_LEGACY_ORDER, renamed=_RENAMED)
 def sophia(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
+    *,
     b1: float = 0.965,
     b2: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    weight_decay_mask: Any = None,
     gamma: float = 0.01,
-    eps: float = 1e-12,
-    weight_decay: float = 0.0,
-    clip_threshold: float = 1.0,
+    clip_threshold: float | None = 1.0,
+    update_interval: int | None = None,
     bias_correction: bool = True,
     estimator: str = "hutchinson",
-    update_every: int | None = None,
     num_probes: int | None = None,
     probe: str = "gaussian",
     seed: int = 0,
@@ -289,7 +334,7 @@ def sophia(
 ) -> optax.GradientTransformationExtraArgs:
     """Sophia (Liu et al., 2023): momentum preconditioned by a clipped diagonal Hessian.
 
-    ``sophia = chain(scale_by_sophia, add_decayed_weights(weight_decay),
+    ``sophia = chain(scale_by_sophia, add_decayed_weights(weight_decay, weight_decay_mask),
     scale_by_learning_rate(learning_rate))``; see :func:`scale_by_sophia` for the other
     arguments and the module docstring for the rule and the two estimators. Each
     coordinate moves by at most ``learning_rate * clip_threshold`` (plus the weight decay).
@@ -298,12 +343,39 @@ def sophia(
     Gauss-Newton-Bartlett estimator (``estimator="gnb"``) needs the loss tagged with
     :func:`jaxopt2.tag_loss`.
 
+    The arguments ``optax.contrib.sophia`` also has take its names, order and defaults:
+    ``b1``, ``b2``, ``eps`` (1e-8), ``weight_decay`` (1e-4), ``weight_decay_mask``,
+    ``gamma``, ``clip_threshold`` (None: no clipping) and ``update_interval`` (10). Where
+    jaxopt2 deliberately differs:
+
+    * ``learning_rate`` defaults to 1e-3 (optax has no default), so ``sophia()`` keeps
+      working.
+    * ``update_interval`` defaults to None, meaning 10: a structural argument must not be a
+      Python number in the signature, or ``optax.inject_hyperparams(jaxopt2.sophia)`` would
+      turn it into an array (see :mod:`jaxopt2.optimizers.contract`).
+    * ``estimator`` (``"hutchinson"`` or ``"gnb"``), ``num_probes``, ``probe`` and ``seed``
+      instead of optax's ``hessian_diagonal_fn``: the estimate needs the loss (``value_fn``)
+      and a key, which jaxopt2 passes through ``update``'s extra arguments, and GNB
+      samples labels through the tagged loss, which a separate transformation cannot see.
+    * ``bias_correction=True`` divides ``h`` by ``1 - b2^r`` after ``r`` refreshes (optax and
+      the paper use the raw EMA; pass False for their rule), and the momentum ``m`` is not
+      bias-corrected (as in the paper; optax divides it by ``1 - b1^t``).
+    * ``stats_dtype`` sets the dtype of both ``m`` and ``h`` (optax's ``mu_dtype`` sets ``m``
+      only); no ``verbose`` / ``print_win_rate_every_n_steps`` (printing from a jitted step
+      is left to the caller).
+
+    Deprecated for one release, with a DeprecationWarning: ``update_every`` (now
+    ``update_interval``) and positional arguments after ``learning_rate`` (mapped in their
+    old order: ``b1, b2, gamma, eps, weight_decay, clip_threshold, ...``). The defaults of
+    ``eps`` (was 1e-12) and ``weight_decay`` (was 0) changed to optax's; pass the old values
+    for the old results.
+
     Example:
       >>> import jax, jax.numpy as jnp, optax, jaxopt2
       >>> loss_fn = lambda w, a: 0.5 * jnp.sum(a * w ** 2)
       >>> a = jnp.array([1.0, 10.0, 100.0])
       >>> # clipped steps of at most lr per coordinate: a decaying lr lets it settle
-      >>> opt = jaxopt2.sophia(optax.cosine_decay_schedule(0.05, 300), update_every=1)
+      >>> opt = jaxopt2.sophia(optax.cosine_decay_schedule(0.05, 300), update_interval=1)
       >>> w = jnp.ones(3); state = opt.init(w)
       >>> step = jax.jit(lambda w, s, k: jaxopt2.value_and_update(opt, loss_fn, w, s, a, key=k))
       >>> for i in range(300):
@@ -318,18 +390,18 @@ def sophia(
         scale_by_sophia(
             b1=b1,
             b2=b2,
-            gamma=gamma,
             eps=eps,
+            gamma=gamma,
             clip_threshold=clip_threshold,
+            update_interval=update_interval,
             bias_correction=bias_correction,
             estimator=estimator,
-            update_every=update_every,
             num_probes=num_probes,
             probe=probe,
             seed=seed,
             stats_dtype=stats_dtype,
         ),
-        optax.add_decayed_weights(weight_decay),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
 
@@ -342,7 +414,8 @@ registry.register(
     static_args=(
         "bias_correction",
         "estimator",
-        "update_every",
+        "update_interval",
+        "weight_decay_mask",
         "num_probes",
         "probe",
         "seed",

@@ -62,6 +62,24 @@ def check_output(out: jax.ShapeDtypeStruct, who: str, name: str, scalar: bool) -
         )
 
 
+def without_aux(fun: Callable[..., Any], has_aux: bool, who: str, name: str) -> Callable[..., Any]:
+    """`fun` itself, or with `has_aux` the function returning the first of its pair
+    ``(value, aux)`` (a TypeError, at trace time, when `fun` returns no pair)."""
+    if not has_aux:
+        return fun
+
+    def value_only(x: Any, *args: Any) -> Any:
+        out = fun(x, *args)
+        if not (isinstance(out, tuple | list) and len(out) == 2):
+            raise TypeError(
+                f"{who}(has_aux=True): {name} must return a pair (value, aux), got "
+                f"{type(out).__name__}."
+            )
+        return out[0]
+
+    return value_only
+
+
 def check_method(method: str, known: tuple[str, ...], who: str) -> None:
     if method not in known:
         raise ValueError(f"{who}: unknown method {method!r}; known methods: {', '.join(known)}.")

@@ -27,6 +27,7 @@ from jaxopt2.solvers._core import (
     refresh,
     run,
     take_options,
+    without_aux,
 )
 from jaxopt2.solvers.implicit import dense_solve, solve_with_implicit_diff
 
@@ -179,6 +180,7 @@ def least_squares(
     tol: float | jax.Array | None = None,
     max_steps: int = 100,
     history: bool = False,
+    has_aux: bool = False,
     **options: Any,
 ):
     """Minimize ``F(x) = ½‖r(x, *args)‖²`` for a vector-valued residual function.
@@ -196,6 +198,9 @@ def least_squares(
         1e-5 for float32, 1e-2 for 16-bit floats.
       max_steps: the maximum number of iterations (rejected LM steps included).
       history: if True, return ``(solution, History)`` with per-iteration values.
+      has_aux: `residual_fn` returns a pair ``(residuals, aux)``: the solver fits the
+        residuals, and the solution's ``aux`` field holds `aux` at the solution (one more
+        evaluation of `residual_fn`).
       **options: method options: ``damping_init`` (LM, default 1e-3); ``c1``,
         ``max_backtracks`` (Gauss-Newton line search, defaults 1e-4 and 40).
 
@@ -217,6 +222,10 @@ def least_squares(
       ([2.0, 3.0], True)
     """
     who = "least_squares"
+    full_fn, residual_fn = (
+        residual_fn,
+        without_aux(residual_fn, has_aux, "least_squares", "residual_fn"),
+    )
     check_method(method, tuple(LEAST_SQUARES_METHODS), who)
     builder, defaults = LEAST_SQUARES_METHODS[method]
     opts = take_options(options, defaults, method, who)
@@ -243,4 +252,7 @@ def least_squares(
 
     result, hist = solve_with_implicit_diff(solve, objective, dense_solve, flat0, args, tol)
     result = result._replace(x=unravel(result.x))
+    if has_aux:
+        # one more evaluation, at the solution (differentiable through x like the rest)
+        result = result._replace(aux=full_fn(result.x, *args)[1])
     return (result, hist) if history else result

@@ -19,6 +19,7 @@ from jaxopt2.solvers._core import (
     default_tol,
     run,
     take_options,
+    without_aux,
 )
 from jaxopt2.solvers.implicit import cg_solve, dense_solve, solve_with_implicit_diff
 
@@ -46,6 +47,7 @@ def minimize(
     tol: float | jax.Array | None = None,
     max_steps: int = 100,
     history: bool = False,
+    has_aux: bool = False,
     **options: Any,
 ):
     """Minimize a scalar function with a second-order method, in one ``lax.while_loop``.
@@ -109,6 +111,9 @@ def minimize(
       history: if True, return ``(solution, History)``, with per-iteration values, gradient
         norms, trial values, acceptance flags and step sizes in arrays of length
         ``max_steps + 1``.
+      has_aux: `fun` returns a pair ``(value, aux)``, as with
+        ``jax.value_and_grad(has_aux=True)``: the solver minimizes the value, and the
+        solution's ``aux`` field holds `aux` at the solution (one more evaluation of `fun`).
       **options: method options (static Python values), listed above.
 
     Returns:
@@ -129,6 +134,7 @@ def minimize(
       (True, [1.0, 1.0])
     """
     who = "minimize"
+    full_fn, fun = fun, without_aux(fun, has_aux, who, "fun")
     check_method(method, tuple(MINIMIZE_METHODS), who)
     builder, defaults = MINIMIZE_METHODS[method]
     opts = take_options(options, defaults, method, who)
@@ -150,4 +156,7 @@ def minimize(
     linear_solve = cg_solve if method == "newton_cg" else dense_solve
     result, hist = solve_with_implicit_diff(solve, objective, linear_solve, flat0, args, tol)
     result = result._replace(x=unravel(result.x))
+    if has_aux:
+        # one more evaluation, at the solution (differentiable through x like the rest)
+        result = result._replace(aux=full_fn(result.x, *args)[1])
     return (result, hist) if history else result

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 
@@ -68,6 +68,8 @@ class Solution(NamedTuple):
       success: ``status == CONVERGED``.
       status: an int32 code; :func:`status_message` (or the :data:`STATUS` table) says why the
         solver stopped.
+      aux: with ``has_aux=True``, the auxiliary output of the function at `x` (a pytree);
+        None otherwise.
     """
 
     x: object
@@ -78,6 +80,7 @@ class Solution(NamedTuple):
     num_hvps: jax.Array
     success: jax.Array
     status: jax.Array
+    aux: Any = None
 
 
 class History(NamedTuple):

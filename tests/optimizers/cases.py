@@ -326,10 +326,12 @@ CASES: dict[str, Case] = {
         },
     ),
     "sophia": Case(
-        nonfinite={"default": {"update_every": 1}},
+        nonfinite={"default": {"update_interval": 1}},
         # Hutchinson estimator (the default), refreshed every 10 steps (the paper's k). Each
         # coordinate moves by at most lr per step. GNB runs on the tagged zoo in test_sophia.py.
-        hparams={"learning_rate": 0.03},
+        # No weight decay and the former eps: the zoo measures the gap to the unregularized
+        # minimum (optax's defaults, weight_decay=1e-4 and eps=1e-8, shift it).
+        hparams={"learning_rate": 0.03, "weight_decay": 0.0, "eps": 1e-12},
         zoo={
             "quadratic": Zoo(400),
             "rosenbrock": Zoo(800),

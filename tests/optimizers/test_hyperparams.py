@@ -128,7 +128,7 @@ BAD: dict[str, list[Row]] = {
         _unit("b2"),
         _pos("gamma", 0.0),
         _nonneg("weight_decay"),
-        _posint("update_every"),
+        _posint("update_interval"),
         ({"seed": -1}, ValueError, "seed must be a non-negative integer"),
     ],
     "hessian_free": [
@@ -266,7 +266,7 @@ _STATIC_INTS = {
     "shampoo": {"block_size": 64},
     "soap": {"precondition_every": 5},
     "kfac": {"invert_every": 3},
-    "sophia": {"update_every": 3},
+    "sophia": {"update_interval": 3},
     "hessian_free": {"max_cg_iters": 3},
     "oasis": {"num_probes": 2},
     "adahessian": {"update_every": 2},

@@ -1,5 +1,7 @@
 """Sophia: both estimators against dense float64 curvature, the clip bound, a naive loop."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,7 +91,7 @@ def test_gnb_needs_a_tagged_loss():
 def test_every_coordinate_moves_at_most_lr():
     problem = zoo.quadratic(jnp.float64)
     lr = 0.05
-    opt = jaxopt2.sophia(learning_rate=lr, update_every=3, eps=1e-12)
+    opt = jaxopt2.sophia(learning_rate=lr, update_interval=3, eps=1e-12, weight_decay=0.0)
     # A loss with a large gradient, zero and negative curvature in places.
     value_fn = lambda x: 1e3 * problem.loss_fn(x, *problem.batch) - 50 * jnp.sum(jnp.cos(x))
     params, state = 10 * problem.params, opt.init(problem.params)
@@ -110,8 +112,9 @@ def test_against_a_naive_loop():
             b1=b1,
             b2=b2,
             gamma=gamma,
+            eps=1e-12,
             weight_decay=wd,
-            update_every=every,
+            update_interval=every,
             estimator=estimator,
             stats_dtype=jnp.float64,
         )
@@ -145,7 +148,7 @@ def test_against_a_naive_loop():
 )
 def test_gnb_converges_on_tagged_zoo(problem_name, steps):
     problem = zoo.get(problem_name, jnp.float32)
-    opt = jaxopt2.sophia(learning_rate=0.03, estimator="gnb")
+    opt = jaxopt2.sophia(learning_rate=0.03, estimator="gnb", eps=1e-12, weight_decay=0.0)
     f_final, _, _, state = cases.run_scan(opt, problem, steps)
     assert problem.converged(float(f_final)), (problem_name, problem.rel_gap(float(f_final)))
     assert int(state[0].num_nonfinite) == 0
@@ -158,5 +161,56 @@ def test_validation():
         jaxopt2.sophia(estimator="exact")
     with pytest.raises(ValueError, match="b1"):
         jaxopt2.sophia(b1=1.0)
-    with pytest.raises(ValueError, match="update_every"):
-        jaxopt2.sophia(update_every=0)
+    with pytest.raises(ValueError, match="update_interval"):
+        jaxopt2.sophia(update_interval=0)
+
+
+def test_optax_names_order_and_defaults():
+    """The arguments optax.contrib.sophia also has come in its order with its defaults
+    (update_interval: None meaning 10, a structural argument; see the docstring)."""
+    ours = inspect.signature(jaxopt2.sophia).parameters
+    theirs = inspect.signature(optax.contrib.sophia).parameters
+    shared = [k for k in theirs if k in ours]
+    assert shared == [k for k in ours if k in theirs]
+    assert {"update_interval", "weight_decay_mask", "eps", "weight_decay"} <= set(shared)
+    for k in shared:
+        if k not in ("learning_rate", "update_interval"):
+            assert ours[k].default == theirs[k].default, k
+    assert theirs["update_interval"].default == 10
+
+
+def test_update_every_is_a_deprecated_spelling_of_update_interval():
+    problem = zoo.quadratic(jnp.float32)
+    with pytest.warns(DeprecationWarning, match="'update_every' is deprecated.*'update_interval'"):
+        old = jaxopt2.sophia(learning_rate=0.1, update_every=3)
+    new = jaxopt2.sophia(learning_rate=0.1, update_interval=3)
+    with pytest.warns(DeprecationWarning, match="'update_every' is deprecated"):
+        old_scale = jaxopt2.scale_by_sophia(update_every=3)
+    assert old_scale is not None
+    got, want = (cases.run_scan(o, problem, 7)[1] for o in (old, new))
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(TypeError, match="update_every"):
+        jaxopt2.sophia(update_every=3, update_interval=3)
+
+
+def test_old_positional_order_maps_to_the_old_names():
+    """sophia(lr, b1, b2, gamma, eps, weight_decay, ...) was the order before; a positional
+    call still means what it meant (with a warning), though the keyword order is optax's."""
+    with pytest.warns(DeprecationWarning) as record:
+        old = jaxopt2.sophia(0.1, 0.9, 0.95, 0.05, 1e-12, 0.0)
+    named = [str(w.message).split("'")[1] for w in record]
+    assert named == ["b1", "b2", "gamma", "eps", "weight_decay"]
+    new = jaxopt2.sophia(0.1, b1=0.9, b2=0.95, gamma=0.05, eps=1e-12, weight_decay=0.0)
+    problem = zoo.quadratic(jnp.float32)
+    got, want = (cases.run_scan(o, problem, 4)[1] for o in (old, new))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_clip_threshold_none_does_not_clip():
+    problem = zoo.quadratic(jnp.float32)
+    kw = dict(learning_rate=0.01, update_interval=1, weight_decay=0.0, gamma=1e-4)
+    clipped = cases.run_scan(jaxopt2.sophia(**kw), problem, 1)[2]
+    free = cases.run_scan(jaxopt2.sophia(**kw, clip_threshold=None), problem, 1)[2]
+    moves = jax.tree.map(lambda a, b: jnp.abs(a - b), free, problem.params)
+    assert float(jnp.max(jnp.abs(ravel_pytree(moves)[0]))) > 0.01
+    assert not np.allclose(ravel_pytree(clipped)[0], ravel_pytree(free)[0])

@@ -117,7 +117,7 @@ def test_sophia_gnb_path(bias_correction, gamma):
         )
         assert np.any(np.isclose(moves, lr * clip)) and np.any(moves < 0.9 * lr * clip)
     opt = jaxopt2.sophia(
-        lr, weight_decay=wd, estimator="gnb", update_every=2, bias_correction=bias_correction,
+        lr, weight_decay=wd, estimator="gnb", update_interval=2, bias_correction=bias_correction,
         stats_dtype=jnp.float64, **kw,
     )  # fmt: skip
     got = library_path(opt, loss_fn, params, 5, x, y, keys=keys, extra_args=True)

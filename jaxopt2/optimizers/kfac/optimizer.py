@@ -1069,6 +1069,7 @@ def kfac(
     norm_constraint: float | None = None,
     ekfac: bool = False,
     weight_decay: float | None = None,
+    mask: Any = None,
     seed: int = 0,
     stats_dtype: Any = "float32",
     max_factor_dim: int | None = None,
@@ -1090,6 +1091,9 @@ def kfac(
         ``μ`` of the adaptive step ``δ = α Δ + μ δ_prev`` (``α`` still from the quadratic
         model, given ``μ``); None solves for ``μ`` as well.
       weight_decay: decoupled weight decay (with a learning rate only; None: none).
+      mask: which leaves get the weight decay, as in ``optax.adamw``: a pytree of bools
+        with the structure of (a prefix of) the parameters, or a function ``params ->``
+        such a tree; None: every leaf (static).
 
     See :func:`scale_by_kfac` for the other arguments.
 
@@ -1144,7 +1148,7 @@ def kfac(
     if momentum is not None:
         parts.append(_kept_on_nonfinite(optax.trace(decay=momentum)))
     if weight_decay is not None:
-        parts.append(optax.add_decayed_weights(weight_decay))
+        parts.append(optax.add_decayed_weights(weight_decay, mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
 
@@ -1170,6 +1174,7 @@ registry.register(
     needs_value_fn=True,
     needs_key=True,
     static_args=(
+        "mask",
         "invert_every",
         "stats_every",
         "fisher",
