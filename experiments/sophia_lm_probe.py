@@ -42,7 +42,9 @@ def run(lr: float, gamma: float, steps: int, train: np.ndarray, eval_w: jax.Arra
     params, static = eqx.partition(model, eqx.is_array)
     loss_fn = lambda p, w: lm_loss(eqx.combine(p, static), w)
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(30, steps // 2), steps, 0.1 * lr)
-    opt = jaxopt2.sophia(sched, estimator="gnb", gamma=gamma)
+    # eps and weight decay as when the results were recorded (before sophia took
+    # optax.contrib.sophia's defaults of 1e-8 and 1e-4)
+    opt = jaxopt2.sophia(sched, estimator="gnb", gamma=gamma, eps=1e-12, weight_decay=0.0)
 
     @jax.jit
     def step(p, s, w, key, t):
