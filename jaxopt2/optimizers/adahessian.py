@@ -53,7 +53,7 @@ from jaxopt2.optimizers.contract import (
 
 __all__ = ["ScaleByAdaHessianState", "adahessian", "scale_by_adahessian"]
 
-SPATIAL_LAYOUTS = ("channels_first", "channels_last", None)
+SPATIAL_LAYOUTS: tuple[Any, ...] = ("channels_first", "channels_last", None)
 
 
 class ScaleByAdaHessianState(NamedTuple):
@@ -69,7 +69,7 @@ class ScaleByAdaHessianState(NamedTuple):
         whose estimate was non-finite and was discarded.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count, as in optax
     mu: optax.Updates
     nu: optax.Updates
     hessian_diag: optax.Updates

@@ -74,7 +74,7 @@ class ScaleByFosiState(NamedTuple):
         and refreshes whose eigenpairs were non-finite and were discarded.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count, as in optax
     eigvecs: jax.Array
     eigvals: jax.Array
     base_state: optax.OptState

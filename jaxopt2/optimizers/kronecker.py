@@ -185,14 +185,14 @@ def make_plan(
         view = _matrix_view(shape)
         if view is not None:
             rows, cols = view
-            left, right = rows <= max_precondition_dim, cols <= max_precondition_dim
-            if not (left or right):
+            left_ok, right_ok = rows <= max_precondition_dim, cols <= max_precondition_dim
+            if not (left_ok or right_ok):
                 view = None
         regions = []
         if view is not None:
             for row0, n_rows, r in _grid(rows, block_size):
                 for col0, n_cols, c in _grid(cols, block_size):
-                    lft, rgt = left, right
+                    lft, rgt = left_ok, right_ok
                     if one_sided and lft and rgt:
                         lft, rgt = r <= c, r > c
                     key = (r, c, lft, rgt)
@@ -269,7 +269,7 @@ def identity_factors(plan: Plan, dtype: Any, dim: int | None = None) -> tuple:
     )
 
 
-def sides(pairs: Sequence[tuple[Any, Any]]) -> list:
+def sides(pairs: Sequence[tuple[Any, ...]]) -> list:
     """The preconditioned sides of per-group ``(left, right)`` pairs, in factor order."""
     return [x for pair in pairs for x in pair if x is not None]
 

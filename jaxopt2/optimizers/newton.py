@@ -104,7 +104,7 @@ class ScaleByHessianFreeState(NamedTuple):
       num_nonfinite: updates with a non-finite gradient, loss or CG solution (zero update).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count, as in optax
     direction: optax.Updates
     damping: jax.Array
     rho: jax.Array

@@ -68,7 +68,7 @@ class ScaleByOasisState(NamedTuple):
         whose estimate was non-finite and was discarded.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count, as in optax
     mu: optax.Updates
     hessian_diag: optax.Updates
     key: jax.Array

@@ -88,7 +88,7 @@ class ScaleByShampooState(NamedTuple):
       num_nonfinite: steps whose gradient was non-finite (statistics left unchanged).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count, as in optax
     stats: tuple
     roots: jax.Array
     graft_nu: Any
@@ -96,7 +96,8 @@ class ScaleByShampooState(NamedTuple):
     num_failed_roots: jax.Array
     num_nonfinite: jax.Array
 
-    sharded_rows = ("stats", "roots")  # per-block stacks, split along their rows over a mesh
+    # per-block stacks, split along their rows over a mesh (a class attribute, not a field)
+    sharded_rows = ("stats", "roots")  # type: ignore[misc]
 
 
 def _check_exponent(exponent: Any, root_method: str) -> None:
@@ -118,6 +119,7 @@ def graft_step(kind: str, g: jax.Array, nu: jax.Array | None, count, b2, eps):
     """The diagonal method's direction ``A`` and its new second moment (one leaf)."""
     if kind in ("sgd", "none"):
         return g, nu
+    assert nu is not None, f"graft {kind!r} keeps a second moment"
     if kind == "adagrad":
         nu = nu + jnp.square(g)
         return g / (jnp.sqrt(nu) + eps), nu

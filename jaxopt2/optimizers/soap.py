@@ -74,7 +74,7 @@ class ScaleBySoapState(NamedTuple):
       num_nonfinite: steps whose gradient was non-finite (moments and factors unchanged).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count, as in optax
     stats: tuple
     bases: tuple
     mu: Any
@@ -83,9 +83,9 @@ class ScaleBySoapState(NamedTuple):
     num_nonfinite: jax.Array
 
     # per-block stacks, split along their rows over a mesh (of nu: the blocks' part)
-    sharded_rows = ("stats", "bases", ("nu", 0))
+    sharded_rows = ("stats", "bases", ("nu", 0))  # type: ignore[misc]  # a class attribute
     # one entry per parameter leaf (None for a leaf with blocks): each takes its leaf's sharding
-    per_leaf = (("nu", 1),)
+    per_leaf = (("nu", 1),)  # type: ignore[misc]  # a class attribute
 
 
 def scale_by_soap(

@@ -91,7 +91,7 @@ class ScaleBySophiaState(NamedTuple):
         ``1 - b2^n`` is far from 1).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count, as in optax
     mu: optax.Updates
     hessian: optax.Updates
     key: jax.Array

@@ -28,7 +28,7 @@ PyTree = Any
 __all__ = ["MINIMIZE_METHODS", "minimize"]
 
 # name -> (builder, option defaults)
-MINIMIZE_METHODS = {
+MINIMIZE_METHODS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "newton": (newton.newton, newton.NEWTON_OPTIONS),
     "trust_region": (trust_region.trust_region, trust_region.TRUST_REGION_OPTIONS),
     "newton_cg": (trust_region.newton_cg, trust_region.NEWTON_CG_OPTIONS),
