@@ -695,7 +695,11 @@ def spectral_density(
 
 
 def density_on_grid(
-    nodes: jax.Array, weights: jax.Array, grid: jax.Array, *, sigma: float
+    nodes: jax.typing.ArrayLike,
+    weights: jax.typing.ArrayLike,
+    grid: jax.typing.ArrayLike,
+    *,
+    sigma: float,
 ) -> jax.Array:
     """Smooth the SLQ spectral measure with a Gaussian kernel and evaluate it on a grid.
 
