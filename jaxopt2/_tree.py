@@ -47,7 +47,8 @@ def check_like(tree: PyTree, like: PyTree, name: str, like_name: str = "params")
     """Raise a ValueError if `tree` does not have the structure and leaf shapes of `like`."""
     s1 = jax.tree_util.tree_structure(tree)
     s2 = jax.tree_util.tree_structure(like)
-    if s1 != s2:
+    # jaxlib ships no stub for its compiled PyTreeDef class, so mypy cannot see its __ne__.
+    if s1 != s2:  # type: ignore[operator]
         raise ValueError(
             f"{name} must have the same pytree structure as {like_name}; got\n  {name}: {s1}\n"
             f"  {like_name}: {s2}"
@@ -65,7 +66,7 @@ def check_like(tree: PyTree, like: PyTree, name: str, like_name: str = "params")
             )
 
 
-def add_scale(tree_x: PyTree, scalar: jax.Array, tree_y: PyTree) -> PyTree:
+def add_scale(tree_x: PyTree, scalar: jax.typing.ArrayLike, tree_y: PyTree) -> PyTree:
     """``tree_x + scalar * tree_y`` (``optax.tree.add_scale``) in the dtypes of `tree_x`.
 
     A float32 `scalar` would promote bfloat16 leaves of `tree_x`; the iterates of a

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -158,7 +158,8 @@ def _resolve_batch_size(
     :data:`CPU_PROBE_GROUP_BYTES`, one ``vmap`` when all fit. `example` is one probe's
     arguments (only shapes and dtypes are used)."""
     if batch_size != "auto":
-        return batch_size
+        # _check_batch_size ran first: the only string it lets through is "auto".
+        return cast(int | None, batch_size)
     if num_probes <= 1 or jax.default_backend() != "cpu":
         return None
     per_probe = max(_peak_intermediate_bytes(fn, *example), extra_bytes, 1)
@@ -694,7 +695,11 @@ def spectral_density(
 
 
 def density_on_grid(
-    nodes: jax.Array, weights: jax.Array, grid: jax.Array, *, sigma: float
+    nodes: jax.typing.ArrayLike,
+    weights: jax.typing.ArrayLike,
+    grid: jax.typing.ArrayLike,
+    *,
+    sigma: float,
 ) -> jax.Array:
     """Smooth the SLQ spectral measure with a Gaussian kernel and evaluate it on a grid.
 

@@ -217,12 +217,15 @@ def fisher_vp(
         u = c * output_fisher_vp(loss, outputs, jv)
     else:
         if kind == "mc":
+            assert key is not None  # checked above
             targets = sample_targets(loss, jax.lax.stop_gradient(outputs), key)
-        elif targets.shape[:1] != outputs.shape[:1]:
-            raise ValueError(
-                f"fisher_vp: targets have batch size {targets.shape[0]} but outputs "
-                f"{outputs.shape[0]}."
-            )
+        else:
+            assert targets is not None  # checked above (kind == "empirical")
+            if targets.shape[:1] != outputs.shape[:1]:
+                raise ValueError(
+                    f"fisher_vp: targets have batch size {targets.shape[0]} but outputs "
+                    f"{outputs.shape[0]}."
+                )
         r = output_residual(loss, outputs, targets)
         # per row rᵀ J v (rank-1 outputs: one output per row)
         dot = r * jv if r.ndim == 1 else jnp.sum(r * jv, axis=-1, keepdims=True)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -219,7 +219,8 @@ def find_loss_tag(jaxpr: core.Jaxpr) -> tuple[_jaxpr.EqnPath, core.JaxprEqn]:
                 "tag_loss is inside a lax.scan body: tag the stacked outputs after the scan "
                 "(one tagged loss for the whole batch)."
             )
-        body = _jaxpr.inner_jaxpr(eqn)
+        # The path descends only into equations with a body, so this is never None.
+        body = cast(core.Jaxpr, _jaxpr.inner_jaxpr(eqn))
     return found[0]
 
 
@@ -267,7 +268,8 @@ def split_loss(value_fn: Callable[[PyTree], jax.Array], params: PyTree) -> Split
             return None
 
         enter = lambda here: here == path[: len(here)]
-        leaves = treedef.flatten_up_to(p)
+        # jaxlib ships no stub for its compiled PyTreeDef class (flatten_up_to is real).
+        leaves = treedef.flatten_up_to(p)  # type: ignore[attr-defined]
         (value,) = _jaxpr.evaluate(closed.jaxpr, closed.consts, leaves, hook, enter)
         return captured, value
 

@@ -113,7 +113,7 @@ class Checkpointer:
             saved_shapes = self._saved_shapes(s)
             self._check_layout(s, saved_shapes, leaves)
             try:
-                abstract = {"leaves": {}}
+                abstract: dict[str, dict[str, jax.ShapeDtypeStruct]] = {"leaves": {}}
                 for i, x in enumerate(leaves):
                     shape = np.shape(_to_saveable(x))
                     key = f"{i:05d}"

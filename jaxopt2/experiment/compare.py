@@ -23,7 +23,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 from jaxopt2.experiment.config import ResolvedConfig, from_dict
 from jaxopt2.experiment.errors import ConfigError, NonFiniteError
@@ -138,7 +138,7 @@ def compare(
     overwrite: bool = False,
     handle_signals: bool = False,
     progress: bool | None = None,
-    stream: TextIO | str | None = "stdout",
+    stream: TextIO | Literal["stdout"] | None = "stdout",
 ) -> CompareResult:
     """Train `rc` under each optimizer and write the comparison into `run_dir`."""
     if stream == "stdout":

@@ -33,7 +33,7 @@ import os
 from importlib import resources
 from importlib.resources import abc as resources_abc
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -393,10 +393,8 @@ def resolve(raw: Any) -> ResolvedConfig:
     # optimizer
     opt_raw = _section(top, "optimizer")
     opt_name = opt_raw.get("name")
-    _check(
-        isinstance(opt_name, str) and bool(opt_name),
-        f"optimizer.name is missing; optimizers: {', '.join(registry.names())}",
-    )
+    if not isinstance(opt_name, str) or not opt_name:
+        raise ConfigError(f"optimizer.name is missing; optimizers: {', '.join(registry.names())}")
     try:
         entry = registry.get(opt_name)
     except ValueError as e:
@@ -489,7 +487,8 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
                 "(e.g. optimizer.learning_rate=0.01)"
             )
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            # Two mappings merge into a mapping.
+            merged = cast(DictConfig, OmegaConf.merge(merged, OmegaConf.from_dotlist([item])))
         except OmegaConfBaseException as e:
             raise ConfigError(f"bad override {item!r}: {first_line(e)}") from None
     return merged
@@ -511,10 +510,10 @@ def load_config(
         raise ConfigError(f"cannot parse {source}: {line}") from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{source}: a config must be a YAML mapping of keys to values")
-    raw = OmegaConf.merge(raw, parse_overrides(list(overrides)))
+    raw = cast(DictConfig, OmegaConf.merge(raw, parse_overrides(list(overrides))))
     return resolve(raw), stem
 
 
-def from_dict(data: dict[str, Any]) -> ResolvedConfig:
+def from_dict(data: dict[Any, Any]) -> ResolvedConfig:
     """Validate a plain dict (e.g. a saved config.yaml, or one built by compare)."""
     return resolve(OmegaConf.create(data))

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -146,11 +146,12 @@ class Layout:
 
     def local_range(self, sharding: NamedSharding, shape: tuple[int, ...], axis: int):
         """The ``[lo, hi)`` positions along `axis` that this process's devices hold."""
-        spans = set()
+        held: set[tuple[int, int]] = set()
         for idx in sharding.addressable_devices_indices_map(shape).values():
-            sl = idx[axis]
-            spans.add((sl.start or 0, shape[axis] if sl.stop is None else sl.stop))
-        spans = sorted(spans)
+            # jax types the index Optional; a NamedSharding gives every device one.
+            sl = cast(tuple[slice, ...], idx)[axis]
+            held.add((sl.start or 0, shape[axis] if sl.stop is None else sl.stop))
+        spans = sorted(held)
         lo, hi = spans[0][0], spans[-1][1]
         if any(a[1] != b[0] for a, b in itertools.pairwise(spans)):
             raise RuntimeError(
@@ -228,7 +229,7 @@ def initialize_processes(
     given = [coordinator is not None, num_processes is not None, process_id is not None]
     if not any(given):
         return False
-    if not all(given):
+    if coordinator is None or num_processes is None or process_id is None:  # not all(given)
         raise UserError(
             "a multi-process run needs the coordinator address, the process count and this "
             "process's id (--coordinator/--num-processes/--process-id or JAXOPT2_COORDINATOR/"

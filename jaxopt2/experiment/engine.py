@@ -156,6 +156,8 @@ class Engine:
         self.mesh = build_mesh(base.run.mesh, s0.batch_size)
         self.layout: Layout | None = None
         self.host_feed = self.fed = self.diag_fed = False
+        # None under the host feed when no program takes the whole training arrays.
+        self.train_data: tuple[jax.Array, ...] | None
         if self.mesh is None:
             self.train_data, self.eval_data = s0.train_data, s0.eval_data
         else:
@@ -182,6 +184,7 @@ class Engine:
         """The host feed (``mesh.feed``): batches built on the host from the orders the program
         would draw; whole arrays split by rows over ``data`` and only where needed."""
         s0, lay, m = self.setup, self.layout, self.n_members
+        assert lay is not None  # the host feed needs a mesh
         spe, n = s0.steps_per_epoch, s0.n_train
         # the dtypes the device copies would have (float64 data is float32 unless x64 is on)
         host = lambda arrays: tuple(
@@ -222,14 +225,18 @@ class Engine:
         """The chunk's data argument when it starts at `step`: the training arrays, or (host
         feed) the batches of its steps ([steps, members, batch, ...], split over ``data``)."""
         if not self.fed:
+            assert self.train_data is not None  # set whenever the chunk is not fed
             return self.train_data
+        assert self.layout is not None  # fed: the host feed, which needs a mesh
         rows = self.batch_rows(step + np.arange(self.chunk_len))
         return tuple(self.layout.rows_of(a, rows, 2) for a in self._host_train)
 
     def diag_data(self, step: int) -> tuple[jax.Array, ...]:
         """The diagnostics' data argument at `step` (host feed: that step's batches)."""
         if not self.diag_fed:
+            assert self.train_data is not None  # set whenever diagnostics are on and not fed
             return self.train_data
+        assert self.layout is not None  # fed: the host feed, which needs a mesh
         rows = self.batch_rows(np.array([step]))[0]
         return tuple(self.layout.rows_of(a, rows, 1) for a in self._host_train)
 
@@ -243,6 +250,7 @@ class Engine:
         if not fed:
             return data_fn(0)
         lead = len(fed_shape) - 1
+        assert self.layout is not None  # the host feed needs a mesh
         return tuple(
             jax.ShapeDtypeStruct(
                 fed_shape + a.shape[1:],
@@ -395,7 +403,7 @@ class Engine:
         shardings = lambda t: None if lay is None else jax.tree.map(lambda x: x.sharding, t)
         data = self._data_like(self.chunk_data)
         with self._traced():
-            ins = (cs, r, r, r, shardings(data), r)
+            ins: tuple[Any, ...] | None = (cs, r, r, r, shardings(data), r)
             c["chunk"] = (
                 self._jit(self.chunk_fn, ins, (cs, r), donate_argnums=(0,))
                 .lower(like, self.hyper, self.k_data, self.k_opt, data, n_active)
@@ -576,7 +584,11 @@ class Engine:
         )
         every = base.checkpoint.every
         writes = run_dir is not None and is_writer()
-        mf = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if writes else None
+        mf = (
+            open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            if writes and run_dir is not None  # writes implies a run_dir
+            else None
+        )
         # The halted flags after each chunk come back with its metrics (one host transfer per
         # chunk); the flags before a chunk are the previous chunk's.
         halted = np.asarray(jax.device_get(carry["halted"]))

@@ -79,6 +79,7 @@ def _image_classifier(
 
     xtr, ytr = flat(ds.x_train[:n_tr]), ds.y_train[:n_tr].astype(np.int32)
     xev, yev = flat(ds.x_eval[:n_ev]), ds.y_eval[:n_ev].astype(np.int32)
+    model: M.CNN | M.MLP
     if model_name == "cnn":
         model = M.build_cnn(model_cfg, side, 10, key, in_channels=channels)
     else:

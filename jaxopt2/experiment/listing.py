@@ -50,9 +50,9 @@ def listing() -> str:
     lines.append("")
     lines.append("models (model.name; fields with defaults — tasks may change the defaults):")
     for name in sorted(M.MODELS):
-        spec = M.MODELS[name]
-        lines.append(f"  {name:<20} {spec.description}")
-        lines.append(f"  {'':<20}   fields: {_fields(spec.config_cls)}")
+        mspec = M.MODELS[name]
+        lines.append(f"  {name:<20} {mspec.description}")
+        lines.append(f"  {'':<20}   fields: {_fields(mspec.config_cls)}")
     lines.append("")
     lines.append("optimizers (optimizer.name; arguments usable as optimizer.<arg>):")
     for name in registry.names():

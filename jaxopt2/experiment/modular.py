@@ -40,8 +40,8 @@ def modular_arithmetic_data(
         raise ValueError(f"p must be an integer >= 2, got {p!r}.")
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must lie in (0, 1), got {train_fraction!r}.")
-    a, b = np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
-    a, b = a.ravel(), b.ravel()
+    grid_a, grid_b = np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
+    a, b = grid_a.ravel(), grid_b.ravel()
     y = {"add": a + b, "sub": a - b, "mul": a * b}[operation] % p
     x = np.stack([a, b, np.full_like(a, p)], axis=1)
     perm = np.random.default_rng(seed).permutation(p * p)

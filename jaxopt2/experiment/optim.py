@@ -49,7 +49,8 @@ class GradNormState(NamedTuple):
 
 
 class DecayState(NamedTuple):
-    count: jax.Array
+    # The field shadows tuple.count on purpose (optax's states name their step counter so).
+    count: jax.Array  # type: ignore[assignment]
 
 
 def observe_grad_norm() -> optax.GradientTransformationExtraArgs:

@@ -124,7 +124,8 @@ def save_params(run_dir: Path, params: Any) -> None:
     ``layers[0].weight``, ...), written atomically."""
 
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    arrays = {jax.tree_util.keystr(p).lstrip("."): np.asarray(v) for p, v in flat}
+    # Any values: mypy checks **arrays against np.savez's allow_pickle: bool as well.
+    arrays: dict[str, Any] = {jax.tree_util.keystr(p).lstrip("."): np.asarray(v) for p, v in flat}
     tmp = run_dir / ".params.tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, run_dir / "params.npz")
@@ -144,7 +145,9 @@ class StopSignals:
     killing the process: a training loop stops after its current chunk and checkpoints."""
 
     def __init__(self, enabled: bool):
-        self.enabled, self.received, self._old = enabled, None, {}
+        self.enabled = enabled
+        self.received: int | None = None
+        self._old: dict[signal.Signals, Any] = {}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         del frame

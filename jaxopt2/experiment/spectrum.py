@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +73,8 @@ def _sweep_source(path: Path, member: int | None) -> Source:
     """Member `member` of the sweep in `path` (its config rebuilt from config.yaml + grid.yaml)."""
 
     try:
-        grid = OmegaConf.to_container(OmegaConf.load(path / "grid.yaml"))
+        # Any: the file's structure is checked by using it (errors become a UserError).
+        grid: Any = OmegaConf.to_container(OmegaConf.load(path / "grid.yaml"))
         axes, seeds = grid["axes"], [int(s) for s in grid["seeds"]]
         items = [f"{k}={','.join(repr(float(v)) for v in vals)}" for k, vals in axes.items()]
     except Exception as e:
@@ -361,7 +362,7 @@ def run_spectrum(
     overrides: list[str] | tuple[str, ...] = (),
     *,
     out: Path | None = None,
-    stream: TextIO | str | None = "stdout",
+    stream: TextIO | Literal["stdout"] | None = "stdout",
     plot: bool = True,
     member: int | None = None,
     **kwargs: Any,
@@ -382,6 +383,7 @@ def run_spectrum(
     source = load_source(spec, overrides, member)
     if out is None:
         if source.member is not None:
+            assert source.run_dir is not None  # a sweep member's source is its sweep dir
             out = source.run_dir / f"spectrum-member{source.member}"
         else:
             out = source.run_dir or Path("runs") / f"{source.stem}-spectrum"

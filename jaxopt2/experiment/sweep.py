@@ -50,7 +50,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import jax
 import numpy as np
@@ -117,7 +117,7 @@ def run_sweep(
     run_dir: Path | None,
     *,
     progress: bool | None = None,
-    stream: TextIO | str | None = "stdout",
+    stream: TextIO | Literal["stdout"] | None = "stdout",
     plots: bool = True,
     handle_signals: bool = False,
 ) -> SweepResult:
@@ -258,7 +258,7 @@ def sweep(
     *,
     overwrite: bool = False,
     progress: bool | None = None,
-    stream: TextIO | str | None = "stdout",
+    stream: TextIO | Literal["stdout"] | None = "stdout",
     plots: bool = True,
     handle_signals: bool = False,
 ) -> SweepResult:

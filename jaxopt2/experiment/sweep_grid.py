@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable
+from typing import cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -109,16 +110,13 @@ def parse_sweep_args(
         if check_key is not None and key != "seed":
             check_key(key)
         parts = value.split(",")
+        vals: list[int] | list[float]
         if key == "seed":
-            vals = [int(_parse_number(key, p, integer=True)) for p in parts]
+            vals = seeds = [int(_parse_number(key, p, integer=True)) for p in parts]
         else:
-            vals = [float(_parse_number(key, p)) for p in parts]
+            vals = axes[key] = [float(_parse_number(key, p)) for p in parts]
         if len(set(vals)) != len(vals):
             raise ConfigError(f"grid {key} repeats a value: {value}")
-        if key == "seed":
-            seeds = vals
-        else:
-            axes[key] = vals
     for item in overrides:  # a plain override of a grid key would be silently lost
         key = item.partition("=")[0].strip()
         if key in axes or (key == "seed" and seeds is not None):
@@ -134,7 +132,8 @@ def _raw_config(spec: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"cannot parse {source}: {C.first_line(e)}") from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{source}: a config must be a YAML mapping of keys to values")
-    return OmegaConf.merge(raw, C.parse_overrides(list(overrides)))
+    # Two mappings merge into a mapping.
+    return cast(DictConfig, OmegaConf.merge(raw, C.parse_overrides(list(overrides))))
 
 
 def _static(key: str, why: str) -> ConfigError:

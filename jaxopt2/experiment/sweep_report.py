@@ -209,8 +209,15 @@ def plot_sweep_sharpness(plan: SweepPlan, rows: list[dict[str, Any]], path: Path
         first_seed = mem.seed == plan.seeds[0]
         label = fmt_values(mem.values) if first_seed and len(plan.points) <= 12 else None
         ax.plot(*zip(*pts, strict=True), marker="o", ms=2, lw=1, color=color, label=label)
-        lr = float(mem.values.get("optimizer.learning_rate", base.optimizer.learning_rate))
-        if base.optimizer.schedule == "constant" and lr > 0 and lr not in lines_drawn:
+        # None: the optimizer's own default learning rate (no stability line is drawn).
+        lr_value = mem.values.get("optimizer.learning_rate", base.optimizer.learning_rate)
+        lr = None if lr_value is None else float(lr_value)
+        if (
+            base.optimizer.schedule == "constant"
+            and lr is not None
+            and lr > 0
+            and lr not in lines_drawn
+        ):
             lines_drawn.add(lr)
             ax.axhline(2.0 / lr, color=color, ls="--", lw=1)
     ax.set_xlabel("step")
@@ -374,8 +381,9 @@ def _points_text(plan: SweepPlan, result: SweepResult) -> str:
         if sharp:
             row.append(_fmt(p.get("final_sharpness_seed_mean")))
         if two_over_lr:
-            lr = float(p.get("optimizer.learning_rate", base.optimizer.learning_rate))
-            row.append(_fmt(2.0 / lr) if lr > 0 else "—")
+            lr_value = p.get("optimizer.learning_rate", base.optimizer.learning_rate)
+            lr = None if lr_value is None else float(lr_value)  # None: the optimizer's default
+            row.append(_fmt(2.0 / lr) if lr is not None and lr > 0 else "—")
         rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     fmt = lambda cells: "  " + "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))

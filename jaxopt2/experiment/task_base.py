@@ -59,7 +59,9 @@ class TaskSpec:
     needs_files: bool = False
 
 
-def classifier_metrics(model: eqx.Module, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+def classifier_metrics(
+    model: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array
+) -> dict[str, jax.Array]:
     """Mean softmax cross-entropy and accuracy of `model` (a row -> logits) on ``x``, ``y``."""
     logits = jax.vmap(model)(x)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()

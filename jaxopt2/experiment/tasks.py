@@ -47,7 +47,7 @@ Tasks:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
@@ -293,7 +293,10 @@ def _build_digits_classifier(
     return Task(model, (xtr, ytr), (xev, yev), loss, eval_metrics)
 
 
-def _normal_init(model: eqx.Module, key: jax.Array) -> eqx.Module:
+_ModuleT = TypeVar("_ModuleT", bound=eqx.Module)
+
+
+def _normal_init(model: _ModuleT, key: jax.Array) -> _ModuleT:
     """Every ``eqx.nn.Linear`` of `model`: weights N(0, 1/fan_in), biases zero (float32)."""
 
     def is_linear(m: Any) -> bool:

@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import jax
 
@@ -73,7 +73,7 @@ class Trainer:
         run_dir: Path | str,
         *,
         progress: bool | None = None,
-        stream: TextIO | str | None = "stdout",
+        stream: TextIO | Literal["stdout"] | None = "stdout",
         plots: bool = True,
         label: str = "",
     ):
@@ -153,6 +153,7 @@ class Trainer:
         if status == "nonfinite":
             exit_code = NonFiniteError.exit_code
         elif status == "interrupted":
+            assert res.signal is not None  # an interrupted run records its signal
             exit_code = 128 + int(res.signal)
         self.final_carry = eng.saved_state(res.carry)
         if status == "complete":
@@ -289,7 +290,7 @@ def run_config(
     overwrite: bool = False,
     handle_signals: bool = False,
     progress: bool | None = None,
-    stream: TextIO | str | None = "stdout",
+    stream: TextIO | Literal["stdout"] | None = "stdout",
     label: str = "",
     on_trainer: Callable[[Trainer], None] | None = None,
 ) -> RunResult:

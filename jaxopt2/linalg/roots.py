@@ -35,7 +35,7 @@ References:
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -64,12 +64,13 @@ def check_root_order(p: Any, method: str, name: str = "p") -> float:
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not np.isfinite(p) or p < 1:
+    # numpy's stubs and typeshed's int() do not accept the numbers ABCs that `p` is narrowed to.
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not np.isfinite(p) or p < 1:  # type: ignore[call-overload]
         raise ValueError(
             f"{name} must be a number >= 1 (the root is a^(-1/{name}), exponent in (0, 1]), "
             f"got {p!r}."
         )
-    if method == "newton" and float(p) != int(p):
+    if method == "newton" and float(p) != int(p):  # type: ignore[call-overload]
         raise ValueError(
             f"{name} must be an integer for method='newton' (coupled Newton computes integer "
             f"roots), got {p!r}; use method='eigh' for other exponents."
@@ -121,14 +122,16 @@ def _power_max_eig(a: jax.Array, num_iters: int) -> jax.Array:
 
 def _int_power(t: jax.Array, p: int) -> jax.Array:
     """``t^p`` for a static positive integer `p` by repeated squaring."""
-    result, base = None, t
+    result: jax.Array | None = None
+    base = t
     while p:
         if p & 1:
             result = base if result is None else _mm(result, base)
         p >>= 1
         if p:
             base = _mm(base, base)
-    return result
+    # p >= 1 (checked by the callers), so the loop ran and set `result`.
+    return cast(jax.Array, result)
 
 
 def _newton_root_one(

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = str(ROOT / "configs" / "task_digits_classifier.yaml")
 QUADRATIC = str(ROOT / "configs" / "task_quadratic.yaml")
+LEAST_SQUARES = str(ROOT / "configs" / "task_least_squares.yaml")
 SMALL = ["steps=30", "log_every=10", "batch_size=64", "model.hidden=[16]"]
 # Up to 0.05: above that, Adam on this net is chaotic within 30 steps and float32 rounding
 # differences (a batched matmul sums in another order than a single one) grow past 1e-5.
@@ -225,6 +226,29 @@ def test_run_dir_rules(tmp_path, capsys):
         ["sweep", *base, "optimizer.learning_rate=0.1,0.3", "--run-dir", str(tmp_path / "other")]
     )
     assert_user_error(capsys, rc, "no sweep")
+
+
+def test_sharpness_without_a_learning_rate(tmp_path):
+    """An optimizer left at its own default learning rate (learning_rate: null, constant
+    schedule): the sweep reports sharpness with no 2/lr value and draws no stability line."""
+    over = [
+        "optimizer.name=adafactor",
+        "optimizer.learning_rate=null",
+        "optimizer.schedule=constant",
+        "steps=20",
+        "log_every=10",
+        "eval_every=0",
+        "diagnostics.every=10",
+    ]
+    out = io.StringIO()
+    sweep(
+        LEAST_SQUARES, [*over, "optimizer.decay_rate=0.7,0.8"], tmp_path / "s",
+        progress=False, stream=out,
+    )  # fmt: skip
+    table = out.getvalue().split("decay_rate  final loss")[1].splitlines()
+    assert table[0].split()[-2:] == ["sharpness", "2/lr"]
+    assert [row.split()[-1] for row in table[1:3]] == ["—", "—"]
+    assert (tmp_path / "s" / "sharpness.png").stat().st_size > 0
 
 
 def test_grid_parsing():
