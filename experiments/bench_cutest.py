@@ -94,6 +94,11 @@ SCIPY_METHODS = {
 ALL_SOLVERS = (*JAXOPT2_METHODS, *SCIPY_METHODS, "optx_bfgs")
 MATRIX_FREE = ("newton_cg", "scipy_trust_ncg", "scipy_newton_cg")
 BASELINE = "optx_bfgs"
+# jaxopt2 method -> the peers of the same kind (for the "peer solves, we do not" lists)
+SAME_KIND = {
+    "trust_region": ("scipy_trust_exact",),
+    "newton_cg": ("scipy_trust_ncg", "scipy_newton_cg"),
+}
 QUICK = (
     "ROSENBR",
     "BEALE",
@@ -547,6 +552,29 @@ def summarize(path, baseline=BASELINE):
             if r["solver"] in JAXOPT2_METHODS and r.get("exception")
         ],
     }
+
+    def brief(p, s):
+        r = by.get((p, s), {})
+        keys = ("status", "iterations", "grad_norm", "gtol", "exception")
+        return {"solver": s, **{k: r.get(k) for k in keys}, "message": r.get("message")}
+
+    gaps = {}
+    for mine, peers in SAME_KIND.items():
+        if mine not in solvers:
+            continue
+        for peer in [q for q in peers if q in solvers]:
+            ps = [p for p in problems if ok(p, peer) and not ok(p, mine)]
+            gaps[f"{peer} solves, {mine} does not"] = {p: brief(p, mine) for p in ps}
+    ours = [s for s in JAXOPT2_METHODS if s in solvers]
+    peers = [s for s in solvers if s not in JAXOPT2_METHODS]
+    if ours and peers:
+        ps = [
+            p for p in problems if any(ok(p, q) for q in peers) and not any(ok(p, s) for s in ours)
+        ]
+        gaps["a peer solves, no jaxopt2 method does"] = {
+            p: {"solved_by": [q for q in peers if ok(p, q)], "jaxopt2": [brief(p, s) for s in ours]}
+            for p in ps
+        }
     summary = {
         "results": str(path.name),
         "protocol": {"gtol": f"{GTOL_REL} * max(1, |grad f(x0)|)", "max_iter": MAX_ITER},
@@ -558,6 +586,7 @@ def summarize(path, baseline=BASELINE):
         "geomean_run_time_ratio_vs_baseline_on_solved_by_all": ratios,
         "geomean_run_time_ratio_vs_baseline_pairwise": pairwise,
         "jaxopt2_checks": jaxopt2_issues,
+        "to_investigate": gaps,
     }
     return summary, recs, solvers, problems
 
@@ -593,6 +622,17 @@ def print_table(summary):
     bad = chk["claims_success_but_fails_gradient_test"]
     print("jaxopt2 success claimed but gradient test failed:", bad or "none")
     print("jaxopt2 exceptions:", chk["exceptions"] or "none")
+    for title, cases in summary["to_investigate"].items():
+        print(f"{title}: {len(cases)}")
+        for p, c in cases.items():
+            rows = c["jaxopt2"] if "jaxopt2" in c else [c]
+            extra = f" (solved by {', '.join(c['solved_by'])})" if "solved_by" in c else ""
+            print(f"  {p}{extra}")
+            for b in rows:
+                gn = "-" if b["grad_norm"] is None else f"{b['grad_norm']:.2e}"
+                gt = "-" if b["gtol"] is None else f"{b['gtol']:.1e}"
+                what = b["exception"] or f"status {b['status']} ({b['message']})"
+                print(f"    {b['solver']:12s} it={b['iterations']} |g|={gn} gtol={gt} {what}")
 
 
 def plot_profiles(recs, solvers, problems, png):
