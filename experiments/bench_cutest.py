@@ -516,7 +516,11 @@ def summarize(path, baseline=BASELINE):
     recs = _records(path)
     solvers = [s for s in ALL_SOLVERS if any(r["solver"] == s for r in recs)]
     by = {(r["problem"], r["solver"]): r for r in recs}
-    problems = sorted({r["problem"] for r in recs})
+    # A problem counts once every solver of the run has a record for it (an interrupted run
+    # leaves its last problem incomplete).
+    seen = sorted({r["problem"] for r in recs})
+    problems = [p for p in seen if all((p, s) in by for s in solvers)]
+    incomplete = [p for p in seen if p not in problems]
     n_of = {}
     for r in recs:
         if r.get("n") is not None:
@@ -580,6 +584,7 @@ def summarize(path, baseline=BASELINE):
         "protocol": {"gtol": f"{GTOL_REL} * max(1, |grad f(x0)|)", "max_iter": MAX_ITER},
         "solvers": solvers,
         "problems": len(problems),
+        "incomplete_problems_left_out": incomplete,
         "solved": counts,
         "baseline": baseline,
         "problems_solved_by_all": len(all_solved),
