@@ -313,8 +313,10 @@ def _run_one(p, solver):
 
 
 def _exception_text(e):
-    tb = traceback.format_exception(type(e), e, e.__traceback__)
-    return (f"{type(e).__name__}: {e}"[:2000], "".join(tb)[-3000:])
+    """(one-line message, the innermost frames as ``file.py:line in function``)."""
+    frames = traceback.extract_tb(e.__traceback__)[-8:]
+    tb = " <- ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in reversed(frames))
+    return (f"{type(e).__name__}: {e}"[:2000], tb)
 
 
 def _select(cfg, sif2jax):
