@@ -1,0 +1,726 @@
+"""``jaxopt2.minimize`` on the CUTEst unconstrained test set (sif2jax), against scipy and
+optimistix.
+
+Install and run (from the repository root, CPU, float64)::
+
+    pip install -e '.[bench]'                         # sif2jax and optimistix
+    python experiments/bench_cutest.py                # every problem with n <= 100
+    python experiments/bench_cutest.py --quick        # 10 small problems, a smoke test
+    python experiments/bench_cutest.py --max-n 10     # the n <= 10 subset
+    python experiments/bench_cutest.py --problems ROSENBR,BEALE --solvers newton,optx_bfgs
+    python experiments/bench_cutest.py --large        # matrix-free solvers, 1,000 <= n <= 100,000
+    python experiments/bench_cutest.py --summarize    # summary and plot of an existing .jsonl
+
+Importing sif2jax builds all of its ~1,000 problem modules: it takes one to two minutes on
+two busy CPU cores before the first problem runs (``--quick`` is that plus about a minute).
+
+Problems: every problem in ``sif2jax.unconstrained_minimisation_problems`` (names
+deduplicated), with ``n = problem.num_variables()`` at most ``--max-n`` (100), or with
+``1,000 <= n <= 100,000`` under ``--large``; the objective ``problem.objective(y, args)``
+from ``problem.y0`` with ``problem.args``; ``problem.expected_objective_value`` recorded when
+sif2jax gives one. Everything in float64 (``jax_enable_x64``); ``y0`` is flattened to one
+float64 vector.
+
+Solvers (``--solvers``, default all but ``--large``'s dense ones):
+
+* jaxopt2 ``newton``, ``trust_region``, ``newton_cg``:
+  ``jax.jit(lambda x0, args: jaxopt2.minimize(f, x0, args, method=m, tol=gtol,
+  max_steps=500))``, default method options.
+* scipy (``scipy_trust_exact``, ``scipy_trust_ncg``, ``scipy_newton_cg``, ``scipy_bfgs``):
+  ``scipy.optimize.minimize(method="trust-exact" | "trust-ncg" | "Newton-CG" | "BFGS")``
+  with ``maxiter=500``, given the same objective as AOT-compiled jax functions (value,
+  gradient, dense ``jax.hessian``, forward-over-reverse Hessian-vector product) returning
+  NumPy values. ``gtol=gtol`` for the trust-region methods and BFGS (with ``norm=2``).
+  Newton-CG has no gradient test (only a step-size one, here ``xtol=1e-14``): a callback
+  evaluates ‖∇f‖ after each iteration and stops it at ``gtol`` (one extra gradient per
+  iteration, included in its run time, not in its counts).
+* optimistix ``optx_bfgs``: ``optx.minimise(f, optx.BFGS(rtol=1e-10, atol=1e-10), x0,
+  args, max_steps=500, throw=False)`` jitted. Its stopping rule is a small change in both
+  ``x`` and ``f`` (no gradient test); 1e-10 is the setting of experiments/bench_newton.py.
+
+``--large`` runs the matrix-free ones only (``newton_cg``, ``scipy_trust_ncg``,
+``scipy_newton_cg``).
+
+Protocol:
+
+* Success is decided here, on the returned point, whatever the solver says:
+  ``‖∇f(x)‖₂ <= gtol = 1e-6 · max(1, ‖∇f(x0)‖₂)`` with our jitted jax gradient (a point with
+  a non-finite value or gradient fails). Every solver is given this ``gtol`` as its own
+  tolerance where it has one, so they all aim for the same target.
+* At most 500 iterations (``max_steps`` / ``maxiter``).
+* Times: compile (the ``.lower().compile()`` of the jitted solve, or for scipy of the jax
+  functions it calls) and run time excluding compile: the jitted solve is run once to warm
+  up and the second run is timed (``block_until_ready``); a scipy solve is timed once,
+  its compiled callbacks already warmed up.
+* Per-solve wall-clock cap (``--timeout``, 120 s): problems run in a worker process that
+  reports each solve as it finishes; a solve (its compile included) that has not finished
+  within the cap is recorded as ``timeout``, the worker is killed and a fresh one goes on
+  with the remaining solves. A crash (any Python exception) is recorded, never stops the
+  run.
+
+Output: one JSON line per (problem, solver) in ``experiments/results/bench_cutest.jsonl``
+(problem, n, solver, success, iterations, nfev/ngev/nhev/nhvp where the solver reports them,
+grad_norm, grad_norm0, gtol, f, f_expected, compile_s, run_s, solver_success, status,
+message, exception, timeout); ``bench_cutest_summary.json`` (solved counts per solver per size
+band n <= 10, 10 < n <= 100, n > 100; geometric-mean run-time ratio against ``optx_bfgs``
+on the problems every compared solver solved, and pairwise on the problems both solved); and
+``bench_cutest.png``, Dolan-Moré performance profiles of run time and iterations (a failure
+counts as an infinite ratio). Iteration counts are each solver's own: jaxopt2 and scipy's
+trust-region methods count rejected steps, line-search methods do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+JAXOPT2_METHODS = ("newton", "trust_region", "newton_cg")
+SCIPY_METHODS = {
+    "scipy_trust_exact": "trust-exact",
+    "scipy_trust_ncg": "trust-ncg",
+    "scipy_newton_cg": "Newton-CG",
+    "scipy_bfgs": "BFGS",
+}
+ALL_SOLVERS = (*JAXOPT2_METHODS, *SCIPY_METHODS, "optx_bfgs")
+MATRIX_FREE = ("newton_cg", "scipy_trust_ncg", "scipy_newton_cg")
+BASELINE = "optx_bfgs"
+# jaxopt2 method -> the peers of the same kind (for the "peer solves, we do not" lists)
+SAME_KIND = {
+    "trust_region": ("scipy_trust_exact",),
+    "newton_cg": ("scipy_trust_ncg", "scipy_newton_cg"),
+}
+QUICK = (
+    "ROSENBR",
+    "BEALE",
+    "BARD",
+    "BOX3",
+    "DENSCHNB",
+    "HELIX",
+    "KOWOSB",
+    "BIGGS6",
+    "HILBERTB",
+    "TRIGON1",
+)
+MAX_ITER = 500
+GTOL_REL = 1e-6
+OPTX_TOL = 1e-10
+BANDS = (("n<=10", 0, 10), ("10<n<=100", 11, 100), ("n>100", 101, math.inf))
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _float(v):
+    try:
+        v = float(v)
+    except Exception:
+        return None
+    return v if math.isfinite(v) else (None if math.isnan(v) else v)
+
+
+def _emit(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class _Problem:
+    """One sif2jax problem as a flat float64 objective with AOT-compiled derivatives."""
+
+    def __init__(self, prob):
+        import jax
+        import jax.numpy as jnp
+        from jax.flatten_util import ravel_pytree
+
+        self.name = prob.name
+        y0 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), prob.y0)
+        z0, unravel = ravel_pytree(y0)
+        self.z0 = z0
+        self.n = int(z0.size)
+        self.args = prob.args
+        self.fun = lambda z, a: jnp.asarray(prob.objective(unravel(z), a), jnp.float64)
+        try:
+            exp = prob.expected_objective_value
+            self.f_expected = None if exp is None else _float(jnp.asarray(exp))
+        except Exception:
+            self.f_expected = None
+        self._compiled = {}
+        self._compile_s = {}
+        f = self.compiled("f")
+        g = self.compiled("g")
+        self.f0 = float(f(z0, self.args))
+        self.gnorm0 = float(jnp.linalg.norm(g(z0, self.args)))
+        self.gtol = GTOL_REL * max(1.0, self.gnorm0) if math.isfinite(self.gnorm0) else GTOL_REL
+
+    def compiled(self, what):
+        import jax
+
+        if what not in self._compiled:
+            fun = self.fun
+            if what == "f":
+                fn, ex = fun, (self.z0, self.args)
+            elif what == "g":
+                fn, ex = jax.grad(fun), (self.z0, self.args)
+            elif what == "h":
+                fn, ex = jax.hessian(fun), (self.z0, self.args)
+            else:  # "hvp"
+
+                def fn(z, v, a):
+                    return jax.jvp(lambda y: jax.grad(fun)(y, a), (z,), (v,))[1]
+
+                ex = (self.z0, self.z0, self.args)
+            t = time.perf_counter()
+            c = jax.jit(fn).lower(*ex).compile()
+            self._compile_s[what] = time.perf_counter() - t
+            c(*ex)  # warm up
+            self._compiled[what] = c
+        return self._compiled[what]
+
+    def check(self, x):
+        """(success, ‖∇f(x)‖, f(x)) by our own gradient test."""
+        import jax.numpy as jnp
+        import numpy as np
+
+        x = jnp.asarray(np.asarray(x, np.float64))
+        gn = float(jnp.linalg.norm(self.compiled("g")(x, self.args)))
+        fx = float(self.compiled("f")(x, self.args))
+        ok = math.isfinite(gn) and math.isfinite(fx) and gn <= self.gtol
+        return ok, gn, fx
+
+
+def _timed_jit(solve, p):
+    import jax
+
+    t = time.perf_counter()
+    c = jax.jit(solve).lower(p.z0, p.args).compile()
+    compile_s = time.perf_counter() - t
+    jax.block_until_ready(c(p.z0, p.args))
+    t = time.perf_counter()
+    out = jax.block_until_ready(c(p.z0, p.args))
+    return out, compile_s, time.perf_counter() - t
+
+
+def _run_jaxopt2(p, method):
+    import jaxopt2
+    from jaxopt2.solvers import status_message
+
+    def solve(z0, a):
+        return jaxopt2.minimize(p.fun, z0, a, method=method, tol=p.gtol, max_steps=MAX_ITER)
+
+    sol, compile_s, run_s = _timed_jit(solve, p)
+    code = int(sol.status)
+    return sol.x, {
+        "iterations": int(sol.num_steps),
+        "nhev": int(sol.num_hessians) if method != "newton_cg" else None,
+        "nhvp": int(sol.num_hvps) if method == "newton_cg" else None,
+        "solver_success": bool(sol.success),
+        "solver_grad_norm": _float(sol.grad_norm),
+        "status": code,
+        "message": status_message(code),
+        "compile_s": compile_s,
+        "run_s": run_s,
+    }
+
+
+def _run_optx(p):
+    import optimistix as optx
+
+    solver = optx.BFGS(rtol=OPTX_TOL, atol=OPTX_TOL)
+
+    def solve(z0, a):
+        s = optx.minimise(p.fun, solver, z0, a, max_steps=MAX_ITER, throw=False)
+        return s.value, s.result._value, s.stats["num_steps"]
+
+    (x, code, steps), compile_s, run_s = _timed_jit(solve, p)
+    code = int(code)
+    return x, {
+        "iterations": int(steps),
+        "solver_success": code == 0,
+        "status": code,
+        "message": optx.RESULTS._index_to_message[code] or "successful",
+        "compile_s": compile_s,
+        "run_s": run_s,
+    }
+
+
+def _run_scipy(p, name):
+    import numpy as np
+    import scipy.optimize as so
+
+    method = SCIPY_METHODS[name]
+    a = p.args
+    f_c, g_c = p.compiled("f"), p.compiled("g")
+    kw = {}
+    needs = ["f", "g"]
+    options = {"maxiter": MAX_ITER}
+    if method == "trust-exact":
+        h_c = p.compiled("h")
+        kw["hess"] = lambda x: np.asarray(h_c(x, a))
+        needs.append("h")
+    if method in ("trust-ncg", "Newton-CG"):
+        v_c = p.compiled("hvp")
+        kw["hessp"] = lambda x, v: np.asarray(v_c(x, v, a))
+        needs.append("hvp")
+    if method in ("trust-exact", "trust-ncg"):
+        options["gtol"] = p.gtol
+    elif method == "BFGS":
+        options.update(gtol=p.gtol, norm=2)
+    else:  # Newton-CG: stop on the gradient test through the callback
+
+        def callback(intermediate_result):
+            if float(np.linalg.norm(np.asarray(g_c(intermediate_result.x, a)))) <= p.gtol:
+                raise StopIteration
+
+        kw["callback"] = callback
+        options["xtol"] = 1e-14
+    fun = lambda x: float(f_c(x, a))
+    jac = lambda x: np.asarray(g_c(x, a))
+    x0 = np.asarray(p.z0, np.float64)
+    t = time.perf_counter()
+    res = so.minimize(fun, x0, jac=jac, method=method, options=options, **kw)
+    run_s = time.perf_counter() - t
+    return res.x, {
+        "iterations": int(getattr(res, "nit", -1)),
+        "nfev": int(getattr(res, "nfev", 0)),
+        "ngev": int(getattr(res, "njev", 0)),
+        "nhev": int(res.nhev) if "nhev" in res and method == "trust-exact" else None,
+        "nhvp": int(res.nhev) if "nhev" in res and method != "trust-exact" else None,
+        "solver_success": bool(res.success),
+        "status": int(res.status),
+        "message": str(res.message),
+        "compile_s": sum(p._compile_s[k] for k in needs),
+        "run_s": run_s,
+    }
+
+
+def _run_one(p, solver):
+    if solver in JAXOPT2_METHODS:
+        return _run_jaxopt2(p, solver)
+    if solver in SCIPY_METHODS:
+        return _run_scipy(p, solver)
+    if solver == "optx_bfgs":
+        return _run_optx(p)
+    raise ValueError(f"unknown solver {solver!r}")
+
+
+def _exception_text(e):
+    """(one-line message, the innermost frames as ``file.py:line in function``)."""
+    frames = traceback.extract_tb(e.__traceback__)[-8:]
+    tb = " <- ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in reversed(frames))
+    return (f"{type(e).__name__}: {e}"[:2000], tb)
+
+
+def _select(cfg, sif2jax):
+    seen = {}
+    for prob in sif2jax.unconstrained_minimisation_problems:
+        seen.setdefault(prob.name, prob)
+    if cfg["problems"]:
+        names = cfg["problems"]
+        missing = [nm for nm in names if nm not in seen]
+        if missing:
+            _emit({"event": "warning", "text": f"unknown problems {missing}"})
+        names = [nm for nm in names if nm in seen]
+    else:
+        names = []
+        for nm in sorted(seen):
+            try:
+                n = int(seen[nm].num_variables())
+            except Exception:
+                continue
+            lo, hi = (1000, 100_000) if cfg["large"] else (0, cfg["max_n"])
+            if lo <= n <= hi:
+                names.append(nm)
+    return seen, [[nm, list(cfg["solvers"])] for nm in names]
+
+
+def worker(cfg_path):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import sif2jax
+
+    cfg = json.loads(Path(cfg_path).read_text())
+    probs, tasks = _select(cfg, sif2jax)
+    if cfg.get("tasks") is not None:
+        tasks = cfg["tasks"]
+    skip = {tuple(k) for k in cfg.get("skip", [])}
+    tasks = [[nm, [s for s in sols if (nm, s) not in skip]] for nm, sols in tasks]
+    tasks = [t for t in tasks if t[1]]
+    _emit({"event": "plan", "tasks": tasks})
+    for name, solvers in tasks:
+        _emit({"event": "setup", "problem": name, "solver": solvers[0]})
+        base = {"problem": name, "n": None, "timeout": False}
+        try:
+            p = _Problem(probs[name])
+            base.update(n=p.n, gtol=p.gtol, grad_norm0=p.gnorm0, f0=_float(p.f0))
+            base["f_expected"] = p.f_expected
+        except Exception as e:
+            msg, tb = _exception_text(e)
+            for s in solvers:
+                _emit(
+                    {
+                        "event": "record",
+                        **base,
+                        "solver": s,
+                        "success": False,
+                        "exception": "setup: " + msg,
+                        "traceback": tb,
+                    }
+                )
+            continue
+        for s in solvers:
+            _emit({"event": "start", "problem": name, "solver": s})
+            rec = {**base, "solver": s, "exception": None}
+            try:
+                x, info = _run_one(p, s)
+                ok, gn, fx = p.check(x)
+                rec.update(info, success=ok, grad_norm=_float(gn), f=_float(fx))
+            except Exception as e:
+                msg, tb = _exception_text(e)
+                rec.update(success=False, exception=msg, traceback=tb)
+            _emit({"event": "record", **rec})
+    _emit({"event": "finished"})
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+def _reader(stream, q):
+    for line in stream:
+        q.put(line)
+    q.put(None)
+
+
+def run_all(cfg, out_path, timeout, import_timeout):
+    """Run the worker, restarting it after a solve exceeds `timeout`; append records."""
+    done = set()
+    if cfg.get("resume") and out_path.exists():
+        for line in out_path.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["problem"], r["solver"]))
+    elif out_path.exists():
+        out_path.unlink()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path = out_path.with_suffix(".worker.json")
+    tasks = None
+    while True:
+        wcfg = {**cfg, "tasks": tasks, "skip": sorted(done)}
+        cfg_path.write_text(json.dumps(wcfg))
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(cfg_path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        q = queue.Queue()
+        threading.Thread(target=_reader, args=(proc.stdout, q), daemon=True).start()
+        current, plan, finished = None, None, False
+        wait = import_timeout
+        while True:
+            try:
+                line = q.get(timeout=wait)
+            except queue.Empty:
+                line = "TIMEOUT"
+            if line is None:
+                break
+            if line == "TIMEOUT":
+                proc.kill()
+                proc.wait()
+                if current is None:
+                    raise SystemExit(f"worker did not start within {import_timeout} s")
+                name, solver = current
+                print(f"  {name:12s} {solver:18s} TIMEOUT after {timeout} s", flush=True)
+                rec = {
+                    "problem": name,
+                    "solver": solver,
+                    "success": False,
+                    "timeout": True,
+                    "exception": f"timeout: no result within {timeout} s (compile included)",
+                }
+                with out_path.open("a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                done.add((name, solver))
+                break
+            if not line.startswith("{"):
+                sys.stderr.write(line)
+                continue
+            ev = json.loads(line)
+            kind = ev.pop("event")
+            wait = timeout
+            if kind == "plan":
+                plan = ev["tasks"]
+                if tasks is None:
+                    print(
+                        f"{len(plan)} problems, {sum(len(s) for _, s in plan)} solves", flush=True
+                    )
+            elif kind in ("setup", "start"):
+                current = (ev["problem"], ev["solver"])
+            elif kind == "record":
+                if not ev.get("exception"):
+                    ev.pop("traceback", None)
+                with out_path.open("a") as fh:
+                    fh.write(json.dumps(ev) + "\n")
+                done.add((ev["problem"], ev["solver"]))
+                print(_line(ev), flush=True)
+            elif kind == "finished":
+                finished = True
+            elif kind == "warning":
+                print("warning:", ev["text"], flush=True)
+        proc.wait()
+        if finished or plan is None:
+            break
+        tasks = [[nm, [s for s in sols if (nm, s) not in done]] for nm, sols in plan]
+        tasks = [t for t in tasks if t[1]]
+        if not tasks:
+            break
+    cfg_path.unlink(missing_ok=True)
+
+
+def _line(r):
+    def fmt(v, spec):
+        return format(v, spec) if isinstance(v, int | float) else "-"
+
+    exc = f"  EXC {r['exception'][:60]}" if r.get("exception") else ""
+    return (
+        f"  {r['problem']:12s} n={fmt(r.get('n'), '<5d')} {r['solver']:18s} "
+        f"ok={int(bool(r.get('success')))} it={fmt(r.get('iterations'), '4d')} "
+        f"|g|={fmt(r.get('grad_norm'), '.1e')} run={fmt(r.get('run_s'), '.4f')}s "
+        f"compile={fmt(r.get('compile_s'), '.1f')}s{exc}"
+    )
+
+
+# --------------------------------------------------------------------------- summary, plot
+
+
+def _records(path):
+    recs = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        recs[(r["problem"], r["solver"])] = r
+    return list(recs.values())
+
+
+def _geomean(xs):
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def summarize(path, baseline=BASELINE):
+    recs = _records(path)
+    solvers = [s for s in ALL_SOLVERS if any(r["solver"] == s for r in recs)]
+    by = {(r["problem"], r["solver"]): r for r in recs}
+    # A problem counts once every solver of the run has a record for it (an interrupted run
+    # leaves its last problem incomplete).
+    seen = sorted({r["problem"] for r in recs})
+    problems = [p for p in seen if all((p, s) in by for s in solvers)]
+    incomplete = [p for p in seen if p not in problems]
+    n_of = {}
+    for r in recs:
+        if r.get("n") is not None:
+            n_of[r["problem"]] = r["n"]
+    ok = lambda p, s: bool(by.get((p, s), {}).get("success"))
+    counts = {}
+    for s in solvers:
+        row = {}
+        for band, lo, hi in BANDS:
+            ps = [p for p in problems if lo <= n_of.get(p, -1) <= hi]
+            row[band] = [sum(ok(p, s) for p in ps), len(ps)]
+        row["all"] = [sum(ok(p, s) for p in problems), len(problems)]
+        counts[s] = row
+    all_solved = [p for p in problems if all(ok(p, s) for s in solvers)]
+    ratios, pairwise = {}, {}
+    if baseline in solvers:
+        for s in solvers:
+            t = lambda p, s=s: (
+                max(by[(p, s)]["run_s"], 1e-7) / max(by[(p, baseline)]["run_s"], 1e-7)
+            )
+            ratios[s] = _geomean([t(p) for p in all_solved])
+            both = [p for p in problems if ok(p, s) and ok(p, baseline)]
+            pairwise[s] = {"geomean_ratio": _geomean([t(p) for p in both]), "problems": len(both)}
+    jaxopt2_issues = {
+        "claims_success_but_fails_gradient_test": [
+            (r["problem"], r["solver"], r.get("grad_norm"), r.get("gtol"))
+            for r in recs
+            if r["solver"] in JAXOPT2_METHODS and r.get("solver_success") and not r["success"]
+        ],
+        "exceptions": [
+            (r["problem"], r["solver"], r["exception"])
+            for r in recs
+            if r["solver"] in JAXOPT2_METHODS and r.get("exception")
+        ],
+    }
+
+    def brief(p, s):
+        r = by.get((p, s), {})
+        keys = ("status", "iterations", "grad_norm", "gtol", "exception")
+        return {"solver": s, **{k: r.get(k) for k in keys}, "message": r.get("message")}
+
+    gaps = {}
+    for mine, peers in SAME_KIND.items():
+        if mine not in solvers:
+            continue
+        for peer in [q for q in peers if q in solvers]:
+            ps = [p for p in problems if ok(p, peer) and not ok(p, mine)]
+            gaps[f"{peer} solves, {mine} does not"] = {p: brief(p, mine) for p in ps}
+    ours = [s for s in JAXOPT2_METHODS if s in solvers]
+    peers = [s for s in solvers if s not in JAXOPT2_METHODS]
+    if ours and peers:
+        ps = [
+            p for p in problems if any(ok(p, q) for q in peers) and not any(ok(p, s) for s in ours)
+        ]
+        gaps["a peer solves, no jaxopt2 method does"] = {
+            p: {"solved_by": [q for q in peers if ok(p, q)], "jaxopt2": [brief(p, s) for s in ours]}
+            for p in ps
+        }
+    summary = {
+        "results": str(path.name),
+        "protocol": {"gtol": f"{GTOL_REL} * max(1, |grad f(x0)|)", "max_iter": MAX_ITER},
+        "solvers": solvers,
+        "problems": len(problems),
+        "incomplete_problems_left_out": incomplete,
+        "solved": counts,
+        "baseline": baseline,
+        "problems_solved_by_all": len(all_solved),
+        "geomean_run_time_ratio_vs_baseline_on_solved_by_all": ratios,
+        "geomean_run_time_ratio_vs_baseline_pairwise": pairwise,
+        "jaxopt2_checks": jaxopt2_issues,
+        "to_investigate": gaps,
+    }
+    return summary, recs, solvers, problems
+
+
+def print_table(summary):
+    solvers = summary["solvers"]
+    bands = [b for b, _, _ in BANDS] + ["all"]
+    print(
+        f"\n{'solver':18s} "
+        + " ".join(f"{b:>11s}" for b in bands)
+        + "  time ratio (all / pairwise)"
+    )
+    for s in solvers:
+        c = summary["solved"][s]
+        r = summary["geomean_run_time_ratio_vs_baseline_on_solved_by_all"].get(s)
+        pw = summary["geomean_run_time_ratio_vs_baseline_pairwise"].get(s, {})
+        rs = "-" if r is None else f"{r:.3g}"
+        pws = (
+            "-"
+            if pw.get("geomean_ratio") is None
+            else f"{pw['geomean_ratio']:.3g} ({pw['problems']})"
+        )
+        print(
+            f"{s:18s} "
+            + " ".join(f"{c[b][0]:>5d}/{c[b][1]:<5d}" for b in bands)
+            + f"  {rs} / {pws}"
+        )
+    print(
+        f"(ratios: geometric mean of run time / {summary['baseline']}'s; 'all' on the "
+        f"{summary['problems_solved_by_all']} problems every solver solved)"
+    )
+    chk = summary["jaxopt2_checks"]
+    bad = chk["claims_success_but_fails_gradient_test"]
+    print("jaxopt2 success claimed but gradient test failed:", bad or "none")
+    print("jaxopt2 exceptions:", chk["exceptions"] or "none")
+    for title, cases in summary["to_investigate"].items():
+        print(f"{title}: {len(cases)}")
+        for p, c in cases.items():
+            rows = c["jaxopt2"] if "jaxopt2" in c else [c]
+            extra = f" (solved by {', '.join(c['solved_by'])})" if "solved_by" in c else ""
+            print(f"  {p}{extra}")
+            for b in rows:
+                gn = "-" if b["grad_norm"] is None else f"{b['grad_norm']:.2e}"
+                gt = "-" if b["gtol"] is None else f"{b['gtol']:.1e}"
+                what = b["exception"] or f"status {b['status']} ({b['message']})"
+                print(f"    {b['solver']:12s} it={b['iterations']} |g|={gn} gtol={gt} {what}")
+
+
+def plot_profiles(recs, solvers, problems, png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    by = {(r["problem"], r["solver"]): r for r in recs}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], "run_s", "run time"), (axes[1], "iterations", "iterations")):
+        cost = np.full((len(problems), len(solvers)), np.inf)
+        for i, p in enumerate(problems):
+            for j, s in enumerate(solvers):
+                r = by.get((p, s))
+                if r and r.get("success") and r.get(key) is not None:
+                    cost[i, j] = max(float(r[key]), 1e-7 if key == "run_s" else 1.0)
+        best = cost.min(axis=1)
+        keep = np.isfinite(best)
+        ratio = cost[keep] / best[keep, None]
+        finite = ratio[np.isfinite(ratio)]
+        top = max(2.0, float(finite.max()) * 1.5) if finite.size else 2.0
+        taus = np.logspace(0, np.log10(top), 400)
+        for j, s in enumerate(solvers):
+            rho = [(ratio[:, j] <= t).sum() / len(problems) for t in taus]
+            ax.step(taus, rho, where="post", label=s, ls="-" if s in JAXOPT2_METHODS else "--")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel(f"τ ({label} / best {label})")
+        ax.set_ylabel("fraction of problems within τ of the best")
+        ax.set_title(f"performance profile: {label} ({len(problems)} problems)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--problems", help="comma-separated problem names (default: by size)")
+    ap.add_argument("--solvers", help=f"comma-separated, from {','.join(ALL_SOLVERS)}")
+    ap.add_argument("--max-n", type=int, default=100, help="largest n (default 100)")
+    ap.add_argument("--large", action="store_true", help="1,000 <= n <= 100,000, matrix-free")
+    ap.add_argument("--quick", action="store_true", help="10 small problems")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per solve")
+    ap.add_argument("--import-timeout", type=float, default=900.0)
+    ap.add_argument("--out", default=str(RESULTS / "bench_cutest.jsonl"))
+    ap.add_argument("--resume", action="store_true", help="keep the solves already in --out")
+    ap.add_argument("--summarize", action="store_true", help="only summarize --out")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        return worker(a.worker)
+    out = Path(a.out)
+    if not a.summarize:
+        default = MATRIX_FREE if a.large else ALL_SOLVERS
+        solvers = a.solvers.split(",") if a.solvers else list(default)
+        bad = [s for s in solvers if s not in ALL_SOLVERS]
+        if bad:
+            ap.error(f"unknown solvers {bad}; known: {', '.join(ALL_SOLVERS)}")
+        problems = a.problems.split(",") if a.problems else (list(QUICK) if a.quick else None)
+        cfg = {
+            "problems": problems,
+            "solvers": solvers,
+            "max_n": a.max_n,
+            "large": a.large,
+            "resume": a.resume,
+        }
+        t = time.perf_counter()
+        run_all(cfg, out, a.timeout, a.import_timeout)
+        print(f"wall time {time.perf_counter() - t:.0f} s")
+    summary, recs, solvers, problems = summarize(out)
+    out.with_name(out.stem + "_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot_profiles(recs, solvers, problems, out.with_suffix(".png"))
+    print_table(summary)
+
+
+if __name__ == "__main__":
+    main()
