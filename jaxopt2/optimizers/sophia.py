@@ -296,21 +296,8 @@ def scale_by_sophia(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-_LEGACY_ORDER = (
-    "b1",
-    "b2",
-    "gamma",
-    "eps",
-    "weight_decay",
-    "clip_threshold",
-    "bias_correction",
-    "estimator",
-    "update_every",
-    "num_probes",
-    "probe",
-    "seed",
-    "stats_dtype",
-)
+# sophia's own old positional order: scale_by_sophia's with weight_decay after eps
+_LEGACY_ORDER = (*_LEGACY_SCALE_ORDER[:4], "weight_decay", *_LEGACY_SCALE_ORDER[4:])
 
 
 @keyword_only(legacy_order=_LEGACY_ORDER, renamed=_RENAMED)

@@ -496,8 +496,8 @@ def scale_by_kfac(
 
         def statistics(old_factors, old_diag):
             """The factors' and the diagonal Fisher's EMAs after this step's statistics, and
-            whether those statistics are finite (if not, the old values are kept). Fills
-            `unit_rows` (EKFAC's per-example rows) as a side effect."""
+            whether those statistics are finite (the caller keeps the old values if not).
+            Fills `unit_rows` (EKFAC's per-example rows) as a side effect."""
 
             def fwd(free_leaves, eps):
                 lv = list(leaves)
@@ -532,13 +532,11 @@ def scale_by_kfac(
             diag = treedef.unflatten(diag_leaves)
             ok = kr.all_finite((raw, diag))
             stats = _stat_stacks(groups, raw, heads, stats_dtype)
-            ema = lambda f, s: jnp.where(ok, decay * f + (1 - decay) * s, f)
             factors = tuple(
-                tuple(ema(f, s) for f, s in zip(fp, sp, strict=True))
+                tuple(decay * f + (1 - decay) * s for f, s in zip(fp, sp, strict=True))
                 for fp, sp in zip(old_factors, stats, strict=True)
             )
-            diag = jax.tree.map(lambda x, y: jnp.where(ok, x, y), diag, old_diag)
-            return factors, diag, ok
+            return factors, diag, ok  # kept or not below, with the gradients' finiteness
 
         if stats_every == 1:
             factors, diag, stats_ok = statistics(state.factors, state.diag)
