@@ -38,7 +38,7 @@ def _dense_top(setup, params_row):
         jnp.asarray(a) if a.dtype.kind in "iub" else jnp.asarray(a, jnp.float64)
         for a in setup.train_data
     )
-    hess = jax.hessian(lambda v: setup.loss_fn(unravel(v), *data))(flat)
+    hess = jax.jit(jax.hessian(lambda v: setup.loss_fn(unravel(v), *data)))(flat)
     return float(np.linalg.eigvalsh(np.asarray(hess))[-1])
 
 
@@ -82,7 +82,7 @@ def test_gradient_subspace_smoke(tmp_path):
         )
         loss = lambda v: setup.loss_fn(unravel(v), *data)
         g = np.asarray(jax.grad(loss)(vec))
-        _, vecs = np.linalg.eigh(np.asarray(jax.hessian(loss)(vec)))
+        _, vecs = np.linalg.eigh(np.asarray(jax.jit(jax.hessian(loss))(vec)))
         coeffs = vecs[:, ::-1][:, :20].T @ g
         dense = np.cumsum(coeffs**2) / np.sum(g**2)
         logged = res["curve"]
@@ -100,7 +100,7 @@ def _dense_hessian(setup, params, rows=None):
     )
     if rows is not None:
         data = tuple(a[np.asarray(rows)] for a in data)
-    return np.asarray(jax.hessian(lambda v: setup.loss_fn(unravel(v), *data))(vec))
+    return np.asarray(jax.jit(jax.hessian(lambda v: setup.loss_fn(unravel(v), *data)))(vec))
 
 
 def test_sgd_trace_smoke(tmp_path):
@@ -181,7 +181,7 @@ def test_bulk_and_outliers_smoke(tmp_path):
             for a in setup.train_data
         )
         assert int(jnp.max(data[1])) + 1 == res["num_classes"]
-        hess = np.asarray(jax.hessian(lambda v: setup.loss_fn(unravel(v), *data))(vec))
+        hess = np.asarray(jax.jit(jax.hessian(lambda v: setup.loss_fn(unravel(v), *data)))(vec))
         dense = np.linalg.eigvalsh(hess)[::-1]
         scale = dense[0]
         np.testing.assert_allclose(res["top_eigenvalues"], dense[:20], rtol=2e-3, atol=1e-4 * scale)

@@ -42,11 +42,13 @@ def _dense_matrices(params, x, targets):
     flat, unravel = ravel_pytree(params)
     outputs = _apply(params, x)
     n, c = outputs.shape
-    jac = jax.jacobian(lambda f: _apply(unravel(f), x))(flat).reshape(n * c, -1)
+    jac = jax.jit(jax.jacobian(lambda f: _apply(unravel(f), x)))(flat).reshape(n * c, -1)
     dense = {}
     for case, y in targets.items():
         loss = "softmax_cross_entropy" if case == "softmax_soft_labels" else case
-        h_out = jax.hessian(lambda o: output_loss(loss, o, y))(outputs).reshape(n * c, n * c)
+        h_out = jax.jit(jax.hessian(lambda o: output_loss(loss, o, y)))(outputs).reshape(
+            n * c, n * c
+        )
         # Per-example gradients of the un-averaged loss (a batch of one), [N, P].
         example_loss = lambda f, xn, yn: output_loss(loss, _apply(unravel(f), xn[None]), yn[None])
         per_example = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(flat, x, y)
@@ -54,7 +56,7 @@ def _dense_matrices(params, x, targets):
     loss_fn = lambda f: output_loss(
         "softmax_cross_entropy", _apply(unravel(f), x), targets[CASES[0]]
     )
-    return jax.hessian(loss_fn)(flat), dense
+    return jax.jit(jax.hessian(loss_fn))(flat), dense
 
 
 @pytest.fixture(scope="module")

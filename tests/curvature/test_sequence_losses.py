@@ -108,13 +108,13 @@ def _dense_ggn(p, ids, y, weights=None):
     function of the logits (written independently of the library)."""
     flat, unravel = ravel_pytree(p)
     logits = lambda q: _logits(unravel(q), ids).reshape(-1)
-    jac = jax.jacobian(logits)(flat)
+    jac = jax.jit(jax.jacobian(logits))(flat)
 
     def of_logits(z):
         ce = optax.softmax_cross_entropy_with_integer_labels(z.reshape(B, T, V), y)
         return jnp.mean(ce) if weights is None else jnp.sum(weights * ce) / jnp.sum(weights)
 
-    hess = jax.hessian(of_logits)(logits(flat))
+    hess = jax.jit(jax.hessian(of_logits))(logits(flat))
     return np.asarray(jac.T @ hess @ jac), flat, unravel
 
 

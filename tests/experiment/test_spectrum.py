@@ -80,7 +80,7 @@ def _dense_top(setup, params, batches, k):
     def loss(v):
         return sum(setup.loss_fn(unravel(v), *b) for b in b64) / len(b64)
 
-    return np.sort(np.linalg.eigvalsh(np.asarray(jax.hessian(loss)(flat))))[::-1][:k]
+    return np.sort(np.linalg.eigvalsh(np.asarray(jax.jit(jax.hessian(loss))(flat))))[::-1][:k]
 
 
 DIGITS_RUN = [

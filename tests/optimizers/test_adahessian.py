@@ -43,7 +43,7 @@ def _naive_adahessian(
     flat0, unravel = ravel_pytree(params)
     f = lambda flat: loss_fn(unravel(flat), *batch)
     grad = jax.grad(f)
-    hess = jax.hessian(f)
+    hess = jax.jit(jax.hessian(f))
     theta = np.asarray(flat0, np.float64)
     m = np.zeros_like(theta)
     v = np.zeros_like(theta)

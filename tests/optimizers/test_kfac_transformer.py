@@ -186,7 +186,7 @@ def test_single_linear_general_layer_direction_is_the_newton_step(kind):
     grads = jax.grad(value_fn)(state)
     direction, _ = opt.update(grads, opt.init(state), state, value_fn=value_fn)
     flat, unravel = ravel_pytree(state)
-    hess = jax.hessian(lambda v: value_fn(unravel(v)))(flat)
+    hess = jax.jit(jax.hessian(lambda v: value_fn(unravel(v))))(flat)
     newton = np.linalg.solve(hess, ravel_pytree(grads)[0])
     np.testing.assert_allclose(ravel_pytree(direction)[0], newton, rtol=1e-6, atol=1e-9)
 

@@ -26,7 +26,7 @@ def _dense_gauss_newton(problem):
     split = jaxopt2.curvature.split_loss(value_fn, problem.params)
     flat, unravel = ravel_pytree(problem.params)
     out = split.outputs
-    jac = jax.jacobian(lambda f: split.model_fn(unravel(f)).reshape(-1))(flat)  # [N*C, n]
+    jac = jax.jit(jax.jacobian(lambda f: split.model_fn(unravel(f)).reshape(-1)))(flat)  # [N*C, n]
     n = out.shape[0]
     cols = jax.vmap(
         lambda e: jaxopt2.curvature.products.output_fisher_vp(split.loss, out, e.reshape(out.shape))
@@ -55,7 +55,7 @@ def test_auto_picks_gauss_newton_for_tagged_and_hessian_for_untagged():
     # Tagged, nonlinear: the product is Jᵀ H_out J, not the Hessian.
     problem = zoo.mlp_regression(jnp.float64)
     g_dense, flat, unravel, value_fn = _dense_gauss_newton(problem)
-    h_dense = np.asarray(jax.hessian(lambda f: value_fn(unravel(f)))(flat))
+    h_dense = np.asarray(jax.jit(jax.hessian(lambda f: value_fn(unravel(f))))(flat))
     v = jax.random.normal(jax.random.PRNGKey(0), flat.shape, jnp.float64)
     auto = ravel_pytree(_curvature_matvec(value_fn, problem.params, "auto")(unravel(v)))[0]
     hess = ravel_pytree(_curvature_matvec(value_fn, problem.params, "hessian")(unravel(v)))[0]
@@ -68,7 +68,7 @@ def test_auto_picks_gauss_newton_for_tagged_and_hessian_for_untagged():
     untagged = zoo.mlp(jnp.float64)
     fn = lambda p: untagged.loss_fn(p, *untagged.batch)
     flat_u, unravel_u = ravel_pytree(untagged.params)
-    hu = np.asarray(jax.hessian(lambda f: fn(unravel_u(f)))(flat_u))
+    hu = np.asarray(jax.jit(jax.hessian(lambda f: fn(unravel_u(f))))(flat_u))
     vu = jax.random.normal(jax.random.PRNGKey(1), flat_u.shape, jnp.float64)
     got = ravel_pytree(_curvature_matvec(fn, untagged.params, "auto")(unravel_u(vu)))[0]
     np.testing.assert_allclose(got, hu @ np.asarray(vu), rtol=1e-4, atol=1e-6)

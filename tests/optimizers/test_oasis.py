@@ -53,6 +53,7 @@ def test_against_a_naive_loop(b1):
     )
     flat, unravel = ravel_pytree(params)
     f = lambda v: value_fn(unravel(v))
+    hessian = jax.jit(jax.hessian(f))
     theta = np.asarray(flat)
     d = np.zeros_like(theta)
     m = np.zeros_like(theta)
@@ -61,7 +62,7 @@ def test_against_a_naive_loop(b1):
         key = jax.random.PRNGKey(t)
         _, updates, state = jaxopt2.value_and_update(opt, value_fn, p_opt, state, key=key)
         p_opt = optax.apply_updates(p_opt, updates)
-        h = np.asarray(jax.hessian(f)(theta))
+        h = np.asarray(hessian(theta))
         zs = random_probes(key, params, init_probes if t == 0 else probes)
         n = jax.tree.leaves(zs)[0].shape[0]
         zs = np.stack(

@@ -35,16 +35,14 @@ def _tagged_mlp():
 def test_hutchinson_estimate_matches_dense_diagonal():
     params, value_fn = _tagged_mlp()
     flat, unravel = ravel_pytree(params)
-    h = np.asarray(jax.hessian(lambda f: value_fn(unravel(f)))(flat))
+    h = np.asarray(jax.jit(jax.hessian(lambda f: value_fn(unravel(f))))(flat))
     for probe, extra in (("rademacher", 0.0), ("gaussian", 2.0)):
-        est = sophia_estimate(
-            value_fn,
-            params,
-            jax.random.PRNGKey(0),
-            estimator="hutchinson",
-            num_probes=SAMPLES,
-            probe=probe,
+        estimate = jax.jit(
+            lambda p, k, probe=probe: sophia_estimate(
+                value_fn, p, k, estimator="hutchinson", num_probes=SAMPLES, probe=probe
+            )
         )
+        est = estimate(params, jax.random.PRNGKey(0))
         est = np.asarray(ravel_pytree(est)[0])
         # Per-entry variance of one probe: Σ_{j≠i} H_ij² (+ 2 H_ii² for Gaussian probes).
         var = np.sum(h**2, axis=1) - np.diag(h) ** 2 + extra * np.diag(h) ** 2
@@ -57,13 +55,13 @@ def test_gnb_expectation_is_the_gauss_newton_diagonal():
     split = jaxopt2.curvature.split_loss(value_fn, params)
     flat, unravel = ravel_pytree(params)
     out = split.outputs
-    jac = jax.jacobian(lambda f: split.model_fn(unravel(f)))(flat)  # [N, C, n]
+    jac = jax.jit(jax.jacobian(lambda f: split.model_fn(unravel(f))))(flat)  # [N, C, n]
     p = jax.nn.softmax(out, axis=-1)
     h_out = jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(p)  # [N, C, C]
     g_diag = np.asarray(jnp.einsum("ncp,ncd,ndp->p", jac, h_out, jac) / out.shape[0])
     keys = jax.random.split(jax.random.PRNGKey(1), SAMPLES)
-    samples = jax.vmap(
-        lambda k: ravel_pytree(sophia_estimate(value_fn, params, k, estimator="gnb"))[0]
+    samples = jax.jit(
+        jax.vmap(lambda k: ravel_pytree(sophia_estimate(value_fn, params, k, estimator="gnb"))[0])
     )(keys)
     samples = np.asarray(samples)
     mean, std = samples.mean(0), samples.std(0) / np.sqrt(SAMPLES)
