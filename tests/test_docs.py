@@ -2,6 +2,7 @@
 
 import doctest
 import importlib
+import json
 import pathlib
 import pkgutil
 import re
@@ -69,7 +70,44 @@ def test_readme_python_examples_run(tmp_path):
     assert _run_python_blocks("README.md", tmp_path, timeout=240), "README has no python examples"
 
 
+# The pages' examples share one child process (one interpreter start and one jax import for
+# all of them), each page in a fresh namespace and a fresh working directory: a page's blocks
+# build on each other, but no page relies on another page's names.
+_PAGES_DRIVER = """
+import json, os, runpy, sys, traceback
+results = {}
+for page, script in json.loads(sys.argv[1]):
+    os.chdir(os.path.dirname(script))
+    try:
+        runpy.run_path(script, run_name="__main__")
+        results[page] = None
+    except BaseException:
+        results[page] = traceback.format_exc()[-3000:]
+print("RESULTS " + json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def docs_page_results(tmp_path_factory):
+    jobs = []
+    for page in _EXAMPLE_PAGES:
+        blocks = _PYTHON_BLOCK.findall((_ROOT / page).read_text(encoding="utf-8"))
+        work = tmp_path_factory.mktemp(page.replace("/", "_").removesuffix(".md"))
+        (work / "examples.py").write_text("\n".join(blocks), encoding="utf-8")
+        jobs.append((page, str(work / "examples.py")))
+    out = subprocess.run(
+        [sys.executable, "-c", _PAGES_DRIVER, json.dumps(jobs)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("RESULTS "))
+
+
+@pytest.mark.timeout(660)
 @pytest.mark.parametrize("page", _EXAMPLE_PAGES)
-def test_docs_python_examples_run(page, tmp_path):
-    # Each page's examples are self-contained: they run without the README's or another page's.
-    _run_python_blocks(page, tmp_path, timeout=120)
+def test_docs_python_examples_run(page, docs_page_results):
+    error = docs_page_results[page]
+    assert error is None, f"{page}:\n{error}"

@@ -89,4 +89,9 @@ def solve_with_implicit_diff(
         sol_dot = tangent[0]._replace(x=x_dot, value=jnp.asarray(value_dot, xs.dtype))
         return out, (sol_dot, tangent[1])
 
+    if all(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in jax.tree.leaves(args)):
+        # One compiled program, called eagerly or not: op-by-op dispatch of the loop and of
+        # the implicit rule under jax.grad cost seconds of one-op compiles. Python numbers
+        # in `args` keep the plain call (a function may branch on them).
+        return jax.jit(run)(x0, args, tol)
     return run(x0, args, tol)

@@ -39,7 +39,11 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), 1e-30)
 
 
-@pytest.mark.slow  # ~55 s on 2 cores: 16 runs, each compiling its own program
+# Members rerun one by one with the runner: both seeds, the smallest and largest learning rates
+# and one between (a sequential run compiles its own program: all 16 took ~45 s on 2 cores).
+CHECKED_MEMBERS = (0, 5, 10, 15)
+
+
 def test_sweep_matches_sequential_runs(tmp_path, record_property):
     grid = ["optimizer.learning_rate=" + ",".join(map(str, LRS)), "seed=0,1"]
     t0 = time.perf_counter()
@@ -51,7 +55,7 @@ def test_sweep_matches_sequential_runs(tmp_path, record_property):
 
     t0 = time.perf_counter()
     worst = 0.0
-    for m in res.members:
+    for m in (res.members[i] for i in CHECKED_MEMBERS):
         rc, _ = load_config(DIGITS, SMALL + _grid_args(m))
         run = run_config(rc, tmp_path / f"run{m['member']}", progress=False, stream=None)
         s = run.summary
@@ -65,7 +69,8 @@ def test_sweep_matches_sequential_runs(tmp_path, record_property):
     record_property("sequential_wall_s", seq_wall)
     record_property("worst_relative_difference", worst)
     print(
-        f"\nsweep {sweep_wall:.2f} s vs 16 sequential runs {seq_wall:.2f} s; worst rel {worst:.2e}"
+        f"\nsweep {sweep_wall:.2f} s vs {len(CHECKED_MEMBERS)} sequential runs {seq_wall:.2f} s; "
+        f"worst rel {worst:.2e}"
     )
 
     # outputs
