@@ -58,8 +58,8 @@ TASKS = {"autoencoder": "digits_autoencoder", "cnn": "digits_cnn"}
 def worker(name: str, inputs: str, out: str, task_name: str) -> None:
     import jaxopt2
 
-    jaxopt2.apply_cpu_deadlock_workaround()
-    jaxopt2.limit_lapack_threads()
+    jaxopt2.cpu.apply_cpu_deadlock_workaround()
+    jaxopt2.cpu.limit_lapack_threads()
     import digits_autoencoder
     import jax.numpy as jnp
     import optax

@@ -55,7 +55,7 @@ def settings(name: str) -> dict[str, Any]:
 def worker(name: str, inputs: str, out: str) -> None:
     import jaxopt2
 
-    jaxopt2.apply_cpu_deadlock_workaround()
+    jaxopt2.cpu.apply_cpu_deadlock_workaround()
     import digits_autoencoder as task
     import jax
     import jax.numpy as jnp

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround
+from jaxopt2.cpu import apply_cpu_deadlock_workaround
 
 apply_cpu_deadlock_workaround()
 
@@ -29,7 +29,7 @@ import optax  # noqa: E402
 from jaxopt2.experiment.config import load_config  # noqa: E402
 from jaxopt2.experiment.rundir import prepare_run_dir  # noqa: E402
 from jaxopt2.experiment.trainer import Trainer  # noqa: E402
-from jaxopt2.optimizers.contract import value_and_update  # noqa: E402
+from jaxopt2.optimizers._contract import value_and_update  # noqa: E402
 
 
 def runner_time(steps: int, log_every: int) -> dict[str, float]:

@@ -66,8 +66,8 @@ def worker(name: str, inputs: str, out: str) -> None:
     """Run one contender in this process and write its result."""
     import jaxopt2
 
-    jaxopt2.apply_cpu_deadlock_workaround()
-    jaxopt2.limit_lapack_threads()
+    jaxopt2.cpu.apply_cpu_deadlock_workaround()
+    jaxopt2.cpu.limit_lapack_threads()
     import digits_autoencoder as task
     import optax
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround
+from jaxopt2.cpu import apply_cpu_deadlock_workaround
 
 apply_cpu_deadlock_workaround()
 

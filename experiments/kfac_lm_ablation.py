@@ -28,7 +28,7 @@ import json
 import math
 from pathlib import Path
 
-from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround, limit_lapack_threads
+from jaxopt2.cpu import apply_cpu_deadlock_workaround, limit_lapack_threads
 
 apply_cpu_deadlock_workaround()
 limit_lapack_threads()

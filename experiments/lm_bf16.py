@@ -37,7 +37,7 @@ import platform
 import time
 from pathlib import Path
 
-from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround, limit_lapack_threads
+from jaxopt2.cpu import apply_cpu_deadlock_workaround, limit_lapack_threads
 
 apply_cpu_deadlock_workaround()
 # one OpenBLAS thread for every contender: spinning LAPACK workers after an eigh would take a

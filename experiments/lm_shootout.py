@@ -78,7 +78,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround, limit_lapack_threads
+from jaxopt2.cpu import apply_cpu_deadlock_workaround, limit_lapack_threads
 
 apply_cpu_deadlock_workaround()
 # one OpenBLAS thread for every contender: spinning LAPACK workers after an eigh would take a

@@ -163,11 +163,11 @@ T_LEAST_SQUARES = _area(
 # are shampoo's). Files used across the registry (products, estimators, tags, solvers) run all.
 SHARED_ENTRIES: dict[str, tuple[str, ...]] = {
     "jaxopt2/optimizers/shampoo.py": ("shampoo", "soap"),
-    "jaxopt2/optimizers/kronecker.py": ("shampoo", "soap", "kfac"),
+    "jaxopt2/optimizers/_kronecker.py": ("shampoo", "soap", "kfac"),
     "jaxopt2/optimizers/soap.py": ("soap",),
-    "jaxopt2/optimizers/lowbit.py": ("shampoo", "soap"),
-    "jaxopt2/optimizers/kfac/optimizer.py": ("kfac",),
-    "jaxopt2/optimizers/kfac/factors.py": ("kfac",),
+    "jaxopt2/optimizers/_lowbit.py": ("shampoo", "soap"),
+    "jaxopt2/optimizers/kfac/_optimizer.py": ("kfac",),
+    "jaxopt2/optimizers/kfac/_factors.py": ("kfac",),
     "jaxopt2/optimizers/sophia.py": ("sophia",),
     "jaxopt2/optimizers/adahessian.py": ("adahessian",),
     "jaxopt2/optimizers/oasis.py": ("oasis",),
@@ -206,11 +206,11 @@ class Mutant:
 
 
 SHAMPOO = "jaxopt2/optimizers/shampoo.py"
-KRONECKER = "jaxopt2/optimizers/kronecker.py"
+KRONECKER = "jaxopt2/optimizers/_kronecker.py"
 SOAP = "jaxopt2/optimizers/soap.py"
-LOWBIT = "jaxopt2/optimizers/lowbit.py"
-KFAC = "jaxopt2/optimizers/kfac/optimizer.py"
-KFAC_FACTORS = "jaxopt2/optimizers/kfac/factors.py"
+LOWBIT = "jaxopt2/optimizers/_lowbit.py"
+KFAC = "jaxopt2/optimizers/kfac/_optimizer.py"
+KFAC_FACTORS = "jaxopt2/optimizers/kfac/_factors.py"
 SOPHIA = "jaxopt2/optimizers/sophia.py"
 ADAHESSIAN = "jaxopt2/optimizers/adahessian.py"
 OASIS = "jaxopt2/optimizers/oasis.py"
@@ -222,10 +222,10 @@ TAGS = "jaxopt2/curvature/tags.py"
 CG = "jaxopt2/linalg/cg.py"
 ROOTS = "jaxopt2/linalg/roots.py"
 TRIDIAGONAL = "jaxopt2/linalg/tridiagonal.py"
-TRUST_REGION = "jaxopt2/solvers/trust_region.py"
+TRUST_REGION = "jaxopt2/solvers/_trust_region.py"
 SUBPROBLEMS = "jaxopt2/solvers/_subproblems.py"
-CUBIC = "jaxopt2/solvers/cubic.py"
-SOLVER_NEWTON = "jaxopt2/solvers/newton.py"
+CUBIC = "jaxopt2/solvers/_cubic.py"
+SOLVER_NEWTON = "jaxopt2/solvers/_newton.py"
 LEAST_SQUARES = "jaxopt2/solvers/least_squares.py"
 
 M = Mutant
@@ -416,7 +416,7 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "kfac-bias-correction-dropped",
         KFAC,
-        "correction = 1.0 - decay ** (t + 1).astype(stats_dtype)",
+        "correction = 1.0 - decay ** (t // stats_every + 1).astype(stats_dtype)",
         "correction = jnp.ones([], stats_dtype)",
         T_KFAC,
         "factor and diagonal-Fisher EMAs are used without their bias correction",

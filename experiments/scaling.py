@@ -69,7 +69,7 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_DEVICES}"
 ).strip()
 
-from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround  # noqa: E402
+from jaxopt2.cpu import apply_cpu_deadlock_workaround  # noqa: E402
 
 apply_cpu_deadlock_workaround()
 

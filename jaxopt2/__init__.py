@@ -6,8 +6,7 @@ are pure functions of matrix-free products. Importing jaxopt2 initializes no jax
 (Unrelated to the deprecated ``google/jaxopt`` package.)
 """
 
-from jaxopt2 import curvature, linalg, optimizers, sharding, solvers
-from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround, limit_lapack_threads
+from jaxopt2 import cpu, curvature, linalg, optimizers, sharding, solvers
 from jaxopt2.curvature.tags import tag_loss
 from jaxopt2.optimizers import (
     ScaleByAdaHessianState,
@@ -74,7 +73,7 @@ __all__ = [
     "adahessian",
     "adam",
     "adamw",
-    "apply_cpu_deadlock_workaround",
+    "cpu",
     "curvature",
     "fosi",
     "hessian_free",
@@ -83,7 +82,6 @@ __all__ = [
     "kfac_layers",
     "lamb",
     "least_squares",
-    "limit_lapack_threads",
     "linalg",
     "lion",
     "minimize",
@@ -115,3 +113,25 @@ __all__ = [
     "tag_loss",
     "value_and_update",
 ]
+
+
+# Names that moved, kept for one release (0.2.x) with a DeprecationWarning.
+_MOVED_NAMES = {
+    "apply_cpu_deadlock_workaround": "jaxopt2.cpu",
+    "limit_lapack_threads": "jaxopt2.cpu",
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED_NAMES:
+        import importlib
+        import warnings
+
+        where = _MOVED_NAMES[name]
+        warnings.warn(
+            f"jaxopt2.{name} moved to {where}.{name}; the old name goes away in 0.3.0",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(where), name)
+    raise AttributeError(f"module 'jaxopt2' has no attribute {name!r}")

@@ -344,7 +344,7 @@ def _missing_runner_packages() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jaxopt2`` console script; returns the exit code."""
-    from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround, limit_lapack_threads
+    from jaxopt2.cpu import apply_cpu_deadlock_workaround, limit_lapack_threads
 
     apply_cpu_deadlock_workaround()
     limit_lapack_threads()

@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 
-from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround
+from jaxopt2.cpu import apply_cpu_deadlock_workaround
 
 apply_cpu_deadlock_workaround()
 

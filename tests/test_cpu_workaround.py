@@ -45,7 +45,7 @@ def test_flag_is_active_in_this_suite():
 
 _REFRESH = textwrap.dedent(
     """
-    from jaxopt2 import apply_cpu_deadlock_workaround
+    from jaxopt2.cpu import apply_cpu_deadlock_workaround
     apply_cpu_deadlock_workaround()
     import jax, jax.numpy as jnp
 

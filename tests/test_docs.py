@@ -19,8 +19,10 @@ _SKIP_PREFIXES = ("jaxopt2.experiment", "jaxopt2.cli", "jaxopt2.__main__")
 
 
 def _library_modules():
+    from jaxopt2._moved import MOVED  # old paths of private modules: each is its new module
+
     for info in pkgutil.walk_packages(jaxopt2.__path__, "jaxopt2."):
-        if not info.name.startswith(_SKIP_PREFIXES):
+        if not info.name.startswith(_SKIP_PREFIXES) and info.name not in MOVED:
             yield info.name
 
 

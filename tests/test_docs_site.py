@@ -27,6 +27,7 @@ PUBLIC_MODULES = (
     "jaxopt2.solvers",
     "jaxopt2.linalg",
     "jaxopt2.sharding",
+    "jaxopt2.cpu",
 )
 
 

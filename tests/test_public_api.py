@@ -21,6 +21,7 @@ PACKAGES = (
     "jaxopt2.optimizers",
     "jaxopt2.optimizers.kfac",
     "jaxopt2.sharding",
+    "jaxopt2.cpu",
     "jaxopt2.solvers",
 )
 
@@ -51,7 +52,7 @@ def _state_classes() -> set[type]:
     for module in (
         "adahessian",
         "fosi",
-        "kfac.optimizer",
+        "kfac._optimizer",
         "newton",
         "oasis",
         "shampoo",
@@ -94,3 +95,51 @@ def test_each_optimizer_state_holds_an_exported_state(name):
             leaves.extend(node)
     exported = {getattr(jaxopt2, n) for n in jaxopt2.__all__ if n.startswith("ScaleBy")}
     assert kinds & exported, (name, kinds)
+
+
+# ------------------------------------------------------------------------------------------
+# Paths and names that moved in 0.2.0 keep working for one release, with a warning.
+# ------------------------------------------------------------------------------------------
+
+
+def test_every_module_of_the_library_is_private_or_lists_its_public_names():
+    """A module either has a private name (``_x.py``, or sits in the runner) or an
+    ``__all__``; old paths of modules made private are the deprecated aliases below."""
+    import pkgutil
+
+    from jaxopt2._moved import MOVED
+
+    for info in pkgutil.walk_packages(jaxopt2.__path__, "jaxopt2."):
+        parts = info.name.split(".")
+        if info.name in MOVED or any(p.startswith("_") for p in parts[1:]):
+            continue
+        if parts[1] in ("experiment", "cli"):
+            continue  # the runner: its own documentation, not the library's API
+        module = importlib.import_module(info.name)
+        assert hasattr(module, "__all__"), info.name
+
+
+from jaxopt2._moved import MOVED  # noqa: E402
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_old_module_paths_warn_and_give_the_private_module(old):
+    import sys
+
+    sys.modules.pop(old, None)
+    new, public = MOVED[old]
+    with pytest.warns(DeprecationWarning, match=f"{old} is internal and moved to {new}"):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new)
+    if public is not None:
+        importlib.import_module(public)  # the place the warning points to exists
+
+
+@pytest.mark.parametrize("name", ["apply_cpu_deadlock_workaround", "limit_lapack_threads"])
+def test_cpu_workarounds_moved_to_jaxopt2_cpu(name):
+    with pytest.warns(DeprecationWarning, match=f"jaxopt2.{name} moved to jaxopt2.cpu.{name}"):
+        old = getattr(jaxopt2, name)
+    assert old is getattr(jaxopt2.cpu, name)
+    assert name not in jaxopt2.__all__ and name in jaxopt2.cpu.__all__
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        jaxopt2.no_such_name  # noqa: B018

@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxopt2._cpu_workaround import apply_cpu_deadlock_workaround
+from jaxopt2.cpu import apply_cpu_deadlock_workaround
 
 apply_cpu_deadlock_workaround()
 

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from jaxopt2.experiment.rundir import clean
-from jaxopt2.optimizers.contract import value_and_update
+from jaxopt2.optimizers._contract import value_and_update
 
 __all__ = ["batch_at", "diagnostics_row", "epoch_order", "train_step"]
 

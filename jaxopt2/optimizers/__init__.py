@@ -1,8 +1,9 @@
 """Optimizers: every one an ``optax.GradientTransformationExtraArgs``, all in one registry."""
 
 from jaxopt2.optimizers import registry
+from jaxopt2.optimizers._contract import value_and_update
+from jaxopt2.optimizers._lowbit import QuantizedBasis
 from jaxopt2.optimizers.adahessian import ScaleByAdaHessianState, adahessian, scale_by_adahessian
-from jaxopt2.optimizers.contract import value_and_update
 from jaxopt2.optimizers.first_order import (
     adafactor,
     adagrad,
@@ -33,6 +34,7 @@ from jaxopt2.optimizers.soap import ScaleBySoapState, scale_by_soap, soap
 from jaxopt2.optimizers.sophia import ScaleBySophiaState, scale_by_sophia, sophia
 
 __all__ = [
+    "QuantizedBasis",
     "ScaleByAdaHessianState",
     "ScaleByFosiState",
     "ScaleByHessianFreeState",

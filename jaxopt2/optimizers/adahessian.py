@@ -40,8 +40,7 @@ from jaxopt2._tree import all_finite, check_choice
 from jaxopt2.curvature.estimators import hutchinson_diagonal
 from jaxopt2.curvature.products import hessian_operator
 from jaxopt2.optimizers import registry
-from jaxopt2.optimizers._deprecation import keyword_only
-from jaxopt2.optimizers.contract import (
+from jaxopt2.optimizers._contract import (
     check_learning_rate,
     check_number,
     check_seed,
@@ -50,6 +49,7 @@ from jaxopt2.optimizers.contract import (
     static_dtype,
     static_int,
 )
+from jaxopt2.optimizers._deprecation import keyword_only
 
 __all__ = ["ScaleByAdaHessianState", "adahessian", "scale_by_adahessian"]
 
@@ -122,7 +122,7 @@ def scale_by_adahessian(
 
     Structural arguments default to None rather than their value so that
     ``optax.inject_hyperparams(adahessian)`` leaves them alone (see
-    :mod:`jaxopt2.optimizers.contract`).
+    :func:`jaxopt2.inject_hyperparams`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and the

@@ -10,7 +10,7 @@ They are registered in :mod:`jaxopt2.optimizers.registry` so the shared checks a
 runner treat them exactly like jaxopt2's own optimizers. They keep optax's behaviour,
 including its dtype handling: ``jaxopt2.adam is optax.adam``. Only their registry entries
 (what configs and ``registry.get(name).factory`` build) check the arguments first, with the
-rules of :mod:`jaxopt2.optimizers.contract` (a learning rate that is negative, a string or
+rules of jaxopt2's own factories (a learning rate that is negative, a string or
 None where optax has no default for it; a decay outside ``[0, 1)``; a negative weight
 decay), then call optax's factory unchanged; their signature is optax's.
 """
@@ -25,7 +25,7 @@ from typing import Any
 import optax
 
 from jaxopt2.optimizers import registry
-from jaxopt2.optimizers.contract import check_learning_rate, check_number
+from jaxopt2.optimizers._contract import check_learning_rate, check_number
 
 sgd = optax.sgd
 adam = optax.adam

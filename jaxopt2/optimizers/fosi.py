@@ -42,8 +42,7 @@ from jaxopt2.curvature.estimators import lanczos
 from jaxopt2.curvature.products import hessian_operator
 from jaxopt2.linalg.tridiagonal import eigh_tridiagonal
 from jaxopt2.optimizers import registry
-from jaxopt2.optimizers._deprecation import keyword_only
-from jaxopt2.optimizers.contract import (
+from jaxopt2.optimizers._contract import (
     check_learning_rate,
     check_number,
     check_seed,
@@ -52,6 +51,7 @@ from jaxopt2.optimizers.contract import (
     static_dtype,
     static_int,
 )
+from jaxopt2.optimizers._deprecation import keyword_only
 
 __all__ = ["ScaleByFosiState", "fosi", "scale_by_fosi"]
 
@@ -124,8 +124,7 @@ def scale_by_fosi(
       stats_dtype: dtype of Lanczos, ``V`` and ``Λ`` (float32 by default).
 
     Structural arguments default to None rather than their value so that
-    ``optax.inject_hyperparams(fosi)`` leaves them alone (see
-    :mod:`jaxopt2.optimizers.contract`).
+    ``optax.inject_hyperparams(fosi)`` leaves them alone (see :func:`jaxopt2.inject_hyperparams`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and the

@@ -69,14 +69,14 @@ from jaxopt2._tree import add_scale, all_finite, check_choice
 from jaxopt2.curvature.products import hessian_operator, output_fisher_vp
 from jaxopt2.curvature.tags import row_weights, split_loss
 from jaxopt2.optimizers import registry
-from jaxopt2.optimizers._deprecation import keyword_only
-from jaxopt2.optimizers.contract import (
+from jaxopt2.optimizers._contract import (
     check_learning_rate,
     check_number,
     require_value_fn,
     static_dtype,
     static_int,
 )
+from jaxopt2.optimizers._deprecation import keyword_only
 
 PyTree = Any
 
@@ -249,7 +249,7 @@ def scale_by_hessian_free(
 
     Structural arguments default to None rather than their value so that
     ``optax.inject_hyperparams(hessian_free)`` leaves them alone (see
-    :mod:`jaxopt2.optimizers.contract`).
+    :func:`jaxopt2.inject_hyperparams`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and the

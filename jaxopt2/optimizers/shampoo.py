@@ -1,6 +1,6 @@
 r"""Shampoo: Kronecker-factored preconditioning per block, grafted onto a diagonal method.
 
-For a parameter block ``W`` (``r × c``, see :mod:`jaxopt2.optimizers.kronecker` for how
+For a parameter block ``W`` (``r × c``, the Shampoo and SOAP guide says how
 leaves of any rank become blocks) with gradient ``G_t``:
 
 .. math::
@@ -50,9 +50,10 @@ import optax
 
 from jaxopt2._tree import check_choice
 from jaxopt2.linalg.roots import inverse_root_spectrum, matrix_inverse_root, symmetric_eigh
-from jaxopt2.optimizers import kronecker as kr
-from jaxopt2.optimizers import lowbit, registry
-from jaxopt2.optimizers.contract import (
+from jaxopt2.optimizers import _kronecker as kr
+from jaxopt2.optimizers import _lowbit as lowbit
+from jaxopt2.optimizers import registry
+from jaxopt2.optimizers._contract import (
     check_learning_rate,
     check_number,
     static_array_error,
@@ -77,11 +78,11 @@ class ScaleByShampooState(NamedTuple):
         preconditioned), in ``stats_dtype``.
       roots: per block group, the inverse roots ``(L^{-e} [n, r, r], R^{-e} [n, c, c])``
         shaped like `stats` (KL: the eigenbases); with ``precondition_bits < 32`` each is a
-        :class:`~jaxopt2.optimizers.lowbit.QuantizedBasis` of ``D × D`` matrices (``D`` the
+        :class:`~jaxopt2.optimizers.QuantizedBasis` of ``D × D`` matrices (``D`` the
         largest factor size). Built under a device mesh (``jax.set_mesh``), every stack's
         ``n`` is the group's block count rounded up to a multiple of the device count and the
         rows are split over the devices: each device refreshes and applies the roots of its
-        own blocks (see :mod:`jaxopt2.optimizers.kronecker`).
+        own blocks (see the sharding guide).
       graft_nu: the diagonal second moment of the graft (None for ``sgd`` / ``none``).
       mu: momentum of the final update.
       num_failed_roots: factor roots that failed (non-finite / not converged) and were kept.
@@ -179,13 +180,13 @@ def scale_by_shampoo(
       root_method: ``"eigh"`` or ``"newton"`` (coupled Newton, integer ``1/e``) (static).
       precondition_bits: 32 (None) stores the roots densely in ``stats_dtype``; 8 or 4 store
         their eigenvectors block-quantized plus a float32 spectrum
-        (:mod:`jaxopt2.optimizers.lowbit`; needs ``root_method="eigh"``). The statistics stay
-        in ``stats_dtype`` (static).
+        (:class:`~jaxopt2.optimizers.QuantizedBasis`; needs ``root_method="eigh"``). The
+        statistics stay in ``stats_dtype`` (static).
       stats_dtype: dtype of the statistics, roots and moments: a name or a dtype (static).
 
     Structural arguments default to None rather than their value so that
     ``optax.inject_hyperparams(shampoo)`` leaves them alone (see
-    :mod:`jaxopt2.optimizers.contract`).
+    :func:`jaxopt2.inject_hyperparams`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.

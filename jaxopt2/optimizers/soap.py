@@ -1,6 +1,6 @@
 r"""SOAP: Adam run in the eigenbasis of Shampoo's factors.
 
-For a parameter block ``W`` (``r × c``, blocked as in :mod:`jaxopt2.optimizers.kronecker`)
+For a parameter block ``W`` (``r × c``, blocked as Shampoo's are)
 with gradient ``G_t`` and eigenbases ``Q_L``, ``Q_R`` of the factors ``L``, ``R``:
 
 .. math::
@@ -20,7 +20,7 @@ is carried into the new basis as the diagonal of the rotated covariance,
 ``V ← (O_L ∘ O_L) V (O_R ∘ O_R)ᵀ`` with ``O = Q_newᵀ Q_old`` (exact when ``V`` describes a
 covariance that is diagonal in the old basis; a permutation when the basis is only reordered).
 Scalars, vectors and leaves too large to precondition get plain Adam. ``statistics="kl"``
-estimates the factors as KL-SOAP does (see :func:`jaxopt2.optimizers.kronecker.kl_statistics`).
+estimates the factors as KL-SOAP does.
 
 Deviation from the reference implementation: the first step is taken (in the eigenbasis of
 the first gradient's factors) instead of skipped, so ``update`` never returns a zero step.
@@ -39,9 +39,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxopt2._tree import check_choice
-from jaxopt2.optimizers import kronecker as kr
+from jaxopt2.optimizers import _kronecker as kr
 from jaxopt2.optimizers import registry
-from jaxopt2.optimizers.contract import (
+from jaxopt2.optimizers._contract import (
     check_learning_rate,
     check_number,
     static_dtype,
@@ -65,7 +65,7 @@ class ScaleBySoapState(NamedTuple):
         (``jax.set_mesh``), every per-group stack (``stats``, ``bases``, the blocks' ``nu``)
         has its ``n`` rounded up to a multiple of the device count and its rows split over the
         devices: each device refreshes, rotates and steps its own blocks (see
-        :mod:`jaxopt2.optimizers.kronecker`).
+        the Shampoo and SOAP guide).
       mu: Adam's first moment, in the parameter basis (like the parameters).
       nu: Adam's second moment: per block group ``[n, r, c]`` in the eigenbasis, then per leaf
         for leaves without blocks (None for leaves with blocks; under a device mesh each is
@@ -120,8 +120,7 @@ def scale_by_soap(
       stats_dtype: dtype of factors, bases and moments: a name or a dtype (static).
 
     Structural arguments default to None rather than their value so that
-    ``optax.inject_hyperparams(soap)`` leaves them alone (see
-    :mod:`jaxopt2.optimizers.contract`).
+    ``optax.inject_hyperparams(soap)`` leaves them alone (see :func:`jaxopt2.inject_hyperparams`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.

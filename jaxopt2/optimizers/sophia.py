@@ -59,8 +59,7 @@ from jaxopt2.curvature.estimators import hutchinson_diagonal
 from jaxopt2.curvature.products import hessian_operator, output_residual, sample_targets
 from jaxopt2.curvature.tags import split_loss
 from jaxopt2.optimizers import registry
-from jaxopt2.optimizers._deprecation import keyword_only
-from jaxopt2.optimizers.contract import (
+from jaxopt2.optimizers._contract import (
     check_learning_rate,
     check_number,
     check_seed,
@@ -69,6 +68,7 @@ from jaxopt2.optimizers.contract import (
     static_dtype,
     static_int,
 )
+from jaxopt2.optimizers._deprecation import keyword_only
 
 __all__ = ["ESTIMATORS", "ScaleBySophiaState", "scale_by_sophia", "sophia", "sophia_estimate"]
 
@@ -200,8 +200,7 @@ def scale_by_sophia(
       stats_dtype: dtype of ``m`` and ``h`` (float32 by default, whatever the parameters').
 
     Structural arguments default to None rather than their value so that
-    ``optax.inject_hyperparams(sophia)`` leaves them alone (see
-    :mod:`jaxopt2.optimizers.contract`).
+    ``optax.inject_hyperparams(sophia)`` leaves them alone (see :func:`jaxopt2.inject_hyperparams`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and the
@@ -339,7 +338,7 @@ def sophia(
       working.
     * ``update_interval`` defaults to None, meaning 10: a structural argument must not be a
       Python number in the signature, or ``optax.inject_hyperparams(jaxopt2.sophia)`` would
-      turn it into an array (see :mod:`jaxopt2.optimizers.contract`).
+      turn it into an array (see :func:`jaxopt2.inject_hyperparams`).
     * ``estimator`` (``"hutchinson"`` or ``"gnb"``), ``num_probes``, ``probe`` and ``seed``
       instead of optax's ``hessian_diagonal_fn``: the estimate needs the loss (``value_fn``)
       and a key, which jaxopt2 passes through ``update``'s extra arguments, and GNB

@@ -407,3 +407,19 @@ def cho_solve(chol: jax.Array, b: jax.Array) -> jax.Array:
 def refresh(fresh: jax.Array, cached: Any, compute: Callable[[], Any]) -> Any:
     """`cached` when `fresh`, else `compute()` (skipped when fresh, outside of vmap)."""
     return jax.lax.cond(fresh, lambda: cached, compute)
+
+
+def compiled_or_plain(core: Callable[..., Any], jitted: Callable[..., Any], args: Any, static):
+    """`jitted` (the solver as one compiled program, cached by jax on the static arguments:
+    the function, method and options) when it applies, else the plain `core`. Called outside
+    ``jax.jit``, the plain solver would dispatch its loop and, under ``jax.grad``, the
+    implicit rule op by op, compiling hundreds of one-op programs on a first call. Python
+    numbers among the extra `args` (a function may branch on them) or unhashable options keep
+    the plain call."""
+    try:
+        hash(tuple(static.values()))
+    except TypeError:
+        return core
+    if all(isinstance(leaf, jax.Array | np.ndarray) for leaf in jax.tree.leaves(args)):
+        return jitted
+    return core

@@ -20,6 +20,7 @@ from jaxopt2.solvers._core import (
     check_method,
     check_output,
     check_x0,
+    compiled_or_plain,
     default_tol,
     eps,
     finite,
@@ -29,7 +30,7 @@ from jaxopt2.solvers._core import (
     take_options,
     without_aux,
 )
-from jaxopt2.solvers.implicit import dense_solve, solve_with_implicit_diff
+from jaxopt2.solvers._implicit import dense_solve, solve_with_implicit_diff
 
 PyTree = Any
 
@@ -191,7 +192,8 @@ def least_squares(
       x0: the starting point, a pytree of floating-point arrays.
       *args: extra arguments of `residual_fn`, traced (so ``jit``/``vmap`` over them works)
         and differentiable: ``jax.grad`` of a function of the solution with respect to them
-        uses implicit differentiation at the optimum (see :mod:`jaxopt2.solvers.implicit`).
+        uses implicit differentiation at the optimum (the implicit function theorem, as
+        :func:`minimize`).
       method: ``"levenberg_marquardt"`` (default; Nielsen's damping update) or
         ``"gauss_newton"`` (Armijo line search).
       tol: stop when ``‖Jᵀr‖ <= tol`` (the gradient of F). Default: 1e-8 for float64,
@@ -222,22 +224,29 @@ def least_squares(
       ([2.0, 3.0], True)
     """
     who = "least_squares"
-    full_fn, residual_fn = (
-        residual_fn,
-        without_aux(residual_fn, has_aux, "least_squares", "residual_fn"),
-    )
     check_method(method, tuple(LEAST_SQUARES_METHODS), who)
-    builder, defaults = LEAST_SQUARES_METHODS[method]
+    _, defaults = LEAST_SQUARES_METHODS[method]
     opts = take_options(options, defaults, method, who)
     max_steps = check_max_steps(max_steps, who)
     check_x0(x0, who)
-    out = jax.eval_shape(residual_fn, x0, *args)
+    out = jax.eval_shape(without_aux(residual_fn, has_aux, who, "residual_fn"), x0, *args)
     check_output(out, who, "residual_fn", scalar=False)
-    num_residuals = math.prod(out.shape)
+    dtype = jax.eval_shape(lambda x: ravel_pytree(x)[0], x0).dtype
+    tol = jnp.asarray(default_tol(dtype) if tol is None else tol, dtype)
+    static = dict(fun=residual_fn, has_aux=has_aux, method=method, opts=tuple(sorted(opts.items())),
+                  max_steps=max_steps, history=history)  # fmt: skip
+    solve = compiled_or_plain(_least_squares, _least_squares_compiled, args, static)
+    result, hist = solve(x0, args, tol, **static)
+    return (result, hist) if history else result
+
+
+def _least_squares(x0, args, tol, *, fun, has_aux, method, opts, max_steps, history):
+    residual_fn = without_aux(fun, has_aux, "least_squares", "residual_fn")
+    num_residuals = math.prod(jax.eval_shape(residual_fn, x0, *args).shape)
     flat0, unravel = ravel_pytree(x0)
     dtype = flat0.dtype
-    tol = jnp.asarray(default_tol(dtype) if tol is None else tol, dtype)
-    method_impl = builder(opts)
+    builder, _ = LEAST_SQUARES_METHODS[method]
+    method_impl = builder(dict(opts))
 
     def residual(z, a):
         return residual_fn(unravel(z), *a)
@@ -254,5 +263,10 @@ def least_squares(
     result = result._replace(x=unravel(result.x))
     if has_aux:
         # one more evaluation, at the solution (differentiable through x like the rest)
-        result = result._replace(aux=full_fn(result.x, *args)[1])
-    return (result, hist) if history else result
+        result = result._replace(aux=fun(result.x, *args)[1])
+    return result, hist
+
+
+_least_squares_compiled = jax.jit(
+    _least_squares, static_argnames=("fun", "has_aux", "method", "opts", "max_steps", "history")
+)

@@ -9,19 +9,22 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from jaxopt2.solvers import cubic, newton, trust_region
+from jaxopt2.solvers import _cubic as cubic
+from jaxopt2.solvers import _newton as newton
+from jaxopt2.solvers import _trust_region as trust_region
 from jaxopt2.solvers._core import (
     Objective,
     check_max_steps,
     check_method,
     check_output,
     check_x0,
+    compiled_or_plain,
     default_tol,
     run,
     take_options,
     without_aux,
 )
-from jaxopt2.solvers.implicit import cg_solve, dense_solve, solve_with_implicit_diff
+from jaxopt2.solvers._implicit import cg_solve, dense_solve, solve_with_implicit_diff
 
 PyTree = Any
 
@@ -134,20 +137,31 @@ def minimize(
       (True, [1.0, 1.0])
     """
     who = "minimize"
-    full_fn, fun = fun, without_aux(fun, has_aux, who, "fun")
     check_method(method, tuple(MINIMIZE_METHODS), who)
-    builder, defaults = MINIMIZE_METHODS[method]
+    _, defaults = MINIMIZE_METHODS[method]
     opts = take_options(options, defaults, method, who)
     max_steps = check_max_steps(max_steps, who)
     check_x0(x0, who)
-    check_output(jax.eval_shape(fun, x0, *args), who, "fun", scalar=True)
+    check_output(jax.eval_shape(without_aux(fun, has_aux, who, "fun"), x0, *args), who, "fun",
+                 scalar=True)  # fmt: skip
+    dtype = jax.eval_shape(lambda x: ravel_pytree(x)[0], x0).dtype
+    tol = jnp.asarray(default_tol(dtype) if tol is None else tol, dtype)
+    static = dict(fun=fun, has_aux=has_aux, method=method, opts=tuple(sorted(opts.items())),
+                  max_steps=max_steps, history=history)  # fmt: skip
+    solve = compiled_or_plain(_minimize, _minimize_compiled, args, static)
+    result, hist = solve(x0, args, tol, **static)
+    return (result, hist) if history else result
+
+
+def _minimize(x0, args, tol, *, fun, has_aux, method, opts, max_steps, history):
+    value_fn = without_aux(fun, has_aux, "minimize", "fun")
     flat0, unravel = ravel_pytree(x0)
     dtype = flat0.dtype
-    tol = jnp.asarray(default_tol(dtype) if tol is None else tol, dtype)
-    method_impl = builder(opts)
+    builder, _ = MINIMIZE_METHODS[method]
+    method_impl = builder(dict(opts))
 
     def objective(z, a):
-        return jnp.asarray(fun(unravel(z), *a)).astype(dtype)
+        return jnp.asarray(value_fn(unravel(z), *a)).astype(dtype)
 
     def solve(z0, a, tol):
         obj = Objective(lambda z: objective(z, a), dtype)
@@ -158,5 +172,10 @@ def minimize(
     result = result._replace(x=unravel(result.x))
     if has_aux:
         # one more evaluation, at the solution (differentiable through x like the rest)
-        result = result._replace(aux=full_fn(result.x, *args)[1])
-    return (result, hist) if history else result
+        result = result._replace(aux=fun(result.x, *args)[1])
+    return result, hist
+
+
+_minimize_compiled = jax.jit(
+    _minimize, static_argnames=("fun", "has_aux", "method", "opts", "max_steps", "history")
+)

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import jaxopt2
-from jaxopt2.optimizers import lowbit
+from jaxopt2.optimizers import _lowbit as lowbit
 
 pytestmark = pytest.mark.timeout(240)
 

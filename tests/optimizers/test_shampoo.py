@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import jaxopt2
-from jaxopt2.optimizers import kronecker as kr
+from jaxopt2.optimizers import _kronecker as kr
 from tests.hang_check import run_without_xla_flag
 from tests.optimizers.nonfinite import check_nonfinite_step_keeps_state
 

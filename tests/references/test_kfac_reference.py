@@ -190,7 +190,7 @@ def test_adaptive_damping_follows_the_levenberg_marquardt_rule(damping):
     occur on the path (asserted), from a small and from a large initial damping."""
     import jax
 
-    from jaxopt2.optimizers.kfac.optimizer import scale_by_kfac
+    from jaxopt2.optimizers.kfac._optimizer import scale_by_kfac
 
     params, x, y = _data("softmax_cross_entropy", 0)
     params = {k: jnp.asarray(v) for k, v in params.items()}

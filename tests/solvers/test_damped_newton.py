@@ -12,7 +12,7 @@ import pytest
 import scipy.optimize
 
 from jaxopt2.solvers import minimize
-from jaxopt2.solvers.newton import aicn_step_size, root_newton_regularization
+from jaxopt2.solvers._newton import aicn_step_size, root_newton_regularization
 
 pytestmark = pytest.mark.timeout(120)
 

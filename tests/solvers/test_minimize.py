@@ -192,3 +192,25 @@ def test_ill_conditioned_quadratic(method, cond):
     sol = minimize(lambda x: 0.5 * x @ h @ x - b @ x, jnp.zeros(20), method=method)
     assert bool(sol.success), status_message(sol.status)
     np.testing.assert_allclose(sol.x, np.linalg.solve(h, b), rtol=1e-6, atol=1e-7)
+
+
+def test_an_eager_call_is_one_compiled_program_reused_for_the_same_function():
+    """Outside jit, minimize runs as one compiled program cached on the function and the
+    options (a second call compiles nothing); Python numbers among the extra arguments keep
+    the plain path; both give the same solution."""
+    import importlib  # (jaxopt2.solvers.minimize is the function; the module by its path)
+
+    compiled = importlib.import_module("jaxopt2.solvers.minimize")._minimize_compiled
+    f = lambda w, x, c: jnp.sum((x @ w - c) ** 2) + 0.1 * jnp.sum(w**4)
+    x = jnp.arange(12.0).reshape(4, 3) / 10
+    before = compiled._cache_size()
+    first = minimize(f, jnp.zeros(3), x, jnp.asarray(1.0))
+    assert compiled._cache_size() == before + 1
+    again = minimize(f, jnp.ones(3), x, jnp.asarray(2.0))
+    assert compiled._cache_size() == before + 1  # same function, shapes and options
+    minimize(f, jnp.zeros(3), x, jnp.asarray(1.0), method="trust_region")
+    assert compiled._cache_size() == before + 2  # another method: another program
+    plain = minimize(f, jnp.zeros(3), x, 1.0)  # a Python number: not through the cache
+    assert compiled._cache_size() == before + 2
+    np.testing.assert_allclose(plain.x, first.x, rtol=1e-12)
+    assert not np.allclose(again.x, first.x)

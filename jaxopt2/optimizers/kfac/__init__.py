@@ -6,15 +6,15 @@ inverts them, ``optimizer.py`` holds the optax transformation; the loss tag live
 :mod:`jaxopt2.curvature.tags`.
 """
 
-from jaxopt2.optimizers.kfac.layers import Discovery, Layer
-from jaxopt2.optimizers.kfac.optimizer import (
+from jaxopt2.optimizers.kfac._layers import Discovery, Layer
+from jaxopt2.optimizers.kfac._optimizer import (
     ScaleByKfacState,
     kfac,
     kfac_layers,
     leafwise,
     scale_by_kfac,
 )
-from jaxopt2.optimizers.kfac.tags import tag_conv2d, tag_dense
+from jaxopt2.optimizers.kfac._tags import tag_conv2d, tag_dense
 
 __all__ = [
     "Discovery",
