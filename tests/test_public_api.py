@@ -143,3 +143,14 @@ def test_cpu_workarounds_moved_to_jaxopt2_cpu(name):
     assert name not in jaxopt2.__all__ and name in jaxopt2.cpu.__all__
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         jaxopt2.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("name", ["gather_rows", "partial_sums", "splits"])
+def test_sharding_row_helpers_moved_to_a_private_module(name):
+    from jaxopt2 import _sharding
+
+    with pytest.warns(DeprecationWarning, match=f"jaxopt2.sharding.{name} is internal"):
+        old = getattr(jaxopt2.sharding, name)
+    assert old is getattr(_sharding, name) and name not in jaxopt2.sharding.__all__
+    with pytest.raises(AttributeError, match=r"'jaxopt2\.sharding' has no attribute 'nope'"):
+        jaxopt2.sharding.nope  # noqa: B018

@@ -27,7 +27,7 @@ Conventions (fixed here once):
   moments in the eigenbasis) has its rows rounded up to a multiple of the device count
   (:func:`stack_rows`) and split over the devices, the same rows on the same device: each
   device updates the statistics of the blocks it owns, decomposes their factors (its own one
-  ``eigh``, :func:`jaxopt2.sharding.map_split`) and preconditions them, and only the
+  ``eigh``, :func:`jaxopt2._sharding.map_split`) and preconditions them, and only the
   preconditioned blocks are gathered (parameter-sized), as Distributed Shampoo does.
 
 Everything here is static Python over shapes (the plan) plus pure array functions of it.
@@ -44,10 +44,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt2._sharding import kept_rows, map_split, own_rows, splits
+
 # Re-exported: Shampoo, SOAP and K-FAC call it as kr.all_finite.
 from jaxopt2._tree import all_finite  # noqa: F401
 from jaxopt2.linalg.roots import symmetric_eigh
-from jaxopt2.sharding import kept_rows, map_split, own_rows, splits
 
 __all__ = [
     "Group",
@@ -232,7 +233,7 @@ def plan_for_tree(tree: Any, block_size: int, max_precondition_dim: int, one_sid
 
 def owned(group: Group) -> bool:
     """Whether a group's blocks are split over the ambient mesh
-    (:func:`jaxopt2.sharding.splits` of its block count)."""
+    (:func:`jaxopt2._sharding.splits` of its block count)."""
     return splits(group.count)
 
 
@@ -300,7 +301,7 @@ def map_sides(plan: Plan, fn, factors: list, old: list, t: Any) -> tuple[list, l
 
     ``fn(factors, old, dims, t) -> (new, bad)`` maps lists of per-side stacks (factors, the
     stored preconditioners, the factor sizes) to the new preconditioners and per-row failure
-    flags. Under a mesh it runs once per device (:func:`jaxopt2.sharding.map_split`) on that
+    flags. Under a mesh it runs once per device (:func:`jaxopt2._sharding.map_split`) on that
     device's rows of the owned groups' sides and the whole of the other groups' sides, so one
     batched decomposition covers both. Returns ``(new, bad)`` in side order.
     """
@@ -323,7 +324,7 @@ def real_rows(plan: Plan) -> list[jax.Array]:
 def pad_blocks(blocks: Sequence[jax.Array]) -> list[jax.Array]:
     """Each group's ``[count, r, c]`` block stack zero-padded to :func:`stack_rows` rows and
     split along its rows over the ambient mesh when it is :func:`owned` (each device holds the
-    blocks it owns; :func:`jaxopt2.sharding.own_rows`)."""
+    blocks it owns; :func:`jaxopt2._sharding.own_rows`)."""
     return [own_rows(b) for b in blocks]
 
 

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt2._sharding import gather_rows, shard_rows
 from jaxopt2._tree import check_choice
 from jaxopt2.linalg.roots import inverse_root_spectrum, matrix_inverse_root, symmetric_eigh
 from jaxopt2.optimizers import _kronecker as kr
@@ -60,7 +61,6 @@ from jaxopt2.optimizers._contract import (
     static_dtype,
     static_int,
 )
-from jaxopt2.sharding import gather_rows, shard_rows
 
 __all__ = ["GRAFTS", "ScaleByShampooState", "scale_by_shampoo", "shampoo"]
 

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt2._sharding import gather_rows, shard_rows
 from jaxopt2._tree import check_choice
 from jaxopt2.optimizers import _kronecker as kr
 from jaxopt2.optimizers import registry
@@ -47,7 +48,6 @@ from jaxopt2.optimizers._contract import (
     static_dtype,
     static_int,
 )
-from jaxopt2.sharding import gather_rows, shard_rows
 
 __all__ = ["ScaleBySoapState", "scale_by_soap", "soap"]
 

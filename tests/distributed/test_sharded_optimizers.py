@@ -15,15 +15,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxopt2
+from jaxopt2._sharding import partial_sums, splits, sum_partials
 from jaxopt2.optimizers.kfac import leafwise
-from jaxopt2.sharding import (
-    mesh_size,
-    partial_sums,
-    splits,
-    state_memory,
-    state_sharding,
-    sum_partials,
-)
+from jaxopt2.sharding import mesh_size, state_memory, state_sharding
 from tests.distributed.common import (
     DEVICES,
     SHAPES,

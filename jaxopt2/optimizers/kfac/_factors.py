@@ -55,9 +55,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt2._sharding import kept_rows, splits
 from jaxopt2.optimizers import _kronecker as kr
 from jaxopt2.optimizers.kfac._layers import Discovery, Layer, factor_sizes, factor_stack
-from jaxopt2.sharding import kept_rows, splits
 
 __all__ = [
     "Group",
@@ -222,7 +222,7 @@ def fit(disc: Discovery, groups: Sequence[Group], where: dict, planned: bool) ->
 
 def owned(group: Group) -> bool:
     """Whether a group's rows are split over the ambient mesh
-    (:func:`jaxopt2.sharding.splits` of its layer count, the rule of
+    (:func:`jaxopt2._sharding.splits` of its layer count, the rule of
     :func:`jaxopt2.optimizers._kronecker.owned`)."""
     return splits(group.count)
 

@@ -53,8 +53,8 @@ Under a device mesh (``Auto`` axes) the factors are owned: grouped by size
 split over the devices, each device refreshes the inverses of its own layers and
 preconditions their gradients, and only the preconditioned gradients are gathered. The
 statistics are means over the global batch: each device sums ``aᵀa`` and ``gᵀg`` over its
-share of the rows (:func:`jaxopt2.sharding.partial_sums`) and the sums are reduce-scattered
-to the owners of the layers (:func:`jaxopt2.sharding.sum_partials`; all-reduced for a group
+share of the rows (:func:`jaxopt2._sharding.partial_sums`) and the sums are reduce-scattered
+to the owners of the layers (:func:`jaxopt2._sharding.sum_partials`; all-reduced for a group
 kept whole), so a device receives only its own layers' statistics. EKFAC's per-step scaling,
 computed from per-example rows split over the batch, gathers the bases.
 
@@ -74,6 +74,7 @@ import numpy as np
 import optax
 
 from jaxopt2 import _jaxpr
+from jaxopt2._sharding import gather_rows, map_split, own_rows, partial_sums, sum_partials
 from jaxopt2._tree import check_choice
 from jaxopt2.curvature.products import (
     output_fisher_vp,
@@ -95,14 +96,7 @@ from jaxopt2.optimizers._contract import (
 )
 from jaxopt2.optimizers.kfac import _factors as fx
 from jaxopt2.optimizers.kfac._layers import Discovery, Layer, discover
-from jaxopt2.sharding import (
-    explicit_mesh,
-    gather_rows,
-    map_split,
-    own_rows,
-    partial_sums,
-    sum_partials,
-)
+from jaxopt2.sharding import explicit_mesh
 
 __all__ = ["ScaleByKfacState", "kfac", "kfac_layers", "leafwise", "scale_by_kfac"]
 
@@ -794,7 +788,7 @@ def _unit_statistics(
     uses, index, inputs, out_grads, stats_dtype, unit_rows, row_w=None, diagonal=(False, False)
 ) -> tuple[jax.Array, jax.Array]:
     """This step's ``(A, G)`` of one weight leaf from all its uses, as per-device partial
-    sums (:func:`jaxopt2.sharding.partial_sums`: ``[devices, k, k]``, the used corners;
+    sums (:func:`jaxopt2._sharding.partial_sums`: ``[devices, k, k]``, the used corners;
     ``[devices, L, k, k]`` for a stacked leaf; ``devices`` is 1 without a mesh): ``A`` from
     the inputs (with the bias's homogeneous coordinate) over the rows of every call, ``G``
     from the output gradients (their rows already weighted by :func:`_output_cotangents`, so
