@@ -6,6 +6,7 @@ Each builder takes the method's resolved options and returns a :class:`~._core.M
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -46,9 +47,11 @@ def newton(opts: dict) -> Method:
 
     Direction ``d = -(H + τI)⁻¹ g`` with ``τ = 0`` when the Cholesky factorization of ``H``
     succeeds (``H`` positive definite) and otherwise the smallest of ``β, 10β, 100β, ...``
-    (``β = 10⁻³ max|Hᵢᵢ|``) that makes it succeed (Nocedal & Wright, Algorithm 3.3), so ``d``
-    is always a descent direction. Step size by backtracking from ``α = 1`` (halving) until
-    ``f(x + αd) <= f(x) + c1 α gᵀd``.
+    (``β = 10⁻¹² max|Hᵢᵢ|``) that makes it succeed (Nocedal & Wright, Algorithm 3.3, which
+    starts at 10⁻³), so ``d`` is always a descent direction. Step size by backtracking from
+    ``α = 1`` (halving) until ``f(x + αd) <= f(x) + c1 α gᵀd``; when no step along ``d``
+    passes within `max_backtracks` halvings (a nearly singular ``H + τI`` can make ``d`` far
+    too long), the same search runs along ``-g``, and only its failure ends the run.
     """
 
     def init(obj, x, f, g):
@@ -57,7 +60,13 @@ def newton(opts: dict) -> Method:
     def step(obj, x, f, g, state):
         chol, _ = damped_cholesky(obj.hessian(x))
         d = _descent_or_gradient(-cho_solve(chol, g), g)
-        ls = armijo(obj, x, f, g, d, c1=opts["c1"], max_backtracks=opts["max_backtracks"])
+        search = functools.partial(
+            armijo, obj, x, f, g, c1=opts["c1"], max_backtracks=opts["max_backtracks"]
+        )
+        ls = search(d)
+        # No acceptable step along the Newton direction (a nearly singular H + τI can make
+        # it too long for the backtracking to reach a decrease): steepest descent instead.
+        ls = jax.lax.cond(ls.ok, lambda: ls, lambda: search(-g))
         one = jnp.asarray(1, jnp.int32)
         return StepOut(ls.x, ls.f, ls.g, state, ls.ok, ls.f, ls.alpha, one, 0 * one, ls.status)
 

@@ -189,8 +189,8 @@ def test_cubic_steps_follow_the_arc_rules(method, every):
 
 def _damped_newton_direction(g, h):
     """``-(H + τI)⁻¹ g``: τ = 0 if ``H`` has a Cholesky factor, else the first of ``β, 10β, ...``
-    (``β = 10⁻³ max|Hᵢᵢ|``) that gives one."""
-    tau, beta = 0.0, 1e-3 * np.max(np.abs(np.diag(h)))
+    (``β = 10⁻¹² max|Hᵢᵢ|``, the library's documented start) that gives one."""
+    tau, beta = 0.0, 1e-12 * np.max(np.abs(np.diag(h)))
     while True:
         try:
             np.linalg.cholesky(h + tau * np.eye(len(g)))
