@@ -377,9 +377,9 @@ def armijo(
 # The first shift tried, relative to max|Hᵢᵢ|. Nocedal & Wright's Algorithm 3.3 starts at
 # 10⁻³ (absolute); on CUTEst's nonlinear least-squares problems, whose Hessians far from the
 # solution are indefinite by a sliver next to eigenvalues of 10⁵ and more, a shift of
-# 10⁻³·max|Hᵢᵢ| damps the step by orders of magnitude more than positive definiteness needs,
-# and line-search Newton crawled for 500 iterations on 8 problems that it solves in 1-90 once
-# the sequence starts near the needed shift (experiments/bench_cutest.py).
+# 10⁻³·max|Hᵢᵢ| damps the step by orders of magnitude more than positive definiteness needs:
+# line-search Newton crawled for 500 iterations on 9 problems that it solves (in 1-451) once
+# the sequence starts near the needed shift (experiments/bench_cutest.py, docs/benchmarks.md).
 FIRST_SHIFT = 1e-12
 
 
