@@ -422,17 +422,26 @@ def refresh(fresh: jax.Array, cached: Any, compute: Callable[[], Any]) -> Any:
     return jax.lax.cond(fresh, lambda: cached, compute)
 
 
-def compiled_or_plain(core: Callable[..., Any], jitted: Callable[..., Any], args: Any, static):
-    """`jitted` (the solver as one compiled program, cached by jax on the static arguments:
-    the function, method and options) when it applies, else the plain `core`. Called outside
+def call_solver(core: Callable[..., Any], jitted: Callable[..., Any], x0: Any, args: Any,
+                tol: Any, **static: Any) -> Any:  # fmt: skip
+    """Run a solver's `core` on the checked inputs: `tol` resolved in the dtype of `x0`
+    (its default when None), the options frozen into a hashable tuple, and the call routed
+    through `jitted` (the solver as one compiled program, cached by jax on the static
+    arguments: the function, method and options) when it applies. Called outside
     ``jax.jit``, the plain solver would dispatch its loop and, under ``jax.grad``, the
     implicit rule op by op, compiling hundreds of one-op programs on a first call. Python
     numbers among the extra `args` (a function may branch on them) or unhashable options keep
     the plain call."""
+    from jax.flatten_util import ravel_pytree
+
+    dtype = jax.eval_shape(lambda x: ravel_pytree(x)[0], x0).dtype
+    tol = jnp.asarray(default_tol(dtype) if tol is None else tol, dtype)
+    static["opts"] = tuple(sorted(static["opts"].items()))
+    solve = core
     try:
         hash(tuple(static.values()))
     except TypeError:
-        return core
+        return core(x0, args, tol, **static)
     if all(isinstance(leaf, jax.Array | np.ndarray) for leaf in jax.tree.leaves(args)):
-        return jitted
-    return core
+        solve = jitted
+    return solve(x0, args, tol, **static)

@@ -16,12 +16,11 @@ from jaxopt2.solvers._core import (
     Objective,
     StepOut,
     armijo,
+    call_solver,
     check_max_steps,
     check_method,
     check_output,
     check_x0,
-    compiled_or_plain,
-    default_tol,
     eps,
     finite,
     measured_decrease,
@@ -231,12 +230,19 @@ def least_squares(
     check_x0(x0, who)
     out = jax.eval_shape(without_aux(residual_fn, has_aux, who, "residual_fn"), x0, *args)
     check_output(out, who, "residual_fn", scalar=False)
-    dtype = jax.eval_shape(lambda x: ravel_pytree(x)[0], x0).dtype
-    tol = jnp.asarray(default_tol(dtype) if tol is None else tol, dtype)
-    static = dict(fun=residual_fn, has_aux=has_aux, method=method, opts=tuple(sorted(opts.items())),
-                  max_steps=max_steps, history=history)  # fmt: skip
-    solve = compiled_or_plain(_least_squares, _least_squares_compiled, args, static)
-    result, hist = solve(x0, args, tol, **static)
+    result, hist = call_solver(
+        _least_squares,
+        _least_squares_compiled,
+        x0,
+        args,
+        tol,
+        fun=residual_fn,
+        has_aux=has_aux,
+        method=method,
+        opts=opts,
+        max_steps=max_steps,
+        history=history,
+    )
     return (result, hist) if history else result
 
 

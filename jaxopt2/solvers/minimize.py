@@ -14,12 +14,11 @@ from jaxopt2.solvers import _newton as newton
 from jaxopt2.solvers import _trust_region as trust_region
 from jaxopt2.solvers._core import (
     Objective,
+    call_solver,
     check_max_steps,
     check_method,
     check_output,
     check_x0,
-    compiled_or_plain,
-    default_tol,
     run,
     take_options,
     without_aux,
@@ -144,12 +143,19 @@ def minimize(
     check_x0(x0, who)
     check_output(jax.eval_shape(without_aux(fun, has_aux, who, "fun"), x0, *args), who, "fun",
                  scalar=True)  # fmt: skip
-    dtype = jax.eval_shape(lambda x: ravel_pytree(x)[0], x0).dtype
-    tol = jnp.asarray(default_tol(dtype) if tol is None else tol, dtype)
-    static = dict(fun=fun, has_aux=has_aux, method=method, opts=tuple(sorted(opts.items())),
-                  max_steps=max_steps, history=history)  # fmt: skip
-    solve = compiled_or_plain(_minimize, _minimize_compiled, args, static)
-    result, hist = solve(x0, args, tol, **static)
+    result, hist = call_solver(
+        _minimize,
+        _minimize_compiled,
+        x0,
+        args,
+        tol,
+        fun=fun,
+        has_aux=has_aux,
+        method=method,
+        opts=opts,
+        max_steps=max_steps,
+        history=history,
+    )
     return (result, hist) if history else result
 
 
