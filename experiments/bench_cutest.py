@@ -94,6 +94,16 @@ SCIPY_METHODS = {
 ALL_SOLVERS = (*JAXOPT2_METHODS, *SCIPY_METHODS, "optx_bfgs")
 MATRIX_FREE = ("newton_cg", "scipy_trust_ncg", "scipy_newton_cg")
 BASELINE = "optx_bfgs"
+# the least-squares set (--least-squares): residual form of CUTEst's nonlinear equations
+LS_METHODS = ("levenberg_marquardt", "gauss_newton")
+SCIPY_LS_METHODS = {"scipy_lm": "lm", "scipy_trf": "trf"}
+OPTX_LS = ("optx_lm", "optx_gn")
+LS_SOLVERS = (*LS_METHODS, *OPTX_LS, *SCIPY_LS_METHODS)
+LS_BASELINE = "optx_lm"
+LS_SAME_KIND = {
+    "levenberg_marquardt": ("optx_lm", "scipy_lm", "scipy_trf"),
+    "gauss_newton": ("optx_gn",),
+}
 # jaxopt2 method -> the peers of the same kind (for the "peer solves, we do not" lists)
 SAME_KIND = {
     "trust_region": ("scipy_trust_exact",),
@@ -112,6 +122,7 @@ QUICK = (
     "TRIGON1",
 )
 MAX_ITER = 500
+REPEATS, REPEAT_BUDGET = 5, 1.0  # timed runs per solve: the fastest of up to 5 (1 s budget)
 GTOL_REL = 1e-6
 OPTX_TOL = 1e-10
 BANDS = (("n<=10", 0, 10), ("10<n<=100", 11, 100), ("n>100", 101, math.inf))
@@ -136,7 +147,7 @@ def _emit(obj):
 class _Problem:
     """One sif2jax problem as a flat float64 objective with AOT-compiled derivatives."""
 
-    def __init__(self, prob):
+    def __init__(self, prob, least_squares=False):
         import jax
         import jax.numpy as jnp
         from jax.flatten_util import ravel_pytree
@@ -147,7 +158,20 @@ class _Problem:
         self.z0 = z0
         self.n = int(z0.size)
         self.args = prob.args
-        self.fun = lambda z, a: jnp.asarray(prob.objective(unravel(z), a), jnp.float64)
+        self.res = None
+        if least_squares:
+            # F(y) = 0 as least squares: r(z) = the equality constraints, f = ½‖r‖²
+            def res(z, a):
+                eq = prob.constraint(unravel(z))[0]
+                return jnp.concatenate([jnp.ravel(e) for e in jax.tree.leaves(eq)]).astype(
+                    jnp.float64
+                )
+
+            self.res = res
+            self.m = int(jax.eval_shape(res, z0, self.args).shape[0])
+            self.fun = lambda z, a: 0.5 * jnp.sum(res(z, a) ** 2)
+        else:
+            self.fun = lambda z, a: jnp.asarray(prob.objective(unravel(z), a), jnp.float64)
         try:
             exp = prob.expected_objective_value
             self.f_expected = None if exp is None else _float(jnp.asarray(exp))
@@ -172,6 +196,11 @@ class _Problem:
                 fn, ex = jax.grad(fun), (self.z0, self.args)
             elif what == "h":
                 fn, ex = jax.hessian(fun), (self.z0, self.args)
+            elif what == "r":
+                fn, ex = self.res, (self.z0, self.args)
+            elif what == "jac":
+                jac = jax.jacfwd if self.n <= self.m else jax.jacrev
+                fn, ex = jac(self.res), (self.z0, self.args)
             else:  # "hvp"
 
                 def fn(z, v, a):
@@ -196,6 +225,22 @@ class _Problem:
         ok = math.isfinite(gn) and math.isfinite(fx) and gn <= self.gtol
         return ok, gn, fx
 
+    def repeat_timed(self, fn, *a):
+        """(result, seconds): the fastest of up to REPEATS runs (stopping once they have
+        taken REPEAT_BUDGET seconds); the minimum is the run least disturbed by the rest of
+        the machine."""
+        import jax
+
+        best, out, spent = math.inf, None, 0.0
+        for _ in range(REPEATS):
+            t = time.perf_counter()
+            out = jax.block_until_ready(fn(*a))
+            dt = time.perf_counter() - t
+            best, spent = min(best, dt), spent + dt
+            if spent >= REPEAT_BUDGET:
+                break
+        return out, best
+
 
 def _timed_jit(solve, p):
     import jax
@@ -204,9 +249,8 @@ def _timed_jit(solve, p):
     c = jax.jit(solve).lower(p.z0, p.args).compile()
     compile_s = time.perf_counter() - t
     jax.block_until_ready(c(p.z0, p.args))
-    t = time.perf_counter()
-    out = jax.block_until_ready(c(p.z0, p.args))
-    return out, compile_s, time.perf_counter() - t
+    out, run_s = p.repeat_timed(c, p.z0, p.args)
+    return out, compile_s, run_s
 
 
 def _run_jaxopt2(p, method):
@@ -285,9 +329,9 @@ def _run_scipy(p, name):
     fun = lambda x: float(f_c(x, a))
     jac = lambda x: np.asarray(g_c(x, a))
     x0 = np.asarray(p.z0, np.float64)
-    t = time.perf_counter()
-    res = so.minimize(fun, x0, jac=jac, method=method, options=options, **kw)
-    run_s = time.perf_counter() - t
+    res, run_s = p.repeat_timed(
+        lambda: so.minimize(fun, x0, jac=jac, method=method, options=options, **kw)
+    )
     return res.x, {
         "iterations": int(getattr(res, "nit", -1)),
         "nfev": int(getattr(res, "nfev", 0)),
@@ -302,7 +346,84 @@ def _run_scipy(p, name):
     }
 
 
+def _run_jaxopt2_ls(p, method):
+    import jaxopt2
+    from jaxopt2.solvers import status_message
+
+    def solve(z0, a):
+        return jaxopt2.least_squares(p.res, z0, a, method=method, tol=p.gtol, max_steps=MAX_ITER)
+
+    sol, compile_s, run_s = _timed_jit(solve, p)
+    code = int(sol.status)
+    return sol.x, {
+        "iterations": int(sol.num_steps),
+        "njev": int(sol.num_hessians),
+        "solver_success": bool(sol.success),
+        "solver_grad_norm": _float(sol.grad_norm),
+        "status": code,
+        "message": status_message(code),
+        "compile_s": compile_s,
+        "run_s": run_s,
+    }
+
+
+def _run_optx_ls(p, name):
+    import optimistix as optx
+
+    kind = {"optx_lm": optx.LevenbergMarquardt, "optx_gn": optx.GaussNewton}[name]
+    solver = kind(rtol=OPTX_TOL, atol=OPTX_TOL)
+
+    def solve(z0, a):
+        s = optx.least_squares(p.res, solver, z0, a, max_steps=MAX_ITER, throw=False)
+        return s.value, s.result._value, s.stats["num_steps"]
+
+    (x, code, steps), compile_s, run_s = _timed_jit(solve, p)
+    code = int(code)
+    return x, {
+        "iterations": int(steps),
+        "solver_success": code == 0,
+        "status": code,
+        "message": optx.RESULTS._index_to_message[code] or "successful",
+        "compile_s": compile_s,
+        "run_s": run_s,
+    }
+
+
+def _run_scipy_ls(p, name):
+    import numpy as np
+    import scipy.optimize as so
+
+    method = SCIPY_LS_METHODS[name]
+    a = p.args
+    r_c, j_c = p.compiled("r"), p.compiled("jac")
+    fun = lambda x: np.asarray(r_c(x, a))
+    jac = lambda x: np.asarray(j_c(x, a))
+    x0 = np.asarray(p.z0, np.float64)
+    # the tightest tolerances scipy accepts (the gradient test is ours); one function
+    # evaluation per iteration for "lm", a Jacobian per iteration for "trf"
+    tols = dict(ftol=1e-15, xtol=1e-15, gtol=1e-15)
+    res, run_s = p.repeat_timed(
+        lambda: so.least_squares(fun, x0, jac=jac, method=method, max_nfev=MAX_ITER, **tols)
+    )
+    return res.x, {
+        "iterations": int(res.nfev),
+        "nfev": int(res.nfev),
+        "njev": None if res.njev is None else int(res.njev),
+        "solver_success": bool(res.success),
+        "status": int(res.status),
+        "message": str(res.message),
+        "compile_s": p._compile_s["r"] + p._compile_s["jac"],
+        "run_s": run_s,
+    }
+
+
 def _run_one(p, solver):
+    if solver in LS_METHODS:
+        return _run_jaxopt2_ls(p, solver)
+    if solver in OPTX_LS:
+        return _run_optx_ls(p, solver)
+    if solver in SCIPY_LS_METHODS:
+        return _run_scipy_ls(p, solver)
     if solver in JAXOPT2_METHODS:
         return _run_jaxopt2(p, solver)
     if solver in SCIPY_METHODS:
@@ -319,10 +440,28 @@ def _exception_text(e):
     return (f"{type(e).__name__}: {e}"[:2000], tb)
 
 
+def _is_equations(prob):
+    """A nonlinear-equations problem without bounds or inequalities (a plain F(y) = 0)."""
+    import jax
+
+    try:
+        if prob.bounds is not None:
+            return False
+        eq, ineq = jax.eval_shape(prob.constraint, prob.y0)
+    except Exception:
+        return True  # kept: the failure is recorded at setup
+    return eq is not None and ineq is None
+
+
 def _select(cfg, sif2jax):
     seen = {}
-    for prob in sif2jax.unconstrained_minimisation_problems:
-        seen.setdefault(prob.name, prob)
+    if cfg.get("least_squares"):
+        for prob in sif2jax.nonlinear_equations_problems:
+            if prob.name not in seen and _is_equations(prob):
+                seen[prob.name] = prob
+    else:
+        for prob in sif2jax.unconstrained_minimisation_problems:
+            seen.setdefault(prob.name, prob)
     if cfg["problems"]:
         names = cfg["problems"]
         missing = [nm for nm in names if nm not in seen]
@@ -361,8 +500,10 @@ def worker(cfg_path):
         _emit({"event": "setup", "problem": name, "solver": solvers[0]})
         base = {"problem": name, "n": None, "timeout": False}
         try:
-            p = _Problem(probs[name])
+            p = _Problem(probs[name], least_squares=bool(cfg.get("least_squares")))
             base.update(n=p.n, gtol=p.gtol, grad_norm0=p.gnorm0, f0=_float(p.f0))
+            if p.res is not None:
+                base["m"] = p.m
             base["f_expected"] = p.f_expected
         except Exception as e:
             msg, tb = _exception_text(e)
@@ -514,9 +655,17 @@ def _geomean(xs):
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
-def summarize(path, baseline=BASELINE):
+def _kind(recs):
+    """(every solver, the baseline, jaxopt2's methods, same-kind peers) of the run's set."""
+    if any(r["solver"] in LS_SOLVERS for r in recs):
+        return LS_SOLVERS, LS_BASELINE, LS_METHODS, LS_SAME_KIND
+    return ALL_SOLVERS, BASELINE, JAXOPT2_METHODS, SAME_KIND
+
+
+def summarize(path):
     recs = _records(path)
-    solvers = [s for s in ALL_SOLVERS if any(r["solver"] == s for r in recs)]
+    every, baseline, ours_all, same_kind = _kind(recs)
+    solvers = [s for s in every if any(r["solver"] == s for r in recs)]
     by = {(r["problem"], r["solver"]): r for r in recs}
     # A problem counts once every solver of the run has a record for it (an interrupted run
     # leaves its last problem incomplete).
@@ -550,12 +699,12 @@ def summarize(path, baseline=BASELINE):
         "claims_success_but_fails_gradient_test": [
             (r["problem"], r["solver"], r.get("grad_norm"), r.get("gtol"))
             for r in recs
-            if r["solver"] in JAXOPT2_METHODS and r.get("solver_success") and not r["success"]
+            if r["solver"] in ours_all and r.get("solver_success") and not r["success"]
         ],
         "exceptions": [
             (r["problem"], r["solver"], r["exception"])
             for r in recs
-            if r["solver"] in JAXOPT2_METHODS and r.get("exception")
+            if r["solver"] in ours_all and r.get("exception")
         ],
     }
 
@@ -565,14 +714,14 @@ def summarize(path, baseline=BASELINE):
         return {"solver": s, **{k: r.get(k) for k in keys}, "message": r.get("message")}
 
     gaps = {}
-    for mine, peers in SAME_KIND.items():
+    for mine, peers in same_kind.items():
         if mine not in solvers:
             continue
         for peer in [q for q in peers if q in solvers]:
             ps = [p for p in problems if ok(p, peer) and not ok(p, mine)]
             gaps[f"{peer} solves, {mine} does not"] = {p: brief(p, mine) for p in ps}
-    ours = [s for s in JAXOPT2_METHODS if s in solvers]
-    peers = [s for s in solvers if s not in JAXOPT2_METHODS]
+    ours = [s for s in ours_all if s in solvers]
+    peers = [s for s in solvers if s not in ours_all]
     if ours and peers:
         ps = [
             p for p in problems if any(ok(p, q) for q in peers) and not any(ok(p, s) for s in ours)
@@ -583,7 +732,11 @@ def summarize(path, baseline=BASELINE):
         }
     summary = {
         "results": str(path.name),
-        "protocol": {"gtol": f"{GTOL_REL} * max(1, |grad f(x0)|)", "max_iter": MAX_ITER},
+        "protocol": {
+            "gtol": f"{GTOL_REL} * max(1, |grad f(x0)|)",
+            "max_iter": MAX_ITER,
+            "run_s": f"fastest of up to {REPEATS} timed runs ({REPEAT_BUDGET} s budget)",
+        },
         "solvers": solvers,
         "problems": len(problems),
         "incomplete_problems_left_out": incomplete,
@@ -666,7 +819,8 @@ def plot_profiles(recs, solvers, problems, png):
         taus = np.logspace(0, np.log10(top), 400)
         for j, s in enumerate(solvers):
             rho = [(ratio[:, j] <= t).sum() / len(problems) for t in taus]
-            ax.step(taus, rho, where="post", label=s, ls="-" if s in JAXOPT2_METHODS else "--")
+            mine = s in JAXOPT2_METHODS or s in LS_METHODS
+            ax.step(taus, rho, where="post", label=s, ls="-" if mine else "--")
         ax.set_xscale("log")
         ax.set_ylim(0, 1.02)
         ax.set_xlabel(f"τ ({label} / best {label})")
@@ -679,6 +833,116 @@ def plot_profiles(recs, solvers, problems, png):
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- several starts
+
+
+def run_starts(cfg, out_path):
+    """Every problem with several of CUTEst's starting points: each jaxopt2 method solves
+    all starts at once under ``jax.vmap`` (one compiled program, one loop that runs until
+    every start is done) and one start at a time with the same compiled single solve;
+    both give the same points, and the batch's run time is compared with the sum of the
+    single ones (each the fastest of up to REPEATS runs)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    jax.config.update("jax_enable_x64", True)
+    import sif2jax
+
+    import jaxopt2
+
+    chosen = {}
+    for prob in sif2jax.unconstrained_minimisation_problems:
+        if prob.name in chosen or len(prob.provided_y0s) < 2:
+            continue
+        if cfg["problems"] and prob.name not in cfg["problems"]:
+            continue
+        if int(prob.num_variables()) <= cfg["max_n"]:
+            chosen[prob.name] = prob
+    methods = [s for s in cfg["solvers"] if s in JAXOPT2_METHODS]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("w") as fh:
+        for name in sorted(chosen):
+            prob = chosen[name]
+            starts = [type(prob)(y0_iD=i) for i in sorted(prob.provided_y0s)]
+            ps = [_Problem(q) for q in starts]
+            p = ps[0]
+            z0s = jnp.stack([q.z0 for q in ps])
+            # one tolerance for the batch: each start's own gtol (a traced argument)
+            gtols = jnp.asarray([q.gtol for q in ps])
+            for method in methods:
+
+                def solve(z0, a, tol, method=method):
+                    return jaxopt2.minimize(
+                        p.fun, z0, a, method=method, tol=tol, max_steps=MAX_ITER
+                    )
+
+                single = jax.jit(solve).lower(p.z0, p.args, gtols[0]).compile()
+                batch = (
+                    jax.jit(jax.vmap(solve, in_axes=(0, None, 0)))
+                    .lower(z0s, p.args, gtols)
+                    .compile()
+                )
+                jax.block_until_ready(batch(z0s, p.args, gtols))
+                sb, t_batch = p.repeat_timed(batch, z0s, p.args, gtols)
+                t_single, agree, rows = 0.0, 0.0, []
+                for i, q in enumerate(ps):
+                    jax.block_until_ready(single(q.z0, p.args, gtols[i]))
+                    si, dt = p.repeat_timed(single, q.z0, p.args, gtols[i])
+                    t_single += dt
+                    xb, xs = np.asarray(sb.x[i]), np.asarray(si.x)
+                    agree = max(agree, float(np.max(np.abs(xb - xs)) / (1 + np.max(np.abs(xs)))))
+                    ok, gn, fx = q.check(xb)
+                    rows.append(
+                        {
+                            "start": i,
+                            "success": ok,
+                            "grad_norm": _float(gn),
+                            "f": _float(fx),
+                            "iterations": int(sb.num_steps[i]),
+                            "iterations_single": int(si.num_steps),
+                        }
+                    )
+                rec = {
+                    "problem": name,
+                    "n": p.n,
+                    "solver": method,
+                    "starts": rows,
+                    "solved": sum(r["success"] for r in rows),
+                    "batch_run_s": t_batch,
+                    "single_run_s_total": t_single,
+                    "max_rel_difference_batch_vs_single": agree,
+                }
+                fh.write(json.dumps(rec) + "\n")
+                fh.flush()
+                print(
+                    f"  {name:12s} n={p.n:<4d} {method:13s} solved {rec['solved']}/{len(rows)} "
+                    f"batch {t_batch * 1e3:8.3f} ms  one at a time {t_single * 1e3:8.3f} ms  "
+                    f"|x_batch - x_single| {agree:.1e}",
+                    flush=True,
+                )
+
+
+def summarize_starts(path):
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    out = {"results": path.name, "problems": len({r["problem"] for r in recs}), "solvers": {}}
+    for s in JAXOPT2_METHODS:
+        rs = [r for r in recs if r["solver"] == s]
+        if not rs:
+            continue
+        out["solvers"][s] = {
+            "starts_solved": [sum(r["solved"] for r in rs), sum(len(r["starts"]) for r in rs)],
+            "geomean_batch_over_one_at_a_time": _geomean(
+                [max(r["batch_run_s"], 1e-7) / max(r["single_run_s_total"], 1e-7) for r in rs]
+            ),
+            "max_rel_difference_batch_vs_single": max(
+                r["max_rel_difference_batch_vs_single"] for r in rs
+            ),
+        }
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -689,28 +953,56 @@ def main(argv=None):
     ap.add_argument("--max-n", type=int, default=100, help="largest n (default 100)")
     ap.add_argument("--large", action="store_true", help="1,000 <= n <= 100,000, matrix-free")
     ap.add_argument("--quick", action="store_true", help="10 small problems")
+    ap.add_argument(
+        "--least-squares",
+        action="store_true",
+        help="the nonlinear-equations set as least squares (least_squares vs optimistix, scipy)",
+    )
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per solve")
     ap.add_argument("--import-timeout", type=float, default=900.0)
-    ap.add_argument("--out", default=str(RESULTS / "bench_cutest.jsonl"))
+    ap.add_argument(
+        "--out", help="results (default experiments/results/bench_cutest[_ls|_large].jsonl)"
+    )
     ap.add_argument("--resume", action="store_true", help="keep the solves already in --out")
     ap.add_argument("--summarize", action="store_true", help="only summarize --out")
+    ap.add_argument(
+        "--starts",
+        action="store_true",
+        help="the problems with several starting points: all starts at once under vmap",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         return worker(a.worker)
-    out = Path(a.out)
+    if a.starts:
+        out = Path(a.out) if a.out else RESULTS / "bench_cutest_starts.jsonl"
+        if not a.summarize:
+            cfg = {
+                "problems": a.problems.split(",") if a.problems else None,
+                "solvers": a.solvers.split(",") if a.solvers else list(JAXOPT2_METHODS),
+                "max_n": a.max_n,
+            }
+            run_starts(cfg, out)
+        summary = summarize_starts(out)
+        out.with_name(out.stem + "_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(json.dumps(summary, indent=1))
+        return None
+    suffix = "_ls" if a.least_squares else ("_large" if a.large else "")
+    out = Path(a.out) if a.out else RESULTS / f"bench_cutest{suffix}.jsonl"
     if not a.summarize:
-        default = MATRIX_FREE if a.large else ALL_SOLVERS
+        known = LS_SOLVERS if a.least_squares else ALL_SOLVERS
+        default = MATRIX_FREE if a.large else known
         solvers = a.solvers.split(",") if a.solvers else list(default)
-        bad = [s for s in solvers if s not in ALL_SOLVERS]
+        bad = [s for s in solvers if s not in known]
         if bad:
-            ap.error(f"unknown solvers {bad}; known: {', '.join(ALL_SOLVERS)}")
+            ap.error(f"unknown solvers {bad}; known: {', '.join(known)}")
         problems = a.problems.split(",") if a.problems else (list(QUICK) if a.quick else None)
         cfg = {
             "problems": problems,
             "solvers": solvers,
             "max_n": a.max_n,
             "large": a.large,
+            "least_squares": a.least_squares,
             "resume": a.resume,
         }
         t = time.perf_counter()

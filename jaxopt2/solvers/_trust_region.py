@@ -20,7 +20,13 @@ from jaxopt2.solvers._core import Method, StepOut, eps, finite, measured_decreas
 from jaxopt2.solvers._subproblems import trust_region_subproblem
 
 TRUST_REGION_OPTIONS = {"initial_radius": 1.0, "max_radius": 1000.0, "eta": 0.15}
-NEWTON_CG_OPTIONS = {**TRUST_REGION_OPTIONS, "cg_maxiter": None}
+NEWTON_CG_OPTIONS = {
+    **TRUST_REGION_OPTIONS,
+    "cg_maxiter": None,
+    "preconditioner": None,
+    "diagonal_probes": 8,
+}
+PRECONDITIONERS = (None, "diagonal")
 
 
 def _ratio(obj, f, g, p, pred, fz, gz):
@@ -166,6 +172,24 @@ def steihaug_cg(hvp, g, radius, rtol, maxiter) -> Steihaug:
 
 class _CGState(NamedTuple):
     radius: jax.Array
+    k: jax.Array  # iterations so far: the diagonal preconditioner's probes are drawn from it
+
+
+def hutchinson_diagonal(hvp, n, num_probes, key, dtype) -> jax.Array:
+    """``diag(H) ≈ mean_k z_k ⊙ H z_k`` over Rademacher probes ``z_k`` (exact for a
+    diagonal ``H``; the error of entry ``i`` scales with ``Σ_{j≠i} H_ij²``)."""
+    z = jax.random.rademacher(key, (num_probes, n), dtype=dtype)
+    return jnp.mean(z * jax.vmap(hvp)(z), axis=0)
+
+
+def jacobi_scaling(diag: jax.Array) -> jax.Array:
+    """``d = √|diag|``, floored at ``√eps · max d`` (and at the smallest normal number), so
+    the scaled Hessian ``D⁻¹HD⁻¹`` has a unit diagonal where the diagonal is trustworthy."""
+    a = jnp.abs(diag)
+    tiny = jnp.finfo(diag.dtype).tiny
+    floor = jnp.maximum(eps(diag.dtype) ** 0.5 * jnp.max(a), tiny)
+    a = jnp.where(jnp.isfinite(a), a, floor)
+    return jnp.sqrt(jnp.maximum(a, floor))
 
 
 def newton_cg(opts: dict) -> Method:
@@ -176,32 +200,58 @@ def newton_cg(opts: dict) -> Method:
     ``num_hvps``. CG stops at the relative residual ``min(1/2, √‖g‖)`` (superlinear local
     convergence), at the boundary, or on negative curvature (then the step goes to the
     boundary along it). ``cg_maxiter`` defaults to ``10 · dim``.
+
+    ``preconditioner="diagonal"``: Jacobi preconditioning with ``D = √|diag H|`` estimated
+    each iteration by Hutchinson's method from ``diagonal_probes`` Rademacher probes (one
+    batched Hessian-vector product, counted in ``num_hvps``): CG runs on ``D⁻¹HD⁻¹`` and
+    ``D⁻¹g``, so the trust region is the ellipsoid ``‖Dp‖ <= Δ`` (Nocedal & Wright §7.2,
+    "preconditioning"). It pays on badly scaled, diagonally dominant Hessians.
     """
+    precond = opts["preconditioner"]
+    if precond not in PRECONDITIONERS:
+        raise ValueError(
+            f"newton_cg: unknown preconditioner {precond!r}; expected None or 'diagonal'"
+        )
+    probes = int(opts["diagonal_probes"])
+    if precond is not None and probes < 1:
+        raise ValueError(f"newton_cg: diagonal_probes must be at least 1, got {probes}")
 
     def init(obj, x, f, g):
-        return _CGState(jnp.asarray(opts["initial_radius"], obj.dtype))
+        return _CGState(jnp.asarray(opts["initial_radius"], obj.dtype), jnp.asarray(0, jnp.int32))
 
     def step(obj, x, f, g, st):
         n = x.shape[0]
         maxiter = opts["cg_maxiter"] or 10 * n
+        hvp = obj.hvp_operator(x)
         gnorm = jnp.linalg.norm(g)
-        rtol = jnp.minimum(0.5, jnp.sqrt(gnorm)) * gnorm
-        sub = steihaug_cg(obj.hvp_operator(x), g, st.radius, rtol, maxiter)
-        z = x + sub.p
+        extra = jnp.asarray(0, jnp.int32)
+        if precond == "diagonal":
+            key = jax.random.fold_in(jax.random.key(0), st.k)
+            d = jacobi_scaling(hutchinson_diagonal(hvp, n, probes, key, obj.dtype))
+            extra = jnp.asarray(probes, jnp.int32)
+            gs = g / d
+            rtol = jnp.minimum(0.5, jnp.sqrt(gnorm)) * jnp.linalg.norm(gs)
+            sub = steihaug_cg(lambda v: hvp(v / d) / d, gs, st.radius, rtol, maxiter)
+            p = sub.p / d
+        else:
+            rtol = jnp.minimum(0.5, jnp.sqrt(gnorm)) * gnorm
+            sub = steihaug_cg(hvp, g, st.radius, rtol, maxiter)
+            p = sub.p
+        z = x + p
         fz, gz = obj.value_and_grad(z)
-        rho, fin = _ratio(obj, f, g, sub.p, sub.model_decrease, fz, gz)
+        rho, fin = _ratio(obj, f, g, p, sub.model_decrease, fz, gz)
         accepted = rho > opts["eta"]
         radius = _update_radius(opts, st.radius, rho, jnp.linalg.norm(sub.p), sub.on_boundary)
         return StepOut(
             x=jnp.where(accepted, z, x),
             f=jnp.where(accepted, fz, f),
             g=jnp.where(accepted, gz, g),
-            state=_CGState(radius),
+            state=_CGState(radius, st.k + 1),
             accepted=accepted,
             trial_value=fz,
             step_size=jnp.asarray(1, obj.dtype),
             num_hessians=jnp.asarray(0, jnp.int32),
-            num_hvps=sub.num_iters,
+            num_hvps=sub.num_iters + extra,
             status=_stop_status(x, radius, fin, accepted, obj.dtype),
         )
 

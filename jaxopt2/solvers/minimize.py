@@ -74,7 +74,10 @@ def minimize(
       ``trust-exact``. Options ``initial_radius`` (1), ``max_radius`` (1000), ``eta`` (0.15).
     * ``"newton_cg"``: matrix-free trust-region Newton-CG (Steihaug-Toint) on
       Hessian-vector products (forward-over-reverse), counted in ``num_hvps``. Options as
-      ``trust_region`` plus ``cg_maxiter`` (default ``10·dim``).
+      ``trust_region`` plus ``cg_maxiter`` (default ``10·dim``) and ``preconditioner``:
+      ``None`` (default) or ``"diagonal"``, Jacobi preconditioning with ``√|diag H|``
+      estimated each iteration from ``diagonal_probes`` (8) Rademacher probes (Hutchinson;
+      the trust region becomes ``‖Dp‖ <= Δ``), which pays on badly scaled problems.
     * ``"cubic"``: adaptive cubic regularization (Nesterov-Polyak / ARC), the cubic
       subproblem solved exactly (eigendecomposition + secular equation). Options ``sigma``
       (initial regularization, 1), ``sigma_min``, ``eta1``, ``eta2``, ``gamma``.

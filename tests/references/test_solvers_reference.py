@@ -302,3 +302,102 @@ def test_levenberg_marquardt_follows_nielsens_damping_update():
     np.testing.assert_allclose(
         hist.trial_value[1 : steps + 1], [f for f, _, _, _ in ref], rtol=1e-7, err_msg=pattern
     )
+
+
+# ------------------------------------------------- newton_cg with the diagonal preconditioner
+# A separable objective: the Hessian is diagonal, so Hutchinson's estimate of its diagonal is
+# exact whatever the probes, and the solver's preconditioner is M = diag(|Hᵢᵢ|).
+_PC_A = np.geomspace(1e-2, 1e3, 6)
+_PC_B = np.array([0.5, 0.0, 30.0, 0.0, 2e3, 0.0])  # cos terms: negative curvature early on
+_PC_C = np.array([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
+_PC_X0 = np.array([0.3, 1.0, 0.1, -1.0, 0.2, 0.5])
+
+
+def _pc_f(x, xp=np):
+    return xp.sum(0.5 * _PC_A * (x - _PC_C) ** 2 + _PC_B * xp.cos(x))
+
+
+def _pc_g(x):
+    return _PC_A * (x - _PC_C) - _PC_B * np.sin(x)
+
+
+def _pc_hdiag(x):
+    return _PC_A - _PC_B * np.cos(x)
+
+
+def _preconditioned_steihaug(g, hdiag, m, radius):
+    """Nocedal & Wright's Algorithm 7.2 with a preconditioner M (Conn, Gould & Toint,
+    Algorithm 7.5.1): CG on ``Hp = -g`` with ``y = M⁻¹r``, the region ``‖p‖_M <= radius``,
+    the residual measured as ``‖r‖_{M⁻¹} <= min(½, √‖g‖) ‖g‖_{M⁻¹}``."""
+    mnorm = lambda v: np.sqrt(v @ (m * v))
+    hv = lambda v: hdiag * v
+    rtol = min(0.5, np.sqrt(np.linalg.norm(g))) * np.sqrt(g @ (g / m))
+
+    def to_boundary(z, d):
+        a, b, c = d @ (m * d), 2 * z @ (m * d), z @ (m * z) - radius**2
+        return (-b + np.sqrt(b * b - 4 * a * c)) / (2 * a)
+
+    z, r = np.zeros_like(g), g.copy()
+    y = r / m
+    d = -y
+    for _ in range(10 * g.size):
+        kappa = d @ hv(d)
+        if kappa <= 0:
+            return z + to_boundary(z, d) * d, True
+        alpha = (r @ y) / kappa
+        if mnorm(z + alpha * d) >= radius:
+            return z + to_boundary(z, d) * d, True
+        z = z + alpha * d
+        r_new = r + alpha * hv(d)
+        y_new = r_new / m
+        if np.sqrt(r_new @ y_new) <= rtol:
+            return z, False
+        d = -y_new + (r_new @ y_new) / (r @ y) * d
+        r, y = r_new, y_new
+    return z, False
+
+
+def reference_preconditioned_newton_cg(x0, steps, radius=1.0, max_radius=1000.0, eta=0.15):
+    """Per iteration ``(trial value, accepted, value after)``: the radius rule of Algorithm 4.1
+    with the step and the region in the M-norm."""
+    x = np.array(x0)
+    out = []
+    for _ in range(steps):
+        f, g, hd = _pc_f(x), _pc_g(x), _pc_hdiag(x)
+        a = np.abs(hd)
+        m = np.maximum(a, np.sqrt(np.finfo(float).eps) * a.max())
+        p, boundary = _preconditioned_steihaug(g, hd, m, radius)
+        predicted = -(g @ p + 0.5 * p @ (hd * p))
+        trial = _pc_f(x + p)
+        rho = (f - trial) / predicted
+        if rho < 0.25:
+            radius = 0.25 * radius
+        elif rho > 0.75 and boundary:
+            radius = min(2 * radius, max_radius)
+        if rho > eta:
+            x = x + p
+        out.append((trial, rho > eta, _pc_f(x)))
+    return out, x
+
+
+def test_newton_cg_diagonal_preconditioner_follows_preconditioned_steihaug():
+    """Iterates, acceptances and the solution of ``preconditioner="diagonal"`` against the
+    textbook preconditioned Steihaug-CG (a change of variables done wrong — D for D⁻¹, or
+    the radius in the Euclidean norm — takes other steps)."""
+    steps = 12
+    want, _ = reference_preconditioned_newton_cg(_PC_X0, steps)
+    run = jax.jit(
+        lambda x: minimize(
+            lambda z: _pc_f(z, jnp), x, method="newton_cg", preconditioner="diagonal",
+            diagonal_probes=2, max_steps=60, history=True,
+        )
+    )  # fmt: skip
+    sol, hist = run(jnp.asarray(_PC_X0))
+    trial, accepted, value = (np.array(c) for c in zip(*want, strict=True))
+    assert (~accepted).sum() >= 1 and accepted.sum() >= 6
+    np.testing.assert_array_equal(np.asarray(hist.accepted[1 : steps + 1]), accepted)
+    np.testing.assert_allclose(np.asarray(hist.trial_value[1 : steps + 1]), trial, rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(hist.value[1 : steps + 1]), value, rtol=1e-9)
+    _, x_ref = reference_preconditioned_newton_cg(_PC_X0, int(sol.num_steps))
+    assert bool(sol.success)
+    np.testing.assert_allclose(np.asarray(sol.x), x_ref, rtol=1e-9, atol=1e-12)
