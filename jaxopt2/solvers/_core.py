@@ -294,8 +294,10 @@ def run(
             done=status != sol.RUNNING,
             history=hist,
         )
-        # Under vmap the loop runs until every member is done: a finished member must not move.
-        return jax.tree.map(lambda old, nw: jnp.where(s.done, old, nw), s, new)
+        # Under vmap the loop runs until every member is done; jax's batching of while_loop
+        # keeps a finished member's carry (a select on the batched predicate), so it does
+        # not move (tested).
+        return new
 
     s = jax.lax.while_loop(cond, body, init)
     result = sol.Solution(
