@@ -18,10 +18,19 @@ from jaxopt2.curvature.estimators import (
 )
 from jaxopt2.curvature.products import fisher_vp, ggn_vp, hessian_operator, hvp, output_loss
 from jaxopt2.curvature.tags import SplitLoss, split_loss, tag_loss
+from jaxopt2.curvature.taylor import (
+    biharmonic,
+    directional_derivatives,
+    laplacian,
+    stde_biharmonic,
+    stde_laplacian,
+)
 
 __all__ = [
     "SplitLoss",
+    "biharmonic",
     "density_on_grid",
+    "directional_derivatives",
     "fisher_vp",
     "ggn_vp",
     "hessian_operator",
@@ -30,10 +39,13 @@ __all__ = [
     "hutchpp_trace",
     "hvp",
     "lanczos",
+    "laplacian",
     "output_loss",
     "power_iteration",
     "spectral_density",
     "split_loss",
+    "stde_biharmonic",
+    "stde_laplacian",
     "tag_loss",
     "top_k_eigenpairs",
 ]
