@@ -690,6 +690,8 @@ def summarize(path):
     recs = _records(path)
     every, baseline, ours_all, same_kind = _kind(recs)
     solvers = [s for s in every if any(r["solver"] == s for r in recs)]
+    if baseline not in solvers and "scipy_trust_ncg" in solvers:
+        baseline = "scipy_trust_ncg"  # --large runs no optimistix
     by = {(r["problem"], r["solver"]): r for r in recs}
     # A problem counts once every solver of the run has a record for it (an interrupted run
     # leaves its last problem incomplete).

@@ -7,6 +7,7 @@ are pure functions of matrix-free products. Importing jaxopt2 initializes no jax
 """
 
 from jaxopt2 import cpu, curvature, linalg, optimizers, sharding, solvers
+from jaxopt2.curvature.linearized import linearize_model
 from jaxopt2.curvature.tags import tag_loss
 from jaxopt2.optimizers import (
     ScaleByAdaHessianState,
@@ -83,6 +84,7 @@ __all__ = [
     "lamb",
     "least_squares",
     "linalg",
+    "linearize_model",
     "lion",
     "minimize",
     "muon",

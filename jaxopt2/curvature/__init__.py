@@ -16,6 +16,7 @@ from jaxopt2.curvature.estimators import (
     spectral_density,
     top_k_eigenpairs,
 )
+from jaxopt2.curvature.linearized import linearize_model, training_jacobian_singular_values
 from jaxopt2.curvature.products import fisher_vp, ggn_vp, hessian_operator, hvp, output_loss
 from jaxopt2.curvature.tags import SplitLoss, split_loss, tag_loss
 from jaxopt2.curvature.taylor import (
@@ -40,6 +41,7 @@ __all__ = [
     "hvp",
     "lanczos",
     "laplacian",
+    "linearize_model",
     "output_loss",
     "power_iteration",
     "spectral_density",
@@ -48,4 +50,5 @@ __all__ = [
     "stde_laplacian",
     "tag_loss",
     "top_k_eigenpairs",
+    "training_jacobian_singular_values",
 ]
