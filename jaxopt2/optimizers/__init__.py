@@ -26,6 +26,7 @@ from jaxopt2.optimizers.kfac import (
     tag_conv2d,
     tag_dense,
 )
+from jaxopt2.optimizers.mfac import ScaleByMfacState, mfac, scale_by_mfac
 from jaxopt2.optimizers.newton import ScaleByHessianFreeState, hessian_free, scale_by_hessian_free
 from jaxopt2.optimizers.oasis import ScaleByOasisState, oasis, scale_by_oasis
 from jaxopt2.optimizers.registry import inject_hyperparams
@@ -39,6 +40,7 @@ __all__ = [
     "ScaleByFosiState",
     "ScaleByHessianFreeState",
     "ScaleByKfacState",
+    "ScaleByMfacState",
     "ScaleByOasisState",
     "ScaleByShampooState",
     "ScaleBySoapState",
@@ -55,6 +57,7 @@ __all__ = [
     "kfac_layers",
     "lamb",
     "lion",
+    "mfac",
     "muon",
     "nadam",
     "oasis",
@@ -64,6 +67,7 @@ __all__ = [
     "scale_by_fosi",
     "scale_by_hessian_free",
     "scale_by_kfac",
+    "scale_by_mfac",
     "scale_by_oasis",
     "scale_by_shampoo",
     "scale_by_soap",

@@ -370,6 +370,19 @@ CASES: dict[str, Case] = {
             "mlp": Zoo(200),
         },
     ),
+    "mfac": Case(
+        # The empirical Fisher of full-batch gradients on a quadratic or Rosenbrock is far from
+        # the Hessian (consecutive gradients nearly parallel): a damping above the gradients'
+        # squared scale makes the step GD-like (lr / damping) with momentum. On the
+        # cross-entropy problems the window's Fisher is a good curvature model: small damping.
+        hparams={"learning_rate": 0.5, "damping": 10.0, "momentum": 0.9, "num_grads": 8},
+        zoo={
+            "quadratic": Zoo(600),
+            "rosenbrock": Zoo(3000, {"learning_rate": 0.02, "damping": 1.0}),
+            "logistic": Zoo(200, {"learning_rate": 0.1, "damping": 0.01, "momentum": 0.0}),
+            "mlp": Zoo(300, {"learning_rate": 1.0, "damping": 0.01, "momentum": 0.0}),
+        },
+    ),
     "fosi": Case(
         nonfinite={"default": {"approx_every": 1}},
         # Default base optax.adam(learning_rate); Newton on the top-5 eigenspace (of 20 on the

@@ -150,6 +150,14 @@ BAD: dict[str, list[Row]] = {
         _posint("num_probes"),
     ],
     "fosi": [*_lr_rows(), _nonneg("alpha"), _pos("eps", 0.0), _posint("k")],
+    "mfac": [
+        *_lr_rows(),
+        _pos("damping", 0.0),
+        _unit("momentum"),
+        _nonneg("weight_decay"),
+        _posint("num_grads"),
+        *_DTYPE,
+    ],
 }
 
 
@@ -271,6 +279,7 @@ _STATIC_INTS = {
     "oasis": {"num_probes": 2},
     "adahessian": {"update_every": 2},
     "fosi": {"k": 3},
+    "mfac": {"num_grads": 4},
 }
 
 

@@ -26,6 +26,7 @@ ROWS: dict[str, tuple[str, str, float, Any, dict[str, Any]]] = {
     "adahessian": ("weight_decay", "mask", 0.5, 0.0, {}),
     "hessian_free": ("weight_decay", "mask", 0.5, 0.0, {}),
     "oasis": ("weight_decay", "mask", 0.5, 0.0, {}),
+    "mfac": ("weight_decay", "mask", 0.5, 0.0, {}),
     "shampoo": ("weight_decay", "mask", 0.5, 0.0, {}),
     "soap": ("weight_decay", "mask", 0.5, 0.0, {}),
     "sophia": ("weight_decay", "weight_decay_mask", 0.5, 0.0, {}),
