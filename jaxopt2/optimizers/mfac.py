@@ -77,12 +77,14 @@ class ScaleByMfacState(NamedTuple):
 
 
 def inverse_fisher_product(
-    grads: jax.Array, gram: jax.Array, v: jax.Array, damping: Any
+    grads: jax.Array, gram: jax.Array, v: jax.Array, damping: Any, gv: jax.Array | None = None
 ) -> jax.Array:
-    """``(λI + GᵀG/m)⁻¹ v`` by the Woodbury identity (``m`` = the window's rows)."""
+    """``(λI + GᵀG/m)⁻¹ v`` by the Woodbury identity (``m`` = the window's rows); `gv` is
+    ``G v`` when the caller already has it (one pass over the window saved)."""
     m = grads.shape[0]
     system = gram + (m * damping) * jnp.eye(m, dtype=gram.dtype)
-    coeff = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(system), grads @ v)
+    gv = grads @ v if gv is None else gv
+    coeff = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(system), gv)
     return (v - grads.T @ coeff) / damping
 
 
@@ -123,18 +125,22 @@ def scale_by_mfac(
         del params, extra
         flat, unravel = ravel_pytree(updates)
         g = flat.astype(stats_dtype)
+        ok = all_finite(updates)
         slot = state.count % num_grads
-        window = state.grads.at[slot].set(g)
+        # Only the slot's row is written (a select over the whole window would copy m·d
+        # numbers a step): on a non-finite step it gets its old value back.
+        window = state.grads.at[slot].set(jnp.where(ok, g, state.grads[slot]))
         row = window @ g  # the new gradient's products with the window (itself included)
         gram = state.gram.at[slot, :].set(row).at[:, slot].set(row)
-        direction = inverse_fisher_product(window, gram, g, jnp.asarray(damping, stats_dtype))
+        direction = inverse_fisher_product(
+            window, gram, g, jnp.asarray(damping, stats_dtype), gv=row
+        )
         u = unravel(direction.astype(flat.dtype))
         buf = jax.tree.map(lambda b, x: (momentum * b + x).astype(b.dtype), state.momentum, u)
-        ok = all_finite(updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = ScaleByMfacState(
             count=optax.safe_increment(state.count),
-            grads=keep(window, state.grads),
+            grads=window,
             gram=keep(gram, state.gram),
             momentum=keep(buf, state.momentum),
             num_nonfinite=state.num_nonfinite + (1 - ok.astype(jnp.int32)),
