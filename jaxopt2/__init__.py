@@ -11,6 +11,7 @@ from jaxopt2.curvature.linearized import linearize_model
 from jaxopt2.curvature.tags import tag_loss
 from jaxopt2.optimizers import (
     ScaleByAdaHessianState,
+    ScaleByEgnState,
     ScaleByFosiState,
     ScaleByHessianFreeState,
     ScaleByKfacState,
@@ -24,6 +25,7 @@ from jaxopt2.optimizers import (
     adahessian,
     adam,
     adamw,
+    egn,
     fosi,
     hessian_free,
     inject_hyperparams,
@@ -38,6 +40,7 @@ from jaxopt2.optimizers import (
     registry,
     rmsprop,
     scale_by_adahessian,
+    scale_by_egn,
     scale_by_fosi,
     scale_by_hessian_free,
     scale_by_kfac,
@@ -63,6 +66,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ScaleByAdaHessianState",
+    "ScaleByEgnState",
     "ScaleByFosiState",
     "ScaleByHessianFreeState",
     "ScaleByKfacState",
@@ -80,6 +84,7 @@ __all__ = [
     "adamw",
     "cpu",
     "curvature",
+    "egn",
     "fosi",
     "hessian_free",
     "inject_hyperparams",
@@ -99,6 +104,7 @@ __all__ = [
     "registry",
     "rmsprop",
     "scale_by_adahessian",
+    "scale_by_egn",
     "scale_by_fosi",
     "scale_by_hessian_free",
     "scale_by_kfac",

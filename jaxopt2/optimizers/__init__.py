@@ -4,6 +4,7 @@ from jaxopt2.optimizers import registry
 from jaxopt2.optimizers._contract import value_and_update
 from jaxopt2.optimizers._lowbit import QuantizedBasis
 from jaxopt2.optimizers.adahessian import ScaleByAdaHessianState, adahessian, scale_by_adahessian
+from jaxopt2.optimizers.egn import ScaleByEgnState, egn, scale_by_egn
 from jaxopt2.optimizers.first_order import (
     adafactor,
     adagrad,
@@ -37,6 +38,7 @@ from jaxopt2.optimizers.sophia import ScaleBySophiaState, scale_by_sophia, sophi
 __all__ = [
     "QuantizedBasis",
     "ScaleByAdaHessianState",
+    "ScaleByEgnState",
     "ScaleByFosiState",
     "ScaleByHessianFreeState",
     "ScaleByKfacState",
@@ -50,6 +52,7 @@ __all__ = [
     "adahessian",
     "adam",
     "adamw",
+    "egn",
     "fosi",
     "hessian_free",
     "inject_hyperparams",
@@ -64,6 +67,7 @@ __all__ = [
     "registry",
     "rmsprop",
     "scale_by_adahessian",
+    "scale_by_egn",
     "scale_by_fosi",
     "scale_by_hessian_free",
     "scale_by_kfac",

@@ -370,6 +370,18 @@ CASES: dict[str, Case] = {
             "mlp": Zoo(200),
         },
     ),
+    "egn": Case(
+        # The exact damped Gauss-Newton step of the tagged minibatch loss (lr 1: the full step).
+        hparams={"learning_rate": 1.0, "damping": 1e-3},
+        tagged="EGN's curvature is the Gauss-Newton matrix of a tagged loss (jaxopt2.tag_loss); "
+        "on an untagged problem there is no model/loss split to take",
+        zoo={
+            "linear_regression": Zoo(5),  # linear residuals: Gauss-Newton is Newton
+            "logistic_layer": Zoo(30),
+            "mlp_tagged": Zoo(50),
+            "mlp_regression": Zoo(50),
+        },
+    ),
     "mfac": Case(
         # The empirical Fisher of full-batch gradients on a quadratic or Rosenbrock is far from
         # the Hessian (consecutive gradients nearly parallel): a damping above the gradients'

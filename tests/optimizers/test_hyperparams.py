@@ -150,6 +150,7 @@ BAD: dict[str, list[Row]] = {
         _posint("num_probes"),
     ],
     "fosi": [*_lr_rows(), _nonneg("alpha"), _pos("eps", 0.0), _posint("k")],
+    "egn": [*_lr_rows(), _pos("damping", 0.0), _unit("momentum"), _nonneg("weight_decay")],
     "mfac": [
         *_lr_rows(),
         _pos("damping", 0.0),

@@ -30,7 +30,7 @@ DEPRECATED: dict[str, tuple[str, Any]] = {
     "oasis": ("b1", 0.5),
     "sophia": ("b1", 0.9),
 }
-KEYWORD_ONLY = ("kfac", "mfac", "shampoo", "soap")
+KEYWORD_ONLY = ("egn", "kfac", "mfac", "shampoo", "soap")
 OPTAX = (
     "adafactor",
     "adagrad",

@@ -27,6 +27,7 @@ ROWS: dict[str, tuple[str, str, float, Any, dict[str, Any]]] = {
     "hessian_free": ("weight_decay", "mask", 0.5, 0.0, {}),
     "oasis": ("weight_decay", "mask", 0.5, 0.0, {}),
     "mfac": ("weight_decay", "mask", 0.5, 0.0, {}),
+    "egn": ("weight_decay", "mask", 0.5, 0.0, {}),
     "shampoo": ("weight_decay", "mask", 0.5, 0.0, {}),
     "soap": ("weight_decay", "mask", 0.5, 0.0, {}),
     "sophia": ("weight_decay", "weight_decay_mask", 0.5, 0.0, {}),
@@ -63,7 +64,9 @@ def _problem(name: str):
     """The row's generic problem, with at least two leaves (a single array is doubled)."""
     problem = CASES[name].generic_problem()
     if isinstance(problem.params, dict):
-        return problem.params, problem.loss_fn, problem.batch
+        # A leaf that starts at zero shows no weight decay on the first step: start it at 0.1.
+        params = jax.tree.map(lambda x: jnp.where(jnp.any(x != 0), x, 0.1), problem.params)
+        return params, problem.loss_fn, problem.batch
     params = {"a": problem.params, "b": 0.5 * problem.params}
 
     def loss_fn(p, *batch):
