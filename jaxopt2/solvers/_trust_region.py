@@ -183,13 +183,17 @@ def hutchinson_diagonal(hvp, n, num_probes, key, dtype) -> jax.Array:
 
 
 def jacobi_scaling(diag: jax.Array) -> jax.Array:
-    """``d = √|diag|``, floored at ``√eps · max d`` (and at the smallest normal number), so
-    the scaled Hessian ``D⁻¹HD⁻¹`` has a unit diagonal where the diagonal is trustworthy."""
+    """``d ∝ √|diag|``, ``|diag|`` floored at ``√eps · max|diag|`` (and at the smallest normal
+    number), normalized to a root-mean-square of 1: the scaled Hessian ``D⁻¹HD⁻¹`` has a
+    constant diagonal where the diagonal is trustworthy, and the ellipsoid ``‖Dp‖ <= Δ`` keeps
+    the size of the Euclidean region (the radius and its cap mean what they mean without
+    preconditioning, whatever the Hessian's scale)."""
     a = jnp.abs(diag)
     tiny = jnp.finfo(diag.dtype).tiny
     floor = jnp.maximum(eps(diag.dtype) ** 0.5 * jnp.max(a), tiny)
     a = jnp.where(jnp.isfinite(a), a, floor)
-    return jnp.sqrt(jnp.maximum(a, floor))
+    a = jnp.maximum(a, floor)
+    return jnp.sqrt(a / jnp.mean(a))
 
 
 def newton_cg(opts: dict) -> Method:
@@ -201,7 +205,8 @@ def newton_cg(opts: dict) -> Method:
     convergence), at the boundary, or on negative curvature (then the step goes to the
     boundary along it). ``cg_maxiter`` defaults to ``10 · dim``.
 
-    ``preconditioner="diagonal"``: Jacobi preconditioning with ``D = √|diag H|`` estimated
+    ``preconditioner="diagonal"``: Jacobi preconditioning with ``D ∝ √|diag H|`` (normalized to
+    a root-mean-square of 1, so the radius keeps its Euclidean scale) estimated
     each iteration by Hutchinson's method from ``diagonal_probes`` Rademacher probes (one
     batched Hessian-vector product, counted in ``num_hvps``): CG runs on ``D⁻¹HD⁻¹`` and
     ``D⁻¹g``, so the trust region is the ellipsoid ``‖Dp‖ <= Δ`` (Nocedal & Wright §7.2,

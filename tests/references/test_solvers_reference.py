@@ -306,11 +306,11 @@ def test_levenberg_marquardt_follows_nielsens_damping_update():
 
 # ------------------------------------------------- newton_cg with the diagonal preconditioner
 # A separable objective: the Hessian is diagonal, so Hutchinson's estimate of its diagonal is
-# exact whatever the probes, and the solver's preconditioner is M = diag(|Hᵢᵢ|).
+# exact whatever the probes, and the solver's preconditioner is M = diag(|Hᵢᵢ|) / mean|Hᵢᵢ|.
 _PC_A = np.geomspace(1e-2, 1e3, 6)
 _PC_B = np.array([0.5, 0.0, 30.0, 0.0, 2e3, 0.0])  # cos terms: negative curvature early on
 _PC_C = np.array([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
-_PC_X0 = np.array([0.3, 1.0, 0.1, -1.0, 0.2, 0.5])
+_PC_X0 = np.array([0.64, 1.38, 0.26, 2.61, 1.9, -2.98])
 
 
 def _pc_f(x, xp=np):
@@ -366,6 +366,7 @@ def reference_preconditioned_newton_cg(x0, steps, radius=1.0, max_radius=1000.0,
         f, g, hd = _pc_f(x), _pc_g(x), _pc_hdiag(x)
         a = np.abs(hd)
         m = np.maximum(a, np.sqrt(np.finfo(float).eps) * a.max())
+        m = m / m.mean()  # D² = M, normalized to a root-mean-square of 1
         p, boundary = _preconditioned_steihaug(g, hd, m, radius)
         predicted = -(g @ p + 0.5 * p @ (hd * p))
         trial = _pc_f(x + p)
@@ -381,11 +382,9 @@ def reference_preconditioned_newton_cg(x0, steps, radius=1.0, max_radius=1000.0,
 
 
 def test_newton_cg_diagonal_preconditioner_follows_preconditioned_steihaug():
-    """Iterates, acceptances and the solution of ``preconditioner="diagonal"`` against the
-    textbook preconditioned Steihaug-CG (a change of variables done wrong — D for D⁻¹, or
+    """Every iteration's trial value, acceptance and value, and the solution, of
+    ``preconditioner="diagonal"`` against the textbook preconditioned Steihaug-CG (a change of variables done wrong — D for D⁻¹, or
     the radius in the Euclidean norm — takes other steps)."""
-    steps = 12
-    want, _ = reference_preconditioned_newton_cg(_PC_X0, steps)
     run = jax.jit(
         lambda x: minimize(
             lambda z: _pc_f(z, jnp), x, method="newton_cg", preconditioner="diagonal",
@@ -393,11 +392,13 @@ def test_newton_cg_diagonal_preconditioner_follows_preconditioned_steihaug():
         )
     )  # fmt: skip
     sol, hist = run(jnp.asarray(_PC_X0))
+    steps = int(sol.num_steps)
+    want, _ = reference_preconditioned_newton_cg(_PC_X0, steps)
     trial, accepted, value = (np.array(c) for c in zip(*want, strict=True))
-    assert (~accepted).sum() >= 1 and accepted.sum() >= 6
+    assert (~accepted).sum() >= 1 and accepted.sum() >= 5, accepted
     np.testing.assert_array_equal(np.asarray(hist.accepted[1 : steps + 1]), accepted)
     np.testing.assert_allclose(np.asarray(hist.trial_value[1 : steps + 1]), trial, rtol=1e-9)
     np.testing.assert_allclose(np.asarray(hist.value[1 : steps + 1]), value, rtol=1e-9)
-    _, x_ref = reference_preconditioned_newton_cg(_PC_X0, int(sol.num_steps))
+    _, x_ref = reference_preconditioned_newton_cg(_PC_X0, steps)
     assert bool(sol.success)
     np.testing.assert_allclose(np.asarray(sol.x), x_ref, rtol=1e-9, atol=1e-12)
