@@ -55,7 +55,9 @@ like ``minimize``, ``tol=gtol``), optimistix ``optx.least_squares`` with
 ``f = ½‖r‖²`` (``∇f = Jᵀr``).
 
 ``--starts``: the unconstrained problems with several of CUTEst's starting points
-(``provided_y0s``, 16 with n <= 100): each jaxopt2 method solves all starts in one
+(``provided_y0s``; 16 with n <= 100, run with ``--max-n 10``: 14, all NIST fits with two
+starts — DMN15102LS/DMN15103LS, n = 66/99 with 4,643 terms, take minutes a solve): each
+jaxopt2 method solves all starts in one
 ``jax.vmap``-ed, jitted solve and one start at a time with the same single solve; the
 points agree, and the batch's time is compared with the sum of the single ones.
 

@@ -336,39 +336,51 @@ def armijo(
     shrink: float = 0.5,
     max_backtracks: int = 40,
     alpha0: float | jax.Array = 1.0,
+    fallback: jax.Array | None = None,
 ) -> LineSearch:
     """Backtracking line search for the Armijo condition ``f(x+αd) <= f + c1 α ∇fᵀd``.
 
     `d` must be a descent direction (``∇fᵀd < 0``). Trials with a non-finite value or
     gradient are treated as failures (the step shrinks). The decrease is measured by
     :func:`measured_decrease` (gradient-based once it is below the rounding level of f).
+
+    With a `fallback` direction, a search along `d` that fails after `max_backtracks`
+    halvings goes on along `fallback` from ``α = alpha0``, in the same loop: under ``vmap``
+    a member whose first search succeeded stops there (two separate searches behind a
+    ``lax.cond`` would run both for every member, ``cond`` becoming ``select``).
     """
     dtype = obj.dtype
-    gd = jnp.dot(g, d)
+    per = max_backtracks + 1  # trials along one direction
+    total = per if fallback is None else 2 * per
+    fb = d if fallback is None else fallback
+    gd0, gd1 = jnp.dot(g, d), jnp.dot(g, fb)
+    a0 = jnp.asarray(alpha0, dtype)
 
-    def trial(alpha):
-        z = x + alpha * d
+    def trial(t, alpha):
+        second = t >= per
+        dd = jnp.where(second, fb, d)
+        gd = jnp.where(second, gd1, gd0)
+        z = x + alpha * dd
         fz, gz = obj.value_and_grad(z)
         ok_finite = finite(fz, gz)
-        decrease = measured_decrease(obj, f, fz, g, gz, alpha * d, -alpha * gd)
+        decrease = measured_decrease(obj, f, fz, g, gz, alpha * dd, -alpha * gd)
         return z, fz, gz, ok_finite & (decrease >= -c1 * alpha * gd), ok_finite
 
     def cond(c):
-        i, _, _, _, _, ok, _ = c
-        return (~ok) & (i < max_backtracks)
+        t, _, _, _, _, ok, _ = c
+        return (~ok) & (t < total - 1)
 
     def body(c):
-        i, alpha, _, _, _, _, _ = c
-        alpha = alpha * shrink
-        z, fz, gz, ok, fin = trial(alpha)
-        return i + 1, alpha, z, fz, gz, ok, fin
+        t, alpha, _, _, _, _, _ = c
+        t = t + 1
+        alpha = jnp.where(t == per, a0, alpha * shrink)  # the fallback starts afresh
+        z, fz, gz, ok, fin = trial(t, alpha)
+        return t, alpha, z, fz, gz, ok, fin
 
-    a0 = jnp.asarray(alpha0, dtype)
-    z, fz, gz, ok, fin = trial(a0)
-    _, alpha, z, fz, gz, ok, fin = jax.lax.while_loop(
-        cond, body, (jnp.asarray(0, jnp.int32), a0, z, fz, gz, ok, fin)
-    )
-    descent = gd < 0
+    t0 = jnp.asarray(0, jnp.int32)
+    z, fz, gz, ok, fin = trial(t0, a0)
+    t, alpha, z, fz, gz, ok, fin = jax.lax.while_loop(cond, body, (t0, a0, z, fz, gz, ok, fin))
+    descent = jnp.where(t >= per, gd1, gd0) < 0
     ok = ok & descent
     status = jnp.where(
         ok, sol.RUNNING, jnp.where(fin | ~descent, sol.LINESEARCH_FAILED, sol.NONFINITE)

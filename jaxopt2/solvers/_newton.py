@@ -6,7 +6,6 @@ Each builder takes the method's resolved options and returns a :class:`~._core.M
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -60,13 +59,11 @@ def newton(opts: dict) -> Method:
     def step(obj, x, f, g, state):
         chol, _ = damped_cholesky(obj.hessian(x))
         d = _descent_or_gradient(-cho_solve(chol, g), g)
-        search = functools.partial(
-            armijo, obj, x, f, g, c1=opts["c1"], max_backtracks=opts["max_backtracks"]
-        )
-        ls = search(d)
         # No acceptable step along the Newton direction (a nearly singular H + τI can make
         # it too long for the backtracking to reach a decrease): steepest descent instead.
-        ls = jax.lax.cond(ls.ok, lambda: ls, lambda: search(-g))
+        ls = armijo(
+            obj, x, f, g, d, c1=opts["c1"], max_backtracks=opts["max_backtracks"], fallback=-g
+        )
         one = jnp.asarray(1, jnp.int32)
         return StepOut(ls.x, ls.f, ls.g, state, ls.ok, ls.f, ls.alpha, one, 0 * one, ls.status)
 
