@@ -64,7 +64,9 @@ def gauss_newton(opts: dict) -> Method:
 
     Direction ``d = -J⁺r``, the minimum-norm least-squares solution of ``J d = -r`` from the
     SVD of ``J`` (singular values below ``eps · max(m, n) · s_max`` are dropped), which is a
-    descent direction for ``½‖r‖²`` whenever ``Jᵀr ≠ 0``. Step by backtracking from 1.
+    descent direction for ``½‖r‖²`` whenever ``Jᵀr ≠ 0``. Step by backtracking from 1; when
+    no step along ``d`` passes within ``max_backtracks`` halvings, the search goes on along
+    ``-Jᵀr`` (as ``minimize``'s ``newton``), and only that failure ends the run.
     """
 
     def init(obj, x, f, g):
@@ -77,7 +79,11 @@ def gauss_newton(opts: dict) -> Method:
         inv = jnp.where(s > cutoff, 1 / jnp.where(s > 0, s, 1), 0)
         d = -vt.T @ (inv * (u.T @ r))
         d = jnp.where(finite(d) & (jnp.dot(g, d) < 0), d, -g)
-        ls = armijo(obj, x, f, g, d, c1=opts["c1"], max_backtracks=opts["max_backtracks"])
+        # No decrease along d within the backtracks (d nearly orthogonal to -g where J is
+        # ill-conditioned): steepest descent in the same loop.
+        ls = armijo(
+            obj, x, f, g, d, c1=opts["c1"], max_backtracks=opts["max_backtracks"], fallback=-g
+        )
         one = jnp.asarray(1, jnp.int32)
         return StepOut(ls.x, ls.f, ls.g, state, ls.ok, ls.f, ls.alpha, one, 0 * one, ls.status)
 
