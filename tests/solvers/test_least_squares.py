@@ -115,3 +115,21 @@ def test_complex_or_integer_output_is_rejected():
 def test_errors_are_raised_at_trace_time_inside_jit():
     with pytest.raises(ValueError, match="use least_squares"):
         jax.jit(lambda x0: minimize(lambda x: x * 2.0, x0))(jnp.zeros(3))
+
+
+def test_gauss_newton_takes_steepest_descent_where_its_line_search_fails():
+    """CUTEst's POWELLSQ (Powell 1970: r = (x₁², 10x₁/(x₁ + 0.1) + 2x₂²), from (3, 1)): at
+    x₂ → 0 the Jacobian's second column vanishes and the Gauss-Newton direction finds no
+    decrease within the backtracks; gauss_newton stopped there after 24 iterations
+    (‖Jᵀr‖ = 17.5). It now goes on along -Jᵀr and reaches the solution x₁ = 0."""
+
+    def residual(v):
+        return jnp.array([v[0] ** 2, 10.0 * v[0] / (v[0] + 0.1) + 2.0 * v[1] ** 2])
+
+    x0 = jnp.array([3.0, 1.0], jnp.float64)
+    f = lambda v: 0.5 * jnp.sum(residual(v) ** 2)
+    tol = 1e-6 * float(jnp.linalg.norm(jax.grad(f)(x0)))
+    sol = least_squares(residual, x0, method="gauss_newton", tol=tol, max_steps=200)
+    assert bool(sol.success), (int(sol.num_steps), int(sol.status), float(sol.grad_norm))
+    assert float(jnp.linalg.norm(jax.grad(f)(sol.x))) <= tol
+    assert abs(float(sol.x[0])) < 1e-6 and float(f(sol.x)) < 1e-9
