@@ -277,9 +277,26 @@ def _timed_jit(solve, p):
     return out, compile_s, run_s
 
 
+def _jaxopt2_record(solve, p, counts):
+    """Time a jitted jaxopt2 solve; (x, record) with `counts(sol)` merged in."""
+    from jaxopt2.solvers import status_message
+
+    sol, compile_s, run_s = _timed_jit(solve, p)
+    code = int(sol.status)
+    return sol.x, {
+        "iterations": int(sol.num_steps),
+        **counts(sol),
+        "solver_success": bool(sol.success),
+        "solver_grad_norm": _float(sol.grad_norm),
+        "status": code,
+        "message": status_message(code),
+        "compile_s": compile_s,
+        "run_s": run_s,
+    }
+
+
 def _run_jaxopt2(p, name):
     import jaxopt2
-    from jaxopt2.solvers import status_message
 
     method, options = JAXOPT2_VARIANTS.get(name, (name, {}))
 
@@ -288,16 +305,28 @@ def _run_jaxopt2(p, name):
             p.fun, z0, a, method=method, tol=p.gtol, max_steps=MAX_ITER, **options
         )
 
-    sol, compile_s, run_s = _timed_jit(solve, p)
-    code = int(sol.status)
-    return sol.x, {
-        "iterations": int(sol.num_steps),
-        "nhev": int(sol.num_hessians) if method != "newton_cg" else None,
-        "nhvp": int(sol.num_hvps) if method == "newton_cg" else None,
-        "solver_success": bool(sol.success),
-        "solver_grad_norm": _float(sol.grad_norm),
+    cg = method == "newton_cg"
+    return _jaxopt2_record(
+        solve,
+        p,
+        lambda sol: {
+            "nhev": None if cg else int(sol.num_hessians),
+            "nhvp": int(sol.num_hvps) if cg else None,
+        },
+    )
+
+
+def _optx_record(solve, p):
+    """Time a jitted optimistix solve returning (x, result code, steps); (x, record)."""
+    import optimistix as optx
+
+    (x, code, steps), compile_s, run_s = _timed_jit(solve, p)
+    code = int(code)
+    return x, {
+        "iterations": int(steps),
+        "solver_success": code == 0,
         "status": code,
-        "message": status_message(code),
+        "message": optx.RESULTS._index_to_message[code] or "successful",
         "compile_s": compile_s,
         "run_s": run_s,
     }
@@ -312,16 +341,7 @@ def _run_optx(p):
         s = optx.minimise(p.fun, solver, z0, a, max_steps=MAX_ITER, throw=False)
         return s.value, s.result._value, s.stats["num_steps"]
 
-    (x, code, steps), compile_s, run_s = _timed_jit(solve, p)
-    code = int(code)
-    return x, {
-        "iterations": int(steps),
-        "solver_success": code == 0,
-        "status": code,
-        "message": optx.RESULTS._index_to_message[code] or "successful",
-        "compile_s": compile_s,
-        "run_s": run_s,
-    }
+    return _optx_record(solve, p)
 
 
 def _run_scipy(p, name):
@@ -376,23 +396,11 @@ def _run_scipy(p, name):
 
 def _run_jaxopt2_ls(p, method):
     import jaxopt2
-    from jaxopt2.solvers import status_message
 
     def solve(z0, a):
         return jaxopt2.least_squares(p.res, z0, a, method=method, tol=p.gtol, max_steps=MAX_ITER)
 
-    sol, compile_s, run_s = _timed_jit(solve, p)
-    code = int(sol.status)
-    return sol.x, {
-        "iterations": int(sol.num_steps),
-        "njev": int(sol.num_hessians),
-        "solver_success": bool(sol.success),
-        "solver_grad_norm": _float(sol.grad_norm),
-        "status": code,
-        "message": status_message(code),
-        "compile_s": compile_s,
-        "run_s": run_s,
-    }
+    return _jaxopt2_record(solve, p, lambda sol: {"njev": int(sol.num_hessians)})
 
 
 def _run_optx_ls(p, name):
@@ -405,16 +413,7 @@ def _run_optx_ls(p, name):
         s = optx.least_squares(p.res, solver, z0, a, max_steps=MAX_ITER, throw=False)
         return s.value, s.result._value, s.stats["num_steps"]
 
-    (x, code, steps), compile_s, run_s = _timed_jit(solve, p)
-    code = int(code)
-    return x, {
-        "iterations": int(steps),
-        "solver_success": code == 0,
-        "status": code,
-        "message": optx.RESULTS._index_to_message[code] or "successful",
-        "compile_s": compile_s,
-        "run_s": run_s,
-    }
+    return _optx_record(solve, p)
 
 
 def _run_scipy_ls(p, name):

@@ -55,8 +55,7 @@ def test_linearized_model_is_affine_in_the_parameters():
 
 def test_a_squared_error_fit_of_the_linearized_model_is_one_gauss_newton_step():
     """Residuals linear in θ: Gauss-Newton's first step is the exact least-squares solution
-    (the minimum-norm one: J has more columns than rows here), where the nonlinear model
-    needs many."""
+    (the minimum-norm one: J has more columns than rows here)."""
     f_lin = jaxopt2.linearize_model(mlp, P0)
     residual = lambda p: (f_lin(p, X) - Y).ravel()
     sol = jax.jit(lambda p: jaxopt2.least_squares(residual, p, method="gauss_newton"))(P0)
@@ -65,8 +64,6 @@ def test_a_squared_error_fit_of_the_linearized_model_is_one_gauss_newton_step():
     jac = jax.jacfwd(lambda z: mlp(unravel(z), X).ravel())(flat0)
     want = flat0 + np.linalg.lstsq(np.asarray(jac), -np.asarray(residual(P0)), rcond=None)[0]
     np.testing.assert_allclose(ravel_pytree(sol.x)[0], want, rtol=1e-8, atol=1e-9)
-    nonlinear = jaxopt2.least_squares(lambda p: (mlp(p, X) - Y).ravel(), P0, method="gauss_newton")
-    assert int(nonlinear.num_steps) > 1
 
 
 def test_linearized_model_names_a_parameter_mismatch():

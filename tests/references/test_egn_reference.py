@@ -58,17 +58,14 @@ def _dense_direction(loss, damping):
             return optax.softmax_cross_entropy_with_integer_labels(o, LABELS[r])
         return jnp.sum(optax.l2_loss(o, TARGETS[r]))
 
-    g = np.zeros((flat.size, flat.size))
-    for r in range(6):
-        h = np.asarray(jax.hessian(row_loss)(out[r], r))
-        g += jac[r].T @ h @ jac[r] / 6
+    hess = np.asarray(jax.jit(jax.vmap(jax.hessian(row_loss)))(out, jnp.arange(6)))
+    g = sum(jac[r].T @ hess[r] @ jac[r] for r in range(6)) / 6
     grad = np.asarray(ravel_pytree(jax.grad(_value_fn(loss))(P0))[0])
     return np.linalg.solve(g + damping * np.eye(flat.size), grad), grad
 
 
 @pytest.mark.parametrize("loss", ["softmax_cross_entropy", "squared_error"])
-@pytest.mark.parametrize("damping", [1e-1, 1e-4])
-def test_direction_is_the_damped_gauss_newton_solve(loss, damping):
+def test_direction_is_the_damped_gauss_newton_solve(loss, damping=1e-4):
     want, grad = _dense_direction(loss, damping)
     fn = _value_fn(loss)
     got = jax.jit(lambda p: gauss_newton_direction(fn, p, jax.grad(fn)(p), damping))(P0)

@@ -383,8 +383,9 @@ def reference_preconditioned_newton_cg(x0, steps, radius=1.0, max_radius=1000.0,
 
 def test_newton_cg_diagonal_preconditioner_follows_preconditioned_steihaug():
     """Every iteration's trial value, acceptance and value, and the solution, of
-    ``preconditioner="diagonal"`` against the textbook preconditioned Steihaug-CG (a change of variables done wrong — D for D⁻¹, or
-    the radius in the Euclidean norm — takes other steps)."""
+    ``preconditioner="diagonal"`` against the textbook preconditioned Steihaug-CG (a change
+    of variables done wrong — D for D⁻¹, or the radius in the Euclidean norm — takes other
+    steps)."""
     run = jax.jit(
         lambda x: minimize(
             lambda z: _pc_f(z, jnp), x, method="newton_cg", preconditioner="diagonal",
