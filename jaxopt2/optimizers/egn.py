@@ -148,7 +148,7 @@ def scale_by_egn(
             num_nonfinite=jnp.zeros([], jnp.int32),
         )
 
-    def update_fn(updates, state, params=None, *, value_fn=None, **extra):
+    def update_fn(updates, state, params=None, *, value_fn=None, value=None, **extra):
         del extra
         value_fn = require_value_fn(value_fn, "scale_by_egn")
         if params is None:
@@ -160,7 +160,8 @@ def scale_by_egn(
         ok = all_finite(updates) & all_finite(buf)
         step = buf
         if line_search:
-            f0 = value_fn(params)
+            # the loss at params: value_and_update passes it (no second forward pass)
+            f0 = value_fn(params) if value is None else value
             slope = optax.tree.vdot(updates, buf)
 
             def trial(alpha):
